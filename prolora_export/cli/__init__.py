@@ -1,0 +1,64 @@
+"""The ``prolora-export`` command line: a thin click layer over the library.
+
+Each command lives in its own module, parses options, calls one library function and
+prints. Every user-facing problem is a :class:`PRoLoRAError`, which this group turns
+into exit code 2 and one line on stderr (a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import PRoLoRAError
+
+#: command name -> module under prolora_export.cli defining a click command named ``command``
+COMMANDS = {
+    "train": "train",
+    "merge": "merge",
+    "onnx": "onnx",
+    "onnx-adapter": "onnx_adapter",
+    "parity": "parity",
+    "convert": "convert",
+    "inspect": "inspect",
+    "fetch-demo": "fetch_demo",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when it runs, so ``--help`` and small commands start fast."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f"{__name__}.{COMMANDS[name]}").command
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PRoLoRAError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: outputs are written atomically, nothing half-written was left", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="prolora-export")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Train, merge, convert and export PRoLoRA adapters, and prove ONNX parity.
+
+    MODEL arguments take a local Hugging Face folder, a hub id, or the alias
+    `smollm2-135m` (the built-in demo model, fetched on first use).
+    """
+    ctx.obj = {"debug": debug}

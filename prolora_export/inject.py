@@ -1,0 +1,126 @@
+"""Attach PRoLoRA layers to any transformers model, and take them off again.
+
+Target selection follows PEFT: a list of names matches a module whose path equals a
+name or ends with ``.name``; a string is a regex that must match the whole path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .config import PRoLoRAConfig
+from .errors import PRoLoRAError, raise_if
+from .layer import SUPPORTED_LAYERS, PRoLoRALinear, layer_features
+
+
+def target_matches(path: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> dict[str, tuple[int, int]]:
+    """Module path -> (d_in, d_out) of every layer the targets select; errors name what went wrong."""
+    found: dict[str, tuple[int, int]] = {}
+    unsupported = []
+    for path, module in model.named_modules():
+        if not path or isinstance(module, PRoLoRALinear) or not target_matches(path, targets):
+            continue
+        if isinstance(module, SUPPORTED_LAYERS):
+            found[path] = layer_features(module)
+        elif not any(True for _ in module.children()):
+            unsupported.append(f"{path} ({type(module).__name__})")
+    raise_if([f"target module {u} is not a Linear/Conv1D layer" for u in unsupported])
+    if not found:
+        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
+        raise PRoLoRAError(f"no module matches target_modules={targets!r}; linear layers here are named {names}")
+    return found
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def inject_adapter(model: nn.Module, config: PRoLoRAConfig) -> nn.Module:
+    """Wrap each target layer in a freshly initialised :class:`PRoLoRALinear`; freeze everything else.
+
+    When ``config.modules`` is non-empty it decides which layers are wrapped (an adapter
+    being loaded); otherwise ``config.target_modules`` does and ``config.modules`` is filled in.
+    """
+    if config.modules:
+        problems = []
+        for path, shape in config.modules.items():
+            try:
+                layer = model.get_submodule(path)
+            except AttributeError:
+                problems.append(f"module '{path}' does not exist in the base model")
+                continue
+            try:
+                d_in, d_out = layer_features(layer)
+            except PRoLoRAError as err:
+                problems.append(f"module '{path}': {err}")
+                continue
+            if (d_in, d_out) != (shape["in_features"], shape["out_features"]):
+                problems.append(
+                    f"module '{path}' is {d_in}→{d_out} in the base model but "
+                    f"{shape['in_features']}→{shape['out_features']} in the adapter (an adapter for another model?)"
+                )
+        raise_if(problems)
+        targets = {p: (s["in_features"], s["out_features"]) for p, s in config.modules.items()}
+    else:
+        targets = find_targets(model, config.target_modules)
+        config.modules = {p: {"in_features": i, "out_features": o} for p, (i, o) in targets.items()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for path in targets:
+        _set_submodule(model, path, PRoLoRALinear(model.get_submodule(path), config))
+    return model
+
+
+def prolora_layers(model: nn.Module) -> Iterator[tuple[str, PRoLoRALinear]]:
+    for path, module in model.named_modules():
+        if isinstance(module, PRoLoRALinear):
+            yield path, module
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"P.prolora_A_shard": tensor, …}``: exactly the keys of ``adapter_model.safetensors``."""
+    return {
+        f"{path}.{name}": tensor.detach()
+        for path, layer in prolora_layers(model)
+        for name, tensor in layer.adapter_tensors().items()
+    }
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the injected layers (shapes were checked by the file reader)."""
+    for key, param in adapter_state_dict(model).items():
+        param.copy_(tensors[key])
+
+
+def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Put the base layers back, with ΔW merged into them when ``merge`` is true."""
+    for path, layer in list(prolora_layers(model)):
+        if merge:
+            layer.merge()
+        elif layer.merged:
+            layer.unmerge()
+        _set_submodule(model, path, layer.base_layer)
+    return model
+
+
+def set_merged(model: nn.Module, merged: bool) -> None:
+    for _, layer in prolora_layers(model):
+        layer.merge() if merged else layer.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of the model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

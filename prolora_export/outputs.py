@@ -1,0 +1,106 @@
+"""Writing outputs safely: into a temporary folder beside the destination, renamed at the end.
+
+An interrupted command therefore leaves either nothing or the previous complete
+version at the destination, and a lock beside it makes a second concurrent writer
+fail cleanly instead of mixing two outputs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import PRoLoRAError
+
+
+def check_destination(dest: Path, force: bool) -> None:
+    """Refuse an existing destination without ``force`` and an unwritable parent, before any work."""
+    if dest.exists() and not force:
+        raise PRoLoRAError("already exists (pass --force to replace it)", str(dest))
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise PRoLoRAError("cannot write into this folder (permission denied)", str(parent))
+
+
+def check_free_space(dest: Path, needed_bytes: int) -> None:
+    """Refuse to start when the destination's file system has less room than the output needs."""
+    probe = dest.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise PRoLoRAError(
+            f"not enough free disk space: need about {needed_bytes / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free",
+            str(dest),
+        )
+
+
+@contextmanager
+def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``dest``; on success it replaces ``dest`` atomically.
+
+    On any error (or kill) the destination is untouched; the temporary folder is removed
+    where Python still runs, and is a hidden ``.DEST.tmp-*`` sibling otherwise.
+    """
+    dest = Path(dest).absolute()
+    check_destination(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = dest.parent / f".{dest.name}.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PRoLoRAError("another prolora-export command is writing here right now", str(dest)) from None
+        check_destination(dest, force)  # the other writer may have finished meanwhile
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look ordinary
+        try:
+            yield tmp
+            _replace(tmp, dest)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise PRoLoRAError("ran out of disk space while writing; nothing was changed", str(dest)) from None
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest``; an old ``dest`` is moved aside first and deleted only afterwards."""
+    if not dest.exists():
+        os.rename(tmp, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+    os.rename(dest, old / "previous")
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_file(dest: str | Path, force: bool = False) -> Iterator[Path]:
+    """Like :func:`atomic_output_dir` for a single file (``os.replace`` is atomic)."""
+    dest = Path(dest).absolute()
+    check_destination(dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random transformers models built from configs (seconds, no files),
+random PRoLoRA adapters on them, and the real demo model for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from prolora_export.config import PRoLoRAConfig  # noqa: E402
+from prolora_export.formats.prolora import Adapter  # noqa: E402
+from prolora_export.inject import adapter_state_dict, inject_adapter  # noqa: E402
+from prolora_export.models import demo_model_dir  # noqa: E402
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 128):
+    """A 2-layer Llama with deliberately odd sizes (72 hidden, 3 heads, 100 MLP) so chunks truncate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=72,
+        intermediate_size=100,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize_adapter(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Give every adapter tensor random values (B starts at zero, which would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in adapter_state_dict(model).values():
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale)
+
+
+def make_adapter(model, seed: int = 1, **config_kwargs) -> Adapter:
+    """Inject a PRoLoRA adapter into ``model`` (in place), randomise it and return it."""
+    config_kwargs.setdefault("target_modules", LLAMA_TARGETS)
+    config_kwargs.setdefault("lora_dropout", 0.0)
+    config = PRoLoRAConfig(**config_kwargs)
+    inject_adapter(model, config)
+    randomize_adapter(model, seed)
+    return Adapter(config, {k: v.clone() for k, v in adapter_state_dict(model).items()})
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny Llama saved as a HF folder (safetensors) with a tiny tokenizer-free config."""
+    model = tiny_llama()
+    out = tmp_path / "tiny-llama"
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The real SmolLM2-135M-Instruct folder; `make test` fetches it before pytest runs."""
+    path = demo_model_dir()
+    assert (path / "config.json").is_file(), f"demo model missing at {path}: run `prolora-export fetch-demo`"
+    return path
