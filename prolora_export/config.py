@@ -4,6 +4,7 @@ its validation, and JSON in and out. Unknown keys of a file are kept, not droppe
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,8 @@ class PRoLoRAConfig:
             elif not 0 <= value < max(self.shared_r, 1):
                 out.append(f"'{key}' must be in [0, r - unshared_r = {self.shared_r}), got {value}")
         alpha = self.lora_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha == alpha:
-            out.append(f"'lora_alpha' must be a number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            out.append(f"'lora_alpha' must be a finite number, got {alpha!r}")
         drop = self.lora_dropout
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1:
             out.append(f"'lora_dropout' must be a number in [0, 1), got {drop!r}")

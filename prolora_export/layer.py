@@ -68,7 +68,9 @@ class PRoLoRALinear(nn.Module):
         """The adapter's contribution for (already dropped-out) input x; the ONNX exporter swaps this."""
         a_shard, b_shard, a_unshared, b_unshared = self._factors()
         adapter_dtype = (a_shard if a_shard is not None else a_unshared).dtype
-        out = compact_forward(self.geometry, self.scaling, x.to(adapter_dtype), a_shard, b_shard, a_unshared, b_unshared)
+        out = compact_forward(
+            self.geometry, self.scaling, x.to(adapter_dtype), a_shard, b_shard, a_unshared, b_unshared
+        )
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

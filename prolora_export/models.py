@@ -145,7 +145,11 @@ def copy_model_side_files(src: Path, dst: Path) -> list[str]:
     """Copy everything of a model folder except its weights (config, tokenizer, chat template …)."""
     copied = []
     for item in src.iterdir():
-        if item.is_file() and item.suffix not in (".safetensors", ".bin", ".pt", ".pth") and item.name != "model.safetensors.index.json":
+        if (
+            item.is_file()
+            and item.suffix not in (".safetensors", ".bin", ".pt", ".pth")
+            and item.name != "model.safetensors.index.json"
+        ):
             shutil.copy2(item, dst / item.name)
             copied.append(item.name)
     return copied

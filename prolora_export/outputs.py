@@ -36,8 +36,7 @@ def check_free_space(dest: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise PRoLoRAError(
-            f"not enough free disk space: need about {needed_bytes / 2**20:.0f} MiB, "
-            f"{free / 2**20:.0f} MiB free",
+            f"not enough free disk space: need about {needed_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free",
             str(dest),
         )
 
@@ -58,6 +57,7 @@ def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PRoLoRAError("another prolora-export command is writing here right now", str(dest)) from None
+        _recover(dest)
         check_destination(dest, force)  # the other writer may have finished meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look ordinary
@@ -70,7 +70,21 @@ def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            lock_path.unlink(missing_ok=True)
+            # The lock file stays: unlinking it would let two later writers lock different inodes.
+
+
+def _recover(dest: Path) -> None:
+    """Clean up after a writer that was killed (we hold the lock, so nobody else is writing).
+
+    Its temporary folders are debris. A ``previous`` version moved aside but not yet
+    replaced (killed between the two renames of :func:`_replace`) is put back.
+    """
+    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for aside in dest.parent.glob(f".{dest.name}.old-*"):
+        if (aside / "previous").exists() and not dest.exists():
+            os.rename(aside / "previous", dest)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _umask() -> int:

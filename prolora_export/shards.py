@@ -207,6 +207,28 @@ def rotation_mismatch(g: ShardGeometry, a: Tensor, b: Tensor, atol: float = 0.0)
     return None
 
 
+@lru_cache(maxsize=256)
+def _spread_matrix(
+    shared_r: int, m: int, n: int, stride_a: int, stride_b: int, dtype: torch.dtype, device: str
+) -> Tensor:
+    """Both gathers of the compact forward as ONE constant 0/1 matrix M (m·r_s, n·r_s).
+
+    ``z @ M`` first sums chunk j's entry ``(i + j·s_A) mod r_s`` into rank i (h = x·A_shᵀ),
+    then puts ``h[(i − j·s_B) mod r_s]`` at position ``j·r_s + i`` for each chunk j of B.
+    Every row of M has exactly one 1 per B chunk: no rounding beyond the chunk sum itself;
+    it costs N·m·n·r_s² flops (nothing next to the d_in-wide matmul) and its backward is a
+    matmul too, unlike a gather's scatter-add. Cached: built once per geometry and device.
+    """
+    table_a = rotation_index(shared_r, m, stride_a, 1).flatten()
+    table_b = rotation_index(shared_r, n, stride_b, -1).flatten()
+    pos_a, pos_b = torch.arange(m * shared_r), torch.arange(n * shared_r)
+    gather_sum = torch.zeros(m * shared_r, shared_r, dtype=torch.float64)
+    gather_sum[table_a + shared_r * (pos_a // shared_r), pos_a % shared_r] = 1
+    spread = torch.zeros(shared_r, n * shared_r, dtype=torch.float64)
+    spread[table_b, pos_b] = 1
+    return (gather_sum @ spread).to(dtype=dtype, device=device)
+
+
 def compact_forward(
     g: ShardGeometry,
     scaling: float,
@@ -218,32 +240,34 @@ def compact_forward(
 ) -> Tensor:
     """The adapter's output ``γ·(x Aᵀ) Bᵀ`` (…, d_out) without ever building A or B.
 
-    Shared part: x is padded to m·c_A and viewed as (…, m, c_A); one matmul with A₀ᵀ gives
-    z (…, m, r_s); a gather with a constant rotation table and a sum over chunks gives
-    h = x·A_shᵀ (…, r_s); a second gather spreads h over the n chunks of B and one matmul
-    with B₀ᵀ gives the output. Same arithmetic as rank-r LoRA, m (n) times fewer weights.
+    Shared part: x is padded to m·c_A and viewed as (N·m, c_A); one matmul with A₀ᵀ gives
+    z (N, m·r_s); the rotated sum over chunks gives h = x·A_shᵀ (N, r_s); a second gather
+    spreads h over the n chunks of B and one matmul with B₀ᵀ gives the output. Both gathers
+    use the constant rotation tables and are done together as one matmul with a constant
+    0/1 matrix (:func:`_spread_matrix`). Same arithmetic as rank-r LoRA, m (n) times fewer weights.
+    γ is applied to a rank-sized intermediate or inside ``addmm``, which also accumulates
+    the unshared product into the shared one: no extra pass over the d_out-wide output,
+    which is what keeps this as fast as PEFT's two matmuls.
     """
     lead = x.shape[:-1]
+    x2 = x.reshape(-1, g.in_features)
+    rows = x2.shape[0]
     out = None
     if g.shared_r > 0:
         rs, m, n = g.shared_r, g.sharing_rate_a, g.sharing_rate_b
         pad = m * g.chunk_a - g.in_features
-        xp = F.pad(x, (0, pad)) if pad else x
-        z = xp.reshape(*lead, m, g.chunk_a) @ a_shard.t()  # (…, m, r_s)
-        if g.stride_a == 0 or m == 1:
-            h = z.sum(dim=-2)
-        else:
-            flat_a = rotation_index(rs, m, g.stride_a, 1, x.device) + rs * torch.arange(
-                m, device=x.device
-            ).unsqueeze(1)
-            h = z.reshape(*lead, m * rs)[..., flat_a.flatten()].reshape(*lead, m, rs).sum(dim=-2)
-        if g.stride_b == 0 or n == 1:
-            y = (h @ b_shard.t()).unsqueeze(-2).expand(*lead, n, g.chunk_b)
-        else:
-            idx_b = rotation_index(rs, n, g.stride_b, -1, x.device).flatten()
-            y = h[..., idx_b].reshape(*lead, n, rs) @ b_shard.t()  # (…, n, c_B)
-        out = y.reshape(*lead, n * g.chunk_b)[..., : g.out_features]
+        xp = F.pad(x2, (0, pad)) if pad else x2
+        z = F.linear(xp.reshape(rows * m, g.chunk_a), a_shard).view(rows, m * rs)
+        if m > 1 or n > 1:  # both rotation gathers (and the chunk sum) as one constant matmul
+            z = z @ _spread_matrix(rs, m, n, g.stride_a, g.stride_b, z.dtype, str(z.device))  # (N, n·r_s)
+        if g.unshared_r == 0:
+            z = z * scaling  # rank-sized: cheaper than scaling the output
+        y = F.linear(z.view(rows * n, rs), b_shard).view(rows, n * g.chunk_b)
+        out = y[:, : g.out_features]
     if g.unshared_r > 0:
-        y_u = (x @ a_unshared.t()) @ b_unshared.t()
-        out = y_u if out is None else out + y_u
-    return out * scaling
+        t = F.linear(x2, a_unshared)  # (N, u)
+        if out is None:
+            out = F.linear(t * scaling, b_unshared)
+        else:  # γ·y_s + γ·t·B_uᵀ in one pass over the output
+            out = torch.addmm(out, t, b_unshared.t(), beta=scaling, alpha=scaling)
+    return out.reshape(*lead, g.out_features)

@@ -12,10 +12,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from prolora_export.config import PRoLoRAConfig  # noqa: E402
-from prolora_export.formats.prolora import Adapter  # noqa: E402
-from prolora_export.inject import adapter_state_dict, inject_adapter  # noqa: E402
-from prolora_export.models import demo_model_dir  # noqa: E402
+from prolora_export.config import PRoLoRAConfig
+from prolora_export.formats.prolora import Adapter
+from prolora_export.inject import adapter_state_dict, inject_adapter
+from prolora_export.models import demo_model_dir
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
