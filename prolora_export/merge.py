@@ -1,0 +1,424 @@
+"""Merge PRoLoRA adapters into a base model's weights, one safetensors shard at a time.
+
+``W' = W + Σ_k w_k·ΔW_k`` with ``ΔW_k = γ_k·B_k·A_k`` (SPEC §1), computed in fp32 through
+:mod:`prolora_export.shards` and cast back once. The model is never loaded: each shard is
+read memory-mapped tensor by tensor, each tensor is merged/cast and streamed into the output
+shard, so peak memory is about two tensors plus the adapters, whatever the model or shard size.
+Everything that can be checked (module paths, shapes, dtypes, tied weights, destination,
+disk space) is checked before the first byte is written, and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import read_json
+from .errors import PRoLoRAError, raise_if
+from .formats.prolora import Adapter, load_adapter
+from .models import check_model_dir, copy_model_side_files, resolve_model
+from .outputs import atomic_output_dir, check_destination, check_free_space
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+#: --dtype choices -> torch dtype (None = keep each tensor's source dtype)
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+#: safetensors header dtype names of the floating types we merge into
+SAFETENSORS_FLOATS: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: architectures whose linear layers are transformers' Conv1D (weights stored (d_in, d_out))
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: where, how much, how exact, how long."""
+
+    out: Path
+    shards: int
+    tensors_merged: int
+    tensors_written: int
+    #: max |cast(W + ΔW) − (W + ΔW)_fp32| over merged tensors (0 when the output is fp32)
+    max_rounding_error: float
+    seconds: float
+    bytes_written: int
+    dtype: str
+    adapters: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _TensorInfo:
+    shard: str
+    dtype: str  # safetensors name, e.g. "F32"
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Plan:
+    """The checked merge: which shards, which tensors get which delta, transposed or not."""
+
+    base: Path
+    shard_names: list[str]
+    tensors: dict[str, _TensorInfo]
+    #: "<P>.weight" -> True when stored (d_in, d_out) (Conv1D), False for (d_out, d_in)
+    targets: dict[str, bool]
+    index: dict | None
+
+
+def _local_base(base: str | Path) -> Path:
+    """A local model folder for ``base`` (alias, folder, or a hub id already in the HF cache)."""
+    resolved = resolve_model(str(base))
+    path = Path(resolved)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        path = Path(snapshot_download(resolved, allow_patterns=patterns))
+    except Exception as err:  # any hub failure is a user-facing "cannot get it"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PRoLoRAError(f"not a local model folder and cannot be fetched from the hub: {first}", str(base)) from None
+    check_model_dir(path)
+    return path
+
+
+def _read_layout(base: Path) -> tuple[list[str], dict[str, _TensorInfo], dict | None, list[str]]:
+    """Shard file names, every tensor's shard/dtype/shape from the headers (no data read), the index."""
+    problems: list[str] = []
+    index = None
+    if (base / INDEX_NAME).is_file():
+        try:
+            index = json.loads((base / INDEX_NAME).read_text())
+            shard_names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise PRoLoRAError(f"malformed shard index ({err})", str(base / INDEX_NAME)) from None
+    elif (base / SINGLE_NAME).is_file():
+        shard_names = [SINGLE_NAME]
+    else:
+        shard_names = sorted(p.name for p in base.glob("*.safetensors"))
+    tensors: dict[str, _TensorInfo] = {}
+    seen: dict[str, list[str]] = {}
+    for name in shard_names:
+        try:
+            with safe_open(str(base / name), framework="pt") as handle:
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    tensors[key] = _TensorInfo(name, piece.get_dtype(), tuple(piece.get_shape()))
+                    seen.setdefault(key, []).append(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            problems.append(f"shard '{name}' is not a readable safetensors file ({err})")
+    problems += [f"tensor '{k}' is stored in several shards ({', '.join(v)})" for k, v in seen.items() if len(v) > 1]
+    if index is not None:
+        missing = sorted(set(index["weight_map"]) - set(tensors))
+        problems += [f"the index lists '{k}' but no shard holds it" for k in missing[:5]]
+    return shard_names, tensors, index, problems
+
+
+def _module_problems(
+    adapter_dir: str, adapter: Adapter, tensors: dict[str, _TensorInfo], model_type: str, tied: bool
+) -> tuple[dict[str, bool], list[str]]:
+    """Check every module of one adapter against the base's tensors; say which are stored transposed."""
+    targets: dict[str, bool] = {}
+    problems: list[str] = []
+    for path, shape in adapter.config.modules.items():
+        d_in, d_out = shape["in_features"], shape["out_features"]
+        key = f"{path}.weight"
+        where = f"adapter {adapter_dir}: module '{path}'"
+        if tied and path.rsplit(".", 1)[-1] == "lm_head":
+            problems.append(
+                f"{where} is tied to the input embeddings (tie_word_embeddings=true): merging into it would "
+                "change the embeddings too; train the adapter without lm_head"
+            )
+            continue
+        info = tensors.get(key)
+        if info is None:
+            hint = " (the model ties it to the input embeddings)" if tied else ""
+            problems.append(f"{where}: the base model has no tensor '{key}'{hint}")
+            continue
+        if info.dtype not in SAFETENSORS_FLOATS:
+            problems.append(f"{where}: base weight has dtype {info.dtype}, expected a floating-point type")
+            continue
+        if model_type in CONV1D_MODEL_TYPES and info.shape == (d_in, d_out):
+            targets[key] = True
+        elif info.shape == (d_out, d_in):
+            targets[key] = False
+        elif info.shape == (d_in, d_out):  # a Conv1D-style layer in a model type we do not know
+            targets[key] = True
+        else:
+            problems.append(
+                f"{where}: base weight has shape {list(info.shape)}, but the adapter records "
+                f"{d_in}→{d_out} (expected [{d_out}, {d_in}]; an adapter for another model?)"
+            )
+    return targets, problems
+
+
+def _tying(base: Path) -> tuple[str, bool]:
+    """(model_type, tie_word_embeddings) from config.json; transformers (slow to import) only for defaults."""
+    config = read_json(base / "config.json")
+    if not isinstance(config, dict):
+        raise PRoLoRAError("expected a JSON object", str(base / "config.json"))
+    tied = config.get("tie_word_embeddings")
+    if tied is None:  # the default depends on the architecture's config class
+        from transformers import AutoConfig
+
+        try:
+            tied = getattr(AutoConfig.from_pretrained(base), "tie_word_embeddings", False)
+        except (OSError, ValueError, KeyError) as err:
+            raise PRoLoRAError(f"cannot read the model config ({err})", str(base / "config.json")) from None
+    return str(config.get("model_type", "")), bool(tied)
+
+
+def _plan(base: str | Path, adapters: Sequence[tuple[str | Path, float]], out: Path, force: bool):
+    """Load and check everything; return the plan and the loaded adapters, or raise with ALL problems."""
+    problems: list[str] = []
+    base_dir: Path | None = None
+    try:
+        base_dir = _local_base(base)
+    except PRoLoRAError as err:
+        problems += err.problems
+    if not adapters:
+        problems.append("no adapter given (pass at least one --adapter)")
+    loaded: list[tuple[str, Adapter, float]] = []
+    for adapter_dir, weight in adapters:
+        try:
+            loaded.append((str(adapter_dir), load_adapter(adapter_dir), float(weight)))
+        except PRoLoRAError as err:
+            problems += err.problems
+    try:
+        check_destination(out, force)
+    except PRoLoRAError as err:
+        problems += err.problems
+    if base_dir is not None and out.absolute() == base_dir.absolute():
+        problems.append(f"{out}: the output folder must differ from the base model folder")
+    if base_dir is None:
+        raise_if(problems)
+    shard_names, tensors, index, layout_problems = _read_layout(base_dir)
+    problems += layout_problems
+    try:
+        model_type, tied = _tying(base_dir)
+    except PRoLoRAError as err:
+        problems += err.problems
+        model_type, tied = "", False
+    targets: dict[str, bool] = {}
+    for adapter_dir, adapter, _ in loaded:
+        found, bad = _module_problems(adapter_dir, adapter, tensors, model_type, tied)
+        targets.update(found)
+        problems += bad
+    raise_if(problems)
+    return _Plan(base_dir, shard_names, tensors, targets, index), loaded
+
+
+def _out_dtype(info: _TensorInfo, target: torch.dtype | None) -> torch.dtype | None:
+    """Output dtype of a floating tensor under --dtype; None for non-floating tensors (copied as is)."""
+    source = SAFETENSORS_FLOATS.get(info.dtype)
+    if source is None:
+        return None
+    return target or source
+
+
+#: bytes per element of every safetensors dtype name (floats included)
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2}
+
+
+def _output_size(plan: _Plan, target: torch.dtype | None) -> int:
+    """Bytes of all output shards (headers aside), to check disk space and rewrite the index."""
+    total = 0
+    for info in plan.tensors.values():
+        dtype = _out_dtype(info, target)
+        itemsize = dtype.itemsize if dtype is not None else ITEMSIZE.get(info.dtype, 1)
+        total += itemsize * math.prod(info.shape)
+    return total
+
+
+def _merged_tensor(
+    plan: _Plan, key: str, tensor: torch.Tensor, loaded: list[tuple[str, Adapter, float]], dtype: torch.dtype | None
+) -> tuple[torch.Tensor, float]:
+    """One output tensor and its cast error: W + Σ w_k·ΔW_k accumulated in place in fp32 (fp64 for fp64
+    weights) and cast once, or just the cast for a tensor no adapter touches."""
+    if key not in plan.targets:
+        return (tensor if dtype is None else tensor.to(dtype)), 0.0
+    path = key[: -len(".weight")]
+    exact_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    exact = tensor.to(exact_dtype, copy=True)
+    for _, adapter, weight in loaded:
+        if path in adapter.config.modules:
+            delta = adapter.delta_weight(path)  # fp32 (d_out × d_in); Conv1D stores (d_in × d_out)
+            exact.add_(delta.t() if plan.targets[key] else delta, alpha=weight)
+    out = exact.to(dtype)
+    if dtype == exact_dtype:
+        return out, 0.0
+    # in place, same-dtype ops (mixed-dtype ones are several times slower on CPU): weights can be 100s of MB
+    return out, float(exact.sub_(out.to(exact_dtype)).abs_().max())
+
+
+def _merge_shard(
+    plan: _Plan,
+    name: str,
+    loaded: list[tuple[str, Adapter, float]],
+    target: torch.dtype | None,
+    dest: Path,
+    bar,
+) -> tuple[int, float]:
+    """Merge and write one shard tensor by tensor; return (tensors merged, max rounding error).
+
+    At most two tensors are in memory (one being merged, one being written): the source is re-opened
+    (memory-mapped) per tensor so its pages are unmapped right after, and the output is streamed with
+    :class:`_SafetensorsWriter` instead of ``save_file``, which needs the whole shard in memory.
+    """
+    keys = sorted(k for k, info in plan.tensors.items() if info.shard == name)
+    layout = {
+        k: (_ST_NAMES.get(_out_dtype(plan.tensors[k], target), plan.tensors[k].dtype), plan.tensors[k].shape)
+        for k in keys
+    }
+    merged, max_err = 0, 0.0
+    with _SafetensorsWriter(dest / name, layout, metadata={"format": "pt"}) as writer:
+        for key in keys:
+            with safe_open(str(plan.base / name), framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+            out, error = _merged_tensor(plan, key, tensor, loaded, _out_dtype(plan.tensors[key], target))
+            del tensor
+            writer.write(key, out)
+            merged += key in plan.targets
+            max_err = max(max_err, error)
+            bar.update(1)
+    return merged, max_err
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class _SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor (the format: 8-byte header length, JSON header, raw data).
+
+    ``safetensors.save_file`` needs every tensor of the file in memory at once; this needs one.
+    The header is written first from the known dtypes/shapes, so tensors must come in ``layout`` order.
+    """
+
+    def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
+        header: dict[str, object] = {"__metadata__": metadata}
+        offset = 0
+        for key, (dtype, shape) in layout.items():
+            size = ITEMSIZE.get(dtype, 1) * math.prod(shape)
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # align the data section like safetensors does
+        self.path, self.header, self.order = path, header, list(layout)
+        self.file = open(path, "wb")  # closed in __exit__
+        self.file.write(len(text).to_bytes(8, "little") + text)
+        # the disk write of one tensor overlaps the merge of the next (file.write releases the GIL)
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        expected = self.order.pop(0)
+        entry = self.header[key]
+        if (
+            key != expected
+            or list(tensor.shape) != entry["shape"]
+            or _ST_NAMES.get(tensor.dtype, entry["dtype"]) != entry["dtype"]
+        ):
+            raise RuntimeError(f"internal error: tensor {key} does not match the header written for {expected}")
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._wait()  # at most one write in flight: memory stays bounded by two tensors
+        self.pending = self.pool.submit(self.file.write, memoryview(data))
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def __enter__(self) -> _SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._wait()
+        finally:
+            self.pool.shutdown()
+            self.file.close()
+        if exc[0] is None and self.order:
+            raise RuntimeError(f"internal error: {len(self.order)} tensors of {self.path.name} were never written")
+
+
+def _write_config(base: Path, dest: Path, target: torch.dtype | None) -> None:
+    """config.json with the new dtype when --dtype changed it (copied unchanged otherwise)."""
+    if target is None or not (base / "config.json").is_file():
+        return
+    config = json.loads((base / "config.json").read_text())
+    config["torch_dtype"] = TORCH_DTYPE_NAMES[target]
+    if "dtype" in config:
+        config["dtype"] = TORCH_DTYPE_NAMES[target]
+    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def merge_adapters(
+    base: str | Path,
+    adapters: Sequence[tuple[str | Path, float]],
+    out: str | Path,
+    dtype: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+) -> MergeReport:
+    """Write ``out``: a drop-in copy of ``base`` with ``W + Σ_k w_k·γ_k·B_k·A_k`` in every adapted layer.
+
+    ``adapters`` is a list of (adapter folder, weight). ``dtype`` is auto (keep each tensor's
+    dtype), fp32, fp16 or bf16 (converts every floating tensor). Shard names, the index,
+    config, tokenizer and other side files are kept; tied weights stay as the base stores them.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise PRoLoRAError(f"unknown dtype '{dtype}' (expected one of: {', '.join(DTYPES)})")
+    target = DTYPES[dtype]
+    out = Path(out)
+    plan, loaded = _plan(base, adapters, out, force)
+    total_size = _output_size(plan, target)
+    check_free_space(out.absolute(), total_size + (64 << 20))
+
+    merged, max_err, written = 0, 0.0, 0
+    with atomic_output_dir(out, force=force) as tmp:
+        with tqdm(total=len(plan.tensors), desc="merge tensors", unit="t", disable=not progress, position=1) as tbar:
+            for name in tqdm(plan.shard_names, desc="shards", unit="shard", disable=not progress, position=0):
+                count, err = _merge_shard(plan, name, loaded, target, tmp, tbar)
+                merged += count
+                max_err = max(max_err, err)
+                written += (tmp / name).stat().st_size
+        copy_model_side_files(plan.base, tmp)
+        _write_config(plan.base, tmp, target)
+        if plan.index is not None:
+            index = dict(plan.index)
+            index["metadata"] = {**(index.get("metadata") or {}), "total_size": total_size}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return MergeReport(
+        out=out,
+        shards=len(plan.shard_names),
+        tensors_merged=merged,
+        tensors_written=len(plan.tensors),
+        max_rounding_error=max_err,
+        seconds=time.perf_counter() - start,
+        bytes_written=written,
+        dtype=dtype,
+        adapters=[(d, w) for d, _, w in loaded],
+    )
