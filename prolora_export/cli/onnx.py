@@ -1,0 +1,34 @@
+"""``prolora-export onnx``: export base + adapter to an ONNX folder (merged or compact)."""
+
+import click
+
+from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES, export_onnx
+
+
+@click.command("onnx")
+@click.option("--base", required=True, help="Base model: folder, hub id or 'smollm2-135m'.")
+@click.option("--adapter", required=True, type=click.Path(), help="PRoLoRA adapter folder.")
+@click.option("--mode", type=click.Choice(MODES), default="merged", show_default=True,
+              help="merged: ΔW folded into the weights. compact: base + one ai.prolora::RotatedShardLoRA "
+                   "node per adapted layer, shards as overridable initializers (serves many adapters).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (loads with optimum.onnxruntime).")
+@click.option("--task", default="auto", show_default=True,
+              help="auto, text-generation(-with-past), feature-extraction or text-classification.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+              help="fp16 needs --device cuda.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: optimum's; compact needs ≥ 18).")
+@click.option("--default-adapter", type=click.Choice(DEFAULT_ADAPTERS), default="adapter", show_default=True,
+              help="compact only: 'zero' makes the B shards zero, so with no ONNX Runtime adapter "
+                   "active the graph is the base model.")
+@click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, validate, force) -> None:
+    """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
+
+    The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
+    with their KV cache) or the matching ORTModel class, and generates like PyTorch.
+    """
+    report = export_onnx(base, adapter, out, mode=mode, task=task, dtype=dtype, device=device, opset=opset,
+                         force=force, default_adapter=default_adapter, validate=validate)
+    click.echo(report.summary())

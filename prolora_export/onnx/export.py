@@ -1,0 +1,342 @@
+"""ONNX export of a base model + PRoLoRA adapter, in two modes (SPEC §4).
+
+``merged``: ΔW is added into the base weights (``PRoLoRALinear.merge``, the core's merge
+math, done in memory so nothing is written twice) and optimum exports an ordinary model:
+fastest at run time, one graph per adapter.
+
+``compact``: the base weights stay as they are and each adapted layer becomes
+``base linear + one ai.prolora::RotatedShardLoRA node`` whose shard inputs are
+initializers named exactly like the adapter's safetensors keys. One graph then serves
+many adapters (ONNX Runtime ``LoraAdapter`` files replace the shards by name).
+
+How the compact graph is made, and why this route: optimum's exporter (TorchScript
+``torch.onnx.export``) is reused unchanged. During the export, each ``PRoLoRALinear``'s
+``adapter_output`` is swapped for a ``torch.autograd.Function`` whose ``symbolic`` emits the
+custom node, so the node and its SPEC-named parameter initializers come straight out of
+the tracer (no graph surgery to find the adapter's subgraph afterwards). optimum opens the
+fresh file in an InferenceSession inside ``OnnxConfig.fix_dynamic_axes`` before any
+post-processing, so the export config is a subclass (optimum's ``custom_onnx_configs``
+extension point) whose ``fix_dynamic_axes`` first writes the FunctionProto and the
+``ai.prolora`` opset import into the file. After optimum is done, the shard initializers
+are also listed as graph inputs, which makes them overridable by ONNX Runtime adapters.
+The alternative (export standard ops, then pattern-match and fuse them) was rejected: it
+depends on how the tracer happens to spell the compact forward.
+
+Defaults of the overridable shards (``default_adapter``): ``adapter`` (the default) bakes the
+exported adapter in, so the folder behaves exactly like the merged export; ``zero`` makes the
+B tensors zero, so a session with no ONNX Runtime adapter active is the base model and every
+adapter, the exported one included, is chosen per call (examples/serve_many_adapters.py).
+
+fp16 (``--dtype fp16 --device cuda``): the model is exported in half precision on the GPU
+and the function body casts X and the shards to float32, computes, and casts back, so the
+adapter path keeps fp32 parity. Without a CUDA device this is refused up front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..errors import PRoLoRAError
+from ..formats.prolora import Adapter, load_adapter
+from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
+from ..layer import TENSOR_NAMES, PRoLoRALinear
+from ..models import load_base_model, model_class_for, resolve_model
+from ..outputs import atomic_output_dir, check_destination
+from ..shards import compact_forward
+from . import op
+
+MODES = ("merged", "compact")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_ADAPTERS = ("adapter", "zero")
+
+
+@dataclass
+class ExportReport:
+    """What an export produced, for the CLI to print."""
+
+    mode: str
+    out: Path
+    task: str
+    opset: int | None  # None: optimum's default for the architecture
+    adapted_layers: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def onnx_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.out.iterdir() if "onnx" in p.name)
+
+    def summary(self) -> str:
+        return (
+            f"{self.mode} ONNX export ({self.task}, opset {self.opset or 'default'}, "
+            f"{self.adapted_layers} adapted layers) "
+            f"written to {self.out} in {self.seconds:.1f} s ({self.onnx_bytes / 2**20:.1f} MiB of ONNX)"
+        )
+
+
+def export_task(config, task: str = "auto") -> str:
+    """optimum task for a model: decoders export with their KV cache, encoders as features/classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = model_class_for(config, task)  # validates the name
+    if task in ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification"):
+        return task
+    if cls is AutoModelForCausalLM:
+        return "text-generation-with-past"
+    if cls is AutoModelForSequenceClassification:
+        return "text-classification"
+    return "feature-extraction"
+
+
+# ---------------------------------------------------------------------- compact op in torch
+
+
+class _RotatedShardLoRAFunction(torch.autograd.Function):
+    """PyTorch side of the custom op: computes with :mod:`shards`, exports as one ONNX node."""
+
+    @staticmethod
+    def forward(ctx, x, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
+        layer = _EXPORTING[layer_id]
+        # the value is computed outside the tracer: only the node emitted by ``symbolic`` belongs
+        # in the graph (and cached constants made inside compact_forward must not be traced)
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            out = compact_forward(layer.geometry, layer.scaling, x.float(), *(
+                None if t is None else t.float() for t in (a_shard, b_shard, a_unshared, b_unshared)
+            ))
+        finally:
+            torch._C._set_tracing_state(state)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
+        from torch.onnx import symbolic_helper
+
+        layer = _EXPORTING[layer_id]
+        spec = op.OpSpec.from_geometry(layer.geometry)
+        absent = symbolic_helper._optional_input_placeholder_tensor
+        shards = [a_shard, b_shard] if spec.shared_r else [absent(g), absent(g)]
+        unshared = [a_unshared, b_unshared] if spec.unshared_r else []
+        attrs = {
+            f"{k}_{'f' if isinstance(v, float) else 'i'}": v
+            for k, v in op.node_attributes(layer.geometry, layer.scaling).items()
+        }
+        out = g.op(f"{op.DOMAIN}::{op.OP_TYPE}", x, *shards, *unshared, **attrs)
+        sizes = symbolic_helper._get_tensor_sizes(x)
+        _INPUT_RANKS.add(len(sizes) if sizes else None)
+        if sizes:  # same leading dims as X, d_out features
+            out.setType(x.type().with_sizes([*sizes[:-1], layer.geometry.out_features]))
+        return out
+
+
+#: layers being exported, by id: an autograd Function takes tensors and plain scalars only
+_EXPORTING: dict[int, PRoLoRALinear] = {}
+#: ranks of X seen by ``symbolic`` in the current export (one rank lets the body skip Shape ops)
+_INPUT_RANKS: set[int | None] = set()
+
+
+def compact_spec(model: nn.Module, upcast: bool) -> op.OpSpec:
+    """The op spec of a model's adapted layers, with X's rank once the tracer has reported it."""
+    ranks = set(_INPUT_RANKS)
+    rank = ranks.pop() if len(ranks) == 1 else None
+    return op.OpSpec.for_layers([layer.geometry for _, layer in prolora_layers(model)], upcast=upcast, rank=rank)
+
+
+@contextlib.contextmanager
+def export_as_custom_op(model: nn.Module) -> Iterator[None]:
+    """While active, every PRoLoRALinear computes its adapter output through the exportable op."""
+    layers = [layer for _, layer in prolora_layers(model)]
+    _INPUT_RANKS.clear()
+    for layer in layers:
+        key = id(layer)
+        _EXPORTING[key] = layer
+
+        def adapter_output(x: torch.Tensor, layer: PRoLoRALinear = layer, key: int = key) -> torch.Tensor:
+            t = layer.adapter_tensors()
+            return _RotatedShardLoRAFunction.apply(x, *(t.get(name) for name in TENSOR_NAMES), key)
+
+        layer.adapter_output = adapter_output
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.adapter_output  # the class method is visible again
+            _EXPORTING.pop(id(layer), None)
+
+
+# ---------------------------------------------------------------------- optimum glue
+
+
+def _optimum_configs(
+    model: nn.Module, task: str, float_dtype: str, spec: Callable[[], op.OpSpec] | None
+) -> dict:
+    """optimum's own export configs for the model, each subclassed to add our function before
+    optimum's first InferenceSession (in ``fix_dynamic_axes``); empty when nothing to add."""
+    if spec is None:
+        return {}
+    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.utils import get_decoder_models_for_export
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        model=model, exporter="onnx", task=task, library_name="transformers"
+    )
+    config = constructor(model.config, int_dtype="int64", float_dtype=float_dtype)
+    if task.startswith("text-generation"):
+        configs = {k: c for k, (_, c) in get_decoder_models_for_export(model, config).items()}
+    else:
+        configs = {"model": config}
+
+    def fix_dynamic_axes(self, model_path: Path, *args, **kwargs):
+        insert_function(Path(model_path), spec())
+        return super(type(self), self).fix_dynamic_axes(model_path, *args, **kwargs)
+
+    for cfg in configs.values():
+        base = type(cfg)
+        cfg.__class__ = type(f"PRoLoRA{base.__name__}", (base,), {"fix_dynamic_axes": fix_dynamic_axes})
+    return configs
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Save in place; external-data references (models > 2 GB) are kept as they are."""
+    onnx.save(model, str(path))
+
+
+def insert_function(path: Path, spec: op.OpSpec) -> None:
+    """Add the RotatedShardLoRA FunctionProto and opset import to an exported file (idempotent)."""
+    model = _load(path)
+    if any(n.domain == op.DOMAIN for n in model.graph.node):
+        op.add_function(model, spec)
+        _save(model, path)
+
+
+def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: bool) -> int:
+    """The final function body (X's rank is known now), and every adapter initializer listed as a
+    graph input too so ONNX Runtime adapters can replace it, holding the adapter's values under
+    the SPEC names; with ``zero_default`` the B tensors are zero, so a session with no adapter
+    active computes the base model. One load and one save of the file. Returns the count."""
+    model = _load(path)
+    op.add_function(model, spec)
+    graph = model.graph
+    expected = set(adapter.tensors)
+    node_inputs = {name for n in graph.node if n.domain == op.DOMAIN for name in n.input}
+    missing = sorted(expected - node_inputs)
+    if missing:  # the tracer renamed or deduplicated a parameter: never ship such a graph
+        raise PRoLoRAError(f"internal: exported graph lacks adapter inputs {missing[:3]}", str(path))
+    dtype = next(i.data_type for i in graph.initializer if i.name in expected)
+    kept = [i for i in graph.initializer if i.name not in expected]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    listed = {i.name for i in graph.input}
+    for name in sorted(expected):
+        value = adapter.tensors[name].detach().float()
+        if zero_default and "_B_" in name:
+            value = torch.zeros_like(value)
+        graph.initializer.append(onnx.numpy_helper.from_array(value.numpy().astype(np_dtype), name))
+        if name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(value.shape)))
+    _save(model, path)
+    return len(expected)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def export_onnx(
+    base: str,
+    adapter: str | Path,
+    out: str | Path,
+    mode: str = "merged",
+    task: str = "auto",
+    dtype: str = "fp32",
+    device: str = "cpu",
+    opset: int | None = None,
+    force: bool = False,
+    default_adapter: str = "adapter",
+    validate: bool = False,
+) -> ExportReport:
+    """Export ``base`` + ``adapter`` to an ONNX folder that ``optimum.onnxruntime`` loads.
+
+    ``default_adapter`` (compact only): ``adapter`` bakes this adapter's shards in as the
+    initializers' defaults; ``zero`` makes the B shards zero so that running with no
+    ONNX Runtime adapter active gives the base model. ``validate`` runs optimum's own output
+    check (off by default: its atol 1e-5 flags ordinary fp32 rounding on real models).
+    """
+    if mode not in MODES:
+        raise PRoLoRAError(f"unknown mode '{mode}' (expected one of: {', '.join(MODES)})")
+    if dtype not in DTYPES:
+        raise PRoLoRAError(f"unknown dtype '{dtype}' (expected one of: {', '.join(DTYPES)})")
+    if device not in ("cpu", "cuda"):
+        raise PRoLoRAError(f"unknown device '{device}' (expected cpu or cuda)")
+    if default_adapter not in DEFAULT_ADAPTERS:
+        raise PRoLoRAError(f"unknown default adapter '{default_adapter}' (expected adapter or zero)")
+    if dtype == "fp16" and device != "cuda":
+        raise PRoLoRAError("fp16 export needs --device cuda (ONNX Runtime CPU has no fp16 kernels for most ops)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PRoLoRAError(f"{dtype} export on --device cuda needs a CUDA device, and torch sees none here")
+    if mode == "compact" and opset is not None and opset < op.MIN_OPSET:
+        raise PRoLoRAError(f"compact mode needs --opset ≥ {op.MIN_OPSET} (got {opset})")
+    out = Path(out)
+    check_destination(out.absolute(), force)
+    started = time.perf_counter()
+    loaded = load_adapter(adapter)
+    source = resolve_model(base)
+    model = load_base_model(source, task=task)
+    full_task = export_task(model.config, task)
+    inject_adapter(model, loaded.config)
+    load_adapter_weights(model, loaded.tensors)
+    adapted = sum(1 for _ in prolora_layers(model))
+    spec = None
+    if mode == "merged":
+        remove_adapter(model, merge=True)
+    else:
+        def spec() -> op.OpSpec:
+            return compact_spec(model, upcast=dtype == "fp16")
+
+        opset = max(opset or 0, op.MIN_OPSET)
+    model = model.to(device=device, dtype=DTYPES[dtype])
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with atomic_output_dir(out, force=force) as tmp:
+        with export_as_custom_op(model) if spec else contextlib.nullcontext(), torch.no_grad():
+            onnx_export_from_model(
+                model,
+                tmp,
+                opset=opset,
+                task=full_task,
+                device=device,
+                do_validation=validate,
+                custom_onnx_configs=_optimum_configs(model, full_task, dtype, spec),
+            )
+        if spec is not None:
+            for path in sorted(tmp.glob("*.onnx")):
+                finish_compact(path, spec(), loaded, default_adapter == "zero")
+        _copy_side_files(Path(source), tmp)
+        files = sorted(p.name for p in tmp.iterdir())
+    return ExportReport(mode, out, full_task, opset, adapted, time.perf_counter() - started, files)
+
+
+def _copy_side_files(source: Path, dest: Path) -> None:
+    """Tokenizer, chat template … of the base model; never overwrite what optimum wrote."""
+    if not source.is_dir():
+        return
+    for item in source.iterdir():
+        if item.is_file() and item.suffix not in (".safetensors", ".bin", ".pt", ".pth") and not item.name.endswith(
+            ".index.json"
+        ) and not (dest / item.name).exists():
+            shutil.copy2(item, dest / item.name)
+

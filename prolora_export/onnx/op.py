@@ -1,0 +1,203 @@
+"""The ``ai.prolora::RotatedShardLoRA`` op of SPEC §4 as a model-local ONNX FunctionProto.
+
+The body is built from standard ONNX ops only (opset ≥ 18 for ``Pad`` with ``axes``), so a
+stock ONNX Runtime runs it with no compiled library. It mirrors
+:func:`prolora_export.shards.compact_forward` step by step: pad, view as chunks, MatMul
+with A₀ᵀ, both rotation gathers and the sum over chunks as ONE MatMul with the constant 0/1
+matrix that ``compact_forward`` uses (``shards._spread_matrix``, made from the rotation
+tables; fewer ops, and op count is what costs time on small decode tensors), MatMul with
+B₀ᵀ, reshape, Slice to d_out, plus the unshared path, times ``scaling``. Leading dimensions are flattened while
+the chunks are processed and restored at the end, so X may have any rank ≥ 2.
+
+Design: ONE FunctionProto per model. The rotation matrix depends on (r_s, m, n, s_A, s_B)
+and on which input pairs exist, and these are the adapter's hyperparameters, shared by
+every adapted layer of a model; only ``in_features``, ``out_features`` and ``scaling``
+differ between nodes in principle. So the body bakes the matrix in as a constant (the one
+PyTorch uses) and reads
+``in_features`` / ``out_features`` / ``scaling`` through attribute references. Every node
+still carries all SPEC attributes, so a reader (or a native kernel) needs nothing else.
+A u = r layer (no shard inputs: empty names) gets a body with only the unshared path;
+a u = 0 layer omits the unshared inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from ..shards import ShardGeometry, _spread_matrix
+
+DOMAIN = "ai.prolora"
+OP_TYPE = "RotatedShardLoRA"
+OP_VERSION = 1
+MIN_OPSET = 18
+INPUTS = ("X", "A_shard", "B_shard", "A_unshared", "B_unshared")
+ATTRIBUTES = ("in_features", "out_features", "sharing_rate_a", "sharing_rate_b", "stride_a", "stride_b", "scaling")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What one function body is specialised to: the adapter-wide part of the geometry."""
+
+    shared_r: int
+    unshared_r: int
+    sharing_rate_a: int
+    sharing_rate_b: int
+    stride_a: int
+    stride_b: int
+    upcast: bool = False  # compute in float32 whatever X is (fp16 graphs), cast back at the end
+    #: rank of X when every node of the model sees the same (reshapes then keep the leading
+    #: dims with 0s instead of flattening them and rebuilding them from Shape at the end)
+    rank: int | None = None
+    #: every layer has d_in divisible by m and d_out by n: no Pad and no Slice needed
+    pad_free: bool = False
+
+    @classmethod
+    def from_geometry(cls, g: ShardGeometry, upcast: bool = False) -> OpSpec:
+        return cls.for_layers([g], upcast=upcast)
+
+    @classmethod
+    def for_layers(cls, geometries: list[ShardGeometry], upcast: bool = False, rank: int | None = None) -> OpSpec:
+        """The spec shared by all layers of one model (they share the adapter's hyperparameters)."""
+        g = geometries[0]
+        shared = (g.shared_r, g.unshared_r, g.sharing_rate_a, g.sharing_rate_b, g.stride_a, g.stride_b)
+        for other in geometries:
+            if (other.shared_r, other.unshared_r, other.sharing_rate_a, other.sharing_rate_b,
+                    other.stride_a, other.stride_b) != shared:
+                raise ValueError("all layers of one model must share r_s, u, m, n and the strides")
+        pad_free = all(
+            x.in_features % x.sharing_rate_a == 0 and x.out_features % x.sharing_rate_b == 0 for x in geometries
+        )
+        return cls(*shared, upcast=upcast, rank=rank, pad_free=pad_free)
+
+
+def node_attributes(g: ShardGeometry, scaling: float) -> dict[str, int | float]:
+    """The SPEC attributes of one layer's node."""
+    return {
+        "in_features": g.in_features,
+        "out_features": g.out_features,
+        "sharing_rate_a": g.sharing_rate_a,
+        "sharing_rate_b": g.sharing_rate_b,
+        "stride_a": g.stride_a,
+        "stride_b": g.stride_b,
+        "scaling": float(scaling),
+    }
+
+
+def node_inputs(x: str, prefix: str, spec: OpSpec) -> list[str]:
+    """Input names of a node for module path ``prefix``: shards named like the safetensors keys."""
+    shard = [f"{prefix}.prolora_A_shard", f"{prefix}.prolora_B_shard"] if spec.shared_r else ["", ""]
+    unshared = [f"{prefix}.prolora_A_unshared", f"{prefix}.prolora_B_unshared"] if spec.unshared_r else []
+    return [x, *shard, *unshared]
+
+
+class _Body:
+    """Collects the nodes of a function body, naming every intermediate uniquely."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        self.count += 1
+        out = f"{op_type.lower()}_{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, values, dtype=np.int64) -> str:
+        return self.op("Constant", value=onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype)))
+
+    def attr_int(self, name: str) -> str:
+        """A 1-element int64 tensor holding the node attribute ``name``."""
+        return self.op("Unsqueeze", self.attr(name, "value_int", onnx.AttributeProto.INT), self.const([0]))
+
+    def attr(self, name: str, field: str, kind: int) -> str:
+        """A Constant whose value is the node attribute ``name`` (an attribute reference)."""
+        self.count += 1
+        out = f"attr_{name}_{self.count}"
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref(field, kind, ref_attr_name=name))
+        self.nodes.append(node)
+        return out
+
+
+def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The FunctionProto for ``ai.prolora::RotatedShardLoRA`` specialised to ``spec``."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"RotatedShardLoRA needs opset ≥ {MIN_OPSET} (Pad with axes), got {opset}")
+    b = _Body()
+    x, a0, b0, au, bu = INPUTS
+    if spec.upcast:
+        present = (True, spec.shared_r, spec.shared_r, spec.unshared_r, spec.unshared_r)
+        x, a0, b0, au, bu = (
+            b.op("Cast", name, to=TensorProto.FLOAT) if used else name
+            for name, used in zip(INPUTS, present, strict=True)
+        )
+    parts = []
+    scale = b.attr("scaling", "value_float", onnx.AttributeProto.FLOAT)
+    if spec.shared_r:
+        rs, m, n = spec.shared_r, spec.sharing_rate_a, spec.sharing_rate_b
+        # shapes come from attributes through constants only, so ONNX Runtime folds them away
+        d_in = b.attr_int("in_features")
+        c_a = b.op("Div", b.op("Add", d_in, b.const([m - 1])), b.const([m]))  # ceil(d_in / m)
+        keep = [0] * (spec.rank - 1) if spec.rank else [-1]  # leading dims: kept (known rank) or flattened
+        xp = x
+        if not spec.pad_free:  # zeros up to m·c_A features
+            pad = b.op("Sub", b.op("Mul", c_a, b.const([m])), d_in)
+            xp = b.op("Pad", x, b.op("Concat", b.const([0]), pad, axis=0), "", b.const([-1]))
+        xv = b.op("Reshape", xp, b.op("Concat", b.const([*keep, m]), c_a, axis=0))  # (…, m, c_A)
+        z = b.op("MatMul", xv, b.op("Transpose", a0, perm=[1, 0]))  # (…, m, r_s)
+        z = b.op("Reshape", z, b.const([*keep, m * rs]))
+        if m > 1 or n > 1:  # both rotation gathers and the chunk sum: one MatMul with a constant 0/1 matrix
+            spread = _spread_matrix(rs, m, n, spec.stride_a, spec.stride_b, torch.float32, "cpu").numpy()
+            z = b.op("MatMul", z, b.op("CastLike", b.const(spread, np.float32), z))  # (…, n·r_s)
+        if not spec.unshared_r:  # scale the rank-sized intermediate, not the d_out-wide output
+            z = b.op("Mul", z, b.op("CastLike", scale, z))
+        g = b.op("Reshape", z, b.const([*keep, n, rs]))
+        y = b.op("MatMul", g, b.op("Transpose", b0, perm=[1, 0]))  # (…, n, c_B)
+        lead = b.const([0] * (spec.rank - 1) + [-1]) if spec.rank else b.op("Concat", b.op("Shape", x, end=-1),
+                                                                            b.const([-1]), axis=0)
+        y = b.op("Reshape", y, lead)  # (…, n·c_B)
+        parts.append(y if spec.pad_free else b.op("Slice", y, b.const([0]), b.attr_int("out_features"),
+                                                  b.const([-1])))
+    if spec.unshared_r:
+        t = b.op("MatMul", x, b.op("Transpose", au, perm=[1, 0]))  # (…, u)
+        if not spec.shared_r:
+            t = b.op("Mul", t, b.op("CastLike", scale, t))
+        parts.append(b.op("MatMul", t, b.op("Transpose", bu, perm=[1, 0])))
+    out = parts[0] if len(parts) == 1 else b.op("Mul", b.op("Add", *parts), b.op("CastLike", scale, parts[0]))
+    if spec.upcast:
+        out = b.op("CastLike", out, INPUTS[0])
+    b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        list(INPUTS),
+        ["Y"],
+        b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES),
+    )
+
+
+def make_node(x: str, y: str, prefix: str, spec: OpSpec, g: ShardGeometry, scaling: float) -> onnx.NodeProto:
+    """One ``RotatedShardLoRA`` node for the layer at module path ``prefix``."""
+    return helper.make_node(
+        OP_TYPE, node_inputs(x, prefix, spec), [y], name=f"{prefix}.RotatedShardLoRA", domain=DOMAIN,
+        **node_attributes(g, scaling),
+    )
+
+
+def add_function(model: onnx.ModelProto, spec: OpSpec) -> onnx.ModelProto:
+    """Put the function and the ``ai.prolora`` opset import into ``model`` (in place; idempotent)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+    kept = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend([*kept, build_function(spec, opset)])
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+    return model

@@ -1,0 +1,205 @@
+"""ONNX export, both modes, and ONNX Runtime adapter files, on a tiny Llama (fast) and the demo
+model (slow). References are the PyTorch model with the adapter injected (compact forward)
+or the base alone; the ONNX side runs on stock ONNX Runtime CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import LLAMA_TARGETS, make_adapter, tiny_llama
+
+from prolora_export.cli import main as cli
+from prolora_export.formats.prolora import load_adapter, save_adapter
+from prolora_export.inject import inject_adapter, load_adapter_weights
+from prolora_export.models import load_base_model
+from prolora_export.onnx.adapters import decoder_feeds, load_onnx_adapter, run_options
+from prolora_export.onnx.export import export_onnx
+from prolora_export.onnx.op import DOMAIN, OP_TYPE
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
+HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama folder and two different adapters of the same shape for it."""
+    root = tmp_path_factory.mktemp("onnx")
+    tiny_llama().save_pretrained(root / "base", safe_serialization=True)
+    for i, seed in enumerate((1, 2)):
+        save_adapter(root / f"adapter{i}", make_adapter(tiny_llama(), seed=seed, **HYPER))
+    return {"root": root, "base": root / "base", "a0": root / "adapter0", "a1": root / "adapter1"}
+
+
+@pytest.fixture(scope="module")
+def exported(tiny) -> dict[str, Path]:
+    return {
+        mode: export_onnx(str(tiny["base"]), tiny["a0"], tiny["root"] / mode, mode=mode).out
+        for mode in ("merged", "compact")
+    }
+
+
+def torch_model(base: Path | str, adapter: Path | None):
+    model = load_base_model(str(base))
+    if adapter is not None:
+        loaded = load_adapter(adapter)
+        inject_adapter(model, loaded.config)
+        load_adapter_weights(model, loaded.tensors)
+    return model
+
+
+def torch_logits(base, adapter, ids: np.ndarray = IDS) -> np.ndarray:
+    with torch.no_grad():
+        return torch_model(base, adapter)(torch.from_numpy(ids)).logits.numpy()
+
+
+def session(folder: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-4) -> None:
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err <= rel, f"relative difference {err:.2e} > {rel}"
+
+
+@pytest.mark.parametrize("mode", ["merged", "compact"])
+def test_logits_match_pytorch(tiny, exported, mode):
+    sess = session(exported[mode])
+    got = sess.run(["logits"], decoder_feeds(sess, IDS))[0]
+    want = torch_logits(tiny["base"], tiny["a0"])
+    assert_close(got, want)
+    # the adapter matters at this tolerance, so a graph that dropped it would fail
+    assert float(np.abs(want - torch_logits(tiny["base"], None)).max()) > 1e-2
+
+
+def test_compact_graph_structure(tiny, exported):
+    model = onnx.load(str(exported["compact"] / "model.onnx"))
+    adapter = load_adapter(tiny["a0"])
+    nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
+    assert len(nodes) == len(adapter.config.modules) == 2 * len(LLAMA_TARGETS)
+    assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, OP_TYPE)]
+    assert any(o.domain == DOMAIN and o.version == 1 for o in model.opset_import)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    for key, tensor in adapter.tensors.items():  # SPEC names, adapter values, overridable
+        np.testing.assert_array_equal(inits[key], tensor.numpy())
+        assert key in inputs
+    # nothing else adapter-sized: no full A/B and no merged weight (base weights are unchanged)
+    base = torch_model(tiny["base"], None)
+    extra = sum(v.size for k, v in inits.items() if k not in adapter.tensors)
+    assert extra - sum(p.numel() for p in base.parameters()) < 1000  # only small constants
+    w = base.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    merged = w + adapter.delta_weight("model.layers.0.self_attn.q_proj").numpy()
+    shaped = [v for v in inits.values() if v.shape in (w.shape, w.T.shape)]
+    assert any(np.array_equal(v, w) or np.array_equal(v, w.T) for v in shaped)
+    assert not any(np.allclose(v, merged) or np.allclose(v, merged.T) for v in shaped)
+
+
+def test_merged_graph_has_no_custom_op(exported):
+    model = onnx.load(str(exported["merged"] / "model.onnx"))
+    assert not any(n.domain == DOMAIN for n in model.graph.node) and not model.functions
+
+
+@pytest.mark.parametrize("mode", ["merged", "compact"])
+def test_ortmodel_generates_like_pytorch(tiny, exported, mode):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    onnx_model = ORTModelForCausalLM.from_pretrained(exported[mode], session_options=options)
+    ids = torch.from_numpy(IDS[:, :5])
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
+    want = torch_model(tiny["base"], tiny["a0"]).generate(ids, **kwargs)
+    assert onnx_model.generate(ids, **kwargs).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize(
+    "hyper", [{"r": 4, "unshared_r": 0, "sharing_rate_a": 3, "sharing_rate_b": 2}, {"r": 4, "unshared_r": 4}],
+    ids=["u=0", "u=r"],
+)
+def test_compact_other_geometries(tiny, hyper):
+    adapter = tiny["root"] / f"adapter-u{hyper['unshared_r']}"
+    save_adapter(adapter, make_adapter(tiny_llama(), seed=3, **hyper), force=True)
+    out = export_onnx(str(tiny["base"]), adapter, tiny["root"] / f"compact-u{hyper['unshared_r']}", mode="compact").out
+    sess = session(out)
+    assert_close(sess.run(["logits"], decoder_feeds(sess, IDS))[0], torch_logits(tiny["base"], adapter))
+
+
+def test_one_session_serves_two_adapters_and_the_base(tiny):
+    out = export_onnx(str(tiny["base"]), tiny["a0"], tiny["root"] / "zero", mode="compact", default_adapter="zero").out
+    runner = CliRunner()
+    files = []
+    for name in ("a0", "a1"):
+        file = tiny["root"] / f"{name}.onnx_adapter"
+        result = runner.invoke(cli, ["onnx-adapter", "--adapter", str(tiny[name]), "--out", str(file)])
+        assert result.exit_code == 0, result.output
+        files.append(load_onnx_adapter(file))
+    sess = session(out)
+    feeds = decoder_feeds(sess, IDS)
+    base = sess.run(["logits"], feeds)[0]
+    assert_close(base, torch_logits(tiny["base"], None))
+    for name, lora in zip(("a0", "a1"), files, strict=True):
+        assert_close(sess.run(["logits"], feeds, run_options(lora))[0], torch_logits(tiny["base"], tiny[name]))
+    # the two adapters really differ
+    a0, a1 = (sess.run(["logits"], feeds, run_options(f))[0] for f in files)
+    assert float(np.abs(a0 - a1).max()) > 1e-2
+    # refusing to overwrite without --force
+    again = runner.invoke(cli, ["onnx-adapter", "--adapter", str(tiny["a0"]), "--out",
+                          str(tiny["root"] / "a0.onnx_adapter")])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+def test_serve_many_adapters_example(tiny):
+    cmd = [sys.executable, str(REPO / "examples/serve_many_adapters.py"), "--base", str(tiny["base"]),
+           "--adapter", str(tiny["a0"]), "--adapter", str(tiny["a1"]), "--work", str(tiny["root"] / "serve")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert "2 adapters + base" in done.stdout
+
+
+def test_fp16_without_cuda_is_a_clear_error(tiny):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    out = tiny["root"] / "fp16"
+    args = ["onnx", "--base", str(tiny["base"]), "--adapter", str(tiny["a0"]), "--out", str(out), "--dtype", "fp16"]
+    for extra in ([], ["--device", "cuda"]):
+        result = CliRunner().invoke(cli, [*args, *extra])
+        assert result.exit_code == 2
+        assert "fp16" in result.output and "cuda" in result.output.lower()
+    assert not out.exists()
+
+
+def test_cli_onnx_refuses_existing_output(tiny, exported):
+    args = ["onnx", "--base", str(tiny["base"]), "--adapter", str(tiny["a0"]), "--out", str(exported["merged"])]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "--force" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["merged", "compact"])
+def test_demo_model_greedy_text_matches_pytorch(demo_model, tmp_path, mode):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = load_base_model(str(demo_model))
+    adapter = make_adapter(model, seed=4, **{**HYPER, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    save_adapter(tmp_path / "adapter", adapter)
+    out = export_onnx(str(demo_model), tmp_path / "adapter", tmp_path / mode, mode=mode).out
+    tok = AutoTokenizer.from_pretrained(out)
+    enc = tok("The capital of France is", return_tensors="pt")
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": tok.eos_token_id}
+    with torch.no_grad():
+        want = model.generate(**enc, **kwargs)
+    got = ORTModelForCausalLM.from_pretrained(out).generate(**enc, **kwargs)
+    assert tok.decode(got[0]) == tok.decode(want[0])
