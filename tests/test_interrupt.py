@@ -1,0 +1,94 @@
+"""Interruptions: SIGKILL a writing command at several points of its run.
+
+The destination must always be either the previous complete version or the new
+complete version, never a mix or a half-written folder, and the next run must succeed
+(the killed run's lock is gone with its process, its debris is cleaned up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prolora_export.formats.prolora import save_adapter
+
+from conftest import make_adapter, tiny_llama
+
+CLI = [sys.executable, "-m", "prolora_export"]
+KILL_FRACTIONS = (0.15, 0.4, 0.65, 0.9)
+
+
+def folder_digest(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(item.relative_to(path)).encode())
+        digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def run_to_completion(args: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    return time.perf_counter() - start
+
+
+def kill_after(args: list[str], seconds: float) -> None:
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def model_and_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model = tiny_llama()
+    base = tmp_path / "base"
+    model.save_pretrained(base, safe_serialization=True, max_shard_size="200KB")
+    adapters = []
+    for seed in (1, 2):
+        adapter = make_adapter(tiny_llama(), seed=seed)
+        adapters.append(save_adapter(tmp_path / f"adapter{seed}", adapter))
+    return base, adapters[0], adapters[1]
+
+
+@pytest.mark.parametrize("command", ["merge", "onnx"])
+def test_sigkill_never_leaves_a_broken_destination(command: str, model_and_adapters, tmp_path: Path) -> None:
+    base, old_adapter, new_adapter = model_and_adapters
+    out = tmp_path / "out"
+
+    def args(adapter: Path) -> list[str]:
+        if command == "merge":
+            return ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--force"]
+        return ["onnx", "--base", str(base), "--adapter", str(adapter), "--mode", "compact", "--out", str(out),
+                "--force"]
+
+    full_time = run_to_completion(args(new_adapter))
+    new_digest = folder_digest(out)
+    run_to_completion(args(old_adapter))
+    old_digest = folder_digest(out)
+    assert old_digest != new_digest
+
+    outcomes = []
+    for fraction in KILL_FRACTIONS:
+        kill_after(args(new_adapter), full_time * fraction)
+        digest = folder_digest(out)
+        assert digest in (old_digest, new_digest), f"killed at {fraction:.0%}: destination is a mix"
+        outcomes.append("new" if digest == new_digest else "old")
+        if digest == new_digest:  # it finished: restore the old one for the next kill point
+            run_to_completion(args(old_adapter))
+    assert "old" in outcomes, f"no kill landed before the end of the run: {outcomes}"
+
+    run_to_completion(args(new_adapter))
+    assert folder_digest(out) == new_digest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-") or p.name.startswith(".out.old-")]
