@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 #: name -> (script, extra args in quick mode, extra args in full mode, markdown it writes, json it writes)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "forward": ("bench_forward.py", ["--quick"], [], "FORWARD.md", "forward.json"),
-    "train": ("bench_train.py", ["--quick"], [], "TRAIN.md", "train.json"),
+    "train": ("bench_train.py", ["--steps", "3", "--warmup", "1", "--rounds", "2", "--threads", "1"], [], "TRAIN.md",
+              "train.json"),
     "merge": ("bench_merge.py", ["--quick"], [], "MERGE.md", "merge.json"),
     "onnx": ("bench_onnx.py", ["--quick"], [], "ONNX.md", "onnx.json"),
 }

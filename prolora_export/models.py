@@ -131,7 +131,7 @@ def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_rem
         cls = model_class_for(config, task)
         model = cls.from_pretrained(
             source,
-            torch_dtype=dtype or torch.float32,
+            dtype=dtype or torch.float32,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_adapter, tiny_llama
 
 from prolora_export.formats.prolora import save_adapter
-
-from conftest import make_adapter, tiny_llama
 
 CLI = [sys.executable, "-m", "prolora_export"]
 KILL_FRACTIONS = (0.15, 0.4, 0.65, 0.9)

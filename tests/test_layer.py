@@ -68,33 +68,28 @@ def _bert():
     return BertModel(cfg), ["query", "key", "value", "dense"]
 
 
-def _qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _llama_family(config_name: str, model_name: str, **extra):
+    """A tiny model of a Llama-shaped family (Qwen2, Mistral) with the seven projection types."""
+    import transformers
 
-    cfg = Qwen2Config(
+    cfg = getattr(transformers, config_name)(
         hidden_size=48,
         intermediate_size=70,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=64,
+        **extra,
     )
-    return Qwen2ForCausalLM(cfg), LLAMA_TARGETS
+    return getattr(transformers, model_name)(cfg), LLAMA_TARGETS
+
+
+def _qwen2():
+    return _llama_family("Qwen2Config", "Qwen2ForCausalLM")
 
 
 def _mistral():
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(
-        hidden_size=48,
-        intermediate_size=70,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        head_dim=12,
-    )
-    return MistralForCausalLM(cfg), LLAMA_TARGETS
+    return _llama_family("MistralConfig", "MistralForCausalLM", head_dim=12)
 
 
 @pytest.mark.parametrize("build", [_gpt2, _bert, _qwen2, _mistral], ids=["gpt2", "bert", "qwen2", "mistral"])

@@ -242,7 +242,7 @@ def test_cli(tmp_path: Path) -> None:
     torch.testing.assert_close(all_tensors(tmp_path / "o"), all_tensors(single.out), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.slow
+@pytest.mark.demo
 def test_demo_model_greedy_tokens(tmp_path: Path, demo_model: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -186,8 +186,9 @@ def test_cli_onnx_refuses_existing_output(tiny, exported):
     assert result.exit_code == 2 and "--force" in result.output
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["merged", "compact"])
+# The compact path is the one end-to-end run on the real demo model that CI always does.
+@pytest.mark.demo
+@pytest.mark.parametrize("mode", [pytest.param("merged", marks=pytest.mark.slow), "compact"])
 def test_demo_model_greedy_text_matches_pytorch(demo_model, tmp_path, mode):
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer

@@ -35,7 +35,7 @@ def folder_mib(path: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "demo")
-    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--max-steps", type=int, default=30)
     args = parser.parse_args()
     work: Path = args.workdir
     adapter, merged = work / "adapter", work / "merged"
@@ -56,6 +56,10 @@ def main() -> None:
             str(data / "eval.jsonl"),
             "--max-steps",
             str(args.max_steps),
+            "--lr",
+            "1e-3",
+            "--max-length",
+            "96",
             "--out",
             str(adapter),
             "--force",
@@ -102,14 +106,16 @@ def main() -> None:
         f"train    {len(losses)} logged steps, loss {losses[0]:.3f} → {losses[-1]:.3f}"
         + (f", eval loss {evals[0]:.3f} → {evals[-1]:.3f}" if len(evals) > 1 else "")
     )
-    print(f"adapter  {folder_mib(adapter):.2f} MiB   merged model {folder_mib(merged):.0f} MiB")
+    print(f"adapter  {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.2f} MiB weights   merged model {folder_mib(merged):.0f} MiB")
     for mode in onnx_dirs:
         r = reports[mode]
         m = r["metrics"]
+        diverged = [p["first_divergence"] for p in r["prompts"] if p["first_divergence"] is not None]
+        greedy = "identical" if not diverged else f"diverges at step {min(diverged)}"
         print(
             f"onnx {mode:<8} {folder_mib(onnx_dirs[mode]):.0f} MiB  parity {'PASS' if r['passed'] else 'FAIL'}: "
-            f"rel err {m['rel_error']:.2e}, top-1 {m['top1_agreement']:.4f}, max KL {m['max_kl']:.2e}, "
-            f"greedy {'identical' if m['first_divergent_step'] is None else 'diverges at ' + str(m['first_divergent_step'])}"
+            f"rel err {m['rel']:.2e}, top-1 {m['top1']:.4f}, max KL {m['max_kl']:.2e}, "
+            f"greedy ({r['max_new_tokens']} tokens × {len(r['prompts'])} prompts) {greedy}"
         )
     print("time     " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     if not all(r["passed"] for r in reports.values()):
