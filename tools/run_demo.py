@@ -106,7 +106,8 @@ def main() -> None:
         f"train    {len(losses)} logged steps, loss {losses[0]:.3f} → {losses[-1]:.3f}"
         + (f", eval loss {evals[0]:.3f} → {evals[-1]:.3f}" if len(evals) > 1 else "")
     )
-    print(f"adapter  {(adapter / 'adapter_model.safetensors').stat().st_size / 2**20:.2f} MiB weights   merged model {folder_mib(merged):.0f} MiB")
+    weights_mib = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
+    print(f"adapter  {weights_mib:.2f} MiB weights   merged model {folder_mib(merged):.0f} MiB")
     for mode in onnx_dirs:
         r = reports[mode]
         m = r["metrics"]
