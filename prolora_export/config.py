@@ -162,6 +162,13 @@ class PRoLoRAConfig:
         return cls.from_dict(read_json(path), where=str(path))
 
 
+def parse_target_modules(value: str) -> list[str] | str:
+    """A comma list of layer names (``q_proj,v_proj``) or, if it has regex characters, a regex."""
+    if any(c in value for c in "^$*+?()[]|\\"):
+        return value
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file, turning every way it can fail into a one-line :class:`PRoLoRAError`."""
     try:

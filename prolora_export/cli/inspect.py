@@ -24,7 +24,7 @@ from ..errors import PRoLoRAError
     "--target-modules",
     default="q_proj,k_proj,v_proj,o_proj",
     show_default=True,
-    help="Comma-separated layer names (planning only).",
+    help="Comma list of layer names, or a regex matching whole module paths (planning only).",
 )
 @click.option(
     "--dtype",
@@ -47,20 +47,19 @@ def command(
       prolora-export inspect --base smollm2-135m --r 8 --unshared-r 1 \\
         --target-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     """
-    from ..config import PRoLoRAConfig
+    from ..config import PRoLoRAConfig, parse_target_modules
     from ..inspect import inspect_adapter, inspect_model
 
     if adapter is not None:
         report = inspect_adapter(adapter, base)
     elif base is not None:
-        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
         config = PRoLoRAConfig(
             r=r,
             unshared_r=unshared_r,
             sharing_rate_a=sharing_rate_a,
             sharing_rate_b=sharing_rate_b,
             rotate=not no_rotate,
-            target_modules=targets,
+            target_modules=parse_target_modules(target_modules),
         )
         report = inspect_model(base, config, dtype)
     else:

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import click
 
+from ..config import parse_target_modules
 from ..train import DEFAULT_TARGETS, DTYPES
-
-
-def parse_targets(value: str) -> list[str] | str:
-    """A comma list of layer names (``q_proj,v_proj``) or, if it has regex characters, a regex."""
-    if any(c in value for c in "^$*+?()[]|\\"):
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 @click.command("train")
@@ -76,7 +70,7 @@ def command(target_modules: str, no_progress: bool, **options) -> None:
         options.pop("base"),
         options.pop("data"),
         options.pop("out"),
-        target_modules=parse_targets(target_modules),
+        target_modules=parse_target_modules(target_modules),
         progress=not no_progress,
         **options,
     )
