@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,3 +92,39 @@ def test_sigkill_never_leaves_a_broken_destination(command: str, model_and_adapt
     run_to_completion(args(new_adapter))
     assert folder_digest(out) == new_digest
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-") or p.name.startswith(".out.old-")]
+
+
+def test_sigkill_during_training_then_resume_finishes(tmp_path: Path) -> None:
+    """A killed `train` leaves nothing or its last complete save; `--resume` then finishes the run."""
+    import json
+
+    from test_data import tiny_tokenizer, write_jsonl
+    from test_train import addition_rows
+
+    from prolora_export.formats.prolora import load_adapter
+    from prolora_export.train import STATE_DIR
+
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(base)
+    data = write_jsonl(tmp_path / "train.jsonl", addition_rows(32, 0))
+    out = tmp_path / "adapter"
+    steps = 12
+    args = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+            "--save-every", "2", "--batch-size", "2", "--max-length", "32", "--r", "4", "--no-progress"]
+
+    full_time = run_to_completion(args)
+    saved_steps = []
+    for fraction in KILL_FRACTIONS:
+        shutil.rmtree(out, ignore_errors=True)
+        kill_after(args, full_time * fraction)
+        if not out.exists():  # killed before the first save: nothing at the destination
+            saved_steps.append(0)
+            continue
+        load_adapter(out)  # a complete save: it validates and loads
+        state = json.loads((out / STATE_DIR / "state.json").read_text())
+        assert state["step"] % 2 == 0 and 0 < state["step"] <= steps
+        saved_steps.append(state["step"])
+        run_to_completion([*args, "--resume"])
+        assert json.loads((out / STATE_DIR / "state.json").read_text())["step"] == steps
+    assert any(0 < s < steps for s in saved_steps), f"no kill landed between two saves: {saved_steps}"
