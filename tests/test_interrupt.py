@@ -42,9 +42,13 @@ def run_to_completion(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def kill_after(args: list[str], seconds: float) -> None:
+def kill_after(args: list[str], seconds: float, wait_for: Path | None = None) -> None:
+    """SIGKILL the command ``seconds`` after it starts, or after ``wait_for`` appears (60 s at most)."""
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 60
+    while wait_for is not None and not wait_for.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(seconds)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -109,22 +113,27 @@ def test_sigkill_during_training_then_resume_finishes(tmp_path: Path) -> None:
     tiny_tokenizer().save_pretrained(base)
     data = write_jsonl(tmp_path / "train.jsonl", addition_rows(32, 0))
     out = tmp_path / "adapter"
-    steps = 12
+    steps = 40
     args = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--max-steps", str(steps),
             "--save-every", "2", "--batch-size", "2", "--max-length", "32", "--r", "4", "--no-progress"]
+    state_file = out / STATE_DIR / "state.json"
 
-    full_time = run_to_completion(args)
+    # Kill points tied to progress, not to wall time (start-up dominates a tiny run): before
+    # anything was saved, and at several delays after the first save appeared.
     saved_steps = []
-    for fraction in KILL_FRACTIONS:
+    for extra_delay in (None, 0.0, 0.3, 0.8):
         shutil.rmtree(out, ignore_errors=True)
-        kill_after(args, full_time * fraction)
+        if extra_delay is None:
+            kill_after(args, 0.5)
+        else:
+            kill_after(args, extra_delay, wait_for=state_file)
         if not out.exists():  # killed before the first save: nothing at the destination
             saved_steps.append(0)
             continue
         load_adapter(out)  # a complete save: it validates and loads
-        state = json.loads((out / STATE_DIR / "state.json").read_text())
+        state = json.loads(state_file.read_text())
         assert state["step"] % 2 == 0 and 0 < state["step"] <= steps
         saved_steps.append(state["step"])
         run_to_completion([*args, "--resume"])
-        assert json.loads((out / STATE_DIR / "state.json").read_text())["step"] == steps
-    assert any(0 < s < steps for s in saved_steps), f"no kill landed between two saves: {saved_steps}"
+        assert json.loads(state_file.read_text())["step"] == steps
+    assert saved_steps[0] == 0 and any(0 < s < steps for s in saved_steps), saved_steps
