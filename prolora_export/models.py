@@ -141,14 +141,18 @@ def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_rem
     return model.eval()
 
 
-def copy_model_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy everything of a model folder except its weights (config, tokenizer, chat template …)."""
+def copy_model_side_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
+    """Copy everything of a model folder except its weights (config, tokenizer, chat template …).
+
+    ``overwrite=False`` keeps files already in ``dst`` (e.g. the config an exporter wrote).
+    """
     copied = []
     for item in src.iterdir():
         if (
             item.is_file()
             and item.suffix not in (".safetensors", ".bin", ".pt", ".pth")
-            and item.name != "model.safetensors.index.json"
+            and not item.name.endswith(".index.json")
+            and (overwrite or not (dst / item.name).exists())
         ):
             shutil.copy2(item, dst / item.name)
             copied.append(item.name)

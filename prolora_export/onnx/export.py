@@ -35,7 +35,6 @@ adapter path keeps fp32 parity. Without a CUDA device this is refused up front.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from ..errors import PRoLoRAError
 from ..formats.prolora import Adapter, load_adapter
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
 from ..layer import TENSOR_NAMES, PRoLoRALinear
-from ..models import load_base_model, model_class_for, resolve_model
+from ..models import copy_model_side_files, load_base_model, model_class_for, resolve_model
 from ..outputs import atomic_output_dir, check_destination
 from ..shards import compact_forward
 from . import op
@@ -325,18 +324,7 @@ def export_onnx(
         if spec is not None:
             for path in sorted(tmp.glob("*.onnx")):
                 finish_compact(path, spec(), loaded, default_adapter == "zero")
-        _copy_side_files(Path(source), tmp)
+        if Path(source).is_dir():  # tokenizer, chat template …; never overwrite what optimum wrote
+            copy_model_side_files(Path(source), tmp, overwrite=False)
         files = sorted(p.name for p in tmp.iterdir())
     return ExportReport(mode, out, full_task, opset, adapted, time.perf_counter() - started, files)
-
-
-def _copy_side_files(source: Path, dest: Path) -> None:
-    """Tokenizer, chat template … of the base model; never overwrite what optimum wrote."""
-    if not source.is_dir():
-        return
-    for item in source.iterdir():
-        if item.is_file() and item.suffix not in (".safetensors", ".bin", ".pt", ".pth") and not item.name.endswith(
-            ".index.json"
-        ) and not (dest / item.name).exists():
-            shutil.copy2(item, dest / item.name)
-
