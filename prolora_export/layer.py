@@ -15,9 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import PRoLoRAConfig
 from .errors import PRoLoRAError
-from .shards import ShardGeometry, compact_forward, delta_weight
+from .shards import TENSOR_NAMES, ShardGeometry, compact_forward, delta_weight
 
-TENSOR_NAMES = ("prolora_A_shard", "prolora_B_shard", "prolora_A_unshared", "prolora_B_unshared")
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
 

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
+#: The four trainable tensors of one layer, in the order every function here takes them
+#: (A₀, B₀, A_u, B_u); also the suffixes of their keys in ``adapter_model.safetensors``.
+TENSOR_NAMES = ("prolora_A_shard", "prolora_B_shard", "prolora_A_unshared", "prolora_B_unshared")
+
 
 def chunk_width(features: int, sharing_rate: int) -> int:
     """Width of one chunk when ``features`` are cut into ``sharing_rate`` chunks (last one truncated)."""

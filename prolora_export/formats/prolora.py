@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..config import CONFIG_NAME, WEIGHTS_NAME, PRoLoRAConfig
 from ..errors import PRoLoRAError, raise_if
 from ..outputs import atomic_output_dir
+from ..shards import TENSOR_NAMES, delta_weight
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -29,14 +30,10 @@ class Adapter:
 
     def module_tensors(self, path: str) -> tuple[torch.Tensor | None, ...]:
         """(A₀, B₀, A_u, B_u) of one module, None where a pair is absent: the order of :mod:`shards`."""
-        from ..layer import TENSOR_NAMES
-
         return tuple(self.tensors.get(f"{path}.{name}") for name in TENSOR_NAMES)
 
     def delta_weight(self, path: str) -> torch.Tensor:
         """ΔW (d_out × d_in, fp32) of one module."""
-        from ..shards import delta_weight
-
         return delta_weight(self.config.module_geometry(path), self.config.scaling, *self.module_tensors(path))
 
     @property

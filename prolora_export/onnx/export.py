@@ -47,10 +47,10 @@ from torch import nn
 from ..errors import PRoLoRAError
 from ..formats.prolora import Adapter, load_adapter
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
-from ..layer import TENSOR_NAMES, PRoLoRALinear
+from ..layer import PRoLoRALinear
 from ..models import copy_model_side_files, load_base_model, model_class_for, resolve_model
 from ..outputs import atomic_output_dir, check_destination
-from ..shards import compact_forward
+from ..shards import TENSOR_NAMES, compact_forward
 from . import op
 
 MODES = ("merged", "compact")
