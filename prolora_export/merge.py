@@ -1,20 +1,23 @@
 """Merge PRoLoRA adapters into a base model's weights, one safetensors shard at a time.
 
-``W' = W + Σ_k w_k·ΔW_k`` with ``ΔW_k = γ_k·B_k·A_k`` (SPEC §1), computed in fp32 through
-:mod:`prolora_export.shards` and cast back once. The model is never loaded: each shard is
-read memory-mapped tensor by tensor, each tensor is merged/cast and streamed into the output
-shard, so peak memory is about two tensors plus the adapters, whatever the model or shard size.
-Everything that can be checked (module paths, shapes, dtypes, tied weights, destination,
-disk space) is checked before the first byte is written, and every problem is reported at once.
+``W' = W + Σ_k w_k·ΔW_k`` with ``ΔW_k = γ_k·B_k·A_k`` (SPEC §1), computed in fp32 from the full
+factors that :mod:`prolora_export.shards` reconstructs, and cast back once. The model is never
+loaded, nor is any tensor held whole: untouched tensors are copied file to file by the kernel,
+adapted ones are read, merged and written in cache-sized row blocks. Peak memory is the adapters
+plus a few MiB, whatever the model, shard or tensor size, and the time is close to that of
+copying the files. Everything that can be checked (module paths, shapes, dtypes, tied weights,
+destination, disk space) is checked before the first byte is written, and every problem is
+reported at once.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,25 +253,150 @@ def _output_size(plan: _Plan, target: torch.dtype | None) -> int:
     return total
 
 
-def _merged_tensor(
-    plan: _Plan, key: str, tensor: torch.Tensor, loaded: list[tuple[str, Adapter, float]], dtype: torch.dtype | None
-) -> tuple[torch.Tensor, float]:
-    """One output tensor and its cast error: W + Σ w_k·ΔW_k accumulated in place in fp32 (fp64 for fp64
-    weights) and cast once, or just the cast for a tensor no adapter touches."""
-    if key not in plan.targets:
-        return (tensor if dtype is None else tensor.to(dtype)), 0.0
+#: elements per row block of a merged tensor: the source block, its fp32 copy and the cast output
+#: (a few MiB together) stay in a core's cache, so each byte crosses main memory about once each way
+BLOCK_ELEMENTS = 1 << 18
+#: bytes per write (and per plain copy or cast chunk): small writes cost several times more per byte
+STAGE_BYTES = 16 << 20
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _update_factors(
+    plan: _Plan, key: str, loaded: list[tuple[str, Adapter, float]], exact_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R) with ``W += L @ R`` equal to ``W + Σ_k w_k·γ_k·B_k·A_k`` in W's storage orientation.
+
+    Several adapters become one matmul of rank Σ r_k (their factors side by side). Conv1D weights
+    are stored (d_in, d_out), so there ``L = Aᵀ`` and ``R = Bᵀ``.
+    """
     path = key[: -len(".weight")]
-    exact_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    exact = tensor.to(exact_dtype, copy=True)
+    lefts, rights = [], []
     for _, adapter, weight in loaded:
         if path in adapter.config.modules:
-            delta = adapter.delta_weight(path)  # fp32 (d_out × d_in); Conv1D stores (d_in × d_out)
-            exact.add_(delta.t() if plan.targets[key] else delta, alpha=weight)
-    out = exact.to(dtype)
-    if dtype == exact_dtype:
-        return out, 0.0
-    # in place, same-dtype ops (mixed-dtype ones are several times slower on CPU): weights can be 100s of MB
-    return out, float(exact.sub_(out.to(exact_dtype)).abs_().max())
+            b, a = adapter.factors(path, exact_dtype)
+            lefts.append(b * (adapter.config.scaling * weight))
+            rights.append(a)
+    left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+    if plan.targets[key]:
+        return right.t().contiguous(), left.t().contiguous()
+    return left, right
+
+
+def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Where the data section starts and each tensor's [begin, end) in it (header already checked by
+    :func:`_read_layout` through safetensors)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_into(fd: int, buffer: torch.Tensor, offset: int, path: Path) -> torch.Tensor:
+    """Fill ``buffer`` from ``fd`` at ``offset`` (a plain read from the page cache: no page faults)."""
+    view = _raw(buffer)
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise PRoLoRAError("the shard is shorter than its header says (truncated?)", str(path))
+        done += count
+    return buffer
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous tensor, without a copy (numpy has no bf16, hence the uint8 view)."""
+    return memoryview(tensor.view(torch.uint8).numpy())
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``: in the kernel (copy_file_range,
+    no user-space pass) where the file systems allow it, else through a buffer."""
+    end = offset + count
+    try:
+        while offset < end:
+            copied = os.copy_file_range(src, dst, end - offset, offset)
+            if copied == 0:
+                raise PRoLoRAError("the shard is shorter than its header says (truncated?)", str(path))
+            offset += copied
+        return
+    except (AttributeError, OSError) as err:  # no copy_file_range here, or not across these file systems
+        if isinstance(err, OSError) and err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    buffer = torch.empty(min(STAGE_BYTES, end - offset), dtype=torch.uint8)
+    while offset < end:
+        chunk = buffer[: min(STAGE_BYTES, end - offset)]
+        _write_all(dst, _raw(_read_into(src, chunk, offset, path)))
+        offset += chunk.numel()
+
+
+def _cast_range(src: int, dst: int, offset: int, numel: int, dtypes: tuple[torch.dtype, torch.dtype], path: Path):
+    """Append ``numel`` elements read at ``offset`` as ``dtypes[0]``, written as ``dtypes[1]``, chunk by chunk."""
+    source = torch.empty(min(STAGE_BYTES // dtypes[0].itemsize, numel), dtype=dtypes[0])
+    out = torch.empty_like(source, dtype=dtypes[1])
+    for start in range(0, numel, source.numel()):
+        count = min(source.numel(), numel - start)
+        block = _read_into(src, source[:count], offset + start * dtypes[0].itemsize, path)
+        _write_all(dst, _raw(out[:count].copy_(block)))
+
+
+def _merge_weight(
+    src: int,
+    dst: int,
+    offset: int,
+    shape: tuple[int, int],
+    dtypes: tuple[torch.dtype, torch.dtype],
+    factors: tuple[torch.Tensor, torch.Tensor],
+    path: Path,
+) -> float:
+    """Append ``cast(W + L @ R)``; return the largest rounding error of the cast.
+
+    Computed in row blocks that fit in cache, in the factors' dtype (fp32, or fp64 for fp64 weights),
+    with in-place same-dtype ops only (mixed-dtype ones are several times slower on CPU); results are
+    gathered into ``STAGE_BYTES`` writes (small writes cost several times more per byte).
+    """
+    rows, cols = shape
+    (source_dtype, out_dtype), (left, right) = dtypes, factors
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    per_write = max(step, STAGE_BYTES // max(cols * out_dtype.itemsize, 1) // step * step)
+    staged = torch.empty(min(per_write, rows), cols, dtype=out_dtype)
+    source = torch.empty(min(step, rows), cols, dtype=source_dtype)
+    exact = cast_back = None
+    if out_dtype != left.dtype:
+        exact, cast_back = torch.empty_like(source, dtype=left.dtype), torch.empty_like(source, dtype=left.dtype)
+    error = 0.0
+    for first in range(0, rows, per_write):
+        last = min(first + per_write, rows)
+        for row in range(first, last, step):
+            count = min(step, last - row)
+            block = _read_into(src, source[:count], offset + row * cols * source_dtype.itemsize, path)
+            out = staged[row - first : row - first + count]
+            if exact is None:  # the output dtype is the exact one: merge right in the staging buffer
+                out.copy_(block).addmm_(left[row : row + count], right)
+                continue
+            merged = exact[:count].copy_(block).addmm_(left[row : row + count], right)
+            out.copy_(merged)
+            error = max(error, float(merged.sub_(cast_back[:count].copy_(out)).abs_().max()))
+        _write_all(dst, _raw(staged[: last - first]))
+    return error
+
+
+def _header(layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """A safetensors header (8-byte length + JSON) for tensors stored back to back in ``layout`` order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key, (dtype, shape) in layout.items():
+        size = ITEMSIZE.get(dtype, 1) * math.prod(shape)
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # align the data section like safetensors does
+    return len(text).to_bytes(8, "little") + text
 
 
 def _merge_shard(
@@ -279,86 +407,44 @@ def _merge_shard(
     dest: Path,
     bar,
 ) -> tuple[int, float]:
-    """Merge and write one shard tensor by tensor; return (tensors merged, max rounding error).
+    """Write one output shard tensor by tensor; return (tensors merged, max rounding error).
 
-    At most two tensors are in memory (one being merged, one being written): the source is re-opened
-    (memory-mapped) per tensor so its pages are unmapped right after, and the output is streamed with
-    :class:`_SafetensorsWriter` instead of ``save_file``, which needs the whole shard in memory.
+    Nothing is memory-mapped or held whole: untouched tensors are copied file to file by the
+    kernel, cast and merged ones pass through a few MiB of row blocks. Memory stays at the
+    adapters plus those blocks, whatever the tensor, shard or model size.
     """
+    source_path = plan.base / name
     keys = sorted(k for k, info in plan.tensors.items() if info.shard == name)
-    layout = {
-        k: (_ST_NAMES.get(_out_dtype(plan.tensors[k], target), plan.tensors[k].dtype), plan.tensors[k].shape)
-        for k in keys
-    }
+    out_dtypes = {k: _out_dtype(plan.tensors[k], target) for k in keys}
+    layout = {k: (_ST_NAMES.get(out_dtypes[k], plan.tensors[k].dtype), plan.tensors[k].shape) for k in keys}
+    data_start, offsets = _data_offsets(source_path)
     merged, max_err = 0, 0.0
-    with _SafetensorsWriter(dest / name, layout, metadata={"format": "pt"}) as writer:
-        for key in keys:
-            with safe_open(str(plan.base / name), framework="pt") as handle:
-                tensor = handle.get_tensor(key)
-            out, error = _merged_tensor(plan, key, tensor, loaded, _out_dtype(plan.tensors[key], target))
-            del tensor
-            writer.write(key, out)
-            merged += key in plan.targets
-            max_err = max(max_err, error)
-            bar.update(1)
+    src = os.open(source_path, os.O_RDONLY)
+    try:
+        with open(dest / name, "wb", buffering=0) as out:
+            _write_all(out.fileno(), _header(layout, {"format": "pt"}))
+            for key in keys:
+                info, out_dtype = plan.tensors[key], out_dtypes[key]
+                source_dtype = SAFETENSORS_FLOATS.get(info.dtype)
+                begin, end = offsets[key]
+                if key in plan.targets:
+                    exact_dtype = torch.float64 if source_dtype == torch.float64 else torch.float32
+                    factors = _update_factors(plan, key, loaded, exact_dtype)
+                    shape = (info.shape[0], math.prod(info.shape[1:]))
+                    error = _merge_weight(
+                        src, out.fileno(), data_start + begin, shape, (source_dtype, out_dtype), factors, source_path
+                    )
+                    merged += 1
+                    max_err = max(max_err, error)
+                elif out_dtype is None or out_dtype == source_dtype:
+                    _copy_range(src, out.fileno(), data_start + begin, end - begin, source_path)
+                else:
+                    numel = math.prod(info.shape)
+                    _cast_range(src, out.fileno(), data_start + begin, numel, (source_dtype, out_dtype), source_path)
+                bar.update(1)
+    finally:
+        os.close(src)
     return merged, max_err
-
-
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-class _SafetensorsWriter:
-    """Writes a safetensors file tensor by tensor (the format: 8-byte header length, JSON header, raw data).
-
-    ``safetensors.save_file`` needs every tensor of the file in memory at once; this needs one.
-    The header is written first from the known dtypes/shapes, so tensors must come in ``layout`` order.
-    """
-
-    def __init__(self, path: Path, layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
-        header: dict[str, object] = {"__metadata__": metadata}
-        offset = 0
-        for key, (dtype, shape) in layout.items():
-            size = ITEMSIZE.get(dtype, 1) * math.prod(shape)
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # align the data section like safetensors does
-        self.path, self.header, self.order = path, header, list(layout)
-        self.file = open(path, "wb")  # closed in __exit__
-        self.file.write(len(text).to_bytes(8, "little") + text)
-        # the disk write of one tensor overlaps the merge of the next (file.write releases the GIL)
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        expected = self.order.pop(0)
-        entry = self.header[key]
-        if (
-            key != expected
-            or list(tensor.shape) != entry["shape"]
-            or _ST_NAMES.get(tensor.dtype, entry["dtype"]) != entry["dtype"]
-        ):
-            raise RuntimeError(f"internal error: tensor {key} does not match the header written for {expected}")
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._wait()  # at most one write in flight: memory stays bounded by two tensors
-        self.pending = self.pool.submit(self.file.write, memoryview(data))
-
-    def _wait(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def __enter__(self) -> _SafetensorsWriter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._wait()
-        finally:
-            self.pool.shutdown()
-            self.file.close()
-        if exc[0] is None and self.order:
-            raise RuntimeError(f"internal error: {len(self.order)} tensors of {self.path.name} were never written")
 
 
 def _write_config(base: Path, dest: Path, target: torch.dtype | None) -> None:

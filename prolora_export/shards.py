@@ -99,9 +99,7 @@ class ShardGeometry:
     @property
     def num_parameters(self) -> int:
         """``r_s·(c_A + c_B) + u·(d_in + d_out)``."""
-        return self.shared_r * (self.chunk_a + self.chunk_b) + self.unshared_r * (
-            self.in_features + self.out_features
-        )
+        return self.shared_r * (self.chunk_a + self.chunk_b) + self.unshared_r * (self.in_features + self.out_features)
 
     @property
     def lora_parameters(self) -> int:
@@ -112,9 +110,7 @@ class ShardGeometry:
 @lru_cache(maxsize=256)
 def _rotation_table(shared_r: int, chunks: int, stride: int, sign: int) -> tuple[tuple[int, ...], ...]:
     """``table[j][i] = (i + sign·j·stride) mod r_s``: which shard rank feeds rank i of chunk j."""
-    return tuple(
-        tuple((i + sign * j * stride) % shared_r for i in range(shared_r)) for j in range(chunks)
-    )
+    return tuple(tuple((i + sign * j * stride) % shared_r for i in range(shared_r)) for j in range(chunks))
 
 
 def rotation_index(shared_r: int, chunks: int, stride: int, sign: int = 1, device=None) -> Tensor:
@@ -159,10 +155,21 @@ def delta_weight(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """ΔW = γ·B·A (d_out × d_in), computed in ``dtype`` (fp32 by default, whatever the inputs)."""
-    cast = [None if t is None else t.to(dtype) for t in (a_shard, b_shard, a_unshared, b_unshared)]
-    a = reconstruct_a(g, cast[0], cast[2])
-    b = reconstruct_b(g, cast[1], cast[3])
+    b, a = full_factors(g, a_shard, b_shard, a_unshared, b_unshared, dtype)
     return (b @ a) * scaling
+
+
+def full_factors(
+    g: ShardGeometry,
+    a_shard: Tensor | None,
+    b_shard: Tensor | None,
+    a_unshared: Tensor | None,
+    b_unshared: Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """(B, A) reconstructed in ``dtype``: for callers that apply ΔW piecewise (a row block at a time)."""
+    cast = [None if t is None else t.to(dtype) for t in (a_shard, b_shard, a_unshared, b_unshared)]
+    return reconstruct_b(g, cast[1], cast[3]), reconstruct_a(g, cast[0], cast[2])
 
 
 def split_shards(g: ShardGeometry, a: Tensor, b: Tensor) -> dict[str, Tensor]:

@@ -141,6 +141,52 @@ def test_half_output_dtype_and_rounding_error(tmp_path: Path, dtype: str, torch_
     assert rel_err(logits(model).float(), logits(adapted)) < 0.05
 
 
+@pytest.mark.parametrize("dtype", ["auto", "fp32", "bf16"])
+def test_tiny_blocks_and_chunks_and_buffered_copy_give_the_same_weights(tmp_path: Path, monkeypatch, dtype) -> None:
+    """Row blocks, staged writes and copies cut at odd places (and the copy without copy_file_range,
+    as across file systems) must write exactly what whole-tensor arithmetic gives."""
+    import errno
+
+    import prolora_export.merge as merge_module
+
+    base = tiny_llama()
+    base_dir = save_base(base.to(torch.bfloat16), tmp_path / "base", shard="80KB")
+    adapter_dir, adapted = adapter_on(tiny_llama(), tmp_path, "ad", seed=5)
+    merge_adapters(base_dir, [(adapter_dir, 1.0)], tmp_path / "whole", dtype=dtype, progress=False)
+
+    def no_kernel_copy(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(merge_module, "BLOCK_ELEMENTS", 7 * 72 + 5)  # 7 rows of 72, 5 rows of 100: ragged ends
+    monkeypatch.setattr(merge_module, "STAGE_BYTES", 3 * 1000 + 8)
+    monkeypatch.setattr(merge_module.os, "copy_file_range", no_kernel_copy)
+    merge_adapters(base_dir, [(adapter_dir, 1.0)], tmp_path / "blocks", dtype=dtype, progress=False)
+
+    whole, blocks = all_tensors(tmp_path / "whole"), all_tensors(tmp_path / "blocks")
+    before, deltas = all_tensors(base_dir), probed_deltas(adapted)
+    assert whole.keys() == blocks.keys() == before.keys()
+    out_dtype = {"auto": torch.bfloat16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    one_ulp = 1e-6 if out_dtype == torch.float32 else 2**-7  # matmuls of other row counts round differently
+    for key in whole:
+        if key not in deltas:  # copied or cast: bit for bit
+            assert torch.equal(whole[key], blocks[key]), key
+            continue
+        torch.testing.assert_close(blocks[key], whole[key], rtol=one_ulp, atol=1e-7)
+        # and W + ΔW, with ΔW probed independently through the layer's forward
+        expected = (before[key].float() + deltas[key]).to(out_dtype)
+        torch.testing.assert_close(blocks[key], expected, rtol=one_ulp * 4, atol=1e-6)
+
+
+def test_truncated_base_shard_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    base_dir = save_base(tiny_llama(), tmp_path / "base", shard="80KB")
+    adapter_dir, _ = adapter_on(tiny_llama(), tmp_path, "ad", seed=6)
+    shard = sorted(base_dir.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(PRoLoRAError, match=shard.name):
+        merge_adapters(base_dir, [(adapter_dir, 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def bad_adapter(tmp_path: Path) -> Path:
     """An adapter with one unknown module and one misshapen module (random tensors of the right sizes)."""
     config = PRoLoRAConfig(

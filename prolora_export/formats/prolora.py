@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from ..config import CONFIG_NAME, WEIGHTS_NAME, PRoLoRAConfig
 from ..errors import PRoLoRAError, raise_if
 from ..outputs import atomic_output_dir
-from ..shards import TENSOR_NAMES, delta_weight
+from ..shards import TENSOR_NAMES, delta_weight, full_factors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -35,6 +35,10 @@ class Adapter:
     def delta_weight(self, path: str) -> torch.Tensor:
         """ΔW (d_out × d_in, fp32) of one module."""
         return delta_weight(self.config.module_geometry(path), self.config.scaling, *self.module_tensors(path))
+
+    def factors(self, path: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full (B, A) of one module, γ not applied."""
+        return full_factors(self.config.module_geometry(path), *self.module_tensors(path), dtype=dtype)
 
     @property
     def num_parameters(self) -> int:
