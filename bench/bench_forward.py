@@ -30,25 +30,20 @@ HP = dict(r=8, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2)
 NOTES = """## What the adapter costs, and what was changed to get here
 
 Per call, PEFT runs `lora_B(lora_A(x)) * γ`: two matmuls and one pass over the d_out-wide
-output. `shards.compact_forward` runs one matmul with A₀ on x viewed as (N·m, c_A), one
-matmul with a constant 0/1 matrix (m·r_s × n·r_s) that performs both rotation gathers and
-the chunk sum, one matmul with B₀, and for u > 0 a rank-u matmul with A_u plus one `addmm`
-that adds γ·t·B_uᵀ and applies γ to the shared part in the same pass over the output.
+output. `shards.compact_forward` runs three matmuls: x viewed as (N·m, c_A) times the stacked
+A (A₀ with A_u's rows cut into chunks below it), the rank-sized result times a constant routing
+matrix (both rotation gathers, the chunk sums and γ at once), and that times the stacked B.
+x and the output gradient are each read once, as in LoRA. Stacking costs two small
+(adapter-sized) concatenations per call; under no_grad the layer caches the stacks, keyed on
+the shards' version counters, so decoding does not pay them.
 
-The first version (gather by advanced indexing, index tensors rebuilt each call, γ applied
-to the d_out-wide output, shared and unshared outputs added separately) measured 1.04–2.99×
-PEFT's forward time in a first `--quick` run of this script; profiling showed the extra
-full-width passes (`mul`, `add`) and, in backward, the scatter-add of the index gathers.
-The remaining forward gap at decode (1×1) is per-op dispatch: about 5 kernels against
-PEFT's 3, each a few µs. The remaining backward gap comes from u > 0: the unshared pair is a
-second, rank-u LoRA, so backward reads x and the output gradient once more (for A_u and B_u
-grads) and `addmm`'s beta = γ costs one full-width multiply of the gradient. Closing it would
-need A₀ and A_u in one matmul (x read once), which means materialising per-chunk weight
-stacks of A's size, against SPEC §1's "no full A or B is ever built"; left as a decision
-for the lead.
+History, same script: the first version (index gathers, γ on the output) measured 1.04–2.99×;
+the second (A₀ and A_u as separate paths, five kernels) 1.00–1.03× batch forward, 1.07–1.20×
+decode forward and 1.07–1.15× batch forward+backward. Forward+backward of a single token (not a
+training workload: training batches tokens) stays slower, because at that size the autograd
+nodes of the stacking cost more than the matmuls.
 
-Caveat: measured on a shared 2-core machine with other jobs running (load average 6–8); pair
-ratios are the robust number, absolute µs are not."""
+Caveat: a shared 2-core machine; pair ratios are the robust number, absolute µs are not."""
 
 
 class _Holder(nn.Module):

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import PRoLoRAConfig
 from .errors import PRoLoRAError
-from .shards import TENSOR_NAMES, ShardGeometry, compact_forward, delta_weight
+from .shards import TENSOR_NAMES, ShardGeometry, compact_forward, delta_weight, stacked_shards
 
 SUPPORTED_LAYERS = (nn.Linear, Conv1D)
 
@@ -40,6 +40,9 @@ class PRoLoRALinear(nn.Module):
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.merged = False
+        #: inference cache of the stacked shards and the (pointer, version, dtype) it was made from
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stacks_key: tuple | None = None
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         for name, shape in self.geometry.tensor_shapes().items():
@@ -63,14 +66,27 @@ class PRoLoRALinear(nn.Module):
     def _factors(self) -> tuple[torch.Tensor | None, ...]:
         return tuple(getattr(self, name, None) for name in TENSOR_NAMES)
 
+    def _inference_stacks(self, factors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stacked shards (:func:`shards.stacked_shards`) kept while no gradient is taken and the
+        shards are unchanged, so decoding skips re-stacking them every token; None when training
+        (then autograd must see the stacking) or when there is nothing to stack."""
+        if self.geometry.shared_r == 0 or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in factors if t is not None)
+        ):
+            return None
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in factors if t is not None)
+        if self._stacks_key != key:
+            self._stacks = stacked_shards(self.geometry, *factors)
+            self._stacks_key = key
+        return self._stacks
+
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's contribution for (already dropped-out) input x; the ONNX exporter swaps this."""
-        a_shard, b_shard, a_unshared, b_unshared = self._factors()
-        adapter_dtype = (a_shard if a_shard is not None else a_unshared).dtype
-        out = compact_forward(
-            self.geometry, self.scaling, x.to(adapter_dtype), a_shard, b_shard, a_unshared, b_unshared
-        )
-        return out.to(x.dtype)
+        factors = self._factors()
+        adapter_dtype = (factors[0] if factors[0] is not None else factors[2]).dtype
+        xa = x if x.dtype == adapter_dtype else x.to(adapter_dtype)
+        out = compact_forward(self.geometry, self.scaling, xa, *factors, stacks=self._inference_stacks(factors))
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

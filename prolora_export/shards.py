@@ -219,25 +219,56 @@ def rotation_mismatch(g: ShardGeometry, a: Tensor, b: Tensor, atol: float = 0.0)
 
 
 @lru_cache(maxsize=256)
-def _spread_matrix(
-    shared_r: int, m: int, n: int, stride_a: int, stride_b: int, dtype: torch.dtype, device: str
+def route_matrix(
+    shared_r: int,
+    unshared_r: int,
+    m: int,
+    n: int,
+    stride_a: int,
+    stride_b: int,
+    scaling: float,
+    dtype: torch.dtype,
+    device: str,
 ) -> Tensor:
-    """Both gathers of the compact forward as ONE constant 0/1 matrix M (m·r_s, n·r_s).
+    """Every gather of the compact forward as ONE constant matrix, γ included: (m·R_A, n·R_B).
 
-    ``z @ M`` first sums chunk j's entry ``(i + j·s_A) mod r_s`` into rank i (h = x·A_shᵀ),
-    then puts ``h[(i − j·s_B) mod r_s]`` at position ``j·r_s + i`` for each chunk j of B.
-    Every row of M has exactly one 1 per B chunk: no rounding beyond the chunk sum itself;
-    it costs N·m·n·r_s² flops (nothing next to the d_in-wide matmul) and its backward is a
-    matmul too, unlike a gather's scatter-add. Cached: built once per geometry and device.
+    Input row layout (per token): for each A chunk j, the R_A = r_s + m·u outputs of the stacked
+    A (:func:`stacked_shards`) on x's chunk j: r_s shard ranks, then A_u's rows cut into chunks.
+    Output layout: for each B chunk k, the R_B = r_s + n·u inputs of the stacked B for that chunk.
+    Shared ranks: chunk j's entry p is rank ``i = (p − j·s_A) mod r_s`` of h = x·A_shᵀ, which B
+    chunk k reads at position ``(i + k·s_B) mod r_s``. Unshared rank v: only chunk j's piece of
+    row v counts (summed over j into t_v = x·A_uᵀ), and B chunk k reads t_v in its own slot
+    ``r_s + k·u + v`` (the other chunks' slots stay 0). Every input row has exactly one γ per B chunk.
+    Cached: built once per geometry, γ and device.
     """
-    table_a = rotation_index(shared_r, m, stride_a, 1).flatten()
-    table_b = rotation_index(shared_r, n, stride_b, -1).flatten()
-    pos_a, pos_b = torch.arange(m * shared_r), torch.arange(n * shared_r)
-    gather_sum = torch.zeros(m * shared_r, shared_r, dtype=torch.float64)
-    gather_sum[table_a + shared_r * (pos_a // shared_r), pos_a % shared_r] = 1
-    spread = torch.zeros(shared_r, n * shared_r, dtype=torch.float64)
-    spread[table_b, pos_b] = 1
-    return (gather_sum @ spread).to(dtype=dtype, device=device)
+    rows_a, rows_b = shared_r + m * unshared_r, shared_r + n * unshared_r
+    route = torch.zeros(m * rows_a, n * rows_b, dtype=torch.float64)
+    for j in range(m):
+        for k in range(n):
+            for p in range(shared_r):
+                route[j * rows_a + p, k * rows_b + (p - j * stride_a + k * stride_b) % shared_r] = scaling
+            for v in range(unshared_r):
+                route[j * rows_a + shared_r + v * m + j, k * rows_b + shared_r + k * unshared_r + v] = scaling
+    return route.to(dtype=dtype, device=device)
+
+
+def stacked_shards(
+    g: ShardGeometry, a_shard: Tensor, b_shard: Tensor, a_unshared: Tensor | None, b_unshared: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(A₀ with A_u's rows cut into m chunks below it, B₀ with B_u's rows cut into n chunks beside it).
+
+    Shapes (r_s + m·u, c_A) and (c_B, r_s + n·u): the adapter's own size, not A's or B's. They let
+    the shared and unshared paths run as ONE matmul each side (x and the output gradient read
+    once), with :func:`route_matrix` selecting what each chunk needs. For u = 0: (A₀, B₀) as is.
+    """
+    if g.unshared_r == 0:
+        return a_shard, b_shard
+    u, m, n = g.unshared_r, g.sharing_rate_a, g.sharing_rate_b
+    pad_a, pad_b = m * g.chunk_a - g.in_features, n * g.chunk_b - g.out_features
+    a_u = F.pad(a_unshared, (0, pad_a)) if pad_a else a_unshared
+    b_u = F.pad(b_unshared, (0, 0, 0, pad_b)) if pad_b else b_unshared
+    b_u = b_u.reshape(n, g.chunk_b, u).transpose(0, 1).reshape(g.chunk_b, n * u)
+    return torch.cat([a_shard, a_u.reshape(u * m, g.chunk_a)]), torch.cat([b_shard, b_u], dim=1)
 
 
 def compact_forward(
@@ -248,37 +279,30 @@ def compact_forward(
     b_shard: Tensor | None,
     a_unshared: Tensor | None,
     b_unshared: Tensor | None,
+    stacks: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """The adapter's output ``γ·(x Aᵀ) Bᵀ`` (…, d_out) without ever building A or B.
 
-    Shared part: x is padded to m·c_A and viewed as (N·m, c_A); one matmul with A₀ᵀ gives
-    z (N, m·r_s); the rotated sum over chunks gives h = x·A_shᵀ (N, r_s); a second gather
-    spreads h over the n chunks of B and one matmul with B₀ᵀ gives the output. Both gathers
-    use the constant rotation tables and are done together as one matmul with a constant
-    0/1 matrix (:func:`_spread_matrix`). Same arithmetic as rank-r LoRA, m (n) times fewer weights.
-    γ is applied to a rank-sized intermediate or inside ``addmm``, which also accumulates
-    the unshared product into the shared one: no extra pass over the d_out-wide output,
-    which is what keeps this as fast as PEFT's two matmuls.
+    x is padded to m·c_A and viewed as (N·m, c_A); one matmul with the stacked A
+    (:func:`stacked_shards`: A₀ and A_u's chunks) gives every chunk's shared and unshared
+    partial products; one matmul with the constant :func:`route_matrix` does both rotation
+    gathers, the chunk sums and γ; one matmul with the stacked B gives the output, viewed
+    back to (N, d_out). Three matmuls whatever u is (x and the output gradient each read once),
+    rank-r LoRA's arithmetic with m (n) times fewer weights. ``stacks`` passes stacked shards
+    made earlier (the layer caches them for inference). u = r (no shards) is plain LoRA.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, g.in_features)
     rows = x2.shape[0]
-    out = None
-    if g.shared_r > 0:
-        rs, m, n = g.shared_r, g.sharing_rate_a, g.sharing_rate_b
-        pad = m * g.chunk_a - g.in_features
-        xp = F.pad(x2, (0, pad)) if pad else x2
-        z = F.linear(xp.reshape(rows * m, g.chunk_a), a_shard).view(rows, m * rs)
-        if m > 1 or n > 1:  # both rotation gathers (and the chunk sum) as one constant matmul
-            z = z @ _spread_matrix(rs, m, n, g.stride_a, g.stride_b, z.dtype, str(z.device))  # (N, n·r_s)
-        if g.unshared_r == 0:
-            z = z * scaling  # rank-sized: cheaper than scaling the output
-        y = F.linear(z.view(rows * n, rs), b_shard).view(rows, n * g.chunk_b)
-        out = y[:, : g.out_features]
-    if g.unshared_r > 0:
-        t = F.linear(x2, a_unshared)  # (N, u)
-        if out is None:
-            out = F.linear(t * scaling, b_unshared)
-        else:  # γ·y_s + γ·t·B_uᵀ in one pass over the output
-            out = torch.addmm(out, t, b_unshared.t(), beta=scaling, alpha=scaling)
+    if g.shared_r == 0:
+        return F.linear(F.linear(x2, a_unshared) * scaling, b_unshared).reshape(*lead, g.out_features)
+    rs, u, m, n = g.shared_r, g.unshared_r, g.sharing_rate_a, g.sharing_rate_b
+    a_stack, b_stack = stacks if stacks is not None else stacked_shards(g, a_shard, b_shard, a_unshared, b_unshared)
+    pad = m * g.chunk_a - g.in_features
+    xp = F.pad(x2, (0, pad)) if pad else x2
+    z = F.linear(xp.reshape(rows * m, g.chunk_a), a_stack).view(rows, m * (rs + m * u))
+    z = z @ route_matrix(rs, u, m, n, g.stride_a, g.stride_b, float(scaling), z.dtype, str(z.device))
+    y = F.linear(z.view(rows * n, rs + n * u), b_stack).view(rows, n * g.chunk_b)
+    # slicing even the full width would cost backward a zero-filled copy of the gradient
+    out = y if n * g.chunk_b == g.out_features else y[:, : g.out_features]
     return out.reshape(*lead, g.out_features)

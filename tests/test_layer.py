@@ -167,3 +167,36 @@ def test_adapter_output_runs_in_adapter_dtype_for_half_base() -> None:
     fp32 = _logits(model)
     half = copy.deepcopy(model).to(torch.bfloat16)
     torch.testing.assert_close(_logits(half).float(), fp32, rtol=0.1, atol=0.1)
+
+
+def test_inference_cache_of_stacked_shards_follows_every_update() -> None:
+    """No-grad calls reuse stacked shards; any in-place update, dtype or device change must be seen."""
+    from prolora_export.layer import PRoLoRALinear
+
+    torch.manual_seed(0)
+    layer = PRoLoRALinear(
+        torch.nn.Linear(30, 20), PRoLoRAConfig(r=6, unshared_r=2, sharing_rate_a=3, sharing_rate_b=2, lora_dropout=0.0)
+    )
+    x = torch.randn(5, 30)
+
+    def fresh() -> torch.Tensor:  # grad enabled on requires_grad shards: never cached
+        with torch.enable_grad():
+            return layer(x).detach()
+
+    with torch.no_grad():
+        for tensor in layer.adapter_tensors().values():
+            tensor.normal_(0, 0.1)
+        cached = layer(x)
+        assert layer._stacks is not None
+        torch.testing.assert_close(cached, fresh(), rtol=0, atol=0)
+        layer.prolora_B_unshared.add_(0.5)  # in place (as an optimizer step does)
+        torch.testing.assert_close(layer(x), fresh(), rtol=0, atol=0)
+        assert not torch.allclose(layer(x), cached)
+    layer.load_state_dict({k: v * 2 for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), fresh(), rtol=0, atol=0)
+        layer.double()
+        assert layer(x.double()).dtype == torch.float64
+        with torch.enable_grad():
+            expected = layer(x.double()).detach()
+        torch.testing.assert_close(layer(x.double()), expected, rtol=0, atol=0)

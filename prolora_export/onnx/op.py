@@ -1,13 +1,16 @@
 """The ``ai.prolora::RotatedShardLoRA`` op of SPEC §4 as a model-local ONNX FunctionProto.
 
 The body is built from standard ONNX ops only (opset ≥ 18 for ``Pad`` with ``axes``), so a
-stock ONNX Runtime runs it with no compiled library. It mirrors
-:func:`prolora_export.shards.compact_forward` step by step: pad, view as chunks, MatMul
-with A₀ᵀ, both rotation gathers and the sum over chunks as ONE MatMul with the constant 0/1
-matrix that ``compact_forward`` uses (``shards._spread_matrix``, made from the rotation
-tables; fewer ops, and op count is what costs time on small decode tensors), MatMul with
-B₀ᵀ, reshape, Slice to d_out, plus the unshared path, times ``scaling``. Leading dimensions are flattened while
-the chunks are processed and restored at the end, so X may have any rank ≥ 2.
+stock ONNX Runtime runs it with no compiled library. It computes what
+:func:`prolora_export.shards.compact_forward` computes: pad, view as chunks, MatMul with A₀ᵀ,
+both rotation gathers and the sum over chunks as ONE MatMul with the constant routing matrix
+of :func:`prolora_export.shards.route_matrix` (for u = 0, γ = 1: fewer ops, and op count is
+what costs time on small decode tensors), MatMul with B₀ᵀ, reshape, Slice to d_out, plus the
+unshared pair as its own rank-u path, times ``scaling``. Unlike PyTorch, the body does not
+stack A_u and B_u into the shard matmuls: the shards are graph inputs (switched per adapter),
+so stacking would cost Concat/Transpose nodes on every call, as many as it saves. Leading
+dimensions are flattened while the chunks are processed and restored at the end, so X may
+have any rank ≥ 2.
 
 Design: ONE FunctionProto per model. The rotation matrix depends on (r_s, m, n, s_A, s_B)
 and on which input pairs exist, and these are the adapter's hyperparameters, shared by
@@ -29,7 +32,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..shards import ShardGeometry, _spread_matrix
+from ..shards import ShardGeometry, route_matrix
 
 DOMAIN = "ai.prolora"
 OP_TYPE = "RotatedShardLoRA"
@@ -66,8 +69,14 @@ class OpSpec:
         g = geometries[0]
         shared = (g.shared_r, g.unshared_r, g.sharing_rate_a, g.sharing_rate_b, g.stride_a, g.stride_b)
         for other in geometries:
-            if (other.shared_r, other.unshared_r, other.sharing_rate_a, other.sharing_rate_b,
-                    other.stride_a, other.stride_b) != shared:
+            if (
+                other.shared_r,
+                other.unshared_r,
+                other.sharing_rate_a,
+                other.sharing_rate_b,
+                other.stride_a,
+                other.stride_b,
+            ) != shared:
                 raise ValueError("all layers of one model must share r_s, u, m, n and the strides")
         pad_free = all(
             x.in_features % x.sharing_rate_a == 0 and x.out_features % x.sharing_rate_b == 0 for x in geometries
@@ -153,17 +162,19 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
         z = b.op("MatMul", xv, b.op("Transpose", a0, perm=[1, 0]))  # (…, m, r_s)
         z = b.op("Reshape", z, b.const([*keep, m * rs]))
         if m > 1 or n > 1:  # both rotation gathers and the chunk sum: one MatMul with a constant 0/1 matrix
-            spread = _spread_matrix(rs, m, n, spec.stride_a, spec.stride_b, torch.float32, "cpu").numpy()
+            spread = route_matrix(rs, 0, m, n, spec.stride_a, spec.stride_b, 1.0, torch.float32, "cpu").numpy()
             z = b.op("MatMul", z, b.op("CastLike", b.const(spread, np.float32), z))  # (…, n·r_s)
         if not spec.unshared_r:  # scale the rank-sized intermediate, not the d_out-wide output
             z = b.op("Mul", z, b.op("CastLike", scale, z))
         g = b.op("Reshape", z, b.const([*keep, n, rs]))
         y = b.op("MatMul", g, b.op("Transpose", b0, perm=[1, 0]))  # (…, n, c_B)
-        lead = b.const([0] * (spec.rank - 1) + [-1]) if spec.rank else b.op("Concat", b.op("Shape", x, end=-1),
-                                                                            b.const([-1]), axis=0)
+        lead = (
+            b.const([0] * (spec.rank - 1) + [-1])
+            if spec.rank
+            else b.op("Concat", b.op("Shape", x, end=-1), b.const([-1]), axis=0)
+        )
         y = b.op("Reshape", y, lead)  # (…, n·c_B)
-        parts.append(y if spec.pad_free else b.op("Slice", y, b.const([0]), b.attr_int("out_features"),
-                                                  b.const([-1])))
+        parts.append(y if spec.pad_free else b.op("Slice", y, b.const([0]), b.attr_int("out_features"), b.const([-1])))
     if spec.unshared_r:
         t = b.op("MatMul", x, b.op("Transpose", au, perm=[1, 0]))  # (…, u)
         if not spec.shared_r:
@@ -187,7 +198,11 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
 def make_node(x: str, y: str, prefix: str, spec: OpSpec, g: ShardGeometry, scaling: float) -> onnx.NodeProto:
     """One ``RotatedShardLoRA`` node for the layer at module path ``prefix``."""
     return helper.make_node(
-        OP_TYPE, node_inputs(x, prefix, spec), [y], name=f"{prefix}.RotatedShardLoRA", domain=DOMAIN,
+        OP_TYPE,
+        node_inputs(x, prefix, spec),
+        [y],
+        name=f"{prefix}.RotatedShardLoRA",
+        domain=DOMAIN,
         **node_attributes(g, scaling),
     )
 
