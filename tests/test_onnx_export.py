@@ -4,6 +4,7 @@ or the base alone; the ONNX side runs on stock ONNX Runtime CPU."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,10 @@ def test_one_session_serves_two_adapters_and_the_base(tiny):
     # the two adapters really differ
     a0, a1 = (sess.run(["logits"], feeds, run_options(f))[0] for f in files)
     assert float(np.abs(a0 - a1).max()) > 1e-2
+    # the options keep their adapter alive: one loaded inline (no other reference) still applies
+    options = run_options(load_onnx_adapter(tiny["root"] / "a1.onnx_adapter"))
+    gc.collect()
+    assert_close(sess.run(["logits"], feeds, options)[0], torch_logits(tiny["base"], tiny["a1"]))
     # refusing to overwrite without --force
     again = runner.invoke(cli, ["onnx-adapter", "--adapter", str(tiny["a0"]), "--out",
                           str(tiny["root"] / "a0.onnx_adapter")])

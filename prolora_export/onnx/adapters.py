@@ -76,10 +76,19 @@ def load_onnx_adapter(path: str | Path):
 
 
 def run_options(*adapters) -> object:
-    """``RunOptions`` with the given ``LoraAdapter`` objects active (none: the graph's defaults)."""
+    """``RunOptions`` with the given ``LoraAdapter`` objects active (none: the graph's defaults).
+
+    ONNX Runtime's RunOptions does not keep its adapters alive: with
+    ``run_options(load_onnx_adapter(f))`` the adapter would be freed at once and the run would
+    silently use the graph's defaults. The options returned here hold a reference to each.
+    """
     import onnxruntime as ort
 
-    options = ort.RunOptions()
+    class _AdapterRunOptions(ort.RunOptions):
+        adapters: tuple = ()
+
+    options = _AdapterRunOptions()
+    options.adapters = adapters
     for lora in adapters:
         options.add_active_adapter(lora)
     return options

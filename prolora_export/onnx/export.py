@@ -27,6 +27,13 @@ exported adapter in, so the folder behaves exactly like the merged export; ``zer
 B tensors zero, so a session with no ONNX Runtime adapter active is the base model and every
 adapter, the exported one included, is chosen per call (examples/serve_many_adapters.py).
 
+Tasks: decoders export as ``text-generation-with-past`` (``ORTModelForCausalLM``), encoders as
+``feature-extraction`` or ``text-classification`` (``ORTModelForFeatureExtraction`` /
+``ORTModelForSequenceClassification``); see :func:`export_task`. An adapted layer that feeds no
+output of the task (BertModel's pooler: ``feature-extraction`` outputs ``last_hidden_state``
+only) is dropped by the exporter; in compact mode its shards stay as unused graph inputs so that
+the adapter's ONNX Runtime file still applies (:func:`check_wiring`).
+
 fp16 (``--dtype fp16 --device cuda``): the model is exported in half precision on the GPU
 and the function body casts X and the shards to float32, computes, and casts back, so the
 adapter path keeps fp32 parity. Without a CUDA device this is refused up front.
@@ -56,6 +63,8 @@ from . import op
 MODES = ("merged", "compact")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_ADAPTERS = ("adapter", "zero")
+#: what a task head is called in messages, by transformers Auto class name
+HEADS = {"AutoModelForCausalLM": "causal-LM", "AutoModelForSequenceClassification": "sequence-classification"}
 
 
 @dataclass
@@ -83,10 +92,21 @@ class ExportReport:
 
 
 def export_task(config, task: str = "auto") -> str:
-    """optimum task for a model: decoders export with their KV cache, encoders as features/classifier."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """optimum task for a model: decoders export with their KV cache, encoders as features/classifier.
+
+    ``auto`` follows the folder's own architecture (``BertForSequenceClassification`` ->
+    ``text-classification``, ``BertModel`` -> ``feature-extraction``). An explicit task whose head
+    the folder does not have is refused: transformers would fill that head with random weights.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = model_class_for(config, task)  # validates the name
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and cls not in (AutoModel, model_class_for(config, "auto")):
+        raise PRoLoRAError(
+            f"--task {task} needs a model with a {HEADS[cls.__name__]} head, but this folder holds "
+            f"{', '.join(architectures)} (the head would be random weights); use --task auto or feature-extraction"
+        )
     if task in ("text-generation", "text-generation-with-past", "feature-extraction", "text-classification"):
         return task
     if cls is AutoModelForCausalLM:
@@ -94,6 +114,26 @@ def export_task(config, task: str = "auto") -> str:
     if cls is AutoModelForSequenceClassification:
         return "text-classification"
     return "feature-extraction"
+
+
+def check_adapter_layers(model: nn.Module, modules: list[str], task: str) -> None:
+    """One clear line when none of the adapter's layers is in the loaded model.
+
+    An adapter made on a model with a task head names its layers under the head's prefix
+    (``bert.encoder…``); the bare model that another task loads has no prefix (``encoder…``), and
+    the other way round. Partial mismatches are left to ``inject_adapter``, which lists each one.
+    """
+    names = {name for name, _ in model.named_modules() if name}
+    if not modules or any(p in names for p in modules):
+        return
+    example = modules[0]
+    twin = next((n for n in sorted(names) if n.endswith("." + example) or example.endswith("." + n)), None)
+    here = f" (here it is '{twin}')" if twin else ""
+    raise PRoLoRAError(
+        f"none of the adapter's {len(modules)} layers exists in {type(model).__name__}, loaded for task "
+        f"'{task}': e.g. '{example}'{here}; the adapter was made on a model with another head, so pass the "
+        "--task of that model"
+    )
 
 
 # ---------------------------------------------------------------------- compact op in torch
@@ -110,9 +150,12 @@ class _RotatedShardLoRAFunction(torch.autograd.Function):
         state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
         try:
-            out = compact_forward(layer.geometry, layer.scaling, x.float(), *(
-                None if t is None else t.float() for t in (a_shard, b_shard, a_unshared, b_unshared)
-            ))
+            out = compact_forward(
+                layer.geometry,
+                layer.scaling,
+                x.float(),
+                *(None if t is None else t.float() for t in (a_shard, b_shard, a_unshared, b_unshared)),
+            )
         finally:
             torch._C._set_tracing_state(state)
         return out.to(x.dtype)
@@ -176,9 +219,7 @@ def export_as_custom_op(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------- optimum glue
 
 
-def _optimum_configs(
-    model: nn.Module, task: str, float_dtype: str, spec: Callable[[], op.OpSpec] | None
-) -> dict:
+def _optimum_configs(model: nn.Module, task: str, float_dtype: str, spec: Callable[[], op.OpSpec] | None) -> dict:
     """optimum's own export configs for the model, each subclassed to add our function before
     optimum's first InferenceSession (in ``fix_dynamic_axes``); empty when nothing to add."""
     if spec is None:
@@ -222,6 +263,23 @@ def insert_function(path: Path, spec: op.OpSpec) -> None:
         _save(model, path)
 
 
+def check_wiring(graph: onnx.GraphProto, expected: set[str], where: str) -> None:
+    """Every custom node reads SPEC-named shards, and every adapted layer is wired whole or not at all.
+
+    A layer may be absent: the exporter drops nodes that feed no exported output (BertModel's
+    pooler under ``feature-extraction``, which outputs ``last_hidden_state`` only). Its tensors
+    still become graph inputs in :func:`finish_compact`, unused, because ONNX Runtime rejects an
+    adapter file holding a name the graph lacks ("Invalid input name"). A stray name or a layer
+    with only some of its tensors wired means the tracer renamed or deduplicated a parameter.
+    """
+    wired = {name for n in graph.node if n.domain == op.DOMAIN for name in n.input[1:] if name}
+    stray = sorted(wired - expected)
+    modules = {name.rsplit(".", 1)[0] for name in wired}
+    partial = sorted(name for name in expected - wired if name.rsplit(".", 1)[0] in modules)
+    if stray or partial:  # never ship such a graph
+        raise PRoLoRAError(f"internal: adapter inputs renamed in the exported graph {(stray + partial)[:3]}", where)
+
+
 def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: bool) -> int:
     """The final function body (X's rank is known now), and every adapter initializer listed as a
     graph input too so ONNX Runtime adapters can replace it, holding the adapter's values under
@@ -231,10 +289,7 @@ def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: 
     op.add_function(model, spec)
     graph = model.graph
     expected = set(adapter.tensors)
-    node_inputs = {name for n in graph.node if n.domain == op.DOMAIN for name in n.input}
-    missing = sorted(expected - node_inputs)
-    if missing:  # the tracer renamed or deduplicated a parameter: never ship such a graph
-        raise PRoLoRAError(f"internal: exported graph lacks adapter inputs {missing[:3]}", str(path))
+    check_wiring(graph, expected, str(path))
     dtype = next(i.data_type for i in graph.initializer if i.name in expected)
     kept = [i for i in graph.initializer if i.name not in expected]
     del graph.initializer[:]
@@ -287,6 +342,8 @@ def export_onnx(
         raise PRoLoRAError("fp16 export needs --device cuda (ONNX Runtime CPU has no fp16 kernels for most ops)")
     if device == "cuda" and not torch.cuda.is_available():
         raise PRoLoRAError(f"{dtype} export on --device cuda needs a CUDA device, and torch sees none here")
+    if task != "auto":
+        model_class_for(None, task)  # an unknown task name fails before anything is loaded
     if mode == "compact" and opset is not None and opset < op.MIN_OPSET:
         raise PRoLoRAError(f"compact mode needs --opset ≥ {op.MIN_OPSET} (got {opset})")
     out = Path(out)
@@ -296,6 +353,7 @@ def export_onnx(
     source = resolve_model(base)
     model = load_base_model(source, task=task)
     full_task = export_task(model.config, task)
+    check_adapter_layers(model, list(loaded.config.modules), full_task)
     inject_adapter(model, loaded.config)
     load_adapter_weights(model, loaded.tensors)
     adapted = sum(1 for _ in prolora_layers(model))
@@ -303,6 +361,7 @@ def export_onnx(
     if mode == "merged":
         remove_adapter(model, merge=True)
     else:
+
         def spec() -> op.OpSpec:
             return compact_spec(model, upcast=dtype == "fp16")
 
