@@ -3,7 +3,7 @@
 Each measurement runs in its own subprocess (so peak RSS is that variant's alone); the
 variants alternate back to back for ``--rounds`` rounds. A step is forward + backward +
 grad clipping + AdamW on one fixed batch; the median over ``--steps`` steps after
-``--warmup`` steps is reported. Writes bench/TRAIN.md.
+``--warmup`` steps is reported. Writes bench/TRAIN.md and bench/train.json.
 
     python bench/bench_train.py                      # ~5 min on 2 CPU cores
     python bench/bench_train.py --profile prolora    # torch.profiler table of one variant
@@ -153,6 +153,13 @@ def main() -> None:
         ]
     )
     print(text)
+    ratios = {
+        "step_time": p["step_s"] / q["step_s"],
+        "peak_rss": p["peak_mb"] / q["peak_mb"],
+        "training_rss": p["train_mb"] / max(q["train_mb"], 1),
+    }
+    payload = {"command": command.strip(), "summary": summary, "ratios": ratios}
+    (Path(__file__).parent / "train.json").write_text(json.dumps(payload, indent=2) + "\n")
     out = Path(args.out)
     notes = out.read_text().partition(NOTES)[2] if out.is_file() and NOTES in out.read_text() else ""
     out.write_text(text + "\n" + (f"\n{NOTES}{notes}" if notes else ""))
