@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,6 +257,10 @@ def _output_size(plan: _Plan, target: torch.dtype | None) -> int:
 #: elements per row block of a merged tensor: the source block, its fp32 copy and the cast output
 #: (a few MiB together) stay in a core's cache, so each byte crosses main memory about once each way
 BLOCK_ELEMENTS = 1 << 18
+#: tensors written at once (each thread: a few MiB of blocks and one staging buffer)
+WORKERS = 2
+#: errno values meaning "copy_file_range cannot do this copy" (not a real I/O error)
+NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 #: bytes per write (and per plain copy or cast chunk): small writes cost several times more per byte
 STAGE_BYTES = 16 << 20
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -308,53 +313,64 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+class _Cursor:
+    """Writes one tensor's bytes into the output file from a known offset on (``pwrite``), so
+    tensors can be written in any order and from several threads at once."""
 
+    def __init__(self, fd: int, offset: int):
+        self.fd, self.offset = fd, offset
 
-def _copy_range(src: int, dst: int, offset: int, count: int, path: Path) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``: in the kernel (copy_file_range,
-    no user-space pass) where the file systems allow it, else through a buffer."""
-    end = offset + count
-    try:
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            count = os.pwrite(self.fd, view, self.offset)
+            self.offset += count
+            view = view[count:]
+
+    def copy(self, src: int, offset: int, count: int, path: Path) -> None:
+        """``count`` bytes of ``src`` from ``offset``: in the kernel (copy_file_range, no user-space
+        pass) where the file systems allow it, else through a buffer."""
+        end = offset + count
+        try:
+            while offset < end:
+                copied = os.copy_file_range(src, self.fd, end - offset, offset, self.offset)
+                if copied == 0:
+                    raise PRoLoRAError("the shard is shorter than its header says (truncated?)", str(path))
+                offset += copied
+                self.offset += copied
+            return
+        except (AttributeError, OSError) as err:  # no copy_file_range here, or not across these file systems
+            if isinstance(err, OSError) and err.errno not in NO_KERNEL_COPY:
+                raise
+        buffer = torch.empty(min(STAGE_BYTES, end - offset), dtype=torch.uint8)
         while offset < end:
-            copied = os.copy_file_range(src, dst, end - offset, offset)
-            if copied == 0:
-                raise PRoLoRAError("the shard is shorter than its header says (truncated?)", str(path))
-            offset += copied
-        return
-    except (AttributeError, OSError) as err:  # no copy_file_range here, or not across these file systems
-        if isinstance(err, OSError) and err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    buffer = torch.empty(min(STAGE_BYTES, end - offset), dtype=torch.uint8)
-    while offset < end:
-        chunk = buffer[: min(STAGE_BYTES, end - offset)]
-        _write_all(dst, _raw(_read_into(src, chunk, offset, path)))
-        offset += chunk.numel()
+            chunk = buffer[: min(STAGE_BYTES, end - offset)]
+            self.write(_raw(_read_into(src, chunk, offset, path)))
+            offset += chunk.numel()
 
 
-def _cast_range(src: int, dst: int, offset: int, numel: int, dtypes: tuple[torch.dtype, torch.dtype], path: Path):
-    """Append ``numel`` elements read at ``offset`` as ``dtypes[0]``, written as ``dtypes[1]``, chunk by chunk."""
+def _cast_range(
+    src: int, out: _Cursor, offset: int, numel: int, dtypes: tuple[torch.dtype, torch.dtype], path: Path
+) -> None:
+    """``numel`` elements read at ``offset`` as ``dtypes[0]``, written as ``dtypes[1]``, chunk by chunk."""
     source = torch.empty(min(STAGE_BYTES // dtypes[0].itemsize, numel), dtype=dtypes[0])
-    out = torch.empty_like(source, dtype=dtypes[1])
+    cast = torch.empty_like(source, dtype=dtypes[1])
     for start in range(0, numel, source.numel()):
         count = min(source.numel(), numel - start)
         block = _read_into(src, source[:count], offset + start * dtypes[0].itemsize, path)
-        _write_all(dst, _raw(out[:count].copy_(block)))
+        out.write(_raw(cast[:count].copy_(block)))
 
 
 def _merge_weight(
     src: int,
-    dst: int,
+    out: _Cursor,
     offset: int,
     shape: tuple[int, int],
     dtypes: tuple[torch.dtype, torch.dtype],
     factors: tuple[torch.Tensor, torch.Tensor],
     path: Path,
 ) -> float:
-    """Append ``cast(W + L @ R)``; return the largest rounding error of the cast.
+    """``cast(W + L @ R)`` for W read at ``offset``; return the largest rounding error of the cast.
 
     Computed in row blocks that fit in cache, in the factors' dtype (fp32, or fp64 for fp64 weights),
     with in-place same-dtype ops only (mixed-dtype ones are several times slower on CPU); results are
@@ -375,19 +391,20 @@ def _merge_weight(
         for row in range(first, last, step):
             count = min(step, last - row)
             block = _read_into(src, source[:count], offset + row * cols * source_dtype.itemsize, path)
-            out = staged[row - first : row - first + count]
+            target = staged[row - first : row - first + count]
             if exact is None:  # the output dtype is the exact one: merge right in the staging buffer
-                out.copy_(block).addmm_(left[row : row + count], right)
+                target.copy_(block).addmm_(left[row : row + count], right)
                 continue
             merged = exact[:count].copy_(block).addmm_(left[row : row + count], right)
-            out.copy_(merged)
-            error = max(error, float(merged.sub_(cast_back[:count].copy_(out)).abs_().max()))
-        _write_all(dst, _raw(staged[: last - first]))
+            target.copy_(merged)
+            error = max(error, float(merged.sub_(cast_back[:count].copy_(target)).abs_().max()))
+        out.write(_raw(staged[: last - first]))
     return error
 
 
-def _header(layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
-    """A safetensors header (8-byte length + JSON) for tensors stored back to back in ``layout`` order."""
+def _header(layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    """A safetensors header (8-byte length + JSON) for tensors stored back to back in ``layout``
+    order, and where each tensor starts in the file."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for key, (dtype, shape) in layout.items():
@@ -396,7 +413,8 @@ def _header(layout: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, 
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # align the data section like safetensors does
-    return len(text).to_bytes(8, "little") + text
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {k: start + header[k]["data_offsets"][0] for k in layout}
 
 
 def _merge_shard(
@@ -407,40 +425,47 @@ def _merge_shard(
     dest: Path,
     bar,
 ) -> tuple[int, float]:
-    """Write one output shard tensor by tensor; return (tensors merged, max rounding error).
+    """Write one output shard; return (tensors merged, max rounding error).
 
     Nothing is memory-mapped or held whole: untouched tensors are copied file to file by the
     kernel, cast and merged ones pass through a few MiB of row blocks. Memory stays at the
-    adapters plus those blocks, whatever the tensor, shard or model size.
+    adapters plus those blocks, whatever the tensor, shard or model size. Every tensor's place
+    in the output is known from the header, so ``WORKERS`` threads write tensors side by side
+    (reads, writes and torch kernels all release the GIL).
     """
     source_path = plan.base / name
     keys = sorted(k for k, info in plan.tensors.items() if info.shard == name)
     out_dtypes = {k: _out_dtype(plan.tensors[k], target) for k in keys}
     layout = {k: (_ST_NAMES.get(out_dtypes[k], plan.tensors[k].dtype), plan.tensors[k].shape) for k in keys}
+    header, out_offsets = _header(layout, {"format": "pt"})
     data_start, offsets = _data_offsets(source_path)
+
+    def write_tensor(key: str) -> float:
+        info, out_dtype = plan.tensors[key], out_dtypes[key]
+        source_dtype = SAFETENSORS_FLOATS.get(info.dtype)
+        begin, end = offsets[key]
+        cursor = _Cursor(out.fileno(), out_offsets[key])
+        if key in plan.targets:
+            exact_dtype = torch.float64 if source_dtype == torch.float64 else torch.float32
+            factors = _update_factors(plan, key, loaded, exact_dtype)
+            shape = (info.shape[0], math.prod(info.shape[1:]))
+            return _merge_weight(
+                src, cursor, data_start + begin, shape, (source_dtype, out_dtype), factors, source_path
+            )
+        if out_dtype is None or out_dtype == source_dtype:
+            cursor.copy(src, data_start + begin, end - begin, source_path)
+        else:
+            _cast_range(src, cursor, data_start + begin, math.prod(info.shape), (source_dtype, out_dtype), source_path)
+        return 0.0
+
     merged, max_err = 0, 0.0
     src = os.open(source_path, os.O_RDONLY)
     try:
-        with open(dest / name, "wb", buffering=0) as out:
-            _write_all(out.fileno(), _header(layout, {"format": "pt"}))
-            for key in keys:
-                info, out_dtype = plan.tensors[key], out_dtypes[key]
-                source_dtype = SAFETENSORS_FLOATS.get(info.dtype)
-                begin, end = offsets[key]
-                if key in plan.targets:
-                    exact_dtype = torch.float64 if source_dtype == torch.float64 else torch.float32
-                    factors = _update_factors(plan, key, loaded, exact_dtype)
-                    shape = (info.shape[0], math.prod(info.shape[1:]))
-                    error = _merge_weight(
-                        src, out.fileno(), data_start + begin, shape, (source_dtype, out_dtype), factors, source_path
-                    )
-                    merged += 1
-                    max_err = max(max_err, error)
-                elif out_dtype is None or out_dtype == source_dtype:
-                    _copy_range(src, out.fileno(), data_start + begin, end - begin, source_path)
-                else:
-                    numel = math.prod(info.shape)
-                    _cast_range(src, out.fileno(), data_start + begin, numel, (source_dtype, out_dtype), source_path)
+        with open(dest / name, "wb", buffering=0) as out, ThreadPoolExecutor(WORKERS) as pool:
+            _Cursor(out.fileno(), 0).write(header)
+            for key, error in zip(keys, pool.map(write_tensor, keys), strict=True):
+                merged += key in plan.targets
+                max_err = max(max_err, error)
                 bar.update(1)
     finally:
         os.close(src)
