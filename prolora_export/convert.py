@@ -23,14 +23,16 @@ TARGETS = ("prolora", "peft")
 Shapes = dict[str, tuple[int, int]]
 
 
-def meta_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
+def meta_model(name_or_path: str, trust_remote_code: bool | None = None) -> nn.Module:
     """The base model's module tree on the 'meta' device: layer sizes without reading any weight."""
     import torch
     from transformers import AutoConfig
 
-    from .models import model_class_for, resolve_model
+    from .models import model_class_for, refuse_remote_code, resolve_model, trusts_remote_code
 
     source = resolve_model(name_or_path)
+    trust_remote_code = trusts_remote_code(trust_remote_code)
+    refuse_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -107,16 +109,16 @@ def convert(src: str | Path, to: str, out: str | Path, force: bool = False, base
     """Read ``src`` (any supported layout, detected) and write it as ``to`` ("prolora" or "peft") at ``out``."""
     if to not in TARGETS:
         raise PRoLoRAError(f"unknown target format '{to}' (expected one of: {', '.join(TARGETS)})")
-    from .outputs import check_destination
+    from .outputs import check_destination, check_free_space
 
     if Path(out).absolute() == Path(src).absolute():
         raise PRoLoRAError("the output folder must differ from the source folder", str(out))
     check_destination(Path(out).absolute(), force)  # before any reading: fail fast
     fmt, adapter = load_any(src, base, to)
     if to == "prolora":
-        save_adapter(out, adapter, force=force)
         written = adapter.num_parameters
     else:
-        save_peft(out, adapter, force=force)
         written = sum(g.lora_parameters for g in map(adapter.config.module_geometry, adapter.config.modules))
+    check_free_space(Path(out).absolute(), written * adapter.num_bytes // max(adapter.num_parameters, 1) + (1 << 20))
+    (save_adapter if to == "prolora" else save_peft)(out, adapter, force=force)
     return ConvertResult(fmt, to, Path(out), len(adapter.config.modules), adapter.num_parameters, written)

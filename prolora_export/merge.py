@@ -120,6 +120,10 @@ def _read_layout(base: Path) -> tuple[list[str], dict[str, _TensorInfo], dict | 
         shard_names = [SINGLE_NAME]
     else:
         shard_names = sorted(p.name for p in base.glob("*.safetensors"))
+    # the index is input: a name like "../x" would make the merge read and WRITE outside its folders
+    unsafe = [n for n in shard_names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+    if unsafe:
+        raise PRoLoRAError(f"shard names must be plain file names, got {unsafe[:3]}", str(base / INDEX_NAME))
     tensors: dict[str, _TensorInfo] = {}
     seen: dict[str, list[str]] = {}
     for name in shard_names:

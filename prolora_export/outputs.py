@@ -24,7 +24,11 @@ def check_destination(dest: Path, force: bool) -> None:
     if dest.exists() and not force:
         raise PRoLoRAError("already exists (pass --force to replace it)", str(dest))
     parent = dest.parent if str(dest.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
+    while not parent.exists():  # the folders to create: the nearest existing one must take them
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PRoLoRAError("is not a folder, so nothing can be written inside it", str(parent))
+    if not os.access(parent, os.W_OK):
         raise PRoLoRAError("cannot write into this folder (permission denied)", str(parent))
 
 
@@ -62,15 +66,23 @@ def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look ordinary
         try:
-            yield tmp
-            _replace(tmp, dest)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise PRoLoRAError("ran out of disk space while writing; nothing was changed", str(dest)) from None
-            raise
+            with _disk_full_as_error(dest):
+                yield tmp
+                _replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             # The lock file stays: unlinking it would let two later writers lock different inodes.
+
+
+@contextmanager
+def _disk_full_as_error(dest: Path) -> Iterator[None]:
+    """ENOSPC while writing becomes the one-line error (the caller's cleanup keeps ``dest`` as it was)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise PRoLoRAError("ran out of disk space while writing; nothing was changed", str(dest)) from None
+        raise
 
 
 def _recover(dest: Path) -> None:
@@ -114,7 +126,8 @@ def atomic_output_file(dest: str | Path, force: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.replace(tmp, dest)
+        with _disk_full_as_error(dest):
+            yield tmp
+            os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

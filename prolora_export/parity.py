@@ -377,9 +377,11 @@ def _tokenize(tokenizer, prompt: str, chat: bool) -> dict[str, torch.Tensor]:
 def _load_tokenizer(*folders: str | Path):
     from transformers import AutoTokenizer
 
+    from .models import trusts_remote_code
+
     for folder in folders:
         try:
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_remote_code())
         except (OSError, ValueError, TypeError):
             continue
     raise PRoLoRAError("no tokenizer in the ONNX folder nor in the base model", str(folders[0]))
@@ -476,7 +478,7 @@ def _run_with_layer_outputs(onnx_path: Path, provider: str, feeds: dict[str, Any
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = _read_onnx(onnx_path)
     modules, tensors = layer_output_tensors(model.graph)
     existing = {o.name for o in model.graph.output}
     types = _tensor_types(model)
@@ -564,6 +566,17 @@ def localize(reference, onnx_path: Path, provider: str, inputs: dict[str, torch.
 # ---------------------------------------------------------------------- entry point
 
 
+def _read_onnx(onnx_path: Path):
+    """The ModelProto without its external weights; a damaged file is one clear error, not a traceback."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as err:
+        raise PRoLoRAError(f"not a valid ONNX model ({str(err)[:200] or type(err).__name__})", str(onnx_path)) from None
+
+
 def check_parity(
     base: str,
     adapter: str | Path,
@@ -588,7 +601,9 @@ def check_parity(
     require_provider(provider)
     folder = Path(onnx_dir)
     onnx_path = _onnx_file(folder)
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = _read_onnx(onnx_path).graph
+    if not graph.output:
+        raise PRoLoRAError("the ONNX graph has no outputs", str(onnx_path))
     outputs = [o.name for o in graph.output]
     onnx_dtype = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
     del graph

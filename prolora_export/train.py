@@ -30,15 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import PRoLoRAConfig
+from .config import PRoLoRAConfig, read_json
 from .data import Example, collate, load_dataset
 from .errors import PRoLoRAError
-from .formats.prolora import Adapter, load_adapter, write_adapter_files
+from .formats.prolora import Adapter, load_adapter, read_safetensors, write_adapter_files
 from .inject import adapter_state_dict, inject_adapter, load_adapter_weights
-from .models import load_base_model, resolve_model
-from .outputs import atomic_output_dir, check_destination
+from .models import load_base_model, resolve_model, trusts_remote_code
+from .outputs import atomic_output_dir, check_destination, check_free_space
 
 #: every linear layer of a Llama-style block: PRoLoRA's rank is cheap, and adapting the MLP
 #: too learns noticeably faster than attention only (the paper's instruction-tuning setup).
@@ -106,7 +106,9 @@ def _resume_point(out: Path, config: PRoLoRAConfig) -> dict[str, Any] | None:
         return None
     if not state_file.is_file():
         raise PRoLoRAError("cannot resume: no trainer_state/state.json (not a training output?)", str(out))
-    state = json.loads(state_file.read_text())
+    state = read_json(state_file)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise PRoLoRAError('expected a JSON object with an integer "step"', str(state_file))
     saved = load_adapter(out).config
     keys = ("r", "unshared_r", "sharing_rate_a", "sharing_rate_b", "rotate", "stride_a", "stride_b", "lora_alpha")
     diffs = [
@@ -204,7 +206,7 @@ def train(
     # Everything the user can get wrong is checked before the model is loaded.
     source = resolve_model(base)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trusts_remote_code())
     except (OSError, ValueError) as err:
         raise PRoLoRAError(f"cannot load the tokenizer: {str(err).strip().splitlines()[0]}", base) from None
     examples = load_dataset(data, tokenizer, max_length)
@@ -223,16 +225,21 @@ def train(
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # a save holds the adapter and AdamW's two moments, in fp32, and the previous save until the rename
+    check_free_space(Path(out).absolute(), 2 * 3 * 4 * sum(p.numel() for p in trainable) + (16 << 20))
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     step, log = 0, []
     if resumed is not None:
         load_adapter_weights(model, load_adapter(out).tensors)
-        moments = load_file(str(out / STATE_DIR / "optimizer.safetensors"))
+        moments = read_safetensors(out / STATE_DIR / "optimizer.safetensors")
         optimizer.load_state_dict(
             {"state": _optimizer_state(moments), "param_groups": optimizer.state_dict()["param_groups"]}
         )
         step = resumed["step"]
-        log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if line.strip()]
+        try:
+            log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as err:
+            raise PRoLoRAError(f"cannot read the training log ({err})", str(out / LOG_NAME)) from None
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)

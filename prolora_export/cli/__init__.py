@@ -7,8 +7,10 @@ into exit code 2 and one line on stderr (a traceback only with ``--debug``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -25,6 +27,24 @@ COMMANDS = {
     "inspect": "inspect",
     "fetch-demo": "fetch_demo",
 }
+
+
+def trust_remote_code_option(command: Callable) -> Callable:
+    """Add ``--trust-remote-code`` to a command that loads a base model; it holds for that command only."""
+
+    @functools.wraps(command)
+    def run(*args, trust_remote_code: bool, **kwargs):
+        from ..models import remote_code_trusted
+
+        with remote_code_trusted(trust_remote_code):
+            return command(*args, **kwargs)
+
+    return click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        help="Let a model folder run the Python code its config.json names (auto_map). Off by default: "
+        "only for a model you trust.",
+    )(run)
 
 
 class LazyGroup(click.Group):
@@ -45,6 +65,13 @@ class LazyGroup(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except click.UsageError as err:  # a command's own options: the same one-line style as the rest
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            command = err.ctx.command_path if err.ctx else ctx.command_path
+            message = " ".join(err.format_message().split())
+            click.echo(f"error: {message} (see '{command} --help')", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: outputs are written atomically, nothing half-written was left", err=True)

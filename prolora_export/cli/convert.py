@@ -3,6 +3,7 @@
 import click
 
 from ..convert import TARGETS, convert
+from . import trust_remote_code_option
 
 
 @click.command("convert")
@@ -23,6 +24,7 @@ from ..convert import TARGETS, convert
     help="Base model (folder, hub id or smollm2-135m): checks layer sizes; needed for a reference "
     "training-layout checkpoint with unshared_r = 0. Only its config is read.",
 )
+@trust_remote_code_option
 def command(src: str, to: str, out: str, force: bool, base: str | None) -> None:
     """Convert the adapter folder SRC (format detected: prolora, peft-lora, reference-training,
     reference-expanded) to --to at --out, exactly: the converted adapter gives the same outputs.

@@ -5,6 +5,7 @@ import json
 import click
 
 from ..errors import PRoLoRAError
+from . import trust_remote_code_option
 
 
 @click.command("inspect")
@@ -34,6 +35,7 @@ from ..errors import PRoLoRAError
     help="Element type for the byte count (planning only).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@trust_remote_code_option
 def command(
     adapter, base, r, unshared_r, sharing_rate_a, sharing_rate_b, no_rotate, target_modules, dtype, as_json
 ) -> None:

@@ -3,6 +3,7 @@
 import click
 
 from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES, export_onnx
+from . import trust_remote_code_option
 
 
 @click.command("onnx")
@@ -13,7 +14,9 @@ from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES, export_onnx
                    "node per adapted layer, shards as overridable initializers (serves many adapters).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (loads with optimum.onnxruntime).")
 @click.option("--task", default="auto", show_default=True,
-              help="auto, text-generation(-with-past), feature-extraction or text-classification.")
+              help="auto follows the folder's architecture (*ForCausalLM: text-generation-with-past, "
+                   "*ForSequenceClassification: text-classification, else feature-extraction); or name one "
+                   "of these, or text-generation (no KV cache).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
               help="fp16 needs --device cuda.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -23,11 +26,13 @@ from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES, export_onnx
                    "active the graph is the base model.")
 @click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@trust_remote_code_option
 def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, validate, force) -> None:
     """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
 
     The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
-    with their KV cache) or the matching ORTModel class, and generates like PyTorch.
+    with their KV cache; generates like PyTorch), ORTModelForFeatureExtraction or
+    ORTModelForSequenceClassification (encoders).
     """
     report = export_onnx(base, adapter, out, mode=mode, task=task, dtype=dtype, device=device, opset=opset,
                          force=force, default_adapter=default_adapter, validate=validate)

@@ -9,6 +9,7 @@ import click
 
 from ..outputs import atomic_output_file
 from ..parity import DEFAULT_PROMPTS, PRESETS, check_parity, read_prompts
+from . import trust_remote_code_option
 
 PRESET_HELP = "; ".join(
     f"{name}: rel≤{t.max_rel:g} cos≥{t.min_cos:g} top1≥{t.min_top1:g} top5≥{t.min_top5:g} KL≤{t.max_kl:g} "
@@ -38,6 +39,7 @@ PRESET_HELP = "; ".join(
               help="dtype of the PyTorch reference.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the full report as JSON here.")
+@trust_remote_code_option
 def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tolerance, reference_dtype,
             report_path) -> None:
     """Prove that an ONNX export computes what PyTorch base + adapter (unmerged) computes.

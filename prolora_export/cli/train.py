@@ -6,6 +6,7 @@ import click
 
 from ..config import parse_target_modules
 from ..train import DEFAULT_TARGETS, DTYPES
+from . import trust_remote_code_option
 
 
 @click.command("train")
@@ -54,6 +55,7 @@ from ..train import DEFAULT_TARGETS, DTYPES
 )
 @click.option("--force", is_flag=True, help="Replace an existing --out instead of refusing.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@trust_remote_code_option
 def command(target_modules: str, no_progress: bool, **options) -> None:
     """Fine-tune BASE with a PRoLoRA adapter on a JSONL file and write the adapter folder.
 

@@ -44,7 +44,7 @@ def detect_format(directory: str | Path, base_shapes: dict[str, tuple[int, int]]
     directory = Path(directory)
     if not directory.is_dir():
         raise PRoLoRAError("adapter folder not found" if not directory.exists() else "not a folder", str(directory))
-    if not (directory / CONFIG_NAME).is_file():
+    if not (directory / CONFIG_NAME).exists():
         hint = " (this looks like a model folder, not an adapter)" if (directory / "config.json").is_file() else ""
         raise PRoLoRAError(f"no {CONFIG_NAME}: not an adapter folder{hint}", str(directory))
     data = read_json(directory / CONFIG_NAME)

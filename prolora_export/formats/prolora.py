@@ -19,6 +19,8 @@ from ..outputs import atomic_output_dir
 from ..shards import TENSOR_NAMES, delta_weight, full_factors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: a bound on |γ·B·A| above this means ΔW (and a merged weight) may not fit in float32
+MAX_DELTA = torch.finfo(torch.float32).max / 4
 
 
 @dataclass
@@ -72,6 +74,27 @@ def tensor_problems(config: PRoLoRAConfig, tensors: dict[str, torch.Tensor]) -> 
             problems.append(f"tensor '{key}' has dtype {tensor.dtype}, expected a floating-point type")
         elif not bool(torch.isfinite(tensor).all()):
             problems.append(f"tensor '{key}' contains NaN or Inf")
+    return problems or _overflow_problems(config, tensors)
+
+
+def _overflow_problems(config: PRoLoRAConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Finite tensors can still overflow: |ΔW| ≤ max(1, |γ|)·r·max|B|·max|A| must stay in float32 range.
+
+    (The product B·A is formed before γ is applied, hence max(1, |γ|).)
+    """
+    problems = []
+    for path in config.modules:
+        present = [tensors.get(f"{path}.{name}") for name in TENSOR_NAMES]
+        a_max, b_max = (
+            max((float(t.abs().max()) for t in pair if t is not None and t.numel()), default=0.0)
+            for pair in (present[0::2], present[1::2])
+        )
+        bound = max(1.0, abs(config.scaling)) * config.r * a_max * b_max
+        if bound > MAX_DELTA:
+            problems.append(
+                f"module '{path}': γ·B·A may reach {bound:.3g}, beyond float32 range (lora_alpha "
+                f"{config.lora_alpha:g}, largest |A| {a_max:.3g}, |B| {b_max:.3g}): a corrupted adapter?"
+            )
     return problems
 
 

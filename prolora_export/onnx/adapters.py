@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import PRoLoRAError
 from ..formats.prolora import load_adapter
-from ..outputs import atomic_output_file
+from ..outputs import atomic_output_file, check_destination, check_free_space
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ADAPTER_VERSION = 1
@@ -36,8 +36,7 @@ class AdapterFileReport:
 
     def summary(self) -> str:
         return (
-            f"wrote {self.tensors} tensors ({self.parameters:,} parameters) to {self.out} "
-            f"({self.bytes / 1024:.1f} KiB)"
+            f"wrote {self.tensors} tensors ({self.parameters:,} parameters) to {self.out} ({self.bytes / 1024:.1f} KiB)"
         )
 
 
@@ -52,8 +51,10 @@ def export_onnx_adapter(
 
     if dtype not in NUMPY_DTYPES:
         raise PRoLoRAError(f"unknown dtype '{dtype}' (expected one of: {', '.join(NUMPY_DTYPES)})")
+    check_destination(Path(out).absolute(), force)
     loaded = load_adapter(adapter)
     arrays = {k: np.ascontiguousarray(v.float().numpy().astype(NUMPY_DTYPES[dtype])) for k, v in loaded.tensors.items()}
+    check_free_space(Path(out).absolute(), sum(a.nbytes for a in arrays.values()) + (1 << 20))
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(MODEL_VERSION)

@@ -56,7 +56,7 @@ from ..formats.prolora import Adapter, load_adapter
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
 from ..layer import PRoLoRALinear
 from ..models import copy_model_side_files, load_base_model, model_class_for, resolve_model
-from ..outputs import atomic_output_dir, check_destination
+from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES, compact_forward
 from . import op
 
@@ -367,6 +367,8 @@ def export_onnx(
 
         opset = max(opset or 0, op.MIN_OPSET)
     model = model.to(device=device, dtype=DTYPES[dtype])
+    # the graph holds every weight once (compact: plus the shards, already in the model)
+    check_free_space(out.absolute(), sum(p.numel() * p.element_size() for p in model.parameters()) + (64 << 20))
     from optimum.exporters.onnx import onnx_export_from_model
 
     with atomic_output_dir(out, force=force) as tmp:

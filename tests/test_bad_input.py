@@ -1,0 +1,607 @@
+"""Every bad-input class of issue 7 through every command it applies to, as one table.
+
+Each row is (class, CLI args, fragments of the expected message). Each run must end with
+exit code 2, exactly one ``error:`` line containing every fragment, no traceback, and the
+destination exactly as it was: every writing command runs against an existing output
+(with ``--force``, except for the "output exists" rows), whose bytes must not change.
+Problems with the destination itself, remote code and damaged training saves follow the
+table."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_adapter, tiny_llama
+from safetensors.torch import load_file, save_file
+from test_data import tiny_tokenizer, write_jsonl
+
+from prolora_export.cli import main
+from prolora_export.formats.peft_lora import save_peft
+from prolora_export.formats.prolora import save_adapter
+
+HP = dict(r=4, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2)
+FIRST = "model.layers.0.mlp.down_proj.prolora_A_shard"  # the first tensor key, sorted
+REMOTE_TYPE = "prolora-test-remote"
+
+
+# ---------------------------------------------------------------------- broken adapter folders
+
+
+def _edit_config(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        path = folder / "adapter_config.json"
+        data = json.loads(path.read_text())
+        data.update(changes)
+        path.write_text(json.dumps(data))
+
+    return edit
+
+
+def _edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        path = folder / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        change(tensors)
+        save_file(tensors, str(path))
+
+    return edit
+
+
+def _set_first(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[FIRST] = tensors[FIRST].clone()
+        tensors[FIRST].view(-1)[3] = value
+
+    return change
+
+
+def _write(name: str, data: bytes | None) -> Callable[[Path], None]:
+    """Replace a file's bytes; None deletes it; b"dir" makes it a folder (unreadable as a file)."""
+
+    def edit(folder: Path) -> None:
+        path = folder / name
+        path.unlink()
+        if data == b"dir":
+            path.mkdir()
+        elif data is not None:
+            path.write_bytes(data)
+
+    return edit
+
+
+def _truncate(name: str) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        raw = (folder / name).read_bytes()
+        (folder / name).write_bytes(raw[: len(raw) // 2])
+
+    return edit
+
+
+def _huge_module(folder: Path) -> None:
+    """Sizes that pass the per-key bounds but would need 2^20 × 2^20 floats per module."""
+    data = json.loads((folder / "adapter_config.json").read_text())
+    data.update(r=1 << 14, unshared_r=1 << 14)
+    data["modules"] = {path: {"in_features": 1 << 20, "out_features": 1 << 20} for path in data["modules"]}
+    (folder / "adapter_config.json").write_text(json.dumps(data))
+
+
+def _rename_module(old: str, new: str) -> Callable[[Path], None]:
+    """A consistent adapter (config and tensors agree) for a layer the base model does not have."""
+
+    def edit(folder: Path) -> None:
+        data = json.loads((folder / "adapter_config.json").read_text())
+        data["modules"] = {new if p == old else p: shape for p, shape in data["modules"].items()}
+        (folder / "adapter_config.json").write_text(json.dumps(data))
+        _edit_tensors(lambda t: t.update({k.replace(old, new): t.pop(k) for k in list(t) if k.startswith(old)}))(folder)
+
+    return edit
+
+
+BROKEN: dict[str, Callable[[Path], None]] = {
+    "cfg_malformed": _write("adapter_config.json", b'{"format": "prolora", "r": '),
+    "cfg_truncated": _truncate("adapter_config.json"),
+    "cfg_not_object": _write("adapter_config.json", b"[1, 2]"),
+    "cfg_binary": _write("adapter_config.json", b"\xff\xfe\x00garbage"),
+    "cfg_missing": _write("adapter_config.json", None),
+    "cfg_unreadable": _write("adapter_config.json", b"dir"),
+    "cfg_missing_key": lambda folder: (folder / "adapter_config.json").write_text(
+        json.dumps({k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items() if k != "r"})
+    ),
+    "st_truncated": _truncate("adapter_model.safetensors"),
+    "st_garbage": _write("adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"),
+    "st_missing": _write("adapter_model.safetensors", None),
+    "t_missing": _edit_tensors(lambda t: t.pop(FIRST)),
+    "t_extra": _edit_tensors(lambda t: t.update({"model.layers.9.self_attn.q_proj.prolora_A_shard": torch.ones(1, 1)})),
+    "t_misnamed": _edit_tensors(lambda t: t.update({FIRST.replace("A_shard", "A_shrd"): t.pop(FIRST)})),
+    "t_shape": _edit_tensors(lambda t: t.update({FIRST: torch.zeros(t[FIRST].shape[0] + 1, t[FIRST].shape[1])})),
+    "t_int": _edit_tensors(lambda t: t.update({FIRST: t[FIRST].to(torch.int32)})),
+    "t_nan": _edit_tensors(_set_first(float("nan"))),
+    "t_inf": _edit_tensors(_set_first(float("-inf"))),
+    "t_overflow": _edit_tensors(lambda t: [t[k].fill_(1e30) for k in t if k.startswith(FIRST.rsplit(".", 1)[0])]),
+    "hp_r0": _edit_config(r=0),
+    "hp_u_gt_r": _edit_config(unshared_r=5),
+    "hp_m0": _edit_config(sharing_rate_a=0),
+    "hp_n_neg": _edit_config(sharing_rate_b=-1),
+    "hp_stride": _edit_config(stride_a=3),
+    "hp_float": _edit_config(r=4.5),
+    "hp_string": _edit_config(sharing_rate_b="2"),
+    "hp_bool": _edit_config(unshared_r=True),
+    "dim_absurd": _edit_config(modules={"model.layers.0.mlp.up_proj": {"in_features": 1 << 40, "out_features": 1}}),
+    "dim_huge": _huge_module,
+    "module_unknown": _rename_module("model.layers.1.mlp.down_proj", "model.layers.7.mlp.nope_proj"),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """Every input the table refers to, built once: models, adapters (good and broken), data, ONNX stubs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("bad-input")
+    paths: dict[str, Path] = {}
+    base = tiny_llama()
+    paths["model"] = root / "model"
+    base.save_pretrained(paths["model"], safe_serialization=True)
+    tiny_tokenizer().save_pretrained(paths["model"])
+    adapter = make_adapter(tiny_llama(), **HP)
+    paths["ad"] = save_adapter(root / "ad", adapter)
+    save_peft(root / "peft", adapter)
+    paths["peft"] = root / "peft"
+
+    other = LlamaForCausalLM(
+        LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=128)
+    )  # fmt: skip
+    paths["other_ad"] = save_adapter(root / "other-ad", make_adapter(other, **HP))
+
+    for name, edit in BROKEN.items():
+        shutil.copytree(paths["ad"], root / name)
+        edit(root / name)
+        paths[name] = root / name
+
+    paths["bin_model"] = root / "bin-model"
+    paths["bin_model"].mkdir()
+    shutil.copy(paths["model"] / "config.json", paths["bin_model"])
+    (paths["bin_model"] / "pytorch_model.bin").write_bytes(b"PK\x03\x04 never unpickled")
+    paths["empty"] = root / "empty"
+    paths["empty"].mkdir()
+    paths["a_file"] = root / "a-file.txt"
+    paths["a_file"].write_text("not a folder")
+    paths["remote"] = _remote_code_model(root / "remote", paths["model"])
+    paths["data"] = write_jsonl(root / "train.jsonl", [{"prompt": "what is 1 plus 2 ?", "completion": "3"}] * 4)
+
+    paths["onnx"] = root / "onnx"
+    paths["onnx"].mkdir()
+    shutil.copy(paths["model"] / "config.json", paths["onnx"])
+    x = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.FLOAT, ["b", "s"])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", "s"])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["input_ids"], ["logits"])], "stub", [x], [y])
+    onnx.save(onnx.helper.make_model(graph), paths["onnx"] / "model.onnx")
+    paths["onnx_garbage"] = root / "onnx-garbage"
+    shutil.copytree(paths["onnx"], paths["onnx_garbage"])
+    (paths["onnx_garbage"] / "model.onnx").write_bytes(b"\xff" * 40)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _remote_code_model(folder: Path, model: Path) -> Path:
+    """A model folder whose config asks transformers to import its own Python file (which leaves a marker)."""
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type=REMOTE_TYPE,
+        architectures=["RemoteForCausalLM"],
+        auto_map={"AutoConfig": "remote_code.RemoteConfig", "AutoModelForCausalLM": "remote_code.RemoteForCausalLM"},
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "remote_code.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(folder)!r}, 'remote-code-ran').touch()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        f"class RemoteConfig(LlamaConfig):\n    model_type = {REMOTE_TYPE!r}\n"
+        "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n"
+    )
+    return folder
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def merge(adapter: str = "{ad}", base: str = "{model}", *extra: str) -> list[str]:
+    return ["merge", "--base", base, "--adapter", adapter, "--out", "{out}", "--quiet", "--force", *extra]
+
+
+def onnx_cmd(adapter: str = "{ad}", base: str = "{model}", mode: str = "merged") -> list[str]:
+    return ["onnx", "--base", base, "--adapter", adapter, "--mode", mode, "--out", "{out}", "--force"]
+
+
+def onnx_adapter(adapter: str = "{ad}") -> list[str]:
+    return ["onnx-adapter", "--adapter", adapter, "--out", "{outfile}", "--force"]
+
+
+def convert(adapter: str = "{ad}", *extra: str) -> list[str]:
+    return ["convert", adapter, "--to", "peft", "--out", "{out}", "--force", *extra]
+
+
+def inspect(adapter: str = "{ad}", *extra: str) -> list[str]:
+    return ["inspect", adapter, *extra]
+
+
+def parity(adapter: str = "{ad}", base: str = "{model}", onnx_dir: str = "{onnx}") -> list[str]:
+    return ["parity", "--base", base, "--adapter", adapter, "--onnx", onnx_dir, "--max-new-tokens", "0",
+            "--report", "{outfile}"]  # fmt: skip
+
+
+def train(*extra: str, base: str = "{model}") -> list[str]:
+    return ["train", "--base", base, "--data", "{data}", "--out", "{out}", "--force", "--no-progress",
+            "--max-steps", "1", "--batch-size", "1", "--max-length", "16", *extra]  # fmt: skip
+
+
+def without_force(args: list[str]) -> list[str]:
+    return [a for a in args if a != "--force"]
+
+
+CFG = "adapter_config.json"
+ST = "adapter_model.safetensors"
+OTHER = "an adapter for another model?"
+CASES: list[tuple[str, list[str], list[str]]] = [
+    # missing or unreadable paths
+    ("missing_adapter", merge("{root}/nope"), ["nope", "adapter folder not found"]),
+    ("missing_adapter", onnx_cmd("{root}/nope"), ["nope", "adapter folder not found"]),
+    ("missing_adapter", onnx_adapter("{root}/nope"), ["nope", "adapter folder not found"]),
+    ("missing_adapter", convert("{root}/nope"), ["nope", "adapter folder not found"]),
+    ("missing_adapter", inspect("{root}/nope"), ["nope", "adapter folder not found"]),
+    ("missing_adapter", parity("{root}/nope"), ["nope", "adapter folder not found"]),
+    ("adapter_is_file", merge("{a_file}"), ["a-file.txt", "not a folder"]),
+    ("adapter_is_file", convert("{a_file}"), ["a-file.txt", "is a file"]),
+    ("missing_base", merge(base="{root}/nope"), ["nope", "model folder not found"]),
+    ("missing_base", onnx_cmd(base="{root}/nope"), ["nope", "model folder not found"]),
+    ("missing_base", parity(base="{root}/nope"), ["nope", "model folder not found"]),
+    ("missing_base", train(base="{root}/nope"), ["nope", "model folder not found"]),
+    ("missing_base", inspect("{ad}", "--base", "{root}/nope"), ["nope", "model folder not found"]),
+    ("missing_base", convert("{ad}", "--base", "{root}/nope"), ["nope", "model folder not found"]),
+    ("missing_onnx", parity(onnx_dir="{root}/nope"), ["nope", "ONNX folder not found"]),
+    ("onnx_corrupt", parity(onnx_dir="{onnx_garbage}"), ["onnx-garbage", "model.onnx"]),
+    ("missing_data", [*train()[:3], "--data", "{root}/nope.jsonl", *train()[5:]], ["nope.jsonl"]),
+    ("cfg_unreadable", merge("{cfg_unreadable}"), [CFG, "cannot read"]),
+    ("cfg_unreadable", inspect("{cfg_unreadable}"), [CFG, "cannot read"]),
+    ("cfg_unreadable", onnx_adapter("{cfg_unreadable}"), [CFG, "cannot read"]),
+    # a folder that is neither a model nor an adapter (or the other one)
+    ("neither", merge("{empty}"), ["empty", CFG]),
+    ("neither", convert("{empty}"), ["empty", "not an adapter folder"]),
+    ("neither", inspect("{empty}"), ["empty", "not an adapter folder"]),
+    ("neither", onnx_adapter("{empty}"), ["empty", CFG]),
+    ("neither", merge(base="{empty}"), ["empty", "not a model folder: no config.json"]),
+    ("neither", onnx_cmd(base="{empty}"), ["empty", "not a model folder: no config.json"]),
+    ("neither", train(base="{empty}"), ["empty", "not a model folder: no config.json"]),
+    ("neither", parity(base="{empty}"), ["empty", "not a model folder: no config.json"]),
+    ("neither", parity(onnx_dir="{empty}"), ["empty", "no *.onnx file"]),
+    ("adapter_as_base", merge(base="{ad}"), ["ad", "looks like an adapter, not a model"]),
+    ("adapter_as_base", train(base="{ad}"), ["ad", "looks like an adapter, not a model"]),
+    ("model_as_adapter", convert("{model}"), ["model", "looks like a model folder"]),
+    ("model_as_adapter", inspect("{model}"), ["model", "looks like a model folder"]),
+    ("model_as_adapter", onnx_cmd("{model}"), ["model", CFG]),
+    ("peft_not_prolora", merge("{peft}"), [CFG, "'format' must be \"prolora\""]),
+    # malformed or truncated adapter_config.json
+    ("cfg_malformed", merge("{cfg_malformed}"), [CFG, "malformed JSON"]),
+    ("cfg_malformed", onnx_cmd("{cfg_malformed}"), [CFG, "malformed JSON"]),
+    ("cfg_malformed", onnx_adapter("{cfg_malformed}"), [CFG, "malformed JSON"]),
+    ("cfg_malformed", parity("{cfg_malformed}"), [CFG, "malformed JSON"]),
+    ("cfg_truncated", convert("{cfg_truncated}"), [CFG, "malformed JSON"]),
+    ("cfg_truncated", inspect("{cfg_truncated}"), [CFG, "malformed JSON"]),
+    ("cfg_truncated", merge("{cfg_truncated}"), [CFG, "malformed JSON"]),
+    ("cfg_not_object", merge("{cfg_not_object}"), [CFG, "expected a JSON object"]),
+    ("cfg_not_object", inspect("{cfg_not_object}"), [CFG, "expected a JSON object"]),
+    ("cfg_binary", convert("{cfg_binary}"), [CFG, "cannot read"]),
+    ("cfg_missing", merge("{cfg_missing}"), [CFG, "file not found"]),
+    ("cfg_missing", inspect("{cfg_missing}"), [CFG, "not an adapter folder"]),
+    ("cfg_missing_key", onnx_adapter("{cfg_missing_key}"), [CFG, "missing key 'r'"]),
+    # truncated or corrupted safetensors
+    ("st_truncated", merge("{st_truncated}"), [ST, "not a valid safetensors file"]),
+    ("st_truncated", onnx_cmd("{st_truncated}", mode="compact"), [ST, "not a valid safetensors file"]),
+    ("st_truncated", onnx_adapter("{st_truncated}"), [ST, "not a valid safetensors file"]),
+    ("st_truncated", convert("{st_truncated}"), [ST, "not a valid safetensors file"]),
+    ("st_truncated", inspect("{st_truncated}"), [ST, "not a valid safetensors file"]),
+    ("st_truncated", parity("{st_truncated}"), [ST, "not a valid safetensors file"]),
+    ("st_garbage", merge("{st_garbage}"), [ST, "not a valid safetensors file"]),
+    ("st_garbage", convert("{st_garbage}"), [ST, "not a valid safetensors file"]),
+    ("st_missing", onnx_adapter("{st_missing}"), [ST, "file not found"]),
+    ("st_missing", inspect("{st_missing}"), [ST, "file not found"]),
+    # missing, extra or misnamed tensors
+    ("t_missing", merge("{t_missing}"), [ST, f"missing tensor '{FIRST}' (expected shape [3, 50])"]),
+    ("t_missing", onnx_cmd("{t_missing}"), [ST, f"missing tensor '{FIRST}'"]),
+    ("t_missing", onnx_adapter("{t_missing}"), [ST, f"missing tensor '{FIRST}'"]),
+    ("t_missing", inspect("{t_missing}"), [ST, f"missing tensor '{FIRST}'"]),
+    ("t_extra", convert("{t_extra}"), [ST, "unexpected tensor 'model.layers.9.self_attn.q_proj.prolora_A_shard'"]),
+    ("t_extra", merge("{t_extra}"), [ST, "unexpected tensor 'model.layers.9.self_attn.q_proj.prolora_A_shard'"]),
+    ("t_extra", parity("{t_extra}"), [ST, "unexpected tensor"]),
+    ("t_misnamed", merge("{t_misnamed}"), [ST, f"missing tensor '{FIRST}'", "unexpected tensor", "A_shrd"]),
+    ("t_misnamed", onnx_adapter("{t_misnamed}"), [ST, f"missing tensor '{FIRST}'", "A_shrd"]),
+    # shapes that do not match the config or the base model
+    ("t_shape", merge("{t_shape}"), [ST, f"tensor '{FIRST}' has shape [4, 50], expected [3, 50]"]),
+    ("t_shape", onnx_cmd("{t_shape}"), [ST, f"tensor '{FIRST}' has shape [4, 50]"]),
+    ("t_shape", convert("{t_shape}"), [ST, f"tensor '{FIRST}' has shape [4, 50]"]),
+    ("t_int", onnx_adapter("{t_int}"), [ST, f"tensor '{FIRST}' has dtype torch.int32"]),
+    ("other_model", merge("{other_ad}"), ["model.layers.0.self_attn.q_proj", "[72, 72]", "48→48", OTHER]),
+    ("other_model", onnx_cmd("{other_ad}"), ["model.layers.0.self_attn.q_proj", "72→72", "48→48", OTHER]),
+    ("other_model", onnx_cmd("{other_ad}", mode="compact"), ["model.layers.0.self_attn.q_proj", OTHER]),
+    ("other_model", parity("{other_ad}"), ["model.layers.0.self_attn.q_proj", OTHER]),
+    ("other_model", convert("{other_ad}", "--base", "{model}"), ["model.layers.0.self_attn.q_proj", "72→72"]),
+    ("other_model", inspect("{other_ad}", "--base", "{model}"), ["model.layers.0.self_attn.q_proj", "48→48"]),
+    ("module_unknown", merge("{module_unknown}"), ["model.layers.7.mlp.nope_proj", "no tensor"]),
+    ("module_unknown", onnx_cmd("{module_unknown}"), ["model.layers.7.mlp.nope_proj"]),
+    ("module_unknown", convert("{module_unknown}", "--base", "{model}"), ["nope_proj", "does not exist"]),
+    # NaN or Inf
+    ("t_nan", merge("{t_nan}"), [ST, f"tensor '{FIRST}' contains NaN or Inf"]),
+    ("t_nan", onnx_cmd("{t_nan}", mode="compact"), [ST, f"tensor '{FIRST}' contains NaN or Inf"]),
+    ("t_nan", onnx_adapter("{t_nan}"), [ST, f"tensor '{FIRST}' contains NaN or Inf"]),
+    ("t_nan", convert("{t_nan}"), [ST, f"tensor '{FIRST}' contains NaN or Inf"]),
+    ("t_nan", inspect("{t_nan}"), [ST, "contains NaN or Inf"]),
+    ("t_nan", parity("{t_nan}"), [ST, "contains NaN or Inf"]),
+    ("t_inf", merge("{t_inf}"), [ST, f"tensor '{FIRST}' contains NaN or Inf"]),
+    ("t_overflow", merge("{t_overflow}"), [ST, "model.layers.0.mlp.down_proj", "beyond float32 range"]),
+    ("t_overflow", onnx_adapter("{t_overflow}"), [ST, "model.layers.0.mlp.down_proj", "beyond float32 range"]),
+    # hyperparameters out of range / not integers
+    ("hp_r0", merge("{hp_r0}"), [CFG, "'r' must be in [1, 16384], got 0"]),
+    ("hp_r0", inspect("{hp_r0}"), [CFG, "'r' must be in [1, 16384], got 0"]),
+    ("hp_r0", train("--r", "0"), ["options", "'r' must be in [1, 16384], got 0"]),
+    ("hp_r0", inspect("--base", "{model}", "--r", "0"), ["hyperparameters", "'r' must be in"]),
+    ("hp_u_gt_r", onnx_cmd("{hp_u_gt_r}"), [CFG, "'unshared_r' must be in [0, r=4], got 5"]),
+    ("hp_u_gt_r", train("--r", "4", "--unshared-r", "5"), ["'unshared_r' must be in [0, r=4], got 5"]),
+    ("hp_m0", convert("{hp_m0}"), [CFG, "'sharing_rate_a' must be ≥ 1, got 0"]),
+    ("hp_m0", train("--sharing-rate-a", "0"), ["'sharing_rate_a' must be ≥ 1, got 0"]),
+    ("hp_n_neg", onnx_adapter("{hp_n_neg}"), [CFG, "'sharing_rate_b' must be ≥ 1, got -1"]),
+    ("hp_n_neg", train("--sharing-rate-b", "-1"), ["'sharing_rate_b' must be ≥ 1, got -1"]),
+    ("hp_stride", merge("{hp_stride}"), [CFG, "'stride_a' must be in [0, r - unshared_r = 3), got 3"]),
+    ("hp_stride", parity("{hp_stride}"), [CFG, "'stride_a' must be in [0, r - unshared_r = 3), got 3"]),
+    ("option_not_integer", train("--r", "2.5"), ["'--r'", "'2.5' is not a valid integer", "train --help"]),
+    ("option_missing", ["merge", "--adapter", "{ad}", "--out", "{out}"], ["Missing option '--base'"]),
+    ("hp_float", merge("{hp_float}"), [CFG, "'r' must be an integer, got 4.5"]),
+    ("hp_float", inspect("{hp_float}"), [CFG, "'r' must be an integer, got 4.5"]),
+    ("hp_string", onnx_cmd("{hp_string}"), [CFG, "'sharing_rate_b' must be an integer, got '2'"]),
+    ("hp_bool", convert("{hp_bool}"), [CFG, "'unshared_r' must be an integer, got True"]),
+    # dimensions so large they would exhaust memory
+    ("dim_absurd", merge("{dim_absurd}"), [CFG, "'in_features' must be an integer in [1, 1048576]"]),
+    ("dim_absurd", inspect("{dim_absurd}"), [CFG, "'in_features' must be an integer in [1, 1048576]"]),
+    ("dim_absurd", onnx_adapter("{dim_absurd}"), [CFG, "'in_features' must be an integer in [1, 1048576]"]),
+    ("dim_huge", merge("{dim_huge}"), [ST, "has shape", "expected [16384, 1048576]"]),
+    ("dim_huge", onnx_cmd("{dim_huge}"), [ST, "has shape", "expected [16384, 1048576]"]),
+    ("dim_huge", inspect("--base", "{model}", "--r", "100000"), ["'r' must be in [1, 16384], got 100000"]),
+    # an unknown target module
+    ("target_unknown", train("--target-modules", "nope"), ["no module matches target_modules=['nope']", "q_proj"]),
+    ("target_unknown", inspect("--base", "{model}", "--target-modules", "nope"), ["no module matches"]),
+    # a base model without safetensors (pickle only)
+    ("pickle_only", merge(base="{bin_model}"), ["bin-model", "only pickle weights (pytorch_model.bin)"]),
+    ("pickle_only", onnx_cmd(base="{bin_model}"), ["bin-model", "only pickle weights (pytorch_model.bin)"]),
+    ("pickle_only", train(base="{bin_model}"), ["bin-model", "only pickle weights", "safe_serialization=True"]),
+    ("pickle_only", parity(base="{bin_model}"), ["bin-model", "only pickle weights"]),
+    ("pickle_only", inspect("{ad}", "--base", "{bin_model}"), ["bin-model", "only pickle weights"]),
+    ("pickle_only", convert("{ad}", "--base", "{bin_model}"), ["bin-model", "only pickle weights"]),
+    # custom code in a model folder: refused without --trust-remote-code
+    ("remote_code", onnx_cmd(base="{remote}"), ["remote", "auto_map", "--trust-remote-code"]),
+    ("remote_code", train(base="{remote}"), ["remote", "auto_map", "--trust-remote-code"]),
+    ("remote_code", parity(base="{remote}"), ["remote", "auto_map", "--trust-remote-code"]),
+    ("remote_code", inspect("--base", "{remote}"), ["remote", "auto_map", "--trust-remote-code"]),
+    ("remote_code", convert("{ad}", "--base", "{remote}"), ["remote", "auto_map", "--trust-remote-code"]),
+    # an output that exists (without --force)
+    ("out_exists", without_force(merge()), ["already exists (pass --force to replace it)"]),
+    ("out_exists", without_force(onnx_cmd()), ["already exists (pass --force to replace it)"]),
+    ("out_exists", without_force(onnx_cmd(mode="compact")), ["already exists (pass --force to replace it)"]),
+    ("out_exists", without_force(onnx_adapter()), ["already exists (pass --force to replace it)"]),
+    ("out_exists", without_force(convert()), ["already exists (pass --force to replace it)"]),
+    ("out_exists", without_force(train()), ["already exists (pass --force to replace it)"]),
+    ("out_is_base", [*merge()[:5], "--out", "{model}", "--quiet", "--force"], ["must differ from the base model"]),
+    ("out_is_src", ["convert", "{ad}", "--to", "prolora", "--out", "{ad}", "--force"], ["must differ from the source"]),
+]
+
+
+def _fill(args: list[str], world: dict[str, str], tmp_path: Path) -> list[str]:
+    names = {**world, "root": str(Path(world["ad"]).parent), "out": str(tmp_path / "out")}
+    names["outfile"] = str(tmp_path / "out.file")
+    return [a.format_map(names) for a in args]
+
+
+def _state(path: Path) -> dict[str, bytes] | bytes | None:
+    """Everything at ``path``: a folder's files and bytes, a file's bytes, or None."""
+    if path.is_dir():
+        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return path.read_bytes() if path.exists() else None
+
+
+def _prepare_destination(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "previous.txt").write_text("the previous complete output")
+    (tmp_path / "out.file").write_bytes(b"previous file output")
+
+
+def assert_clean_error(result, fragments: list[str]) -> str:
+    """Exit 2, one 'error:' line with every fragment, no traceback; returns the line."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def run_and_check(args: list[str], fragments: list[str], world: dict[str, str], tmp_path: Path) -> str:
+    """Run against an existing destination; the error must be clean and the destination byte-identical."""
+    _prepare_destination(tmp_path)
+    before = {name: _state(tmp_path / name) for name in ("out", "out.file")}
+    line = assert_clean_error(CliRunner().invoke(main, _fill(args, world, tmp_path)), fragments)
+    assert {name: _state(tmp_path / name) for name in ("out", "out.file")} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out")) == ["out", "out.file"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    return line
+
+
+def _case_ids() -> list[str]:
+    """class-command (onnx: with its mode), numbered from the second row of the same pair on."""
+    seen: Counter = Counter()
+    ids = []
+    for kind, args, _ in CASES:
+        name = f"{kind}-{args[0]}" + (f"-{args[args.index('--mode') + 1]}" if "--mode" in args else "")
+        seen[name] += 1
+        ids.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        pytest.param(args, fragments, id=case_id)
+        for case_id, (_, args, fragments) in zip(_case_ids(), CASES, strict=True)
+    ],
+)
+def test_bad_input(world: dict[str, str], tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    run_and_check(args, fragments, world, tmp_path)
+
+
+def test_every_command_and_class_is_covered() -> None:
+    """The table names every command, and every class with an adapter folder appears at least once."""
+    commands = {args[0] for _, args, _ in CASES}
+    assert commands == {"merge", "onnx", "onnx-adapter", "convert", "inspect", "parity", "train"}
+    modes = {args[args.index("--mode") + 1] for _, args, _ in CASES if args[0] == "onnx"}
+    assert modes == {"merged", "compact"}
+    assert set(BROKEN) <= {kind for kind, _, _ in CASES}
+
+
+def test_real_process_prints_one_line_on_stderr(world: dict[str, str], tmp_path: Path) -> None:
+    """Outside CliRunner too: our errors and click's own usage errors are one stderr line, exit 2."""
+    for args, fragment in ((onnx_adapter("{t_nan}"), "contains NaN or Inf"), (train("--r", "x"), "valid integer")):
+        cmd = [sys.executable, "-m", "prolora_export", *_fill(args, world, tmp_path)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and fragment in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.file").exists()
+
+
+# ---------------------------------------------------------------------- destination problems
+
+
+def test_output_under_a_file_cannot_be_written(world: dict[str, str], tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    for args in (merge(), convert(), onnx_adapter()):
+        args = [a.replace("{out}", "{root}/blocker/out").replace("{outfile}", "{root}/blocker/x") for a in args]
+        args = [a.replace("{root}", str(tmp_path)) for a in args]
+        assert_clean_error(CliRunner().invoke(main, _fill(args, world, tmp_path)), ["blocker", "not a folder"])
+    assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("args", [merge(), onnx_cmd(), onnx_adapter(), convert(), train()], ids=lambda a: a[0])
+def test_output_folder_not_writable(world: dict[str, str], tmp_path: Path, monkeypatch, args: list[str]) -> None:
+    """A read-only parent (simulated: the tests run as root, which ignores permissions)."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    run_and_check(args, ["cannot write into this folder (permission denied)", str(tmp_path)], world, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        merge(),
+        convert(),
+        onnx_adapter(),
+        onnx_cmd(),
+        train(),
+    ],
+    ids=lambda a: a[0],
+)
+def test_not_enough_free_disk_space(world: dict[str, str], tmp_path: Path, monkeypatch, args: list[str]) -> None:
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, (1 << 30) - 4096, 4096))
+    run_and_check(args, ["not enough free disk space", "MiB free"], world, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "target"),
+    [
+        (merge(), "prolora_export.merge._write_config"),  # after the shards are written
+        (convert(), "prolora_export.formats.peft_lora.save_file"),
+        (onnx_adapter(), "prolora_export.outputs.os.replace"),
+    ],
+    ids=["merge", "convert", "onnx-adapter"],
+)
+def test_disk_full_while_writing(world: dict[str, str], tmp_path: Path, monkeypatch, args, target: str) -> None:
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(target, full)
+    run_and_check(args, ["ran out of disk space while writing; nothing was changed"], world, tmp_path)
+
+
+# ---------------------------------------------------------------------- trust_remote_code
+
+
+def test_remote_code_runs_only_with_the_flag(world: dict[str, str], tmp_path: Path) -> None:
+    """Without the flag nothing from the folder is imported; with it, transformers may import it."""
+    marker = Path(world["remote"]) / "remote-code-ran"
+    marker.unlink(missing_ok=True)
+    assert CliRunner().invoke(main, ["inspect", "--base", world["remote"]]).exit_code == 2
+    assert not marker.exists()
+    done = CliRunner().invoke(main, ["inspect", "--base", world["remote"], "--trust-remote-code", "--json"])
+    assert marker.exists(), done.output
+    assert done.exit_code == 0, done.output
+    assert len(json.loads(done.output)["layers"]) == 8
+
+
+# ---------------------------------------------------------------------- train --resume on a damaged save
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        (_write("trainer_state/state.json", b'{"step": '), ["state.json", "malformed JSON"]),
+        (_write("trainer_state/state.json", b'{"steps": 1}'), ["state.json", 'integer "step"']),
+        (_truncate("trainer_state/optimizer.safetensors"), ["optimizer.safetensors", "not a valid safetensors"]),
+        (_write("train_log.jsonl", b'{"step": 1, "loss"\n'), ["train_log.jsonl", "cannot read the training log"]),
+        (lambda out: shutil.rmtree(out / "trainer_state"), ["no trainer_state/state.json"]),
+        (_edit_tensors(_set_first(float("nan"))), [ST, "contains NaN or Inf"]),
+    ],
+    ids=["state-malformed", "state-no-step", "optimizer-truncated", "log-malformed", "state-missing", "adapter-nan"],
+)
+def test_resume_from_a_damaged_save(world: dict[str, str], tmp_path: Path, damage, fragments: list[str]) -> None:
+    """The damaged save is reported in one line and left exactly as it was."""
+    first = without_force(_fill(train("--r", "4"), world, tmp_path))
+    assert CliRunner().invoke(main, first).exit_code == 0
+    damage(tmp_path / "out")
+    before = _state(tmp_path / "out")
+    steps = first.index("--max-steps") + 1
+    resumed = CliRunner().invoke(main, [*first[:steps], "2", *first[steps + 1 :], "--resume"])
+    assert_clean_error(resumed, fragments)
+    assert _state(tmp_path / "out") == before
+
+
+def test_shard_index_cannot_make_merge_write_outside_its_output(world: dict[str, str], tmp_path: Path) -> None:
+    """An index naming '../victim/model.safetensors' must be refused, not read and overwritten."""
+    from safetensors import safe_open
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    shutil.copy(Path(world["model"]) / "model.safetensors", victim)
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(Path(world["model"]) / "config.json", base)
+    save_file({"unused": torch.zeros(1)}, str(base / "other.safetensors"))
+    with safe_open(str(victim / "model.safetensors"), "pt") as handle:
+        weight_map = {key: "../victim/model.safetensors" for key in handle.keys()}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    before = _state(victim)
+    result = CliRunner().invoke(main, _fill(merge(base=str(base)), world, tmp_path))
+    assert _state(victim) == before, "merge wrote outside its output folder"
+    assert_clean_error(result, ["model.safetensors.index.json", "../victim/model.safetensors"])
