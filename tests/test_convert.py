@@ -59,6 +59,27 @@ def test_reference_to_prolora_to_peft_is_exact(tmp_path: Path, expanded: bool) -
         assert torch.equal(peft[f"base_model.model.{path}.lora_B.weight"], reconstruct_b(g, b_shard, b_u))
 
 
+@pytest.mark.parametrize("expanded", [False, True], ids=["training", "expanded"])
+def test_keys_with_peft_adapter_name_are_read_and_two_names_refused(tmp_path: Path, expanded: bool) -> None:
+    """A raw PeftModel.state_dict() keeps the adapter name (``lora_A.default.weight``, ``lora_A_vec.default``)."""
+    adapter, _ = source_adapter(**HP)
+    save_reference(tmp_path / "ref", adapter, expanded=expanded)
+    weights = tmp_path / "ref" / "adapter_model.safetensors"
+    plain = load_file(str(weights))
+    named = {re.sub(r"(lora_[AB](?:_vec)?)(\.weight)?$", r"\1.default\2", k): v for k, v in plain.items()}
+    assert set(named) != set(plain) and all(".default" in k for k in named)
+    save_file(named, str(weights))
+    result = convert(tmp_path / "ref", "prolora", tmp_path / "ours")
+    assert result.source_format == ("reference-expanded" if expanded else "reference-training")
+    assert_same_tensors(load_adapter(tmp_path / "ours").tensors, adapter.tensors)
+
+    first = sorted(named)[0]
+    save_file({**named, first.replace(".default", ".other"): named[first].clone()}, str(weights))
+    with pytest.raises(PRoLoRAError, match="several adapters \\(default, other\\)"):
+        convert(tmp_path / "ref", "prolora", tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 def test_training_layout_with_u0_converts_with_base(tmp_path: Path, tiny_model_dir: Path) -> None:
     adapter, _ = source_adapter(r=4, unshared_r=0, sharing_rate_a=4, sharing_rate_b=2)
     save_reference(tmp_path / "ref", adapter, expanded=False)

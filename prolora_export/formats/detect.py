@@ -39,6 +39,7 @@ def detect_format(directory: str | Path, base_shapes: dict[str, tuple[int, int]]
     them it is read as expanded, whose bitwise structure check refuses a training file with a
     message suggesting ``--base``.
     """
+    from .peft_lora import without_adapter_name
     from .reference import has_reference_fields
 
     directory = Path(directory)
@@ -54,6 +55,8 @@ def detect_format(directory: str | Path, base_shapes: dict[str, tuple[int, int]]
         return PROLORA
     if has_reference_fields(data):
         shapes = tensor_shapes(directory / WEIGHTS_NAME)
+        renamed = without_adapter_name(list(shapes), str(directory / WEIGHTS_NAME))
+        shapes = {renamed[k]: v for k, v in shapes.items()}
         if any(n.endswith(("lora_A_vec", "lora_B_vec")) for n in shapes):
             return REFERENCE_TRAINING
         for name, shape in shapes.items():

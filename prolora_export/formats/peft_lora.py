@@ -9,6 +9,7 @@ outputs. Reading gives the full factors back, validated, for the reference reade
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,8 +149,29 @@ def read_lora_config(directory: Path) -> dict[str, Any]:
     return data
 
 
+#: a key with PEFT's adapter-name level still in it (``model.state_dict()`` of a PeftModel keeps it;
+#: ``save_pretrained`` drops it): ``P.lora_A.default.weight``, ``P.lora_A_vec.default`` (reference code)
+NAMED_KEY = re.compile(r"^(?P<head>.+\.(?:lora_[AB]|lora_[AB]_vec))\.(?P<name>[^.]+)(?P<tail>\.weight)?$")
+
+
+def without_adapter_name(keys: list[str], where: str) -> dict[str, str]:
+    """Key -> the same key without PEFT's adapter-name level, when every LoRA key has one and the same.
+
+    ``P.lora_A.weight`` (no name) never matches: ``weight`` would be the name but then the tail is
+    missing, and a plain vec key has no level after it. Several names (several adapters in one
+    file) are refused rather than guessed.
+    """
+    found = {k: m for k in keys if (m := NAMED_KEY.match(k)) and (m["tail"] or m["head"].endswith("_vec"))}
+    found = {k: m for k, m in found.items() if not (m["name"] == "weight" and m["tail"] is None)}
+    names = sorted({m["name"] for m in found.values()})
+    if len(names) > 1:
+        raise PRoLoRAError(f"the file holds several adapters ({', '.join(names)}); keep one", where)
+    return {k: (f"{found[k]['head']}{found[k]['tail'] or ''}" if k in found else k) for k in keys}
+
+
 def read_lora_tensors(directory: Path, strip_prefix: bool = True) -> dict[str, torch.Tensor]:
-    """The weights file of a LoRA-like folder, keys without the ``base_model.model.`` prefix."""
+    """The weights file of a LoRA-like folder, keys without the ``base_model.model.`` prefix
+    nor PEFT's adapter-name level (:func:`without_adapter_name`)."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise PRoLoRAError(
@@ -158,6 +180,8 @@ def read_lora_tensors(directory: Path, strip_prefix: bool = True) -> dict[str, t
             str(directory),
         )
     tensors = read_safetensors(weights)
+    renamed = without_adapter_name(list(tensors), str(weights))
+    tensors = {renamed[k]: v for k, v in tensors.items()}
     if not strip_prefix:
         return tensors
     return {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}
