@@ -1,8 +1,8 @@
-"""ONNX Runtime CPU latency of the compact PRoLoRA graph against its peers, adapter size on
-disk against PEFT LoRA, and export wall time against optimum-cli. Writes bench/ONNX.md and
-bench/onnx.json.
+"""ONNX Runtime CPU latency of the compact PRoLoRA graph against its peers at several sequence
+lengths, parity of both export modes, adapter size on disk against PEFT LoRA, and export wall
+time against optimum-cli. Writes bench/ONNX.md, bench/onnx.json and bench/onnx_latency.png.
 
-    python bench/bench_onnx.py [--quick]
+    python bench/bench_onnx.py [--quick] [--markdown-only]
 
 Graphs (demo model, SmolLM2-135M, fp32): the base exported by ``optimum-cli export onnx``;
 ``merged`` and ``compact`` exports of one PRoLoRA adapter (r=8, u=1, m=n=2, all seven
@@ -10,7 +10,9 @@ linear layers of every block); and a plain-LoRA unmerged graph of the same rank,
 exporting a PRoLoRA adapter with u = r = 8 in compact mode: then every layer is
 ``x·A_uᵀ·B_uᵀ`` with the full LoRA factors as initializers (MatMul·MatMul, no gathers).
 All sessions use the same SessionOptions (intra_op_num_threads=2, inter_op 1, ORT_ENABLE_ALL)
-and run in one process, interleaved round by round; each number is a median.
+and run in one process, interleaved round by round; each number is a median. Decode is one
+new token after 32, 128 or 512 past tokens, prefill a prompt of 32, 128 or 512 tokens
+(``--quick``: 32 and 128, fewer calls); issue 5's goals are stated at 128.
 """
 
 from __future__ import annotations
@@ -40,13 +42,32 @@ from prolora_export.formats.prolora import Adapter, save_adapter  # noqa: E402
 from prolora_export.inject import adapter_state_dict, inject_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model, load_base_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
+from prolora_export.parity import DEFAULT_PROMPTS, GATES, check_parity  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 THREADS = 2
-PAST = PREFILL = 128
+GRAPHS = {"base": "base", "merged": "merged", "compact": "compact", "plain_lora": "plain LoRA"}
+HEADLINE = 128  # the length issue 5's goals are stated at
+LENGTHS = {False: (32, 128, 512), True: (32, 128)}  # by --quick
+#: phase -> (onnx.json key, what its length counts, (new, past) tokens of one call at length n)
+PHASES = {
+    "decode": ("decode_ms_by_past", "past tokens", lambda n: (1, n)),
+    "prefill": ("prefill_ms_by_tokens", "prompt tokens", lambda n: (n, 0)),
+}
+PEERS = ("merged", "plain_lora")
+#: headline ratio (compact / peer at HEADLINE tokens) -> its goal (upper bound), from issue 5
+GOALS = {
+    "decode_compact_vs_merged": 1.10,
+    "prefill_compact_vs_merged": 1.15,
+    "decode_compact_vs_plain_lora": 1.0,
+    "prefill_compact_vs_plain_lora": 1.0,
+}
+#: parity metric shown -> its number format
+PARITY_ROWS = {"max_abs": ".2e", "rel": ".2e", "min_cos": ".8f", "top1": ".3f", "max_kl": ".2e"}
 
 
 def random_adapter(base: Path, out: Path, seed: int, **hyper) -> Adapter:
+    """A saved adapter with small random factors (seeded), so latency and parity see a non-trivial ΔW."""
     model = load_base_model(str(base))
     config = PRoLoRAConfig(target_modules=TARGETS, lora_dropout=0.0, **hyper)
     inject_adapter(model, config)
@@ -69,6 +90,7 @@ def peft_lora_bytes(base: Path, r: int, work: Path) -> int:
 
 
 def timed_cli(cmd: list[str]) -> float:
+    """Wall seconds of one fresh CLI process, as a user would see it."""
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:
@@ -77,6 +99,7 @@ def timed_cli(cmd: list[str]) -> float:
 
 
 def session(path: Path) -> ort.InferenceSession:
+    """One CPU session with the settings shared by every graph, so only the graph differs."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
@@ -86,6 +109,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def feeds(sess: ort.InferenceSession, new: int, past: int) -> dict[str, np.ndarray]:
+    """Batch-1 inputs of `new` tokens after `past` cached ones (random KV cache: cost does not depend on values)."""
     rng = np.random.default_rng(0)
     out = {
         "input_ids": rng.integers(0, 1000, (1, new), dtype=np.int64),
@@ -113,20 +137,63 @@ def latency(sessions: dict[str, ort.InferenceSession], new: int, past: int, roun
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, one export timing each")
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite ONNX.md from the last onnx.json")
-    args = parser.parse_args()
-    if args.markdown_only:
-        results = json.loads((HERE / "onnx.json").read_text())
-        quick = " --quick" if results["settings"]["quick"] else ""
-        (HERE / "ONNX.md").write_text(markdown(results, "python bench/bench_onnx.py" + quick))
-        return
-    exports = 1 if args.quick else 2
-    decode_rounds, prefill_rounds = (10, 4) if args.quick else (30, 10)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
+def call_plan(phase: str, length: int, quick: bool) -> tuple[int, int]:
+    """(rounds, calls per round) at one length. A decode call costs about the same at any past
+    length, so all get the same calls; a prefill call grows with the prompt, so its calls shrink
+    with it and every length costs about the same wall time (full run's latency part ≈ 6 min on 2 cores)."""
+    if phase == "decode":
+        return (8 if quick else 20), 5
+    return max(4, min(40, (640 if quick else 2560) // length)), 1
+
+
+def measure(sessions: dict[str, ort.InferenceSession], quick: bool) -> tuple[dict, dict]:
+    """Median ms of every graph for each phase and length, and the calls behind each median."""
+    ms: dict[str, dict[str, dict[str, float]]] = {}
+    calls: dict[str, dict[str, int]] = {}
+    for phase, (_, _, tokens) in PHASES.items():
+        ms[phase], calls[phase] = {}, {}
+        for n in LENGTHS[quick]:
+            rounds, per_round = call_plan(phase, n, quick)
+            print(f"  {phase} at {n} ({rounds * per_round} calls) …", flush=True)
+            medians = latency(sessions, *tokens(n), rounds, per_round)
+            ms[phase][str(n)] = {name: v * 1e3 for name, v in medians.items()}
+            calls[phase][str(n)] = rounds * per_round
+    return ms, calls
+
+
+def ratios(ms: dict[str, float]) -> dict[str, float]:
+    """compact / peer for each peer, from one length's medians."""
+    return {f"compact_vs_{peer}": ms["compact"] / ms[peer] for peer in PEERS}
+
+
+def parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
+    """prolora_export.parity (fp32-cpu preset) of the merged and compact exports against PyTorch
+    base + the same adapter, unmerged; few prompts and tokens, since the gate is what matters here."""
+    prompts, new_tokens = (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
+    out: dict = {"preset": "fp32-cpu", "prompts": len(prompts), "max_new_tokens": new_tokens}
+    for mode in ("merged", "compact"):
+        report = check_parity(
+            str(base),
+            adapter,
+            work / mode,
+            prompts=prompts,
+            max_new_tokens=new_tokens,
+            tolerance="fp32-cpu",
+            progress=False,
+        )
+        out[mode] = {
+            "metrics": report.metrics,
+            "bounds": {key: check["bound"] for key, check in report.checks.items()},
+            "greedy_identical": all(p.first_divergence is None for p in report.prompts),
+            "passed": report.passed,
+        }
+    return out
+
+
+def run(work: Path, quick: bool) -> dict:
+    """Every measurement of this benchmark, with its working files under ``work``."""
+    started = time.perf_counter()
+    exports = 1 if quick else 2
     base = ensure_demo_model(quiet=True)
 
     print("adapters …", flush=True)
@@ -137,92 +204,223 @@ def main() -> None:
 
     print("exports …", flush=True)
     python = sys.executable
-    optimum_cli = str(Path(python).parent / "optimum-cli")
+    optimum = [str(Path(python).parent / "optimum-cli"), "export", "onnx", "--task", "text-generation-with-past"]
+    ours = [python, "-m", "prolora_export", "onnx", "--mode", "merged", "--force", "--adapter", str(work / "prolora")]
     t_optimum, t_merged = [], []
     for _ in range(exports):  # back to back, alternating
-        t_optimum.append(timed_cli([optimum_cli, "export", "onnx", "--model", str(base), "--task",
-                                    "text-generation-with-past", str(work / "base")]))
-        t_merged.append(timed_cli([python, "-m", "prolora_export", "onnx", "--base", str(base), "--adapter",
-                                   str(work / "prolora"), "--mode", "merged", "--out", str(work / "merged"),
-                                   "--force"]))
+        t_optimum.append(timed_cli([*optimum, "--model", str(base), str(work / "base")]))
+        t_merged.append(timed_cli([*ours, "--base", str(base), "--out", str(work / "merged")]))
     export_onnx(str(base), work / "prolora", work / "compact", mode="compact", force=True)
     export_onnx(str(base), work / "lora", work / "plain_lora", mode="compact", force=True)
 
     print("latency …", flush=True)
     proc = psutil.Process()
     sessions, rss = {}, {}
-    for name in ("base", "merged", "compact", "plain_lora"):
+    for name in GRAPHS:
         before = proc.memory_info().rss
         sessions[name] = session(work / name)
         rss[name] = proc.memory_info().rss - before
-    decode = latency(sessions, 1, PAST, decode_rounds, 5)
-    prefill = latency(sessions, PREFILL, 0, prefill_rounds, 2)
+    latency_start = time.perf_counter()
+    ms, calls = measure(sessions, quick)
+    latency_s = time.perf_counter() - latency_start
+    del sessions
 
+    print("parity …", flush=True)
+    parity_start = time.perf_counter()
+    parity_figures = parity(base, work / "prolora", work, quick)
+    parity_figures["seconds"] = time.perf_counter() - parity_start
+
+    at = str(HEADLINE)
+    headline = {f"{phase}_{key}": value for phase in PHASES for key, value in ratios(ms[phase][at]).items()}
     results = {
-        "decode_ms": {k: v * 1e3 for k, v in decode.items()},
-        "prefill_ms": {k: v * 1e3 for k, v in prefill.items()},
-        "ratios": {
-            "decode_compact_vs_merged": decode["compact"] / decode["merged"],
-            "prefill_compact_vs_merged": prefill["compact"] / prefill["merged"],
-            "decode_compact_vs_plain_lora": decode["compact"] / decode["plain_lora"],
-            "prefill_compact_vs_plain_lora": prefill["compact"] / prefill["plain_lora"],
-        },
+        "decode_ms": ms["decode"][at],
+        "prefill_ms": ms["prefill"][at],
+        "ratios": headline,
+        "goals": GOALS,
+        "goals_met": {key: headline[key] <= goal for key, goal in GOALS.items()},
+        **{key: ms[phase] for phase, (key, _, _) in PHASES.items()},
+        "ratios_by_length": {phase: {n: ratios(row) for n, row in ms[phase].items()} for phase in PHASES},
+        "parity": parity_figures,
         "session_rss_mib": {k: v / 2**20 for k, v in rss.items()},
-        "adapter_bytes": {"prolora_safetensors": ours_bytes, "peft_lora_safetensors": peft_bytes,
-                          "prolora_parameters": prolora.num_parameters},
-        "export_s": {"optimum_cli_base": statistics.median(t_optimum), "prolora_merged": statistics.median(t_merged),
-                     "runs": exports},
-        "settings": {"intra_op_num_threads": THREADS, "decode_calls": decode_rounds * 5,
-                     "prefill_calls": prefill_rounds * 2, "quick": args.quick},
+        "adapter_bytes": {
+            "prolora_safetensors": ours_bytes,
+            "peft_lora_safetensors": peft_bytes,
+            "prolora_parameters": prolora.num_parameters,
+        },
+        "export_s": {
+            "optimum_cli_base": statistics.median(t_optimum),
+            "prolora_merged": statistics.median(t_merged),
+            "runs": exports,
+        },
+        "settings": {
+            "intra_op_num_threads": THREADS,
+            "decode_calls": calls["decode"][at],
+            "prefill_calls": calls["prefill"][at],
+            "quick": quick,
+            "headline_length": HEADLINE,
+            "lengths": list(LENGTHS[quick]),
+            "calls": calls,
+            "latency_wall_s": latency_s,
+            "wall_s": time.perf_counter() - started,
+        },
     }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="lengths 32 and 128 only, fewer calls, one export timing")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="rewrite ONNX.md and onnx_latency.png from the last onnx.json"
+    )
+    args = parser.parse_args()
+    if args.markdown_only:
+        render(json.loads((HERE / "onnx.json").read_text()))
+        return
+    if args.work is not None:
+        results = run(args.work, args.quick)
+    else:  # exports of the demo model take ~2 GB: never leave them behind
+        with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+            results = run(Path(tmp), args.quick)
     (HERE / "onnx.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "ONNX.md").write_text(markdown(results, "python bench/bench_onnx.py" + (" --quick" if args.quick else "")))
+    render(results)
     print((HERE / "ONNX.md").read_text())
+
+
+def render(results: dict) -> None:
+    """ONNX.md and onnx_latency.png from one results dict (a fresh run or the stored onnx.json)."""
+    plot(results, HERE / "onnx_latency.png")
+    command = "python bench/bench_onnx.py" + (" --quick" if results["settings"]["quick"] else "")
+    (HERE / "ONNX.md").write_text(markdown(results, command))
+
+
+def plot(r: dict, path: Path) -> None:
+    """Two panels, decode ms vs past length and prefill ms vs prompt length, one line per graph."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, (phase, (key, unit, _)) in zip(axes, PHASES.items(), strict=True):
+        lengths = sorted(int(n) for n in r[key])
+        for name, label in GRAPHS.items():
+            ax.plot(lengths, [r[key][str(n)][name] for n in lengths], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set(title=phase, xlabel=unit, ylabel="median ms per call", ylim=(0, None))
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"ONNX Runtime CPU, SmolLM2-135M fp32, {r['settings']['intra_op_num_threads']} threads")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mark(ok: bool) -> str:
+    """✅ for a goal met, ❌ otherwise."""
+    return "✅" if ok else "❌"
+
+
+def length_rows(r: dict) -> str:
+    """One table row per phase and length: every graph's median and both compact ratios."""
+    rows = []
+    for phase, (key, unit, _) in PHASES.items():
+        for n, row in r[key].items():
+            q = r["ratios_by_length"][phase][n]
+            cells = " | ".join(f"{row[name]:.1f}" for name in GRAPHS)
+            rows.append(
+                f"| {phase} | {n} {unit} | {r['settings']['calls'][phase][n]} | {cells} | "
+                f"{q['compact_vs_merged']:.3f} | {q['compact_vs_plain_lora']:.3f} |"
+            )
+    return "\n".join(rows)
+
+
+def parity_rows(p: dict) -> str:
+    """Worst-over-prompts parity metrics of both modes beside the fp32-cpu bound."""
+    rows = []
+    for key, fmt in PARITY_ROWS.items():
+        _, label, kind = GATES[key]
+        bound = p["merged"]["bounds"].get(key)
+        limit = "(reported)" if bound is None else f"{'≤' if kind == 'max' else '≥'} {bound:{fmt}}"
+        merged, compact = (p[mode]["metrics"][key] for mode in ("merged", "compact"))
+        rows.append(f"| {label} | {merged:{fmt}} | {compact:{fmt}} | {limit} |")
+    same = {mode: "yes" if p[mode]["greedy_identical"] else "no" for mode in ("merged", "compact")}
+    rows.append(f"| greedy text identical to PyTorch | {same['merged']} | {same['compact']} | yes |")
+    rows.append(
+        f"| parity gate | {'pass ✅' if p['merged']['passed'] else 'fail ❌'} | "
+        f"{'pass ✅' if p['compact']['passed'] else 'fail ❌'} | all gates |"
+    )
+    return "\n".join(rows)
 
 
 def markdown(r: dict, command: str) -> str:
     d, p, q = r["decode_ms"], r["prefill_ms"], r["ratios"]
-    a, e, s = r["adapter_bytes"], r["export_s"], r["settings"]
+    a, e, s, par = r["adapter_bytes"], r["export_s"], r["settings"], r["parity"]
+    at = s["headline_length"]
     rows = "\n".join(
-        f"| {name} | {d[name]:.2f} | {p[name]:.1f} | {r['session_rss_mib'][name]:.0f} |"
-        for name in ("base", "merged", "compact", "plain_lora")
+        f"| {label} | {d[name]:.2f} | {p[name]:.1f} | {r['session_rss_mib'][name]:.0f} |"
+        for name, label in GRAPHS.items()
+    )
+    goals = "\n".join(
+        f"| {key.split('_')[0]}, compact / {GRAPHS[key.split('_vs_')[1]]} | {q[key]:.3f} | ≤ {goal:.2f} | "
+        f"{mark(r['goals_met'][key])} |"
+        for key, goal in r["goals"].items()
     )
     export_ratio = e["prolora_merged"] / e["optimum_cli_base"]
     noise_d, noise_p = (abs(t["merged"] / t["base"] - 1) * 100 for t in (d, p))
+    graph_heads = " | ".join(f"{label} ms" for label in GRAPHS.values())
     return f"""## ONNX Runtime (CPU): compact PRoLoRA graph vs merged, plain LoRA and the base
 
 Command: `{command}` (demo model SmolLM2-135M-Instruct, fp32; adapter r=8, u=1, m=n=2 on all
 7 linear layers of all 30 blocks). One process, the same SessionOptions for every graph:
-intra_op_num_threads={s['intra_op_num_threads']}, inter_op_num_threads=1, ORT_ENABLE_ALL, CPUExecutionProvider.
-Medians of {s['decode_calls']} decode calls (batch 1, one new token after {PAST} past tokens) and
-{s['prefill_calls']} prefill calls ({PREFILL} tokens), graphs interleaved round by round.
-"plain_lora" is a compact export of a PRoLoRA adapter with u = r = 8, i.e. plain LoRA: full
-A and B as initializers, MatMul·MatMul per layer, unmerged. The machine's 2 cores were shared
-with other jobs, so absolute numbers are noisy; the ratios are what was measured back to back.
-base and merged are the same architecture (only weight values differ): the gap between
-them ({noise_d:.0f}% decode, {noise_p:.0f}% prefill) is the noise level of this run.
+intra_op_num_threads={s["intra_op_num_threads"]}, inter_op_num_threads=1, ORT_ENABLE_ALL, CPUExecutionProvider.
+Batch 1; decode is one new token after the given number of past tokens, prefill a prompt of the
+given length; medians, graphs interleaved round by round (calls per graph in the tables; the
+latency part took {s["latency_wall_s"] / 60:.1f} min). "plain LoRA" is a compact export of a PRoLoRA
+adapter with u = r = 8, i.e. plain LoRA: full A and B as initializers, MatMul·MatMul per layer,
+unmerged. The machine's 2 cores were shared with other jobs, so absolute numbers are noisy; the
+ratios are what was measured back to back. base and merged are the same architecture (only weight
+values differ): the gap between them at {at} tokens ({noise_d:.0f}% decode, {noise_p:.0f}% prefill) is
+the noise level of this run.
 
-| graph | decode ms | prefill ms | session RSS MiB |
+Issue 5's goals, at {at} tokens ({s["decode_calls"]} decode and {s["prefill_calls"]} prefill calls per graph):
+
+| ratio | measured | goal | met |
+|---|---:|---:|:---:|
+{goals}
+
+| graph | decode ms ({at} past) | prefill ms ({at} tokens) | session RSS MiB |
 |---|---:|---:|---:|
 {rows}
 
-| ratio | measured | goal |
-|---|---:|---:|
-| decode, compact / merged | {q['decode_compact_vs_merged']:.3f} | ≤ 1.10 |
-| prefill, compact / merged | {q['prefill_compact_vs_merged']:.3f} | ≤ 1.15 |
-| decode, compact / plain LoRA | {q['decode_compact_vs_plain_lora']:.3f} | ≤ 1.0 |
-| prefill, compact / plain LoRA | {q['prefill_compact_vs_plain_lora']:.3f} | ≤ 1.0 |
+Every length:
 
-Adapter on disk: PRoLoRA safetensors {a['prolora_safetensors']:,} bytes ({a['prolora_parameters']:,} parameters)
-vs PEFT LoRA of the same rank and targets {a['peft_lora_safetensors']:,} bytes:
-{a['peft_lora_safetensors'] / a['prolora_safetensors']:.2f}× smaller.
+| phase | length | calls | {graph_heads} | compact / merged | compact / plain LoRA |
+|---|---|---:|{"---:|" * len(GRAPHS)}---:|---:|
+{length_rows(r)}
 
-Export wall time (median of {e['runs']}, each a fresh process, back to back):
-`prolora-export onnx --mode merged` {e['prolora_merged']:.1f} s vs
-`optimum-cli export onnx --task text-generation-with-past` of the base {e['optimum_cli_base']:.1f} s:
-{export_ratio:.2f}× (goal ≤ 1.2×). Not quite like for like: optimum-cli also runs its output
-validation (an extra ONNX Runtime pass), which `prolora-export onnx` skips unless `--validate`
-is given; ours adds loading the adapter and merging it.
+![ONNX Runtime latency](onnx_latency.png)
+
+Parity of both export modes (`prolora_export.parity.check_parity`, preset {par["preset"]}): the ONNX
+folder under ONNX Runtime CPU vs PyTorch base + the same adapter, unmerged, fp32; worst over
+{par["prompts"]} prompts, greedy decoding of {par["max_new_tokens"]} new tokens through the KV cache
+({par["seconds"]:.0f} s for both).
+
+| metric | merged | compact | bound |
+|---|---:|---:|---:|
+{parity_rows(par)}
+
+Adapter on disk: PRoLoRA safetensors {a["prolora_safetensors"]:,} bytes ({a["prolora_parameters"]:,} parameters)
+vs PEFT LoRA of the same rank and targets {a["peft_lora_safetensors"]:,} bytes:
+{a["peft_lora_safetensors"] / a["prolora_safetensors"]:.2f}× smaller.
+
+Export wall time (median of {e["runs"]}, each a fresh process, back to back):
+`prolora-export onnx --mode merged` {e["prolora_merged"]:.1f} s vs
+`optimum-cli export onnx --task text-generation-with-past` of the base {e["optimum_cli_base"]:.1f} s:
+{export_ratio:.2f}× (goal ≤ 1.2×) {mark(export_ratio <= 1.2)}. Not quite like for like: optimum-cli also
+runs its output validation (an extra ONNX Runtime pass), which `prolora-export onnx` skips unless
+`--validate` is given; ours adds loading the adapter and merging it.
 """
 
 

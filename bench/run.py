@@ -151,10 +151,15 @@ def _onnx_goals(r: dict) -> list[Goal]:
         ("#5", "`onnx --mode merged` export time vs `optimum-cli export onnx` ≤ 1.2×", f"{export:.2f}×",
          export <= 1.2),
     ]  # fmt: skip
-    for mode, check in (r.get("parity") or {}).items():
-        if isinstance(check, dict) and "passed" in check:
-            detail = ", ".join(f"{k} {check[k]:.2g}" for k in ("rel_err", "max_kl") if isinstance(check.get(k), float))
-            out.append(("#6", f"parity gate (fp32-cpu preset), {mode} export", detail or "—", bool(check["passed"])))
+    parity = r.get("parity") or {}
+    for mode in ("merged", "compact"):
+        if mode in parity:
+            check, metrics = parity[mode], parity[mode]["metrics"]
+            detail = f"rel err {metrics['rel']:.2g}, max KL {metrics['max_kl']:.2g}, greedy identical: " + (
+                "yes" if check["greedy_identical"] else "no"
+            )
+            what = f"parity gate ({parity['preset']} preset), {mode} export passes"
+            out.append(("#6", what, detail, check["passed"]))
     return out
 
 
