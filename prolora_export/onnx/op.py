@@ -3,10 +3,11 @@
 The body is built from standard ONNX ops only (opset ≥ 18 for ``Pad`` with ``axes``), so a
 stock ONNX Runtime runs it with no compiled library. It computes what
 :func:`prolora_export.shards.compact_forward` computes: pad, view as chunks, MatMul with A₀ᵀ,
-both rotation gathers and the sum over chunks as ONE MatMul with the constant routing matrix
-of :func:`prolora_export.shards.route_matrix` (for u = 0, γ = 1: fewer ops, and op count is
-what costs time on small decode tensors), MatMul with B₀ᵀ, reshape, Slice to d_out, plus the
-unshared pair as its own rank-u path, times ``scaling``. Unlike PyTorch, the body does not
+both rotation gathers, the sum over chunks and γ as ONE MatMul with the constant routing matrix
+of :func:`prolora_export.shards.route_matrix` (for u = 0) times the ``scaling`` attribute (ORT
+folds that product once: op count is what costs time on small decode tensors), MatMul with
+B₀ᵀ, reshape, Slice to d_out, plus the unshared pair as its own rank-u path scaled on its
+rank-u intermediate; γ never costs a pass over the d_out-wide output. Unlike PyTorch, the body does not
 stack A_u and B_u into the shard matmuls: the shards are graph inputs (switched per adapter),
 so stacking would cost Concat/Transpose nodes on every call, as many as it saves. Leading
 dimensions are flattened while the chunks are processed and restored at the end, so X may
@@ -161,10 +162,11 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
         xv = b.op("Reshape", xp, b.op("Concat", b.const([*keep, m]), c_a, axis=0))  # (…, m, c_A)
         z = b.op("MatMul", xv, b.op("Transpose", a0, perm=[1, 0]))  # (…, m, r_s)
         z = b.op("Reshape", z, b.const([*keep, m * rs]))
-        if m > 1 or n > 1:  # both rotation gathers and the chunk sum: one MatMul with a constant 0/1 matrix
+        if m > 1 or n > 1:  # both rotation gathers, the chunk sum and γ: one MatMul with a constant matrix
             spread = route_matrix(rs, 0, m, n, spec.stride_a, spec.stride_b, 1.0, torch.float32, "cpu").numpy()
-            z = b.op("MatMul", z, b.op("CastLike", b.const(spread, np.float32), z))  # (…, n·r_s)
-        if not spec.unshared_r:  # scale the rank-sized intermediate, not the d_out-wide output
+            routed = b.op("Mul", b.const(spread, np.float32), scale)  # constant × attribute: folded by ORT
+            z = b.op("MatMul", z, b.op("CastLike", routed, z))  # (…, n·r_s)
+        else:
             z = b.op("Mul", z, b.op("CastLike", scale, z))
         g = b.op("Reshape", z, b.const([*keep, n, rs]))
         y = b.op("MatMul", g, b.op("Transpose", b0, perm=[1, 0]))  # (…, n, c_B)
@@ -177,10 +179,12 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
         parts.append(y if spec.pad_free else b.op("Slice", y, b.const([0]), b.attr_int("out_features"), b.const([-1])))
     if spec.unshared_r:
         t = b.op("MatMul", x, b.op("Transpose", au, perm=[1, 0]))  # (…, u)
-        if not spec.shared_r:
-            t = b.op("Mul", t, b.op("CastLike", scale, t))
-        parts.append(b.op("MatMul", t, b.op("Transpose", bu, perm=[1, 0])))
-    out = parts[0] if len(parts) == 1 else b.op("Mul", b.op("Add", *parts), b.op("CastLike", scale, parts[0]))
+        t = b.op("Mul", t, b.op("CastLike", scale, t))  # γ on the rank-sized tensor, never on the output
+        if spec.unshared_r == 1:  # an outer product: a broadcast Mul writes it faster than a MatMul with K = 1
+            parts.append(b.op("Mul", t, b.op("Reshape", bu, b.const([-1]))))
+        else:
+            parts.append(b.op("MatMul", t, b.op("Transpose", bu, perm=[1, 0])))
+    out = parts[0] if len(parts) == 1 else b.op("Add", *parts)
     if spec.upcast:
         out = b.op("CastLike", out, INPUTS[0])
     b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
