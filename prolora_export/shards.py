@@ -107,17 +107,6 @@ class ShardGeometry:
         return self.r * (self.in_features + self.out_features)
 
 
-@lru_cache(maxsize=256)
-def _rotation_table(shared_r: int, chunks: int, stride: int, sign: int) -> tuple[tuple[int, ...], ...]:
-    """``table[j][i] = (i + sign·j·stride) mod r_s``: which shard rank feeds rank i of chunk j."""
-    return tuple(tuple((i + sign * j * stride) % shared_r for i in range(shared_r)) for j in range(chunks))
-
-
-def rotation_index(shared_r: int, chunks: int, stride: int, sign: int = 1, device=None) -> Tensor:
-    """The rotation table as a (chunks, r_s) long tensor; a constant of the geometry."""
-    return torch.tensor(_rotation_table(shared_r, chunks, stride, sign), dtype=torch.long, device=device)
-
-
 def _rotated_chunks(shard: Tensor, chunks: int, stride: int, rank_dim: int) -> list[Tensor]:
     """``[roll(shard, -j·stride, rank_dim) for j in range(chunks)]``, the SPEC's definition."""
     return [torch.roll(shard, shifts=-j * stride, dims=rank_dim) for j in range(chunks)]
