@@ -217,7 +217,7 @@ def write_pages(results: dict) -> None:
         mode = "quick" if entry["quick"] else "full"
         sections.append(
             f"## {name} (`{BENCHMARKS[name][0]}`, {mode} run of {entry['date']}, {entry['seconds']:.0f} s){status}\n\n"
-            + re.sub(r"^(#+) ", r"#\1 ", md_file.read_text().strip(), flags=re.M)  # nest its headings
+            + re.sub(r"^(#+) ", r"##\1 ", md_file.read_text().strip(), flags=re.M)  # nest its headings
             + "\n"
         )
     page = (
