@@ -3,7 +3,9 @@ random PRoLoRA adapters on them, and the real demo model for end-to-end tests.""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from safetensors.torch import load_file, save_file
 
 from prolora_export.config import PRoLoRAConfig
 from prolora_export.formats.prolora import Adapter
@@ -71,3 +75,38 @@ def demo_model() -> Path:
     path = demo_model_dir()
     assert (path / "config.json").is_file(), f"demo model missing at {path}: run `prolora-export fetch-demo`"
     return path
+
+
+# Edits of a saved adapter folder, for tests of bad input: each returns a function of the folder.
+
+
+def edit_config(**changes) -> Callable[[Path], None]:
+    """Overwrite keys of ``adapter_config.json``."""
+
+    def edit(folder: Path) -> None:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    return edit
+
+
+def edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    """Change the tensor dict of ``adapter_model.safetensors`` in place and save it back."""
+
+    def edit(folder: Path) -> None:
+        path = folder / "adapter_model.safetensors"
+        tensors = load_file(str(path))
+        change(tensors)
+        save_file(tensors, str(path))
+
+    return edit
+
+
+def truncate(name: str) -> Callable[[Path], None]:
+    """Cut a file of the folder to half its bytes."""
+
+    def edit(folder: Path) -> None:
+        raw = (folder / name).read_bytes()
+        (folder / name).write_bytes(raw[: len(raw) // 2])
+
+    return edit

@@ -23,8 +23,8 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_adapter, tiny_llama
-from safetensors.torch import load_file, save_file
+from conftest import edit_config, edit_tensors, make_adapter, tiny_llama, truncate
+from safetensors.torch import save_file
 from test_data import tiny_tokenizer, write_jsonl
 
 from prolora_export.cli import main
@@ -37,26 +37,6 @@ REMOTE_TYPE = "prolora-test-remote"
 
 
 # ---------------------------------------------------------------------- broken adapter folders
-
-
-def _edit_config(**changes) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        path = folder / "adapter_config.json"
-        data = json.loads(path.read_text())
-        data.update(changes)
-        path.write_text(json.dumps(data))
-
-    return edit
-
-
-def _edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        path = folder / "adapter_model.safetensors"
-        tensors = load_file(str(path))
-        change(tensors)
-        save_file(tensors, str(path))
-
-    return edit
 
 
 def _set_first(value: float) -> Callable[[dict[str, torch.Tensor]], None]:
@@ -81,14 +61,6 @@ def _write(name: str, data: bytes | None) -> Callable[[Path], None]:
     return edit
 
 
-def _truncate(name: str) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        raw = (folder / name).read_bytes()
-        (folder / name).write_bytes(raw[: len(raw) // 2])
-
-    return edit
-
-
 def _huge_module(folder: Path) -> None:
     """Sizes that pass the per-key bounds but would need 2^20 × 2^20 floats per module."""
     data = json.loads((folder / "adapter_config.json").read_text())
@@ -104,14 +76,14 @@ def _rename_module(old: str, new: str) -> Callable[[Path], None]:
         data = json.loads((folder / "adapter_config.json").read_text())
         data["modules"] = {new if p == old else p: shape for p, shape in data["modules"].items()}
         (folder / "adapter_config.json").write_text(json.dumps(data))
-        _edit_tensors(lambda t: t.update({k.replace(old, new): t.pop(k) for k in list(t) if k.startswith(old)}))(folder)
+        edit_tensors(lambda t: t.update({k.replace(old, new): t.pop(k) for k in list(t) if k.startswith(old)}))(folder)
 
     return edit
 
 
 BROKEN: dict[str, Callable[[Path], None]] = {
     "cfg_malformed": _write("adapter_config.json", b'{"format": "prolora", "r": '),
-    "cfg_truncated": _truncate("adapter_config.json"),
+    "cfg_truncated": truncate("adapter_config.json"),
     "cfg_not_object": _write("adapter_config.json", b"[1, 2]"),
     "cfg_binary": _write("adapter_config.json", b"\xff\xfe\x00garbage"),
     "cfg_missing": _write("adapter_config.json", None),
@@ -119,26 +91,26 @@ BROKEN: dict[str, Callable[[Path], None]] = {
     "cfg_missing_key": lambda folder: (folder / "adapter_config.json").write_text(
         json.dumps({k: v for k, v in json.loads((folder / "adapter_config.json").read_text()).items() if k != "r"})
     ),
-    "st_truncated": _truncate("adapter_model.safetensors"),
+    "st_truncated": truncate("adapter_model.safetensors"),
     "st_garbage": _write("adapter_model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{not json"),
     "st_missing": _write("adapter_model.safetensors", None),
-    "t_missing": _edit_tensors(lambda t: t.pop(FIRST)),
-    "t_extra": _edit_tensors(lambda t: t.update({"model.layers.9.self_attn.q_proj.prolora_A_shard": torch.ones(1, 1)})),
-    "t_misnamed": _edit_tensors(lambda t: t.update({FIRST.replace("A_shard", "A_shrd"): t.pop(FIRST)})),
-    "t_shape": _edit_tensors(lambda t: t.update({FIRST: torch.zeros(t[FIRST].shape[0] + 1, t[FIRST].shape[1])})),
-    "t_int": _edit_tensors(lambda t: t.update({FIRST: t[FIRST].to(torch.int32)})),
-    "t_nan": _edit_tensors(_set_first(float("nan"))),
-    "t_inf": _edit_tensors(_set_first(float("-inf"))),
-    "t_overflow": _edit_tensors(lambda t: [t[k].fill_(1e30) for k in t if k.startswith(FIRST.rsplit(".", 1)[0])]),
-    "hp_r0": _edit_config(r=0),
-    "hp_u_gt_r": _edit_config(unshared_r=5),
-    "hp_m0": _edit_config(sharing_rate_a=0),
-    "hp_n_neg": _edit_config(sharing_rate_b=-1),
-    "hp_stride": _edit_config(stride_a=3),
-    "hp_float": _edit_config(r=4.5),
-    "hp_string": _edit_config(sharing_rate_b="2"),
-    "hp_bool": _edit_config(unshared_r=True),
-    "dim_absurd": _edit_config(modules={"model.layers.0.mlp.up_proj": {"in_features": 1 << 40, "out_features": 1}}),
+    "t_missing": edit_tensors(lambda t: t.pop(FIRST)),
+    "t_extra": edit_tensors(lambda t: t.update({"model.layers.9.self_attn.q_proj.prolora_A_shard": torch.ones(1, 1)})),
+    "t_misnamed": edit_tensors(lambda t: t.update({FIRST.replace("A_shard", "A_shrd"): t.pop(FIRST)})),
+    "t_shape": edit_tensors(lambda t: t.update({FIRST: torch.zeros(t[FIRST].shape[0] + 1, t[FIRST].shape[1])})),
+    "t_int": edit_tensors(lambda t: t.update({FIRST: t[FIRST].to(torch.int32)})),
+    "t_nan": edit_tensors(_set_first(float("nan"))),
+    "t_inf": edit_tensors(_set_first(float("-inf"))),
+    "t_overflow": edit_tensors(lambda t: [t[k].fill_(1e30) for k in t if k.startswith(FIRST.rsplit(".", 1)[0])]),
+    "hp_r0": edit_config(r=0),
+    "hp_u_gt_r": edit_config(unshared_r=5),
+    "hp_m0": edit_config(sharing_rate_a=0),
+    "hp_n_neg": edit_config(sharing_rate_b=-1),
+    "hp_stride": edit_config(stride_a=3),
+    "hp_float": edit_config(r=4.5),
+    "hp_string": edit_config(sharing_rate_b="2"),
+    "hp_bool": edit_config(unshared_r=True),
+    "dim_absurd": edit_config(modules={"model.layers.0.mlp.up_proj": {"in_features": 1 << 40, "out_features": 1}}),
     "dim_huge": _huge_module,
     "module_unknown": _rename_module("model.layers.1.mlp.down_proj", "model.layers.7.mlp.nope_proj"),
 }
@@ -568,10 +540,10 @@ def test_remote_code_runs_only_with_the_flag(world: dict[str, str], tmp_path: Pa
     [
         (_write("trainer_state/state.json", b'{"step": '), ["state.json", "malformed JSON"]),
         (_write("trainer_state/state.json", b'{"steps": 1}'), ["state.json", 'integer "step"']),
-        (_truncate("trainer_state/optimizer.safetensors"), ["optimizer.safetensors", "not a valid safetensors"]),
+        (truncate("trainer_state/optimizer.safetensors"), ["optimizer.safetensors", "not a valid safetensors"]),
         (_write("train_log.jsonl", b'{"step": 1, "loss"\n'), ["train_log.jsonl", "cannot read the training log"]),
         (lambda out: shutil.rmtree(out / "trainer_state"), ["no trainer_state/state.json"]),
-        (_edit_tensors(_set_first(float("nan"))), [ST, "contains NaN or Inf"]),
+        (edit_tensors(_set_first(float("nan"))), [ST, "contains NaN or Inf"]),
     ],
     ids=["state-malformed", "state-no-step", "optimizer-truncated", "log-malformed", "state-missing", "adapter-nan"],
 )

@@ -6,14 +6,13 @@ nothing at the destination.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import edit_config, edit_tensors, tiny_llama, truncate
 from safetensors.torch import load_file, save_file
 from test_formats import assert_same_tensors, logits, source_adapter
 
@@ -117,30 +116,6 @@ def test_existing_destination_needs_force(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- bad inputs
-def _edit_config(**changes) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        path = folder / "adapter_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-    return edit
-
-
-def _edit_tensors(fn: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        path = folder / "adapter_model.safetensors"
-        tensors = load_file(str(path))
-        fn(tensors)
-        save_file(tensors, str(path))
-
-    return edit
-
-
-def _truncate(name: str) -> Callable[[Path], None]:
-    def edit(folder: Path) -> None:
-        raw = (folder / name).read_bytes()
-        (folder / name).write_bytes(raw[: len(raw) // 2])
-
-    return edit
 
 
 def _write(name: str, text: str) -> Callable[[Path], None]:
@@ -160,24 +135,24 @@ def _poison(value: float) -> Callable[[dict], None]:
 
 BAD_PROLORA = {
     "wrong shape": (
-        _edit_tensors(lambda t: t.update({KEY: torch.zeros(5, 9)})),
+        edit_tensors(lambda t: t.update({KEY: torch.zeros(5, 9)})),
         r"has shape \[5, 9\], expected \[5, 36\]",
     ),
-    "missing tensor": (_edit_tensors(lambda t: t.pop(KEY)), rf"missing tensor '{KEY}'"),
+    "missing tensor": (edit_tensors(lambda t: t.pop(KEY)), rf"missing tensor '{KEY}'"),
     "unexpected tensor": (
-        _edit_tensors(lambda t: t.update({"x.prolora_A_shard": torch.zeros(1)})),
+        edit_tensors(lambda t: t.update({"x.prolora_A_shard": torch.zeros(1)})),
         "unexpected tensor 'x",
     ),
-    "nan": (_edit_tensors(_poison(float("nan"))), f"'{KEY}' contains NaN or Inf"),
-    "inf": (_edit_tensors(_poison(float("inf"))), f"'{KEY}' contains NaN or Inf"),
-    "r < 1": (_edit_config(r=0), r"'r' must be in \[1,"),
-    "u > r": (_edit_config(unshared_r=7), r"'unshared_r' must be in \[0, r=6\], got 7"),
-    "m < 1": (_edit_config(sharing_rate_a=0), "'sharing_rate_a' must be ≥ 1, got 0"),
-    "stride >= r_s": (_edit_config(stride_a=5), r"'stride_a' must be in \[0, r - unshared_r = 5\), got 5"),
-    "non-integer": (_edit_config(r=6.5), "'r' must be an integer, got 6.5"),
+    "nan": (edit_tensors(_poison(float("nan"))), f"'{KEY}' contains NaN or Inf"),
+    "inf": (edit_tensors(_poison(float("inf"))), f"'{KEY}' contains NaN or Inf"),
+    "r < 1": (edit_config(r=0), r"'r' must be in \[1,"),
+    "u > r": (edit_config(unshared_r=7), r"'unshared_r' must be in \[0, r=6\], got 7"),
+    "m < 1": (edit_config(sharing_rate_a=0), "'sharing_rate_a' must be ≥ 1, got 0"),
+    "stride >= r_s": (edit_config(stride_a=5), r"'stride_a' must be in \[0, r - unshared_r = 5\), got 5"),
+    "non-integer": (edit_config(r=6.5), "'r' must be an integer, got 6.5"),
     "malformed json": (_write("adapter_config.json", '{"format": "prolora",'), "malformed JSON"),
-    "truncated json": (_truncate("adapter_config.json"), "malformed JSON"),
-    "truncated safetensors": (_truncate("adapter_model.safetensors"), "not a valid safetensors file"),
+    "truncated json": (truncate("adapter_config.json"), "malformed JSON"),
+    "truncated safetensors": (truncate("adapter_model.safetensors"), "not a valid safetensors file"),
     "not json object": (_write("adapter_config.json", "[1, 2]"), "expected a JSON object"),
 }
 
@@ -202,14 +177,14 @@ def _corrupt_chunk(t: dict) -> None:
 
 
 BAD_REFERENCE = {
-    "corrupted chunk": (_edit_tensors(_corrupt_chunk), r"module 'model\.layers\.0\.mlp\.down_proj': chunk 1 of A"),
-    "m < 1 (reference name)": (_edit_config(reduce_lora_A_x=0), "'reduce_lora_A_x' must be ≥ 1"),
-    "shift >= r_s": (_edit_config(lora_B_shift_size=9), r"'lora_B_shift_size' must be in \[0, r - unshared_r = 5\)"),
-    "u non-integer": (_edit_config(unshared_r="1"), "'unshared_r' must be an integer"),
-    "peft r mismatch": (_edit_config(r=5), r"has shape \[6, 72\], expected \[5, 72\]"),
-    "unexpected tensor": (_edit_tensors(lambda t: t.update({"base_model.model.x.bias": torch.zeros(2)})), "unexpected"),
+    "corrupted chunk": (edit_tensors(_corrupt_chunk), r"module 'model\.layers\.0\.mlp\.down_proj': chunk 1 of A"),
+    "m < 1 (reference name)": (edit_config(reduce_lora_A_x=0), "'reduce_lora_A_x' must be ≥ 1"),
+    "shift >= r_s": (edit_config(lora_B_shift_size=9), r"'lora_B_shift_size' must be in \[0, r - unshared_r = 5\)"),
+    "u non-integer": (edit_config(unshared_r="1"), "'unshared_r' must be an integer"),
+    "peft r mismatch": (edit_config(r=5), r"has shape \[6, 72\], expected \[5, 72\]"),
+    "unexpected tensor": (edit_tensors(lambda t: t.update({"base_model.model.x.bias": torch.zeros(2)})), "unexpected"),
     "missing B": (
-        _edit_tensors(lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")),
+        edit_tensors(lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")),
         re.escape("missing tensor 'model.layers.1.self_attn.v_proj.lora_B.weight'"),
     ),
 }
@@ -230,12 +205,12 @@ def test_training_layout_missing_vec_and_bad_vec_shape(tmp_path: Path) -> None:
     adapter, _ = source_adapter(**HP)
     save_reference(tmp_path / "src", adapter, expanded=False)
     vec = "base_model.model.model.layers.0.self_attn.k_proj.lora_B_vec"
-    _edit_tensors(lambda t: t.update({vec: torch.zeros(2, 24)}))(tmp_path / "src")
+    edit_tensors(lambda t: t.update({vec: torch.zeros(2, 24)}))(tmp_path / "src")
     with pytest.raises(
         PRoLoRAError, match=r"k_proj\.lora_B_vec \(transposed\)' has shape \[24, 2\], expected \[24, 1\]"
     ):
         convert(tmp_path / "src", "prolora", tmp_path / "out")
-    _edit_tensors(lambda t: t.pop(vec))(tmp_path / "src")
+    edit_tensors(lambda t: t.pop(vec))(tmp_path / "src")
     with pytest.raises(PRoLoRAError, match=r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.lora_B_vec'"):
         convert(tmp_path / "src", "prolora", tmp_path / "out")
     assert not (tmp_path / "out").exists()
