@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_adapter
+from conftest import LLAMA_TARGETS, make_adapter
 
 from prolora_export.cli import main as cli
 from prolora_export.formats.prolora import load_adapter, save_adapter
@@ -271,7 +271,7 @@ def _qwen2():
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
-    return Qwen2ForCausalLM(config), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return Qwen2ForCausalLM(config), LLAMA_TARGETS
 
 
 @pytest.mark.parametrize("build", [_gpt2, _qwen2], ids=["gpt2-conv1d", "qwen2"])
