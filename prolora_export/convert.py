@@ -28,11 +28,10 @@ def meta_model(name_or_path: str, trust_remote_code: bool | None = None) -> nn.M
     import torch
     from transformers import AutoConfig
 
-    from .models import model_class_for, refuse_remote_code, resolve_model, trusts_remote_code
+    from .models import checked_remote_code, model_class_for, resolve_model
 
     source = resolve_model(name_or_path)
-    trust_remote_code = trusts_remote_code(trust_remote_code)
-    refuse_remote_code(source, trust_remote_code)
+    trust_remote_code = checked_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -48,15 +48,17 @@ def trusts_remote_code(explicit: bool | None = None) -> bool:
     return _TRUST_REMOTE_CODE.get() if explicit is None else explicit
 
 
-def refuse_remote_code(source: str, trust: bool) -> None:
-    """One clear line, before transformers sees the folder, when a local model needs its own code.
+def checked_remote_code(source: str, explicit: bool | None = None) -> bool:
+    """The trust_remote_code to load ``source`` with (:func:`trusts_remote_code`); when it is off and
+    a local model needs its own code, one clear line before transformers sees the folder.
 
     A known ``model_type`` with an ``auto_map`` loads with transformers' own classes (nothing
     from the folder runs), so only an unknown type is refused.
     """
+    trust = trusts_remote_code(explicit)
     config_path = Path(source) / "config.json"
     if trust or not config_path.is_file():
-        return
+        return trust
     from transformers import CONFIG_MAPPING
 
     from .config import read_json
@@ -69,6 +71,7 @@ def refuse_remote_code(source: str, trust: bool) -> None:
             "(only for a folder you trust)",
             str(config_path),
         )
+    return trust
 
 
 def cache_root() -> Path:
@@ -177,8 +180,7 @@ def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_rem
     from transformers import AutoConfig
 
     source = resolve_model(name_or_path)
-    trust_remote_code = trusts_remote_code(trust_remote_code)
-    refuse_remote_code(source, trust_remote_code)
+    trust_remote_code = checked_remote_code(source, trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         cls = model_class_for(config, task)
