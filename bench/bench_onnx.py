@@ -44,6 +44,9 @@ from prolora_export.models import ensure_demo_model, load_base_model  # noqa: E4
 from prolora_export.onnx.export import export_onnx  # noqa: E402
 from prolora_export.parity import DEFAULT_PROMPTS, GATES, check_parity  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from bench_size import lora_size  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 THREADS = 2
 GRAPHS = {"base": "base", "merged": "merged", "compact": "compact", "plain_lora": "plain LoRA"}
@@ -78,15 +81,6 @@ def random_adapter(base: Path, out: Path, seed: int, **hyper) -> Adapter:
     adapter = Adapter(config, {k: v.clone() for k, v in adapter_state_dict(model).items()})
     save_adapter(out, adapter, force=True)
     return adapter
-
-
-def peft_lora_bytes(base: Path, r: int, work: Path) -> int:
-    """Size of a real PEFT LoRA adapter of the same rank and targets, saved by PEFT itself."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(load_base_model(str(base)), LoraConfig(r=r, lora_alpha=16, target_modules=TARGETS))
-    model.save_pretrained(work / "peft")
-    return (work / "peft" / "adapter_model.safetensors").stat().st_size
 
 
 def timed_cli(cmd: list[str]) -> float:
@@ -200,7 +194,7 @@ def run(work: Path, quick: bool) -> dict:
     prolora = random_adapter(base, work / "prolora", 0, r=8, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2)
     random_adapter(base, work / "lora", 1, r=8, unshared_r=8)
     ours_bytes = (work / "prolora" / "adapter_model.safetensors").stat().st_size
-    peft_bytes = peft_lora_bytes(base, 8, work)
+    peft_bytes = lora_size(load_base_model(str(base)), work, 8)[1]  # the same measurement as bench_size
 
     print("exports …", flush=True)
     python = sys.executable
