@@ -5,10 +5,12 @@ time against optimum-cli. Writes bench/ONNX.md, bench/onnx.json and bench/onnx_l
     python bench/bench_onnx.py [--quick] [--markdown-only]
 
 Graphs (demo model, SmolLM2-135M, fp32): the base exported by ``optimum-cli export onnx``;
-``merged`` and ``compact`` exports of one PRoLoRA adapter (r=8, u=1, m=n=2, all seven
-linear layers of every block); and a plain-LoRA unmerged graph of the same rank, made by
-exporting a PRoLoRA adapter with u = r = 8 in compact mode: then every layer is
-``x·A_uᵀ·B_uᵀ`` with the full LoRA factors as initializers (MatMul·MatMul, no gathers).
+``merged`` and two ``compact`` exports of one PRoLoRA adapter (r=8, u=1, m=n=2, all seven
+linear layers of every block), one per function body of the op (``route``, the default for
+KV-cache decoders, and ``expand``, the default for whole-input graphs); and a plain-LoRA
+unmerged graph of the same rank, made by exporting a PRoLoRA adapter with u = r = 8 in
+compact mode: then every layer is ``x·A_uᵀ·B_uᵀ`` with the full LoRA factors as initializers
+(MatMul·MatMul, no gathers).
 All sessions use the same SessionOptions (intra_op_num_threads=2, inter_op 1, ORT_ENABLE_ALL)
 and run in one process, interleaved round by round; each number is a median. Decode is one
 new token after 32, 128 or 512 past tokens, prefill a prompt of 32, 128 or 512 tokens
@@ -49,7 +51,15 @@ from bench_size import lora_size  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 THREADS = 2
-GRAPHS = {"base": "base", "merged": "merged", "compact": "compact", "plain_lora": "plain LoRA"}
+#: compact graphs measured -> the op body each was exported with
+COMPACTS = {"compact": "route", "compact_expand": "expand"}
+GRAPHS = {
+    "base": "base",
+    "merged": "merged",
+    "compact": "compact (route)",
+    "compact_expand": "compact (expand)",
+    "plain_lora": "plain LoRA",
+}
 HEADLINE = 128  # the length issue 5's goals are stated at
 LENGTHS = {False: (32, 128, 512), True: (32, 128)}  # by --quick
 #: phase -> (onnx.json key, what its length counts, (new, past) tokens of one call at length n)
@@ -58,13 +68,16 @@ PHASES = {
     "prefill": ("prefill_ms_by_tokens", "prompt tokens", lambda n: (n, 0)),
 }
 PEERS = ("merged", "plain_lora")
-#: headline ratio (compact / peer at HEADLINE tokens) -> its goal (upper bound), from issue 5
-GOALS = {
-    "decode_compact_vs_merged": 1.10,
-    "prefill_compact_vs_merged": 1.15,
-    "decode_compact_vs_plain_lora": 1.0,
-    "prefill_compact_vs_plain_lora": 1.0,
+PARITY_MODES = ("merged", *COMPACTS)
+#: (phase, peer) -> issue 5's goal (upper bound) for compact / peer at HEADLINE tokens
+BOUNDS = {
+    ("decode", "merged"): 1.10,
+    ("prefill", "merged"): 1.15,
+    ("decode", "plain_lora"): 1.0,
+    ("prefill", "plain_lora"): 1.0,
 }
+#: headline ratio key -> its goal, for every compact graph
+GOALS = {f"{phase}_{c}_vs_{peer}": bound for c in COMPACTS for (phase, peer), bound in BOUNDS.items()}
 #: parity metric shown -> its number format
 PARITY_ROWS = {"max_abs": ".2e", "rel": ".2e", "min_cos": ".8f", "top1": ".3f", "max_kl": ".2e"}
 
@@ -156,16 +169,16 @@ def measure(sessions: dict[str, ort.InferenceSession], quick: bool) -> tuple[dic
 
 
 def ratios(ms: dict[str, float]) -> dict[str, float]:
-    """compact / peer for each peer, from one length's medians."""
-    return {f"compact_vs_{peer}": ms["compact"] / ms[peer] for peer in PEERS}
+    """compact / peer for each compact graph and peer, from one length's medians."""
+    return {f"{c}_vs_{peer}": ms[c] / ms[peer] for c in COMPACTS for peer in PEERS}
 
 
 def parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
-    """prolora_export.parity (fp32-cpu preset) of the merged and compact exports against PyTorch
+    """prolora_export.parity (fp32-cpu preset) of the merged and both compact exports against PyTorch
     base + the same adapter, unmerged; few prompts and tokens, since the gate is what matters here."""
     prompts, new_tokens = (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
     out: dict = {"preset": "fp32-cpu", "prompts": len(prompts), "max_new_tokens": new_tokens}
-    for mode in ("merged", "compact"):
+    for mode in ("merged", *COMPACTS):
         report = check_parity(
             str(base),
             adapter,
@@ -182,6 +195,25 @@ def parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
             "passed": report.passed,
         }
     return out
+
+
+def fp16_parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
+    """Issue 5 item 4 without a GPU: the compact graph exported in fp16 (traced on the CPU, the op
+    upcasting to fp32 inside), run by ONNX Runtime CPU against PyTorch fp32, preset fp16-cpu."""
+    started = time.perf_counter()
+    export_onnx(str(base), adapter, work / "compact_fp16", mode="compact", dtype="fp16", force=True)
+    prompts, new_tokens = (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
+    report = check_parity(
+        str(base), adapter, work / "compact_fp16", prompts=prompts, max_new_tokens=new_tokens, progress=False
+    )
+    return {
+        "preset": report.preset,
+        "metrics": report.metrics,
+        "bounds": {key: check["bound"] for key, check in report.checks.items()},
+        "greedy_identical": all(p.first_divergence is None for p in report.prompts),
+        "passed": report.passed,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def run(work: Path, quick: bool) -> dict:
@@ -204,7 +236,8 @@ def run(work: Path, quick: bool) -> dict:
     for _ in range(exports):  # back to back, alternating
         t_optimum.append(timed_cli([*optimum, "--model", str(base), str(work / "base")]))
         t_merged.append(timed_cli([*ours, "--base", str(base), "--out", str(work / "merged")]))
-    export_onnx(str(base), work / "prolora", work / "compact", mode="compact", force=True)
+    for name, body in COMPACTS.items():
+        export_onnx(str(base), work / "prolora", work / name, mode="compact", force=True, op_body=body)
     export_onnx(str(base), work / "lora", work / "plain_lora", mode="compact", force=True)
 
     print("latency …", flush=True)
@@ -223,6 +256,7 @@ def run(work: Path, quick: bool) -> dict:
     parity_start = time.perf_counter()
     parity_figures = parity(base, work / "prolora", work, quick)
     parity_figures["seconds"] = time.perf_counter() - parity_start
+    parity_figures["compact_fp16"] = fp16_parity(base, work / "prolora", work, quick)
 
     at = str(HEADLINE)
     headline = {f"{phase}_{key}": value for phase in PHASES for key, value in ratios(ms[phase][at]).items()}
@@ -231,6 +265,7 @@ def run(work: Path, quick: bool) -> dict:
         "prefill_ms": ms["prefill"][at],
         "ratios": headline,
         "goals": GOALS,
+        "goal_labels": {key: goal_label(key) for key in GOALS},
         "goals_met": {key: headline[key] <= goal for key, goal in GOALS.items()},
         **{key: ms[phase] for phase, (key, _, _) in PHASES.items()},
         "ratios_by_length": {phase: {n: ratios(row) for n, row in ms[phase].items()} for phase in PHASES},
@@ -311,22 +346,27 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def goal_label(key: str) -> str:
+    """``decode_compact_expand_vs_merged`` -> ``decode, compact (expand) / merged``."""
+    phase, rest = key.split("_", 1)
+    graph, peer = rest.split("_vs_")
+    return f"{phase}, {GRAPHS[graph]} / {GRAPHS[peer]}"
+
+
 def mark(ok: bool) -> str:
     """✅ for a goal met, ❌ otherwise."""
     return "✅" if ok else "❌"
 
 
 def length_rows(r: dict) -> str:
-    """One table row per phase and length: every graph's median and both compact ratios."""
+    """One table row per phase and length: every graph's median and every compact ratio."""
     rows = []
     for phase, (key, unit, _) in PHASES.items():
         for n, row in r[key].items():
             q = r["ratios_by_length"][phase][n]
             cells = " | ".join(f"{row[name]:.1f}" for name in GRAPHS)
-            rows.append(
-                f"| {phase} | {n} {unit} | {r['settings']['calls'][phase][n]} | {cells} | "
-                f"{q['compact_vs_merged']:.3f} | {q['compact_vs_plain_lora']:.3f} |"
-            )
+            quotients = " | ".join(f"{q[f'{c}_vs_{peer}']:.3f}" for c in COMPACTS for peer in PEERS)
+            rows.append(f"| {phase} | {n} {unit} | {r['settings']['calls'][phase][n]} | {cells} | {quotients} |")
     return "\n".join(rows)
 
 
@@ -337,15 +377,28 @@ def parity_rows(p: dict) -> str:
         _, label, kind = GATES[key]
         bound = p["merged"]["bounds"].get(key)
         limit = "(reported)" if bound is None else f"{'≤' if kind == 'max' else '≥'} {bound:{fmt}}"
-        merged, compact = (p[mode]["metrics"][key] for mode in ("merged", "compact"))
-        rows.append(f"| {label} | {merged:{fmt}} | {compact:{fmt}} | {limit} |")
-    same = {mode: "yes" if p[mode]["greedy_identical"] else "no" for mode in ("merged", "compact")}
-    rows.append(f"| greedy text identical to PyTorch | {same['merged']} | {same['compact']} | yes |")
-    rows.append(
-        f"| parity gate | {'pass ✅' if p['merged']['passed'] else 'fail ❌'} | "
-        f"{'pass ✅' if p['compact']['passed'] else 'fail ❌'} | all gates |"
-    )
+        cells = " | ".join(f"{p[mode]['metrics'][key]:{fmt}}" for mode in PARITY_MODES)
+        rows.append(f"| {label} | {cells} | {limit} |")
+    same = " | ".join("yes" if p[mode]["greedy_identical"] else "no" for mode in PARITY_MODES)
+    rows.append(f"| greedy text identical to PyTorch | {same} | yes |")
+    gates = " | ".join("pass ✅" if p[mode]["passed"] else "fail ❌" for mode in PARITY_MODES)
+    rows.append(f"| parity gate | {gates} | all gates |")
     return "\n".join(rows)
+
+
+def fp16_line(f: dict | None) -> str:
+    """The fp16 compact graph's parity, as a paragraph (empty for results from before it was measured)."""
+    if not f:
+        return ""
+    m = f["metrics"]
+    return f"""
+fp16 (issue 5 item 4; no GPU here): the compact export with `--dtype fp16`, traced on the CPU
+(weights, KV cache and logits fp16; the op upcasts to fp32 inside), run by ONNX Runtime CPU against
+PyTorch fp32, preset {f["preset"]}: relative error {m["rel"]:.2e}, max KL {m["max_kl"]:.2e}, top-1
+{m["top1"]:.3f}, greedy text identical: {"yes" if f["greedy_identical"] else "no"}; parity gate
+{"pass ✅" if f["passed"] else "fail ❌"} (export and check {f["seconds"]:.0f} s). The CUDA execution
+provider has not run it.
+"""
 
 
 def markdown(r: dict, command: str) -> str:
@@ -357,13 +410,14 @@ def markdown(r: dict, command: str) -> str:
         for name, label in GRAPHS.items()
     )
     goals = "\n".join(
-        f"| {key.split('_')[0]}, compact / {GRAPHS[key.split('_vs_')[1]]} | {q[key]:.3f} | ≤ {goal:.2f} | "
-        f"{mark(r['goals_met'][key])} |"
+        f"| {goal_label(key)} | {q[key]:.3f} | ≤ {goal:.2f} | {mark(r['goals_met'][key])} |"
         for key, goal in r["goals"].items()
     )
     export_ratio = e["prolora_merged"] / e["optimum_cli_base"]
     noise_d, noise_p = (abs(t["merged"] / t["base"] - 1) * 100 for t in (d, p))
     graph_heads = " | ".join(f"{label} ms" for label in GRAPHS.values())
+    ratio_heads = " | ".join(f"{GRAPHS[c]} / {GRAPHS[peer]}" for c in COMPACTS for peer in PEERS)
+    parity_heads = " | ".join(GRAPHS[mode] for mode in PARITY_MODES)
     return f"""## ONNX Runtime (CPU): compact PRoLoRA graph vs merged, plain LoRA and the base
 
 Command: `{command}` (demo model SmolLM2-135M-Instruct, fp32; adapter r=8, u=1, m=n=2 on all
@@ -390,8 +444,8 @@ Issue 5's goals, at {at} tokens ({s["decode_calls"]} decode and {s["prefill_call
 
 Every length:
 
-| phase | length | calls | {graph_heads} | compact / merged | compact / plain LoRA |
-|---|---|---:|{"---:|" * len(GRAPHS)}---:|---:|
+| phase | length | calls | {graph_heads} | {ratio_heads} |
+|---|---|---:|{"---:|" * (len(GRAPHS) + len(COMPACTS) * len(PEERS))}
 {length_rows(r)}
 
 ![ONNX Runtime latency](onnx_latency.png)
@@ -401,10 +455,10 @@ folder under ONNX Runtime CPU vs PyTorch base + the same adapter, unmerged, fp32
 {par["prompts"]} prompts, greedy decoding of {par["max_new_tokens"]} new tokens through the KV cache
 ({par["seconds"]:.0f} s for both).
 
-| metric | merged | compact | bound |
-|---|---:|---:|---:|
+| metric | {parity_heads} | bound |
+|---|{"---:|" * len(PARITY_MODES)}---:|
 {parity_rows(par)}
-
+{fp16_line(par.get("compact_fp16"))}
 Adapter on disk: PRoLoRA safetensors {a["prolora_safetensors"]:,} bytes ({a["prolora_parameters"]:,} parameters)
 vs PEFT LoRA of the same rank and targets {a["peft_lora_safetensors"]:,} bytes:
 {a["peft_lora_safetensors"] / a["prolora_safetensors"]:.2f}× smaller.

@@ -112,6 +112,11 @@ def _rotated_chunks(shard: Tensor, chunks: int, stride: int, rank_dim: int) -> l
     return [torch.roll(shard, shifts=-j * stride, dims=rank_dim) for j in range(chunks)]
 
 
+def rotation_table(shared_r: int, chunks: int, stride: int) -> list[list[int]]:
+    """``table[i][j]``: the shard rank that rank i of chunk j reads, ``(i + j·stride) mod r_s`` (SPEC §1)."""
+    return [[(i + j * stride) % shared_r for j in range(chunks)] for i in range(shared_r)]
+
+
 def reconstruct_a(g: ShardGeometry, a_shard: Tensor | None, a_unshared: Tensor | None) -> Tensor:
     """Full LoRA A (r × d_in): rotated shard chunks (shared ranks) then the unshared rows."""
     parts = []

@@ -22,8 +22,8 @@ from prolora_export.formats.prolora import load_adapter, save_adapter
 from prolora_export.inject import inject_adapter, load_adapter_weights
 from prolora_export.models import load_base_model
 from prolora_export.onnx.adapters import decoder_feeds, load_onnx_adapter, run_options
-from prolora_export.onnx.export import export_onnx
-from prolora_export.onnx.op import DOMAIN, OP_TYPE
+from prolora_export.onnx.export import export_onnx, op_body_for
+from prolora_export.onnx.op import BODIES, DOMAIN, OP_TYPE
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
@@ -90,6 +90,7 @@ def test_compact_graph_structure(tiny, exported):
     nodes = [n for n in model.graph.node if (n.domain, n.op_type) == (DOMAIN, OP_TYPE)]
     assert len(nodes) == len(adapter.config.modules) == 2 * len(LLAMA_TARGETS)
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, OP_TYPE)]
+    assert "Gather" not in {n.op_type for n in model.functions[0].node}  # auto: route body (KV-cache decoder)
     assert any(o.domain == DOMAIN and o.version == 1 for o in model.opset_import)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
@@ -105,6 +106,32 @@ def test_compact_graph_structure(tiny, exported):
     shaped = [v for v in inits.values() if v.shape in (w.shape, w.T.shape)]
     assert any(np.array_equal(v, w) or np.array_equal(v, w.T) for v in shaped)
     assert not any(np.allclose(v, merged) or np.allclose(v, merged.T) for v in shaped)
+
+
+def test_expand_body_matches_pytorch(tiny):
+    report = export_onnx(str(tiny["base"]), tiny["a0"], tiny["root"] / "expand", mode="compact", op_body="expand")
+    assert report.op_body == "expand" and "expand op body" in report.summary()
+    function = onnx.load(str(report.out / "model.onnx"), load_external_data=False).functions[0]
+    assert "Gather" in {n.op_type for n in function.node}  # A and B rebuilt from the shards
+    sess = session(report.out)
+    assert_close(sess.run(["logits"], decoder_feeds(sess, IDS))[0], torch_logits(tiny["base"], tiny["a0"]))
+
+
+def test_op_body_choice():
+    assert op_body_for("text-generation-with-past", "auto") == "route"
+    assert op_body_for("text-generation", "auto") == "expand"
+    assert op_body_for("feature-extraction", "auto") == "expand"
+    assert op_body_for("text-generation-with-past", "expand") == "expand"
+
+
+def test_op_body_refused_for_merged_mode(tiny, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["onnx", "--base", str(tiny["base"]), "--adapter", str(tiny["a0"]), "--out", str(tmp_path / "o"),
+         "--op-body", "expand"],
+    )
+    assert result.exit_code == 2 and "--op-body applies to --mode compact only" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_merged_graph_has_no_custom_op(exported):
@@ -173,16 +200,32 @@ def test_serve_many_adapters_example(tiny):
     assert "2 adapters + base" in done.stdout
 
 
-def test_fp16_without_cuda_is_a_clear_error(tiny):
+def test_fp16_cuda_without_cuda_is_a_clear_error(tiny):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     out = tiny["root"] / "fp16"
     args = ["onnx", "--base", str(tiny["base"]), "--adapter", str(tiny["a0"]), "--out", str(out), "--dtype", "fp16"]
-    for extra in ([], ["--device", "cuda"]):
-        result = CliRunner().invoke(cli, [*args, *extra])
-        assert result.exit_code == 2
-        assert "fp16" in result.output and "cuda" in result.output.lower()
+    result = CliRunner().invoke(cli, [*args, "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "fp16" in result.output and "cuda" in result.output.lower()
     assert not out.exists()
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_fp16_compact_graph_runs_and_matches_pytorch(tiny, body):
+    """An fp16 export traced on the CPU: half-precision weights and I/O, the op upcasting inside,
+    run by ONNX Runtime CPU against the fp32 PyTorch model (fp16 rounding as the tolerance)."""
+    out = tiny["root"] / f"fp16-{body}"
+    export_onnx(str(tiny["base"]), tiny["a0"], out, mode="compact", dtype="fp16", op_body=body)
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    shard = next(i for i in model.graph.initializer if i.name.endswith("prolora_A_shard"))
+    assert shard.data_type == onnx.TensorProto.FLOAT16
+    casts = [n for n in model.functions[0].node if n.op_type == "Cast"]
+    assert casts and all(a.i == onnx.TensorProto.FLOAT for n in casts for a in n.attribute if a.name == "to")
+    sess = session(out)
+    got = sess.run(["logits"], decoder_feeds(sess, IDS))[0].astype(np.float32)
+    assert_close(got, torch_logits(tiny["base"], tiny["a0"]), rel=1e-2)
 
 
 def test_cli_onnx_refuses_existing_output(tiny, exported):

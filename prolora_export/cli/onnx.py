@@ -3,6 +3,7 @@
 import click
 
 from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES, export_onnx
+from ..onnx.op import BODIES
 from . import trust_remote_code_option
 
 
@@ -18,16 +19,22 @@ from . import trust_remote_code_option
                    "*ForSequenceClassification: text-classification, else feature-extraction); or name one "
                    "of these, or text-generation (no KV cache).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
-              help="fp16 needs --device cuda.")
+              help="fp16: a half-precision graph for GPU serving (the adapter op computes in fp32 inside "
+                   "it); --device cpu also works and ONNX Runtime CPU runs the result, slowly, for checking.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: optimum's; compact needs ≥ 18).")
 @click.option("--default-adapter", type=click.Choice(DEFAULT_ADAPTERS), default="adapter", show_default=True,
               help="compact only: 'zero' makes the B shards zero, so with no ONNX Runtime adapter "
                    "active the graph is the base model.")
+@click.option("--op-body", type=click.Choice(["auto", *BODIES]), default="auto", show_default=True,
+              help="compact only: how the op computes (same numbers). route applies the shards to the "
+                   "tokens: fewest nodes, fastest when decoding one token per call. expand rebuilds A "
+                   "and B from the shards per call, then LoRA's two matmuls: fastest on whole inputs. "
+                   "auto: route for decoders with KV cache, expand otherwise.")
 @click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @trust_remote_code_option
-def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, validate, force) -> None:
+def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, validate, force) -> None:
     """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
 
     The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
@@ -35,5 +42,5 @@ def command(base, adapter, mode, out, task, dtype, device, opset, default_adapte
     ORTModelForSequenceClassification (encoders).
     """
     report = export_onnx(base, adapter, out, mode=mode, task=task, dtype=dtype, device=device, opset=opset,
-                         force=force, default_adapter=default_adapter, validate=validate)
+                         force=force, default_adapter=default_adapter, validate=validate, op_body=op_body)
     click.echo(report.summary())

@@ -78,6 +78,7 @@ class ExportReport:
     adapted_layers: int
     seconds: float
     files: list[str] = field(default_factory=list)
+    op_body: str | None = None  # compact only: which function body the graph carries
 
     @property
     def onnx_bytes(self) -> int:
@@ -86,7 +87,7 @@ class ExportReport:
     def summary(self) -> str:
         return (
             f"{self.mode} ONNX export ({self.task}, opset {self.opset or 'default'}, "
-            f"{self.adapted_layers} adapted layers) "
+            f"{self.adapted_layers} adapted layers{f', {self.op_body} op body' if self.op_body else ''}) "
             f"written to {self.out} in {self.seconds:.1f} s ({self.onnx_bytes / 2**20:.1f} MiB of ONNX)"
         )
 
@@ -187,11 +188,21 @@ _EXPORTING: dict[int, PRoLoRALinear] = {}
 _INPUT_RANKS: set[int | None] = set()
 
 
-def compact_spec(model: nn.Module, upcast: bool) -> op.OpSpec:
+def compact_spec(model: nn.Module, upcast: bool, body: str) -> op.OpSpec:
     """The op spec of a model's adapted layers, with X's rank once the tracer has reported it."""
     ranks = set(_INPUT_RANKS)
     rank = ranks.pop() if len(ranks) == 1 else None
-    return op.OpSpec.for_layers([layer.geometry for _, layer in prolora_layers(model)], upcast=upcast, rank=rank)
+    geometries = [layer.geometry for _, layer in prolora_layers(model)]
+    return op.OpSpec.for_layers(geometries, upcast=upcast, rank=rank, body=body)
+
+
+def op_body_for(task: str, requested: str) -> str:
+    """The function body an export gets: ``auto`` picks ``route`` when the graph decodes one
+    token per call through a KV cache (few tiny nodes win) and ``expand`` when every call sees
+    a whole input (encoders, decoders without cache: reading the tokens once wins)."""
+    if requested != "auto":
+        return requested
+    return "route" if task.endswith("-with-past") else "expand"
 
 
 @contextlib.contextmanager
@@ -322,6 +333,7 @@ def export_onnx(
     force: bool = False,
     default_adapter: str = "adapter",
     validate: bool = False,
+    op_body: str = "auto",
 ) -> ExportReport:
     """Export ``base`` + ``adapter`` to an ONNX folder that ``optimum.onnxruntime`` loads.
 
@@ -329,6 +341,10 @@ def export_onnx(
     initializers' defaults; ``zero`` makes the B shards zero so that running with no
     ONNX Runtime adapter active gives the base model. ``validate`` runs optimum's own output
     check (off by default: its atol 1e-5 flags ordinary fp32 rounding on real models).
+    ``op_body`` (compact only): ``auto``, or one of :data:`op.BODIES` (see :func:`op_body_for`).
+    ``dtype="fp16"`` writes a half-precision graph for GPU serving; the op body computes in fp32
+    inside it. It can be traced on the CPU too: ONNX Runtime CPU runs such a graph by casting the
+    ops it has no fp16 kernel for, slowly, which is enough to check parity before shipping.
     """
     if mode not in MODES:
         raise PRoLoRAError(f"unknown mode '{mode}' (expected one of: {', '.join(MODES)})")
@@ -338,8 +354,10 @@ def export_onnx(
         raise PRoLoRAError(f"unknown device '{device}' (expected cpu or cuda)")
     if default_adapter not in DEFAULT_ADAPTERS:
         raise PRoLoRAError(f"unknown default adapter '{default_adapter}' (expected adapter or zero)")
-    if dtype == "fp16" and device != "cuda":
-        raise PRoLoRAError("fp16 export needs --device cuda (ONNX Runtime CPU has no fp16 kernels for most ops)")
+    if op_body not in ("auto", *op.BODIES):
+        raise PRoLoRAError(f"unknown op body '{op_body}' (expected one of: auto, {', '.join(op.BODIES)})")
+    if op_body != "auto" and mode != "compact":
+        raise PRoLoRAError("--op-body applies to --mode compact only (a merged export has no adapter op)")
     if device == "cuda" and not torch.cuda.is_available():
         raise PRoLoRAError(f"{dtype} export on --device cuda needs a CUDA device, and torch sees none here")
     if task != "auto":
@@ -357,13 +375,14 @@ def export_onnx(
     inject_adapter(model, loaded.config)
     load_adapter_weights(model, loaded.tensors)
     adapted = sum(1 for _ in prolora_layers(model))
-    spec = None
+    spec = body = None
     if mode == "merged":
         remove_adapter(model, merge=True)
     else:
+        body = op_body_for(full_task, op_body)
 
         def spec() -> op.OpSpec:
-            return compact_spec(model, upcast=dtype == "fp16")
+            return compact_spec(model, upcast=dtype == "fp16", body=body)
 
         opset = max(opset or 0, op.MIN_OPSET)
     model = model.to(device=device, dtype=DTYPES[dtype])
@@ -388,4 +407,4 @@ def export_onnx(
         if Path(source).is_dir():  # tokenizer, chat template …; never overwrite what optimum wrote
             copy_model_side_files(Path(source), tmp, overwrite=False)
         files = sorted(p.name for p in tmp.iterdir())
-    return ExportReport(mode, out, full_task, opset, adapted, time.perf_counter() - started, files)
+    return ExportReport(mode, out, full_task, opset, adapted, time.perf_counter() - started, files, body)

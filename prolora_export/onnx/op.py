@@ -1,23 +1,34 @@
 """The ``ai.prolora::RotatedShardLoRA`` op of SPEC §4 as a model-local ONNX FunctionProto.
 
 The body is built from standard ONNX ops only (opset ≥ 18 for ``Pad`` with ``axes``), so a
-stock ONNX Runtime runs it with no compiled library. It computes what
-:func:`prolora_export.shards.compact_forward` computes: pad, view as chunks, MatMul with A₀ᵀ,
-both rotation gathers, the sum over chunks and γ as ONE MatMul with the constant routing matrix
-of :func:`prolora_export.shards.route_matrix` (for u = 0) times the ``scaling`` attribute (ORT
-folds that product once: op count is what costs time on small decode tensors), MatMul with
-B₀ᵀ, reshape, Slice to d_out, plus the unshared pair as its own rank-u path scaled on its
-rank-u intermediate; γ never costs a pass over the d_out-wide output. Unlike PyTorch, the body does not
-stack A_u and B_u into the shard matmuls: the shards are graph inputs (switched per adapter),
-so stacking would cost Concat/Transpose nodes on every call, as many as it saves. Leading
-dimensions are flattened while the chunks are processed and restored at the end, so X may
-have any rank ≥ 2.
+stock ONNX Runtime runs it with no compiled library. Two bodies compute the same Y; an export
+picks the one that suits its workload (:data:`BODIES`), because ONNX Runtime cannot fold any
+of the shard work away: the shards are overridable graph inputs (switched per adapter), so
+whatever the body does to them runs again on every call.
 
-Design: ONE FunctionProto per model. The rotation matrix depends on (r_s, m, n, s_A, s_B)
-and on which input pairs exist, and these are the adapter's hyperparameters, shared by
-every adapted layer of a model; only ``in_features``, ``out_features`` and ``scaling``
-differ between nodes in principle. So the body bakes the matrix in as a constant (the one
-PyTorch uses) and reads
+- ``route`` applies the shards to the tokens, as :func:`prolora_export.shards.compact_forward`
+  does: pad, view x as m chunks, MatMul with A₀ᵀ, then both rotation gathers, the sum over
+  chunks and γ as ONE MatMul with the constant routing matrix of
+  :func:`prolora_export.shards.route_matrix` times the ``scaling`` attribute (ORT folds that
+  product once), MatMul with B₀ᵀ, reshape, Slice to d_out; the unshared pair is its own
+  rank-u path, γ applied on its rank-u intermediate. It never copies a weight, and on one
+  decoded token every node is tiny, so its cost is its node count (about 2–3 µs each on CPU):
+  the fewest nodes win. Its price is two passes over the d_out-wide output per layer (the
+  unshared product and the Add of both paths), which dominate on long inputs.
+- ``expand`` rebuilds A (r × d_in) and Bᵀ (r × d_out) from the shards on every call (row
+  Gathers with constant index tables, then Concat with A_u and B_uᵀ) and runs LoRA's
+  MatMul·MatMul on the tokens, γ on the rank-r intermediate. Copying adapter-sized weights costs
+  more than the route body's tiny nodes when one token is decoded, but the tokens are then read
+  and the output written exactly once, as in plain LoRA, which is what counts on a prompt or
+  an encoder's whole input.
+
+Leading dimensions are flattened while the chunks are processed and restored at the end, so X
+may have any rank ≥ 2.
+
+Design: ONE FunctionProto per model. The rotation tables depend on (r_s, m, n, s_A, s_B) and on
+which input pairs exist, and these are the adapter's hyperparameters, shared by every adapted
+layer of a model; only ``in_features``, ``out_features`` and ``scaling`` differ between nodes in
+principle. So the body bakes the tables in as constants (the ones PyTorch uses) and reads
 ``in_features`` / ``out_features`` / ``scaling`` through attribute references. Every node
 still carries all SPEC attributes, so a reader (or a native kernel) needs nothing else.
 A u = r layer (no shard inputs: empty names) gets a body with only the unshared path;
@@ -33,7 +44,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..shards import ShardGeometry, route_matrix
+from ..shards import ShardGeometry, rotation_table, route_matrix
 
 DOMAIN = "ai.prolora"
 OP_TYPE = "RotatedShardLoRA"
@@ -41,6 +52,8 @@ OP_VERSION = 1
 MIN_OPSET = 18
 INPUTS = ("X", "A_shard", "B_shard", "A_unshared", "B_unshared")
 ATTRIBUTES = ("in_features", "out_features", "sharing_rate_a", "sharing_rate_b", "stride_a", "stride_b", "scaling")
+#: function bodies (see the module docstring): shards applied to the tokens, or A and B rebuilt per call
+BODIES = ("route", "expand")
 
 
 @dataclass(frozen=True)
@@ -59,13 +72,16 @@ class OpSpec:
     rank: int | None = None
     #: every layer has d_in divisible by m and d_out by n: no Pad and no Slice needed
     pad_free: bool = False
+    body: str = "route"  # one of BODIES
 
     @classmethod
     def from_geometry(cls, g: ShardGeometry, upcast: bool = False) -> OpSpec:
         return cls.for_layers([g], upcast=upcast)
 
     @classmethod
-    def for_layers(cls, geometries: list[ShardGeometry], upcast: bool = False, rank: int | None = None) -> OpSpec:
+    def for_layers(
+        cls, geometries: list[ShardGeometry], upcast: bool = False, rank: int | None = None, body: str = "route"
+    ) -> OpSpec:
         """The spec shared by all layers of one model (they share the adapter's hyperparameters)."""
         g = geometries[0]
         shared = (g.shared_r, g.unshared_r, g.sharing_rate_a, g.sharing_rate_b, g.stride_a, g.stride_b)
@@ -82,7 +98,9 @@ class OpSpec:
         pad_free = all(
             x.in_features % x.sharing_rate_a == 0 and x.out_features % x.sharing_rate_b == 0 for x in geometries
         )
-        return cls(*shared, upcast=upcast, rank=rank, pad_free=pad_free)
+        if body not in BODIES:
+            raise ValueError(f"unknown op body {body!r} (expected one of {BODIES})")
+        return cls(*shared, upcast=upcast, rank=rank, pad_free=pad_free, body=body)
 
 
 def node_attributes(g: ShardGeometry, scaling: float) -> dict[str, int | float]:
@@ -147,8 +165,26 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
             b.op("Cast", name, to=TensorProto.FLOAT) if used else name
             for name, used in zip(INPUTS, present, strict=True)
         )
-    parts = []
     scale = b.attr("scaling", "value_float", onnx.AttributeProto.FLOAT)
+    body = _expand_body if spec.body == "expand" else _route_body
+    out = body(b, spec, scale, x, a0, b0, au, bu)
+    if spec.upcast:
+        out = b.op("CastLike", out, INPUTS[0])
+    b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        list(INPUTS),
+        ["Y"],
+        b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES),
+    )
+
+
+def _route_body(b: _Body, spec: OpSpec, scale: str, x: str, a0: str, b0: str, au: str, bu: str) -> str:
+    """Y with the shards applied to the tokens (few, small nodes: decoding)."""
+    parts = []
     if spec.shared_r:
         rs, m, n = spec.shared_r, spec.sharing_rate_a, spec.sharing_rate_b
         # shapes come from attributes through constants only, so ONNX Runtime folds them away
@@ -180,23 +216,43 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     if spec.unshared_r:
         t = b.op("MatMul", x, b.op("Transpose", au, perm=[1, 0]))  # (…, u)
         t = b.op("Mul", t, b.op("CastLike", scale, t))  # γ on the rank-sized tensor, never on the output
-        if spec.unshared_r == 1:  # an outer product: a broadcast Mul writes it faster than a MatMul with K = 1
-            parts.append(b.op("Mul", t, b.op("Reshape", bu, b.const([-1]))))
-        else:
-            parts.append(b.op("MatMul", t, b.op("Transpose", bu, perm=[1, 0])))
-    out = parts[0] if len(parts) == 1 else b.op("Add", *parts)
-    if spec.upcast:
-        out = b.op("CastLike", out, INPUTS[0])
-    b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        list(INPUTS),
-        ["Y"],
-        b.nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(ATTRIBUTES),
-    )
+        # also for u = 1: ORT fuses the Transpose into the MatMul, one node fewer than a broadcast Mul
+        parts.append(b.op("MatMul", t, b.op("Transpose", bu, perm=[1, 0])))
+    return parts[0] if len(parts) == 1 else b.op("Add", *parts)
+
+
+def _expand_body(b: _Body, spec: OpSpec, scale: str, x: str, a0: str, b0: str, au: str, bu: str) -> str:
+    """Y as plain LoRA after rebuilding A and Bᵀ from the shards (tokens read once: long inputs)."""
+    a_parts, bt_parts = [], []
+    if spec.shared_r:
+        a_parts.append(_unrolled(b, spec, a0, spec.sharing_rate_a, spec.stride_a, "in_features"))
+        bt = b.op("Transpose", b0, perm=[1, 0])
+        bt_parts.append(_unrolled(b, spec, bt, spec.sharing_rate_b, spec.stride_b, "out_features"))
+    if spec.unshared_r:
+        a_parts.append(au)
+        # B_u is (d_out, u): for u = 1 its transpose is a free Reshape
+        bt_parts.append(
+            b.op("Reshape", bu, b.const([1, -1])) if spec.unshared_r == 1 else b.op("Transpose", bu, perm=[1, 0])
+        )
+    a = a_parts[0] if len(a_parts) == 1 else b.op("Concat", *a_parts, axis=0)  # (r, d_in)
+    bt = bt_parts[0] if len(bt_parts) == 1 else b.op("Concat", *bt_parts, axis=0)  # (r, d_out)
+    h = b.op("MatMul", x, b.op("Transpose", a, perm=[1, 0]))  # (…, r)
+    h = b.op("Mul", h, b.op("CastLike", scale, h))  # γ on the rank-sized tensor (ORT folds it into the MatMul)
+    return b.op("MatMul", h, bt)
+
+
+def _unrolled(b: _Body, spec: OpSpec, shard: str, chunks: int, stride: int, features: str) -> str:
+    """(r_s, d) whose chunk j holds the shard's rows rotated by j·stride: A_sh from A₀, B_shᵀ from B₀ᵀ.
+
+    SPEC §1: A_sh[i, chunk j] = A₀[(i + j·s_A) mod r_s], B_shᵀ[i, chunk j] = B₀ᵀ[(i + j·s_B) mod r_s].
+    One row Gather with a constant (r_s, chunks) index table gives (r_s, chunks, c); the last chunk
+    is cut to d (the attribute ``features``) when chunks do not divide it.
+    """
+    if chunks == 1:
+        return shard
+    table = rotation_table(spec.shared_r, chunks, stride)
+    full = b.op("Reshape", b.op("Gather", shard, b.const(table), axis=0), b.const([spec.shared_r, -1]))
+    return full if spec.pad_free else b.op("Slice", full, b.const([0]), b.attr_int(features), b.const([1]))
 
 
 def make_node(x: str, y: str, prefix: str, spec: OpSpec, g: ShardGeometry, scaling: float) -> onnx.NodeProto:
