@@ -198,22 +198,24 @@ def parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
 
 
 def fp16_parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
-    """Issue 5 item 4 without a GPU: the compact graph exported in fp16 (traced on the CPU, the op
-    upcasting to fp32 inside), run by ONNX Runtime CPU against PyTorch fp32, preset fp16-cpu."""
-    started = time.perf_counter()
-    export_onnx(str(base), adapter, work / "compact_fp16", mode="compact", dtype="fp16", force=True)
+    """Issue 5 item 4 without a GPU: both modes exported in fp16 (traced on the CPU; the compact op
+    upcasts to fp32 inside), run by ONNX Runtime CPU against PyTorch fp32, preset fp16-cpu."""
     prompts, new_tokens = (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
-    report = check_parity(
-        str(base), adapter, work / "compact_fp16", prompts=prompts, max_new_tokens=new_tokens, progress=False
-    )
-    return {
-        "preset": report.preset,
-        "metrics": report.metrics,
-        "bounds": {key: check["bound"] for key, check in report.checks.items()},
-        "greedy_identical": all(p.first_divergence is None for p in report.prompts),
-        "passed": report.passed,
-        "seconds": time.perf_counter() - started,
-    }
+    out = {}
+    for mode in ("merged", "compact"):
+        started = time.perf_counter()
+        folder = work / f"{mode}_fp16"
+        export_onnx(str(base), adapter, folder, mode=mode, dtype="fp16", force=True)
+        report = check_parity(str(base), adapter, folder, prompts=prompts, max_new_tokens=new_tokens, progress=False)
+        out[f"{mode}_fp16"] = {
+            "preset": report.preset,
+            "metrics": report.metrics,
+            "bounds": {key: check["bound"] for key, check in report.checks.items()},
+            "greedy_identical": all(p.first_divergence is None for p in report.prompts),
+            "passed": report.passed,
+            "seconds": time.perf_counter() - started,
+        }
+    return out
 
 
 def run(work: Path, quick: bool) -> dict:
@@ -256,7 +258,7 @@ def run(work: Path, quick: bool) -> dict:
     parity_start = time.perf_counter()
     parity_figures = parity(base, work / "prolora", work, quick)
     parity_figures["seconds"] = time.perf_counter() - parity_start
-    parity_figures["compact_fp16"] = fp16_parity(base, work / "prolora", work, quick)
+    parity_figures.update(fp16_parity(base, work / "prolora", work, quick))
 
     at = str(HEADLINE)
     headline = {f"{phase}_{key}": value for phase in PHASES for key, value in ratios(ms[phase][at]).items()}
@@ -386,18 +388,30 @@ def parity_rows(p: dict) -> str:
     return "\n".join(rows)
 
 
-def fp16_line(f: dict | None) -> str:
-    """The fp16 compact graph's parity, as a paragraph (empty for results from before it was measured)."""
-    if not f:
+def fp16_lines(par: dict) -> str:
+    """Parity of the fp16 exports, as a paragraph (empty for results from before they were measured)."""
+    rows = []
+    for mode in ("merged", "compact"):
+        f = par.get(f"{mode}_fp16")
+        if f:
+            m = f["metrics"]
+            rows.append(
+                f"| {mode} | {m['rel']:.2e} | {m['max_kl']:.2e} | {m['top1']:.3f} | "
+                f"{'yes' if f['greedy_identical'] else 'no'} | {'pass ✅' if f['passed'] else 'fail ❌'} | "
+                f"{f['seconds']:.0f} |"
+            )
+    if not rows:
         return ""
-    m = f["metrics"]
+    preset = par.get("compact_fp16", par.get("merged_fp16"))["preset"]
+    table = "\n".join(rows)
     return f"""
-fp16 (issue 5 item 4; no GPU here): the compact export with `--dtype fp16`, traced on the CPU
-(weights, KV cache and logits fp16; the op upcasts to fp32 inside), run by ONNX Runtime CPU against
-PyTorch fp32, preset {f["preset"]}: relative error {m["rel"]:.2e}, max KL {m["max_kl"]:.2e}, top-1
-{m["top1"]:.3f}, greedy text identical: {"yes" if f["greedy_identical"] else "no"}; parity gate
-{"pass ✅" if f["passed"] else "fail ❌"} (export and check {f["seconds"]:.0f} s). The CUDA execution
-provider has not run it.
+fp16 (issue 5 item 4; no GPU here): each mode exported with `--dtype fp16`, traced on the CPU
+(weights, KV cache and logits fp16; the compact op upcasts to fp32 inside), run by ONNX Runtime CPU
+against PyTorch fp32, preset {preset}. The CUDA execution provider has not run these graphs.
+
+| fp16 export | relative error | max KL | top-1 | greedy text identical | parity gate | export + check s |
+|---|---:|---:|---:|:---:|:---:|---:|
+{table}
 """
 
 
@@ -458,7 +472,7 @@ folder under ONNX Runtime CPU vs PyTorch base + the same adapter, unmerged, fp32
 | metric | {parity_heads} | bound |
 |---|{"---:|" * len(PARITY_MODES)}---:|
 {parity_rows(par)}
-{fp16_line(par.get("compact_fp16"))}
+{fp16_lines(par)}
 Adapter on disk: PRoLoRA safetensors {a["prolora_safetensors"]:,} bytes ({a["prolora_parameters"]:,} parameters)
 vs PEFT LoRA of the same rank and targets {a["peft_lora_safetensors"]:,} bytes:
 {a["peft_lora_safetensors"] / a["prolora_safetensors"]:.2f}× smaller.

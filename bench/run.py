@@ -151,7 +151,7 @@ def _onnx_goals(r: dict) -> list[Goal]:
         ("#5", "`onnx --mode merged` export time vs `optimum-cli export onnx` ≤ 1.2×", f"{export:.2f}×", export <= 1.2)
     )
     parity = r.get("parity") or {}
-    for mode in ("merged", "compact", "compact_expand", "compact_fp16"):
+    for mode in ("merged", "compact", "compact_expand", "merged_fp16", "compact_fp16"):
         if mode in parity:
             check, metrics = parity[mode], parity[mode]["metrics"]
             detail = f"rel err {metrics['rel']:.2g}, max KL {metrics['max_kl']:.2g}, greedy identical: " + (
