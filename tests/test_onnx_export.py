@@ -134,6 +134,30 @@ def test_op_body_refused_for_merged_mode(tiny, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("mode", ["merged", "compact"])
+def test_external_data_layout(tiny, mode, monkeypatch):
+    """Models over 2 GB are written by optimum as model.onnx + model.onnx_data; optimum's
+    FORCE_ONNX_EXTERNAL_DATA makes a tiny model take that path. The compact rewrite must keep
+    the weights' external references and still add the shards as overridable initializers."""
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
+    out = export_onnx(str(tiny["base"]), tiny["a0"], tiny["root"] / f"external-{mode}", mode=mode).out
+    assert (out / "model.onnx_data").stat().st_size > (out / "model.onnx").stat().st_size
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert external, "the weights should live in model.onnx_data"
+    referenced = sum(int({e.key: e.value for e in i.external_data}["length"]) for i in external)
+    assert (out / "model.onnx_data").stat().st_size == referenced  # every byte used once: no stale shard copies
+    sess = session(out)
+    assert_close(sess.run(["logits"], decoder_feeds(sess, IDS))[0], torch_logits(tiny["base"], tiny["a0"]))
+    if mode == "compact":  # the second adapter still switches in through ONNX Runtime's adapter API
+        adapter_file = tiny["root"] / "external-a1.onnx_adapter"
+        result = CliRunner().invoke(cli, ["onnx-adapter", "--adapter", str(tiny["a1"]), "--out", str(adapter_file)])
+        assert result.exit_code == 0, result.output
+        feeds = decoder_feeds(sess, IDS)
+        got = sess.run(["logits"], feeds, run_options(load_onnx_adapter(adapter_file)))[0]
+        assert_close(got, torch_logits(tiny["base"], tiny["a1"]))
+
+
 def test_merged_graph_has_no_custom_op(exported):
     model = onnx.load(str(exported["merged"] / "model.onnx"))
     assert not any(n.domain == DOMAIN for n in model.graph.node) and not model.functions

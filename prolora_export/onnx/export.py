@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -295,27 +296,45 @@ def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: 
     """The final function body (X's rank is known now), and every adapter initializer listed as a
     graph input too so ONNX Runtime adapters can replace it, holding the adapter's values under
     the SPEC names; with ``zero_default`` the B tensors are zero, so a session with no adapter
-    active computes the base model. One load and one save of the file. Returns the count."""
+    active computes the base model. The shards the tracer wrote are rewritten where they are,
+    inline or in the external data file of a model over 2 GB, so the folder holds each shard
+    once; those of layers the task dropped are added. One load and one save. Returns the count."""
     model = _load(path)
     op.add_function(model, spec)
     graph = model.graph
     expected = set(adapter.tensors)
     check_wiring(graph, expected, str(path))
-    dtype = next(i.data_type for i in graph.initializer if i.name in expected)
-    kept = [i for i in graph.initializer if i.name not in expected]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    traced = {i.name: i for i in graph.initializer if i.name in expected}
+    dtype = next(iter(traced.values())).data_type
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
     listed = {i.name for i in graph.input}
     for name in sorted(expected):
         value = adapter.tensors[name].detach().float()
         if zero_default and "_B_" in name:
             value = torch.zeros_like(value)
-        graph.initializer.append(onnx.numpy_helper.from_array(value.numpy().astype(np_dtype), name))
+        array = value.numpy().astype(np_dtype)
+        init = traced.get(name)
+        if init is None:
+            graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        elif init.data_location == onnx.TensorProto.EXTERNAL:
+            _write_external(path.parent, init, array)
+        else:
+            init.CopyFrom(onnx.numpy_helper.from_array(array, name))
         if name not in listed:
             graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(value.shape)))
     _save(model, path)
     return len(expected)
+
+
+def _write_external(folder: Path, init: onnx.TensorProto, array: np.ndarray) -> None:
+    """Overwrite an external initializer's bytes in its data file (same dtype and shape)."""
+    info = {entry.key: entry.value for entry in init.external_data}
+    offset, length = int(info.get("offset", 0)), int(info.get("length", array.nbytes))
+    if length != array.nbytes:
+        raise PRoLoRAError(f"internal: external tensor {init.name} holds {length} bytes, expected {array.nbytes}")
+    with open(folder / info["location"], "r+b") as data:
+        data.seek(offset)
+        data.write(array.tobytes())
 
 
 # ---------------------------------------------------------------------- entry point
