@@ -44,7 +44,7 @@ from prolora_export.formats.prolora import Adapter, save_adapter  # noqa: E402
 from prolora_export.inject import adapter_state_dict, inject_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model, load_base_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.parity import DEFAULT_PROMPTS, GATES, check_parity  # noqa: E402
+from prolora_export.parity import DEFAULT_PROMPTS, GATES, ParityReport, check_parity  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from bench_size import lora_size  # noqa: E402
@@ -173,10 +173,26 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
     return {f"{c}_vs_{peer}": ms[c] / ms[peer] for c in COMPACTS for peer in PEERS}
 
 
+def parity_sample(quick: bool) -> tuple[list[str], int]:
+    """Prompts and new tokens per parity check: few, since the gate is what matters here."""
+    return (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
+
+
+def parity_figures(report: ParityReport) -> dict:
+    """What onnx.json keeps of one parity report."""
+    return {
+        "preset": report.preset,
+        "metrics": report.metrics,
+        "bounds": {key: check["bound"] for key, check in report.checks.items()},
+        "greedy_identical": all(p.first_divergence is None for p in report.prompts),
+        "passed": report.passed,
+    }
+
+
 def parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
     """prolora_export.parity (fp32-cpu preset) of the merged and both compact exports against PyTorch
-    base + the same adapter, unmerged; few prompts and tokens, since the gate is what matters here."""
-    prompts, new_tokens = (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
+    base + the same adapter, unmerged."""
+    prompts, new_tokens = parity_sample(quick)
     out: dict = {"preset": "fp32-cpu", "prompts": len(prompts), "max_new_tokens": new_tokens}
     for mode in ("merged", *COMPACTS):
         report = check_parity(
@@ -188,33 +204,21 @@ def parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
             tolerance="fp32-cpu",
             progress=False,
         )
-        out[mode] = {
-            "metrics": report.metrics,
-            "bounds": {key: check["bound"] for key, check in report.checks.items()},
-            "greedy_identical": all(p.first_divergence is None for p in report.prompts),
-            "passed": report.passed,
-        }
+        out[mode] = parity_figures(report)
     return out
 
 
 def fp16_parity(base: Path, adapter: Path, work: Path, quick: bool) -> dict:
     """Issue 5 item 4 without a GPU: both modes exported in fp16 (traced on the CPU; the compact op
     upcasts to fp32 inside), run by ONNX Runtime CPU against PyTorch fp32, preset fp16-cpu."""
-    prompts, new_tokens = (list(DEFAULT_PROMPTS[:2]), 8) if quick else (list(DEFAULT_PROMPTS), 16)
+    prompts, new_tokens = parity_sample(quick)
     out = {}
     for mode in ("merged", "compact"):
         started = time.perf_counter()
         folder = work / f"{mode}_fp16"
         export_onnx(str(base), adapter, folder, mode=mode, dtype="fp16", force=True)
         report = check_parity(str(base), adapter, folder, prompts=prompts, max_new_tokens=new_tokens, progress=False)
-        out[f"{mode}_fp16"] = {
-            "preset": report.preset,
-            "metrics": report.metrics,
-            "bounds": {key: check["bound"] for key, check in report.checks.items()},
-            "greedy_identical": all(p.first_divergence is None for p in report.prompts),
-            "passed": report.passed,
-            "seconds": time.perf_counter() - started,
-        }
+        out[f"{mode}_fp16"] = {**parity_figures(report), "seconds": time.perf_counter() - started}
     return out
 
 
