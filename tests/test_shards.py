@@ -119,9 +119,13 @@ def test_compact_forward_fp32_and_backward(case) -> None:
         torch.testing.assert_close(full_a, ref_full_a(a0, a_u, g.in_features, g.sharing_rate_a, sa))
         torch.testing.assert_close(full_b, ref_full_b(b0, b_u, g.out_features, g.sharing_rate_b, sb))
     (0.5 * (x.double() @ full_a.t()) @ full_b.t()).square().sum().backward()
+    # fp32 rounding of a gradient element scales with the whole tensor's magnitude (cancelling terms),
+    # not with the element: over 8,400 drawn tensors |error| / max|ref| reached 1.6e-5, and dense fp32
+    # LoRA's own gradients reached the same, so atol follows the tensor's scale; a wrong gather is O(1)
     for ours, ref in zip(params, (a0, b0, a_u, b_u), strict=True):
         if ours is not None:
-            torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+            scale = float(ref.grad.abs().max())
+            torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4, atol=max(1e-5, 1e-4 * scale))
 
 
 def _gather_a(a0, g, s_a):
