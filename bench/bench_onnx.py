@@ -45,6 +45,7 @@ from prolora_export.inject import adapter_state_dict, inject_adapter  # noqa: E4
 from prolora_export.models import ensure_demo_model, load_base_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
 from prolora_export.parity import DEFAULT_PROMPTS, GATES, ParityReport, check_parity  # noqa: E402
+from prolora_export.runtime import inference_session  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from bench_size import lora_size  # noqa: E402
@@ -107,12 +108,7 @@ def timed_cli(cmd: list[str]) -> float:
 
 def session(path: Path) -> ort.InferenceSession:
     """One CPU session with the settings shared by every graph, so only the graph differs."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return inference_session(path, "cpu", threads=THREADS)
 
 
 def feeds(sess: ort.InferenceSession, new: int, past: int) -> dict[str, np.ndarray]:

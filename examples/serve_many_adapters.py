@@ -20,7 +20,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from prolora_export.formats.prolora import load_adapter
@@ -33,6 +32,7 @@ from prolora_export.onnx.adapters import (
     run_options,
 )
 from prolora_export.onnx.export import export_onnx
+from prolora_export.runtime import inference_session
 
 
 def torch_logits(base: str, adapter: str | None, ids: np.ndarray) -> np.ndarray:
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         export_onnx_adapter(a, work / f"adapter{i}.onnx_adapter", force=True).out for i, a in enumerate(args.adapter)
     ]
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # overridable initializers are reported as a warning each
-    session = ort.InferenceSession(str(graph / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    session = inference_session(graph)  # errors-only logging: ORT warns once per overridable shard
     ids = np.array([[1, 42, 7, 99, 3, 15, 8, 64]], dtype=np.int64) % session.get_outputs()[0].shape[-1]
     feeds = decoder_feeds(session, ids)
 

@@ -61,8 +61,8 @@ from typing import Any
 import torch
 
 from .errors import PRoLoRAError
+from .runtime import check_providers, inference_session, require_provider, session_options
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 REFERENCE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
@@ -310,27 +310,6 @@ def onnx_task(graph_outputs: list[str], config) -> str:
                        "last_hidden_state)")
 
 
-def require_provider(provider: str) -> str:
-    """The ORT provider name for ``cpu``/``cuda``; refuses one this ONNX Runtime build does not have."""
-    import onnxruntime as ort
-
-    wanted = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if wanted not in available:
-        raise PRoLoRAError(f"ONNX Runtime here has no {wanted} (available: {', '.join(available)}); "
-                           "install onnxruntime-gpu with a matching CUDA/cuDNN", f"--provider {provider}")
-    return wanted
-
-
-def _session_options():
-    """Errors only: ORT warns once per overridable shard initializer, which buries the table."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return options
-
-
 def _folder_config(folder: Path):
     """The ONNX folder's transformers config (its architectures tell a classifier from a causal LM)."""
     from transformers import AutoConfig
@@ -352,17 +331,13 @@ def _ort_model(folder: Path, task: str, provider: str):
     kwargs = {"use_cache": task == "text-generation-with-past"} if cls is ORTModelForCausalLM else {}
     try:
         model = cls.from_pretrained(folder, provider=wanted, use_io_binding=False,
-                                    session_options=_session_options(), **kwargs)
+                                    session_options=session_options(provider), **kwargs)
     except PRoLoRAError:
         raise
     except Exception as err:  # ORT and optimum raise many types; the user needs one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PRoLoRAError(f"ONNX Runtime cannot load the model: {first[:300]}", str(folder)) from None
-    used = list(model.providers)
-    if used[0] != wanted:
-        raise PRoLoRAError(f"asked for {wanted} but ONNX Runtime fell back to {used[0]} (session providers: "
-                           f"{', '.join(used)}); check the CUDA/cuDNN libraries onnxruntime-gpu needs",
-                           f"--provider {provider}")
+    check_providers(list(model.providers), provider)
     return model
 
 
@@ -476,7 +451,6 @@ def _run_with_layer_outputs(onnx_path: Path, provider: str, feeds: dict[str, Any
     """
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
     model = _read_onnx(onnx_path)
     modules, tensors = layer_output_tensors(model.graph)
@@ -493,7 +467,7 @@ def _run_with_layer_outputs(onnx_path: Path, provider: str, feeds: dict[str, Any
         target = Path(scratch) / onnx_path.name
         onnx.save(model, str(target))
         try:
-            session = ort.InferenceSession(str(target), _session_options(), providers=[PROVIDERS[provider]])
+            session = inference_session(target, provider)
         except Exception as err:  # ORT raises several types; localization then just reports why not
             raise PRoLoRAError(f"ONNX Runtime cannot run the graph with layer outputs ({str(err)[:200]})") from None
         session_inputs = session.get_inputs()
@@ -592,8 +566,6 @@ def check_parity(
     import onnx
     from tqdm.auto import tqdm
 
-    if provider not in PROVIDERS:
-        raise PRoLoRAError(f"unknown provider '{provider}' (expected cpu or cuda)", "--provider")
     if reference_dtype not in REFERENCE_DTYPES:
         raise PRoLoRAError(f"unknown reference dtype '{reference_dtype}' (expected fp32 or fp64)")
     if max_new_tokens < 0:

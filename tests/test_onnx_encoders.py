@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,6 +21,7 @@ from prolora_export.models import load_base_model
 from prolora_export.onnx.adapters import load_onnx_adapter, run_options
 from prolora_export.onnx.export import export_onnx, export_task
 from prolora_export.onnx.op import DOMAIN, OP_TYPE
+from prolora_export.runtime import inference_session, session_options
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
@@ -76,9 +76,7 @@ def torch_output(base: Path, adapter: Path | None, output: str, task: str = "aut
 def ort_output(folder: Path, cls_name: str, output: str) -> np.ndarray:
     import optimum.onnxruntime
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    model = getattr(optimum.onnxruntime, cls_name).from_pretrained(folder, session_options=options)
+    model = getattr(optimum.onnxruntime, cls_name).from_pretrained(folder, session_options=session_options())
     return np.asarray(getattr(model(**inputs()), output))
 
 
@@ -158,11 +156,7 @@ def test_compact_encoder_takes_an_onnx_runtime_adapter(bert):
         cli, ["onnx-adapter", "--adapter", str(bert["root"] / "BertModel-a1"), "--out", str(file)]
     )
     assert result.exit_code == 0, result.output
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    sess = ort.InferenceSession(
-        str(bert["BertModel-compact"] / "model.onnx"), options, providers=["CPUExecutionProvider"]
-    )
+    sess = inference_session(bert["BertModel-compact"])
     feeds = {k: v.numpy() for k, v in inputs().items()}
     feeds.update({i.name: np.zeros_like(feeds["input_ids"]) for i in sess.get_inputs() if i.name == "token_type_ids"})
     lora = load_onnx_adapter(file)  # kept referenced: RunOptions does not keep the adapter alive
@@ -287,9 +281,7 @@ def test_compact_decoder_families(tmp_path, build):
     assert report.task == "text-generation-with-past"
     graph = onnx.load(str(report.out / "model.onnx")).graph
     assert sum(n.op_type == OP_TYPE for n in graph.node) == report.adapted_layers >= 2 * len(targets)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    onnx_model = ORTModelForCausalLM.from_pretrained(report.out, session_options=options)
+    onnx_model = ORTModelForCausalLM.from_pretrained(report.out, session_options=session_options())
     ids = inputs()["input_ids"][:1, :6]
     kwargs = {"max_new_tokens": 5, "do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
     with torch.no_grad():

@@ -24,6 +24,7 @@ from prolora_export.models import load_base_model
 from prolora_export.onnx.adapters import decoder_feeds, load_onnx_adapter, run_options
 from prolora_export.onnx.export import export_onnx, op_body_for
 from prolora_export.onnx.op import BODIES, DOMAIN, OP_TYPE
+from prolora_export.runtime import inference_session, session_options
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
@@ -63,9 +64,7 @@ def torch_logits(base, adapter, ids: np.ndarray = IDS) -> np.ndarray:
 
 
 def session(folder: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return inference_session(folder)
 
 
 def assert_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-4) -> None:
@@ -167,9 +166,7 @@ def test_merged_graph_has_no_custom_op(exported):
 def test_ortmodel_generates_like_pytorch(tiny, exported, mode):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    onnx_model = ORTModelForCausalLM.from_pretrained(exported[mode], session_options=options)
+    onnx_model = ORTModelForCausalLM.from_pretrained(exported[mode], session_options=session_options())
     ids = torch.from_numpy(IDS[:, :5])
     kwargs = {"max_new_tokens": 6, "do_sample": False, "attention_mask": torch.ones_like(ids), "pad_token_id": 0}
     want = torch_model(tiny["base"], tiny["a0"]).generate(ids, **kwargs)
