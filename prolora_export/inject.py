@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -124,3 +125,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters of the model."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_injected(model: nn.Module, config: PRoLoRAConfig, directory: str | Path, force: bool = False) -> Path:
+    """Write the adapter of a model that :func:`inject_adapter` prepared (e.g. after a
+    ``transformers.Trainer`` run) as our adapter folder."""
+    from .formats.prolora import Adapter, save_adapter
+
+    return save_adapter(directory, Adapter(config, dict(adapter_state_dict(model))), force=force)
+
+
+def load_injected(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Inject the adapter folder ``directory`` into ``model`` with its trained weights."""
+    from .formats.prolora import load_adapter
+
+    adapter = load_adapter(directory)
+    inject_adapter(model, adapter.config)
+    load_adapter_weights(model, adapter.tensors)
+    return model
