@@ -196,6 +196,16 @@ def _tying(base: Path) -> tuple[str, bool]:
     return str(config.get("model_type", "")), bool(tied)
 
 
+def _is_finite_number(value) -> bool:
+    """A real number that is not nan or ±inf (a NaN weight would write NaN weights with exit 0)."""
+    if isinstance(value, (bool, str)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _plan(base: str | Path, adapters: Sequence[tuple[str | Path, float]], out: Path, force: bool):
     """Load and check everything; return the plan and the loaded adapters, or raise with ALL problems."""
     problems: list[str] = []
@@ -208,6 +218,9 @@ def _plan(base: str | Path, adapters: Sequence[tuple[str | Path, float]], out: P
         problems.append("no adapter given (pass at least one --adapter)")
     loaded: list[tuple[str, Adapter, float]] = []
     for adapter_dir, weight in adapters:
+        if not _is_finite_number(weight):
+            problems.append(f"adapter {adapter_dir}: the weight must be a finite number, got {weight!r}")
+            continue
         try:
             loaded.append((str(adapter_dir), load_adapter(adapter_dir), float(weight)))
         except PRoLoRAError as err:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import PRoLoRAError
+from .types import FINITE_FLOAT
 
 
 @click.command("merge")
@@ -24,7 +25,7 @@ from ..errors import PRoLoRAError
     "-w",
     "weights",
     multiple=True,
-    type=float,
+    type=FINITE_FLOAT,
     help="Weight w_k of each adapter, in --adapter order; none = all 1.0, else exactly one per adapter.",
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output model folder (written atomically).")

@@ -7,6 +7,7 @@ import click
 from ..config import parse_target_modules
 from ..train import DEFAULT_TARGETS, DTYPES
 from . import trust_remote_code_option
+from .types import FINITE_FLOAT
 
 
 @click.command("train")
@@ -22,15 +23,17 @@ from . import trust_remote_code_option
 @click.option("--unshared-r", default=1, show_default=True, help="Unshared rank u (u = r is plain LoRA).")
 @click.option("--sharing-rate-a", default=2, show_default=True, help="m: chunks A is split into along d_in.")
 @click.option("--sharing-rate-b", default=2, show_default=True, help="n: chunks B is split into along d_out.")
-@click.option("--alpha", default=16.0, show_default=True, help="lora_alpha; scaling = alpha / r.")
-@click.option("--dropout", default=0.05, show_default=True, help="Dropout on the adapter's input.")
+@click.option("--alpha", type=FINITE_FLOAT, default=16.0, show_default=True, help="lora_alpha; scaling = alpha / r.")
+@click.option("--dropout", type=FINITE_FLOAT, default=0.05, show_default=True, help="Dropout on the adapter's input.")
 @click.option(
     "--target-modules",
     default=",".join(DEFAULT_TARGETS),
     show_default=True,
     help="Comma list of layer names, or a regex matching whole module paths.",
 )
-@click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate (10% warmup, linear decay).")
+@click.option(
+    "--lr", type=FINITE_FLOAT, default=2e-4, show_default=True, help="Peak learning rate (10% warmup, linear decay)."
+)
 @click.option("--epochs", default=1, show_default=True, help="Passes over the data (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps to take (overrides --epochs).")
 @click.option("--batch-size", default=4, show_default=True, help="Examples per step per process.")

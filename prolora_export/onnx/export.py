@@ -377,6 +377,11 @@ def export_onnx(
         raise PRoLoRAError(f"unknown op body '{op_body}' (expected one of: auto, {', '.join(op.BODIES)})")
     if op_body != "auto" and mode != "compact":
         raise PRoLoRAError("--op-body applies to --mode compact only (a merged export has no adapter op)")
+    if default_adapter != "adapter" and mode != "compact":
+        raise PRoLoRAError(
+            f"--default-adapter {default_adapter} applies to --mode compact only (a merged export has no "
+            "overridable shards: its weights always hold the adapter)"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         raise PRoLoRAError(f"{dtype} export on --device cuda needs a CUDA device, and torch sees none here")
     if task != "auto":
