@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import PRoLoRAError
@@ -46,21 +46,18 @@ def check_free_space(dest: Path, needed_bytes: int) -> None:
 
 
 @contextmanager
-def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(dest: str | Path, force: bool = False, locked: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``dest``; on success it replaces ``dest`` atomically.
 
     On any error (or kill) the destination is untouched; the temporary folder is removed
-    where Python still runs, and is a hidden ``.DEST.tmp-*`` sibling otherwise.
+    where Python still runs, and is a hidden ``.DEST.tmp-*`` sibling otherwise. ``locked``:
+    the caller already holds :func:`output_lock` of ``dest``.
     """
     dest = Path(dest).absolute()
     check_destination(dest, force)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = dest.parent / f".{dest.name}.lock"
-    with open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PRoLoRAError("another prolora-export command is writing here right now", str(dest)) from None
+    if locked and dest not in _HELD_LOCKS:
+        raise RuntimeError(f"atomic_output_dir(locked=True) outside output_lock({dest})")
+    with nullcontext() if locked else output_lock(dest):
         _recover(dest)
         check_destination(dest, force)  # the other writer may have finished meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -71,7 +68,34 @@ def atomic_output_dir(dest: str | Path, force: bool = False) -> Iterator[Path]:
                 _replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            # The lock file stays: unlinking it would let two later writers lock different inodes.
+
+
+#: destinations whose lock this process holds through :func:`output_lock`
+_HELD_LOCKS: set[Path] = set()
+
+
+@contextmanager
+def output_lock(dest: str | Path) -> Iterator[None]:
+    """Hold the writer lock of ``dest`` (a ``.DEST.lock`` file beside it) while the block runs.
+
+    Any other writer of ``dest`` (another process, or another ``atomic_output_dir`` not
+    told it is inside this block) gets a one-line error at once. A long job (training)
+    holds it from its first check to its last save and passes ``locked=True`` to
+    :func:`atomic_output_dir` for each save.
+    """
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # The lock file stays afterwards: unlinking it would let two later writers lock different inodes.
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PRoLoRAError("another prolora-export command is writing here right now", str(dest)) from None
+        _HELD_LOCKS.add(dest)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(dest)
 
 
 @contextmanager
