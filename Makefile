@@ -7,9 +7,13 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-all bench lint
+.PHONY: setup native demo test test-all bench lint
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed native
+
+# the native RotatedShardLoRA kernel (npm headers + system g++); never fails: one line says why not
+native: $(VENV)/.installed
+	$(BIN)/python -m prolora_export.native.build
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

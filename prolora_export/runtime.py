@@ -9,7 +9,12 @@ Parity, the benchmarks, the examples, the engine and the tests all get their
 * log level "errors only": a compact graph's overridable shard initializers make ONNX
   Runtime print one warning each at load (840 for the demo model). Users of plain ONNX
   Runtime silence it the same way: ``SessionOptions.log_severity_level = 3``;
-* thread counts, when a caller (a benchmark) needs them fixed.
+* thread counts, when a caller (a benchmark) needs them fixed;
+* the native ``RotatedShardLoRA`` kernel (:mod:`prolora_export.native`), registered in CPU sessions
+  only: a CPU kernel registered in a CUDA session would claim every adapter node and pull it onto the
+  CPU with copies around it. ``kernel="auto"`` registers it when it was built, ``"native"`` requires it,
+  ``"function"`` never registers it (the graph's function body then runs). Registering it adds nothing
+  to ONNX Runtime's load-time output.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 #: ONNX Runtime severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 ERRORS_ONLY = 3
+
+#: how ``ai.prolora::RotatedShardLoRA`` runs: native kernel when built, native kernel or an error, function body
+KERNELS = ("auto", "native", "function")
 
 
 def require_provider(provider: str) -> str:
@@ -39,9 +47,11 @@ def require_provider(provider: str) -> str:
     return wanted
 
 
-def session_options(provider: str = "cpu", *, threads: int | None = None, log_level: int = ERRORS_ONLY):
-    """SessionOptions for ``provider``: errors-only logging and, when given, ``threads`` intra-op threads
-    (one inter-op thread then, so a benchmark's graphs differ only in the graph)."""
+def session_options(provider: str = "cpu", *, threads: int | None = None, log_level: int = ERRORS_ONLY,
+                    kernel: str = "auto"):
+    """SessionOptions for ``provider``: errors-only logging, the native kernel per ``kernel`` (see
+    :func:`register_kernel`) and, when given, ``threads`` intra-op threads (one inter-op thread then, so a
+    benchmark's graphs differ only in the graph)."""
     import onnxruntime as ort
 
     require_provider(provider)
@@ -51,7 +61,52 @@ def session_options(provider: str = "cpu", *, threads: int | None = None, log_le
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    register_kernel(options, provider, kernel)
     return options
+
+
+def register_kernel(options, provider: str = "cpu", kernel: str = "auto") -> bool:
+    """Register the native ``RotatedShardLoRA`` kernel in ``options``; True when it was registered.
+
+    ``auto``: on the CPU when the library was built (else the function body, as the build said);
+    ``native``: on the CPU or an error saying why not; ``function``: never. Never on CUDA.
+    """
+    from . import native
+
+    if kernel not in KERNELS:
+        raise PRoLoRAError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}", "--kernel")
+    if kernel == "function":
+        return False
+    if provider != "cpu":
+        if kernel == "native":
+            raise PRoLoRAError(f"the native RotatedShardLoRA kernel runs on the CPU only, not {provider} "
+                               "(its function body runs there: --kernel auto or function)", "--kernel native")
+        return False
+    library = native.library_path()
+    if library is None:
+        if kernel == "native":
+            raise PRoLoRAError(f"no native kernel: {native.unavailable_reason()}", "--kernel native")
+        return False
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as err:  # an unloadable library: say so once, and let auto fall back
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        if kernel == "native":
+            raise PRoLoRAError(f"ONNX Runtime cannot load the native kernel ({first})", str(library)) from None
+        _warn_once(f"native RotatedShardLoRA kernel not loaded, using the function body: {first}")
+        return False
+    return True
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import warnings
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def check_providers(used: list[str], provider: str) -> None:
@@ -64,9 +119,10 @@ def check_providers(used: list[str], provider: str) -> None:
 
 
 def inference_session(model: str | Path | bytes, provider: str = "cpu", *, threads: int | None = None,
-                      options=None):
+                      options=None, kernel: str = "auto"):
     """An InferenceSession on ``provider`` for a model path (a folder means its ``model.onnx``) or
-    serialized bytes, with :func:`session_options` unless ``options`` are given; checked for fallback."""
+    serialized bytes, with :func:`session_options` (``threads``, ``kernel``) unless ``options`` are given;
+    checked for fallback."""
     import onnxruntime as ort
 
     wanted = require_provider(provider)
@@ -75,7 +131,7 @@ def inference_session(model: str | Path | bytes, provider: str = "cpu", *, threa
         if model.is_dir():
             model = model / "model.onnx"
         model = str(model)
-    options = options if options is not None else session_options(provider, threads=threads)
+    options = options if options is not None else session_options(provider, threads=threads, kernel=kernel)
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
     session = ort.InferenceSession(model, options, providers=providers)
     check_providers(session.get_providers(), provider)
