@@ -16,6 +16,7 @@ training is the worst time to find it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ def _line_problem(obj: Any) -> str | None:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Parse and validate every line of a JSONL file; blank lines are skipped."""
+    return [record for _, record in read_numbered_jsonl(path)]
+
+
+def read_numbered_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """Like :func:`read_jsonl`, each record with its line number (for later ``file:line`` errors)."""
     path = Path(path)
     if not path.is_file():
         raise PRoLoRAError("data file not found" if not path.exists() else "not a file", str(path))
@@ -83,31 +89,96 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         if problem:
             problems.append(f"{path}:{number}: {problem}")
         else:
-            records.append(obj)
-    if len(problems) > MAX_REPORTED:
-        problems = [*problems[:MAX_REPORTED], f"… and {len(problems) - MAX_REPORTED} more bad lines"]
-    raise_if(problems)
+            records.append((number, obj))
+    raise_if(_capped(problems))
     if not records:
         raise PRoLoRAError("no examples (the file is empty)", str(path))
     return records
 
 
-def _chat_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) > MAX_REPORTED:
+        return [*problems[:MAX_REPORTED], f"… and {len(problems) - MAX_REPORTED} more bad lines"]
+    return problems
 
 
-def _tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
-    """Label only assistant turns: each turn's span is found by rendering the conversation up to it."""
-    ids = _chat_ids(tokenizer, messages)
-    labels = [IGNORE_INDEX] * len(ids)
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The chat template's text; a template that raises (``raise_exception``) becomes a one-line error."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # the template is the model's code; whatever it raises is its verdict on this line
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PRoLoRAError(f"the chat template refused this conversation: {message}") from None
+
+
+def has_generation_blocks(chat_template: str) -> bool:
+    """Whether the template marks assistant text with ``{% generation %}`` (transformers' assistant mask)."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", chat_template) is not None
+
+
+def _generation_mask(tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids and transformers' assistant-token mask, from the template's ``{% generation %}`` blocks."""
+    _render(tokenizer, messages)  # template errors as one line, before transformers wraps them
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    mask = list(out["assistant_masks"])
+    if not any(mask):
+        raise PRoLoRAError("the chat template's {% generation %} blocks mark no token of this conversation")
+    return list(out["input_ids"]), mask
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in ``full``, the whole conversation's rendering.
+
+    Turn i spans from the end of the conversation up to it rendered with the generation
+    prompt to the end of the conversation up to and including it. That is only true when
+    the template renders every prefix of a conversation as a prefix of the whole (not, e.g.,
+    a template that drops earlier turns' reasoning once later turns follow), so this is
+    checked, and a template that breaks it is refused rather than given a wrong mask.
+    """
+    spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start = len(_chat_ids(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(_chat_ids(tokenizer, messages[: i + 1]))
+        upto = _render(tokenizer, messages[: i + 1])
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        if not (full.startswith(upto) and upto.startswith(prompt)):
+            raise PRoLoRAError(
+                f"the chat template renders messages[{i}] (assistant) differently once later turns follow, so the "
+                "loss mask of this conversation cannot be found from its prefixes; give the template "
+                "{% generation %} blocks around assistant text, or end the conversation at this turn"
+            )
+        spans.append((len(prompt), len(upto)))
+    return spans
+
+
+def _tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> Example:
+    """Label only assistant turns: from the template's ``{% generation %}`` blocks when it has
+    them, else from checked prefix renderings mapped onto the tokens of the whole conversation."""
+    if has_generation_blocks(str(tokenizer.chat_template)) and tokenizer.is_fast:
+        ids, mask = _generation_mask(tokenizer, messages)
+        return Example(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)])
+    full = _render(tokenizer, messages)
+    spans = _assistant_char_spans(tokenizer, messages, full)
+    if tokenizer.is_fast:
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        inside = [any(s < b and e > a for a, b in spans) for s, e in encoded["offset_mapping"]]
+        return Example(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, inside, strict=True)])
+    # a slow tokenizer has no offsets: the spans must fall on token boundaries of the whole
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for span in spans:
+        start, end = (_token_boundary(tokenizer, full, ids, k) for k in span)
         labels[start:end] = ids[start:end]
     return Example(ids, labels)
+
+
+def _token_boundary(tokenizer, text: str, ids: list[int], chars: int) -> int:
+    """How many tokens of ``ids`` (the tokens of ``text``) cover ``text[:chars]`` exactly."""
+    prefix = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+    if ids[: len(prefix)] != prefix:
+        raise PRoLoRAError("an assistant turn does not start or end on a token boundary of the whole conversation")
+    return len(prefix)
 
 
 def _with_eos(tokenizer, ids: list[int]) -> list[int]:
@@ -131,11 +202,18 @@ def tokenize_record(tokenizer, record: dict[str, Any], max_length: int) -> Examp
 
 def load_dataset(path: str | Path, tokenizer, max_length: int) -> list[Example]:
     """Read, validate and tokenize a JSONL file. Examples whose labelled part lies entirely
-    beyond ``max_length`` are dropped (they would teach nothing); if all are, that is an error."""
-    records = read_jsonl(path)
-    if any("messages" in r for r in records) and not getattr(tokenizer, "chat_template", None):
+    beyond ``max_length`` are dropped (they would teach nothing); if all are, that is an error.
+    Lines the tokenizer's chat template refuses are all reported as ``file:line: why``."""
+    records = read_numbered_jsonl(path)
+    if any("messages" in r for _, r in records) and not getattr(tokenizer, "chat_template", None):
         raise PRoLoRAError("has 'messages' lines but the tokenizer has no chat template", str(path))
-    examples = [tokenize_record(tokenizer, r, max_length) for r in records]
+    examples, problems = [], []
+    for number, record in records:
+        try:
+            examples.append(tokenize_record(tokenizer, record, max_length))
+        except PRoLoRAError as err:
+            problems.append(f"{path}:{number}: {err}")
+    raise_if(_capped(problems))
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels[1:])]
     if not kept:
         raise PRoLoRAError(

@@ -129,3 +129,65 @@ def test_collate_pads_and_masks():
     assert batch["input_ids"].shape == (2, 4)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert batch["labels"][1].tolist() == [*b.labels, IGNORE_INDEX, IGNORE_INDEX]
+
+
+#: Qwen3-style: an assistant turn that is not the last one loses its reasoning (text up to " : "),
+#: so the conversation up to turn i is NOT a prefix of the whole conversation.
+REWRITING_TURN = (
+    "{% set c = m['content'] %}{% if m['role'] == 'assistant' and not loop.last %}"
+    "{% set c = c.split(' : ')[-1] %}{% endif %}"
+)
+REWRITING_TEMPLATE = (
+    "{% for m in messages %}" + REWRITING_TURN + "<|{{ m['role'] }}|> {{ c }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+REWRITING_WITH_GENERATION = (
+    "{% for m in messages %}" + REWRITING_TURN + "{% if m['role'] == 'assistant' %}"
+    "<|assistant|> {% generation %}{{ c }} <|end|>{% endgeneration %} "
+    "{% else %}<|{{ m['role'] }}|> {{ c }} <|end|> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+TWO_TURNS = [
+    {"role": "user", "content": "what is 1 plus 1 ?"},
+    {"role": "assistant", "content": "hello : answer 2"},
+    {"role": "user", "content": "what is 2 plus 2 ?"},
+    {"role": "assistant", "content": "hello : answer 4"},
+]
+
+
+def test_template_that_rewrites_earlier_turns_is_refused_with_file_and_line(tmp_path):
+    """Prefix renderings would put the next user turn under the loss; refuse, naming the line."""
+    tok = tiny_tokenizer()
+    tok.chat_template = REWRITING_TEMPLATE
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"text": "hello"}, {"messages": TWO_TURNS}])
+    with pytest.raises(PRoLoRAError) as info:
+        load_dataset(path, tok, max_length=256)
+    assert str(info.value).startswith(f"{path}:2: the chat template renders messages[1] (assistant) differently")
+    # one assistant turn: the prefix property holds, and the mask is the answer and its end marker
+    single = tokenize_record(tok, {"messages": TWO_TURNS[:2]}, 256)
+    assert labelled(single) == ids(tok, "hello : answer 2 <|end|>")
+
+
+def test_generation_blocks_give_the_mask_even_when_the_template_rewrites_turns():
+    tok = tiny_tokenizer()
+    tok.chat_template = REWRITING_WITH_GENERATION
+    ex = tokenize_record(tok, {"messages": TWO_TURNS}, 256)
+    assert ex.input_ids == ids(tok, tok.apply_chat_template(TWO_TURNS, tokenize=False))
+    assert labelled(ex) == ids(tok, "answer 2 <|end|> hello : answer 4 <|end|>")
+    assert tok.convert_tokens_to_ids("<|user|>") not in labelled(ex)
+
+
+def test_template_raise_exception_is_one_line_with_file_line_and_its_message(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+        "{{ raise_exception('Conversation roles must be user/assistant, got ' + m['role']) }}{% endif %}"
+        "<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    )
+    bad = {"messages": [{"role": "tool", "content": "hello"}, {"role": "assistant", "content": "answer : 1"}]}
+    good = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "answer : 1"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [good, bad, good, bad])
+    with pytest.raises(PRoLoRAError) as info:
+        load_dataset(path, tok, max_length=256)
+    message = "the chat template refused this conversation: Conversation roles must be user/assistant, got tool"
+    assert info.value.problems == [f"{path}:2: {message}", f"{path}:4: {message}"]
