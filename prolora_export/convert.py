@@ -18,27 +18,10 @@ from .formats import detect
 from .formats.peft_lora import save_peft
 from .formats.prolora import Adapter, load_adapter, save_adapter
 from .formats.reference import load_reference_expanded, load_reference_training
+from .models import meta_model
 
 TARGETS = ("prolora", "peft")
 Shapes = dict[str, tuple[int, int]]
-
-
-def meta_model(name_or_path: str, trust_remote_code: bool | None = None) -> nn.Module:
-    """The base model's module tree on the 'meta' device: layer sizes without reading any weight."""
-    import torch
-    from transformers import AutoConfig
-
-    from .models import checked_remote_code, model_class_for, resolve_model
-
-    source = resolve_model(name_or_path)
-    trust_remote_code = checked_remote_code(source, trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PRoLoRAError(f"cannot read the model config: {first_line}", name_or_path) from None
-    with torch.device("meta"):
-        return model_class_for(config).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def linear_shapes(model: nn.Module) -> Shapes:

@@ -7,7 +7,7 @@ name or ends with ``.name``; a string is a regex that must match the whole path.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -47,6 +47,61 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
 
 
+def layer_problems(model: nn.Module, modules: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """Every adapter module (``config.modules``) must be a Linear/Conv1D layer of ``model`` with the
+    recorded in/out sizes; one message per module that is not, naming it. Sizes are read from what
+    the layer is (a Conv1D stores its weight transposed), never guessed from the weight's shape."""
+    problems = []
+    for path, shape in modules.items():
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            problems.append(f"module '{path}' does not exist in the base model")
+            continue
+        if isinstance(layer, PRoLoRALinear):
+            layer = layer.base_layer
+        try:
+            d_in, d_out = layer_features(layer)
+        except PRoLoRAError as err:
+            problems.append(f"module '{path}': {err}")
+            continue
+        if (d_in, d_out) != (shape["in_features"], shape["out_features"]):
+            problems.append(
+                f"module '{path}' is {d_in}→{d_out} in the base model but "
+                f"{shape['in_features']}→{shape['out_features']} in the adapter (an adapter for another model?)"
+            )
+    return problems
+
+
+def shared_weight_problems(model: nn.Module, paths: Iterable[str]) -> list[str]:
+    """The one rule for merging ΔW into a base weight, in every command that merges (``merge``,
+    ``onnx --mode merged``): refused when another module uses the same weight (an lm_head tied to
+    the input embeddings, a layer registered under two paths), because the merge would change that
+    module too, while the unmerged adapter (training, compact export, parity) changes the adapted
+    layer only. One message per such layer, naming it and the modules it shares with."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, PRoLoRALinear):
+            continue
+        owner = name.removesuffix(".base_layer")
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(owner)
+    tied = " (tie_word_embeddings=true)" if getattr(getattr(model, "config", None), "tie_word_embeddings", 0) else ""
+    problems = []
+    for path in paths:
+        layer = model.get_submodule(path)
+        weight = (layer.base_layer if isinstance(layer, PRoLoRALinear) else layer).weight
+        others = sorted(set(owners.get(id(weight), [])) - {path})
+        if others:
+            problems.append(
+                f"module '{path}' is tied to {', '.join(repr(o) for o in others)}: its weight is shared{tied}, so "
+                "merging ΔW into it would change those modules too; use the unmerged adapter (onnx --mode "
+                "compact) or train it without this layer"
+            )
+    return problems
+
+
 def inject_adapter(model: nn.Module, config: PRoLoRAConfig) -> nn.Module:
     """Wrap each target layer in a freshly initialised :class:`PRoLoRALinear`; freeze everything else.
 
@@ -54,24 +109,7 @@ def inject_adapter(model: nn.Module, config: PRoLoRAConfig) -> nn.Module:
     being loaded); otherwise ``config.target_modules`` does and ``config.modules`` is filled in.
     """
     if config.modules:
-        problems = []
-        for path, shape in config.modules.items():
-            try:
-                layer = model.get_submodule(path)
-            except AttributeError:
-                problems.append(f"module '{path}' does not exist in the base model")
-                continue
-            try:
-                d_in, d_out = layer_features(layer)
-            except PRoLoRAError as err:
-                problems.append(f"module '{path}': {err}")
-                continue
-            if (d_in, d_out) != (shape["in_features"], shape["out_features"]):
-                problems.append(
-                    f"module '{path}' is {d_in}→{d_out} in the base model but "
-                    f"{shape['in_features']}→{shape['out_features']} in the adapter (an adapter for another model?)"
-                )
-        raise_if(problems)
+        raise_if(layer_problems(model, config.modules))
         targets = {p: (s["in_features"], s["out_features"]) for p, s in config.modules.items()}
     else:
         targets = find_targets(model, config.target_modules)
@@ -106,7 +144,10 @@ def load_adapter_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor]) 
 
 
 def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put the base layers back, with ΔW merged into them when ``merge`` is true."""
+    """Put the base layers back, with ΔW merged into them when ``merge`` is true (refused, before
+    any weight changes, for a weight shared with another module: :func:`shared_weight_problems`)."""
+    if merge:
+        raise_if(shared_weight_problems(model, [path for path, _ in prolora_layers(model)]))
     for path, layer in list(prolora_layers(model)):
         if merge:
             layer.merge()
@@ -117,6 +158,8 @@ def remove_adapter(model: nn.Module, merge: bool = False) -> nn.Module:
 
 
 def set_merged(model: nn.Module, merged: bool) -> None:
+    if merged:
+        raise_if(shared_weight_problems(model, [path for path, _ in prolora_layers(model)]))
     for _, layer in prolora_layers(model):
         layer.merge() if merged else layer.unmerge()
 

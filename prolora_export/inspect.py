@@ -113,8 +113,8 @@ def inspect_adapter(path: str | Path, base: str | None = None) -> Report:
 
 def inspect_model(base: str, config: PRoLoRAConfig, dtype: str = "float32") -> Report:
     """Report on the adapter ``config`` would create on ``base``, without loading weights or training."""
-    from .convert import meta_model
     from .inject import find_targets
+    from .models import meta_model
 
     config.validate("hyperparameters")
     targets = find_targets(meta_model(base), config.target_modules)

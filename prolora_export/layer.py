@@ -29,6 +29,13 @@ def layer_features(layer: nn.Module) -> tuple[int, int]:
     raise PRoLoRAError(f"{type(layer).__name__} is not supported (expected torch.nn.Linear or transformers Conv1D)")
 
 
+def stores_transposed(layer: nn.Module) -> bool:
+    """True when the layer keeps its weight as (d_in, d_out), transformers' Conv1D (GPT-2 style),
+    rather than nn.Linear's (d_out, d_in). Decided by the layer's type, never by the weight's
+    shape: a square weight has both shapes."""
+    return isinstance(layer, Conv1D)
+
+
 class PRoLoRALinear(nn.Module):
     """``y = base(x) + γ·(dropout(x) Aᵀ) Bᵀ`` with A and B never materialised."""
 
@@ -99,7 +106,7 @@ class PRoLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW in fp32, shaped like the base weight (transposed for Conv1D)."""
         delta = delta_weight(self.geometry, self.scaling, *self._factors())
-        return delta.t() if isinstance(self.base_layer, Conv1D) else delta
+        return delta.t() if stores_transposed(self.base_layer) else delta
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import read_json
 from .errors import PRoLoRAError, raise_if
 from .formats.prolora import Adapter, load_adapter
-from .models import check_model_dir, copy_model_side_files, resolve_model
+from .inject import layer_problems, shared_weight_problems
+from .layer import stores_transposed
+from .models import check_model_dir, copy_model_side_files, meta_model, resolve_model
 from .outputs import atomic_output_dir, check_destination, check_free_space
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,8 +50,6 @@ SAFETENSORS_FLOATS: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-#: architectures whose linear layers are transformers' Conv1D (weights stored (d_in, d_out))
-CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt")
 
 
 @dataclass
@@ -143,57 +142,38 @@ def _read_layout(base: Path) -> tuple[list[str], dict[str, _TensorInfo], dict | 
 
 
 def _module_problems(
-    adapter_dir: str, adapter: Adapter, tensors: dict[str, _TensorInfo], model_type: str, tied: bool
+    adapter_dir: str, adapter: Adapter, tensors: dict[str, _TensorInfo], model: torch.nn.Module
 ) -> tuple[dict[str, bool], list[str]]:
-    """Check every module of one adapter against the base's tensors; say which are stored transposed."""
+    """Check every module of one adapter against the base's layers (``model``, on the meta device)
+    and tensors; say which weights are stored transposed.
+
+    Orientation comes from what the layer is (transformers' Conv1D stores (d_in, d_out)), never from
+    the weight's shape: a square weight fits both, and an adapter whose recorded sizes are swapped
+    would fit the transpose. Sizes that contradict the layer are refused, naming it.
+    """
     targets: dict[str, bool] = {}
     problems: list[str] = []
+    where = f"adapter {adapter_dir}"
     for path, shape in adapter.config.modules.items():
-        d_in, d_out = shape["in_features"], shape["out_features"]
-        key = f"{path}.weight"
-        where = f"adapter {adapter_dir}: module '{path}'"
-        if tied and path.rsplit(".", 1)[-1] == "lm_head":
-            problems.append(
-                f"{where} is tied to the input embeddings (tie_word_embeddings=true): merging into it would "
-                "change the embeddings too; train the adapter without lm_head"
-            )
+        bad = layer_problems(model, {path: shape}) or shared_weight_problems(model, [path])
+        if bad:
+            problems += [f"{where}: {p}" for p in bad]
             continue
+        module = model.get_submodule(path)
+        key, stored = f"{path}.weight", tuple(module.weight.shape)
         info = tensors.get(key)
         if info is None:
-            hint = " (the model ties it to the input embeddings)" if tied else ""
-            problems.append(f"{where}: the base model has no tensor '{key}'{hint}")
-            continue
-        if info.dtype not in SAFETENSORS_FLOATS:
-            problems.append(f"{where}: base weight has dtype {info.dtype}, expected a floating-point type")
-            continue
-        if model_type in CONV1D_MODEL_TYPES and info.shape == (d_in, d_out):
-            targets[key] = True
-        elif info.shape == (d_out, d_in):
-            targets[key] = False
-        elif info.shape == (d_in, d_out):  # a Conv1D-style layer in a model type we do not know
-            targets[key] = True
-        else:
+            problems.append(f"{where}: module '{path}': the base model has no tensor '{key}'")
+        elif info.dtype not in SAFETENSORS_FLOATS:
+            problems.append(f"{where}: module '{path}': base weight has dtype {info.dtype}, expected a floating type")
+        elif info.shape != stored:
             problems.append(
-                f"{where}: base weight has shape {list(info.shape)}, but the adapter records "
-                f"{d_in}→{d_out} (expected [{d_out}, {d_in}]; an adapter for another model?)"
+                f"{where}: module '{path}': base weight '{key}' has shape {list(info.shape)}, but this "
+                f"{type(module).__name__} layer stores {list(stored)} (a checkpoint that does not match its config?)"
             )
+        else:
+            targets[key] = stores_transposed(module)
     return targets, problems
-
-
-def _tying(base: Path) -> tuple[str, bool]:
-    """(model_type, tie_word_embeddings) from config.json; transformers (slow to import) only for defaults."""
-    config = read_json(base / "config.json")
-    if not isinstance(config, dict):
-        raise PRoLoRAError("expected a JSON object", str(base / "config.json"))
-    tied = config.get("tie_word_embeddings")
-    if tied is None:  # the default depends on the architecture's config class
-        from transformers import AutoConfig
-
-        try:
-            tied = getattr(AutoConfig.from_pretrained(base), "tie_word_embeddings", False)
-        except (OSError, ValueError, KeyError) as err:
-            raise PRoLoRAError(f"cannot read the model config ({err})", str(base / "config.json")) from None
-    return str(config.get("model_type", "")), bool(tied)
 
 
 def _is_finite_number(value) -> bool:
@@ -235,16 +215,16 @@ def _plan(base: str | Path, adapters: Sequence[tuple[str | Path, float]], out: P
         raise_if(problems)
     shard_names, tensors, index, layout_problems = _read_layout(base_dir)
     problems += layout_problems
+    targets: dict[str, bool] = {}
     try:
-        model_type, tied = _tying(base_dir)
+        model = meta_model(str(base_dir), checkpoint_layout=True)
     except PRoLoRAError as err:
         problems += err.problems
-        model_type, tied = "", False
-    targets: dict[str, bool] = {}
-    for adapter_dir, adapter, _ in loaded:
-        found, bad = _module_problems(adapter_dir, adapter, tensors, model_type, tied)
-        targets.update(found)
-        problems += bad
+    else:
+        for adapter_dir, adapter, _ in loaded:
+            found, bad = _module_problems(adapter_dir, adapter, tensors, model)
+            targets.update(found)
+            problems += bad
     raise_if(problems)
     return _Plan(base_dir, shard_names, tensors, targets, index), loaded
 

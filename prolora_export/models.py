@@ -171,6 +171,46 @@ def model_class_for(config, task: str = "auto"):
     return AutoModel
 
 
+def checkpoint_class(config):
+    """The transformers class a folder's weights were saved from (its config's ``architectures``),
+    whose module paths are the checkpoint's tensor names; else the class :func:`model_class_for` picks."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and hasattr(cls, "_from_config"):
+            return cls
+    return model_class_for(config)
+
+
+def meta_model(name_or_path: str, trust_remote_code: bool | None = None, checkpoint_layout: bool = False):
+    """The base model's module tree on the 'meta' device: layer types, sizes and tied weights,
+    without reading any weight.
+
+    The class is the one :func:`load_base_model` loads (what adapters are trained on), or with
+    ``checkpoint_layout`` the one the checkpoint was saved from (:func:`checkpoint_class`).
+    """
+    import torch
+    from transformers import AutoConfig
+
+    source = resolve_model(name_or_path)
+    trust_remote_code = checked_remote_code(source, trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PRoLoRAError(f"cannot read the model config: {first_line}", name_or_path) from None
+    cls = checkpoint_class(config) if checkpoint_layout else model_class_for(config)
+    try:
+        with torch.device("meta"):
+            if cls.__module__.startswith("transformers.models.auto"):
+                return cls.from_config(config, trust_remote_code=trust_remote_code)
+            return cls._from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PRoLoRAError(f"cannot build the model's layers from its config: {first_line}", name_or_path) from None
+
+
 def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_remote_code: bool | None = None):
     """Load a base model for a task (weights from safetensors only), in eval mode.
 

@@ -12,9 +12,11 @@ gave exit code 0 and a wrong model, file or graph. Every test fails on the code 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import make_adapter, tiny_llama
 
@@ -103,3 +105,96 @@ def test_default_adapter_zero_refused_for_merged_export(llama: dict[str, Path], 
             "--default-adapter", "zero"]
     assert "compact only" in one_line_error(CliRunner().invoke(main, args))
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------- item 1: orientation from the module
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_square_conv1d_of_another_model_type_merges_untransposed(tmp_path: Path) -> None:
+    """ImageGPT's layers are transformers' Conv1D like GPT-2's, under another model_type; its
+    attention output projection is square, so its shape cannot tell the storage orientation."""
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+    torch.manual_seed(0)
+    config = ImageGPTConfig(n_embd=48, n_layer=2, n_head=3, n_positions=32, vocab_size=33,
+                            architectures=["ImageGPTForCausalImageModeling"])
+    base = ImageGPTForCausalImageModeling(config).eval()
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    adapted = copy.deepcopy(base)
+    adapter = make_adapter(adapted, seed=4, r=4, unshared_r=1, target_modules=["c_attn", "c_proj"])
+    assert adapter.config.modules["transformer.h.0.attn.c_proj"] == {"in_features": 48, "out_features": 48}
+    save_adapter(tmp_path / "ad", adapter)
+    report = merge_adapters(tmp_path / "base", [(tmp_path / "ad", 1.0)], tmp_path / "out", progress=False)
+    assert report.tensors_merged == 6  # c_attn, attn.c_proj, mlp.c_proj of 2 layers
+    merged = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.tensor([[1, 5, 9, 30, 2, 17, 8]])
+    want, got, plain = _logits(adapted, tokens), _logits(merged, tokens), _logits(base, tokens)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((plain - want).abs().max()) > 1e-3  # the adapter does change the outputs
+
+
+def test_adapter_with_swapped_sizes_is_refused_by_merge(tmp_path: Path) -> None:
+    """An adapter recording up_proj as 100→72 (the base's is 72→100) has tensors that fit the
+    transposed weight: merge refused it no more than shapes could tell, and merged ΔW transposed."""
+    from prolora_export.config import PRoLoRAConfig
+    from prolora_export.formats.prolora import Adapter, expected_shapes
+
+    tiny_llama().save_pretrained(tmp_path / "base", safe_serialization=True)
+    path = "model.layers.0.mlp.up_proj"
+    config = PRoLoRAConfig(r=4, unshared_r=1, target_modules=["up_proj"],
+                           modules={path: {"in_features": 100, "out_features": 72}})
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(s, generator=gen) * 0.05 for k, s in expected_shapes(config).items()}
+    save_adapter(tmp_path / "swapped", Adapter(config, tensors))
+    with pytest.raises(PRoLoRAError) as info:
+        merge_adapters(tmp_path / "base", [(tmp_path / "swapped", 1.0)], tmp_path / "out", progress=False)
+    assert info.value.problems == [
+        f"adapter {tmp_path / 'swapped'}: module '{path}' is 72→100 in the base model but 100→72 in the adapter "
+        "(an adapter for another model?)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- item 2: one rule for tied weights
+
+
+def _tied_llama():
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_merged_onnx_export_refuses_an_adapter_on_a_tied_lm_head(tmp_path: Path) -> None:
+    """``onnx --mode merged`` merged ΔW of lm_head into the shared weight, i.e. into the input
+    embeddings too, while ``merge`` refused the same adapter."""
+    base = _tied_llama()
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    head = make_adapter(copy.deepcopy(base), seed=5, r=4, target_modules=["lm_head", "q_proj"])
+    save_adapter(tmp_path / "head", head)
+    problem = re.escape("module 'lm_head' is tied to 'model.embed_tokens'")
+    with pytest.raises(PRoLoRAError, match=problem):
+        export_onnx(str(tmp_path / "base"), tmp_path / "head", tmp_path / "o", mode="merged")
+    with pytest.raises(PRoLoRAError, match=problem):
+        merge_adapters(tmp_path / "base", [(tmp_path / "head", 1.0)], tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
+
+
+def test_in_memory_merge_of_a_tied_layer_is_refused_before_any_weight_changes() -> None:
+    from prolora_export.inject import remove_adapter, set_merged
+
+    model = _tied_llama()
+    make_adapter(model, seed=6, r=4, target_modules=["lm_head", "q_proj"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (lambda: remove_adapter(model, merge=True), lambda: set_merged(model, True)):
+        with pytest.raises(PRoLoRAError, match=re.escape("'lm_head' is tied to 'model.embed_tokens'")):
+            merge()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
