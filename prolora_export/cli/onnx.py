@@ -9,7 +9,8 @@ from . import trust_remote_code_option
 
 @click.command("onnx")
 @click.option("--base", required=True, help="Base model: folder, hub id or 'smollm2-135m'.")
-@click.option("--adapter", required=True, type=click.Path(), help="PRoLoRA adapter folder.")
+@click.option("--adapter", required=True, multiple=True, type=click.Path(),
+              help="PRoLoRA adapter folder (with --slots: one or more, defining the slots' geometry).")
 @click.option("--mode", type=click.Choice(MODES), default="merged", show_default=True,
               help="merged: ΔW folded into the weights. compact: base + one ai.prolora::RotatedShardLoRA "
                    "node per adapted layer, shards as overridable initializers (serves many adapters).")
@@ -31,16 +32,22 @@ from . import trust_remote_code_option
                    "tokens: fewest nodes, fastest when decoding one token per call. expand rebuilds A "
                    "and B from the shards per call, then LoRA's two matmuls: fastest on whole inputs. "
                    "auto: route for decoders with KV cache, expand otherwise.")
+@click.option("--slots", is_flag=True,
+              help="compact decoders only: adapter slots (SPEC §5): the shards are inputs with a leading slot "
+                   "axis plus an adapter_index (batch,) input, so each row of a batch uses its own adapter "
+                   "(-1: none); served by prolora_export.engine.")
 @click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @trust_remote_code_option
-def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, validate, force) -> None:
+def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, slots, validate,
+            force) -> None:
     """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
 
     The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
     with their KV cache; generates like PyTorch), ORTModelForFeatureExtraction or
     ORTModelForSequenceClassification (encoders).
     """
-    report = export_onnx(base, adapter, out, mode=mode, task=task, dtype=dtype, device=device, opset=opset,
-                         force=force, default_adapter=default_adapter, validate=validate, op_body=op_body)
+    report = export_onnx(base, list(adapter), out, mode=mode, task=task, dtype=dtype, device=device, opset=opset,
+                         force=force, default_adapter=default_adapter, validate=validate, op_body=op_body,
+                         slots=slots)
     click.echo(report.summary())

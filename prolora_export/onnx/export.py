@@ -189,12 +189,12 @@ _EXPORTING: dict[int, PRoLoRALinear] = {}
 _INPUT_RANKS: set[int | None] = set()
 
 
-def compact_spec(model: nn.Module, upcast: bool, body: str) -> op.OpSpec:
+def compact_spec(model: nn.Module, upcast: bool, body: str, slots: bool = False) -> op.OpSpec:
     """The op spec of a model's adapted layers, with X's rank once the tracer has reported it."""
     ranks = set(_INPUT_RANKS)
     rank = ranks.pop() if len(ranks) == 1 else None
     geometries = [layer.geometry for _, layer in prolora_layers(model)]
-    return op.OpSpec.for_layers(geometries, upcast=upcast, rank=rank, body=body)
+    return op.OpSpec.for_layers(geometries, upcast=upcast, rank=rank, body=body, slots=slots)
 
 
 def op_body_for(task: str, requested: str) -> str:
@@ -231,9 +231,12 @@ def export_as_custom_op(model: nn.Module) -> Iterator[None]:
 # ---------------------------------------------------------------------- optimum glue
 
 
-def _optimum_configs(model: nn.Module, task: str, float_dtype: str, spec: Callable[[], op.OpSpec] | None) -> dict:
+def _optimum_configs(
+    model: nn.Module, task: str, float_dtype: str, spec: Callable[[], op.OpSpec] | None, extra: dict | None = None
+) -> dict:
     """optimum's own export configs for the model, each subclassed to add our function before
-    optimum's first InferenceSession (in ``fix_dynamic_axes``); empty when nothing to add."""
+    optimum's first InferenceSession (in ``fix_dynamic_axes``) and the class attributes in
+    ``extra`` (the slot export's ``adapter_index`` input); empty when nothing to add."""
     if spec is None:
         return {}
     from optimum.exporters.tasks import TasksManager
@@ -254,7 +257,8 @@ def _optimum_configs(model: nn.Module, task: str, float_dtype: str, spec: Callab
 
     for cfg in configs.values():
         base = type(cfg)
-        cfg.__class__ = type(f"PRoLoRA{base.__name__}", (base,), {"fix_dynamic_axes": fix_dynamic_axes})
+        methods = {"fix_dynamic_axes": fix_dynamic_axes, **(extra or {})}
+        cfg.__class__ = type(f"PRoLoRA{base.__name__}", (base,), methods)
     return configs
 
 
@@ -342,7 +346,7 @@ def _write_external(folder: Path, init: onnx.TensorProto, array: np.ndarray) -> 
 
 def export_onnx(
     base: str,
-    adapter: str | Path,
+    adapter: str | Path | list[str | Path],
     out: str | Path,
     mode: str = "merged",
     task: str = "auto",
@@ -353,8 +357,13 @@ def export_onnx(
     default_adapter: str = "adapter",
     validate: bool = False,
     op_body: str = "auto",
+    slots: bool = False,
 ) -> ExportReport:
     """Export ``base`` + ``adapter`` to an ONNX folder that ``optimum.onnxruntime`` loads.
+
+    ``slots`` (compact decoders only, SPEC §5): the graph takes slot-stacked shards and an
+    ``adapter_index`` input instead of one adapter's overridable shards (:mod:`.slots`);
+    ``adapter`` may then be several folders, which only fix (and must agree on) the geometry.
 
     ``default_adapter`` (compact only): ``adapter`` bakes this adapter's shards in as the
     initializers' defaults; ``zero`` makes the B shards zero so that running with no
@@ -386,15 +395,30 @@ def export_onnx(
         raise PRoLoRAError(f"{dtype} export on --device cuda needs a CUDA device, and torch sees none here")
     if task != "auto":
         model_class_for(None, task)  # an unknown task name fails before anything is loaded
+    adapters = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    if slots and mode != "compact":
+        raise PRoLoRAError("--slots applies to --mode compact only")
+    if slots and op_body not in ("auto", "route"):
+        raise PRoLoRAError("--slots has the route op body only")
+    if len(adapters) != 1 and not slots:
+        raise PRoLoRAError(f"one --adapter expected, got {len(adapters)} (several only with --slots)")
+    if not adapters:
+        raise PRoLoRAError("--slots needs at least one --adapter: it defines the slots' geometry")
     if mode == "compact" and opset is not None and opset < op.MIN_OPSET:
         raise PRoLoRAError(f"compact mode needs --opset ≥ {op.MIN_OPSET} (got {opset})")
     out = Path(out)
     check_destination(out.absolute(), force)
     started = time.perf_counter()
-    loaded = load_adapter(adapter)
+    loaded = load_adapter(adapters[0])
+    if slots:
+        from . import slots as slot_export
+
+        slot_export.check_geometry_agrees([loaded, *map(load_adapter, adapters[1:])], [str(a) for a in adapters])
     source = resolve_model(base)
     model = load_base_model(source, task=task)
     full_task = export_task(model.config, task)
+    if slots and not full_task.startswith("text-generation"):
+        raise PRoLoRAError(f"--slots exports decoders (text-generation tasks), not {full_task}")
     check_adapter_layers(model, list(loaded.config.modules), full_task)
     inject_adapter(model, loaded.config)
     load_adapter_weights(model, loaded.tensors)
@@ -406,7 +430,7 @@ def export_onnx(
         body = op_body_for(full_task, op_body)
 
         def spec() -> op.OpSpec:
-            return compact_spec(model, upcast=dtype == "fp16", body=body)
+            return compact_spec(model, upcast=dtype == "fp16", body=body, slots=slots)
 
         opset = max(opset or 0, op.MIN_OPSET)
     model = model.to(device=device, dtype=DTYPES[dtype])
@@ -415,7 +439,8 @@ def export_onnx(
     from optimum.exporters.onnx import onnx_export_from_model
 
     with atomic_output_dir(out, force=force) as tmp:
-        with export_as_custom_op(model) if spec else contextlib.nullcontext(), torch.no_grad():
+        tracing = slot_export.export_with_slots(model) if slots else export_as_custom_op(model)
+        with tracing if spec else contextlib.nullcontext(), torch.no_grad():
             onnx_export_from_model(
                 model,
                 tmp,
@@ -423,11 +448,16 @@ def export_onnx(
                 task=full_task,
                 device=device,
                 do_validation=validate,
-                custom_onnx_configs=_optimum_configs(model, full_task, dtype, spec),
+                custom_onnx_configs=_optimum_configs(
+                    model, full_task, dtype, spec, slot_export.config_overrides() if slots else None
+                ),
             )
         if spec is not None:
             for path in sorted(tmp.glob("*.onnx")):
-                finish_compact(path, spec(), loaded, default_adapter == "zero")
+                if slots:
+                    slot_export.finish_slots(path, spec(), loaded, dtype)
+                else:
+                    finish_compact(path, spec(), loaded, default_adapter == "zero")
         if Path(source).is_dir():  # tokenizer, chat template …; never overwrite what optimum wrote
             copy_model_side_files(Path(source), tmp, overwrite=False)
         files = sorted(p.name for p in tmp.iterdir())

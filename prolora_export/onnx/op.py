@@ -48,9 +48,15 @@ from ..shards import ShardGeometry, rotation_table, route_matrix
 
 DOMAIN = "ai.prolora"
 OP_TYPE = "RotatedShardLoRA"
+#: the slot variant of SPEC §5: shards with a leading slot axis, one adapter per row of X
+SLOT_OP_TYPE = "RotatedShardLoRASlots"
 OP_VERSION = 1
 MIN_OPSET = 18
 INPUTS = ("X", "A_shard", "B_shard", "A_unshared", "B_unshared")
+#: slot variant: ``adapter_index (batch,)`` int64 after X (−1: no adapter for that row)
+SLOT_INPUTS = ("X", "adapter_index", "A_shard", "B_shard", "A_unshared", "B_unshared")
+#: name of the graph input that picks each row's slot
+ADAPTER_INDEX = "adapter_index"
 ATTRIBUTES = ("in_features", "out_features", "sharing_rate_a", "sharing_rate_b", "stride_a", "stride_b", "scaling")
 #: function bodies (see the module docstring): shards applied to the tokens, or A and B rebuilt per call
 BODIES = ("route", "expand")
@@ -73,6 +79,12 @@ class OpSpec:
     #: every layer has d_in divisible by m and d_out by n: no Pad and no Slice needed
     pad_free: bool = False
     body: str = "route"  # one of BODIES
+    #: SPEC §5 slot variant (:data:`SLOT_OP_TYPE`): X is (batch, …, d_in), shards (K, …), route body only
+    slots: bool = False
+
+    @property
+    def op_type(self) -> str:
+        return SLOT_OP_TYPE if self.slots else OP_TYPE
 
     @classmethod
     def from_geometry(cls, g: ShardGeometry, upcast: bool = False) -> OpSpec:
@@ -80,7 +92,12 @@ class OpSpec:
 
     @classmethod
     def for_layers(
-        cls, geometries: list[ShardGeometry], upcast: bool = False, rank: int | None = None, body: str = "route"
+        cls,
+        geometries: list[ShardGeometry],
+        upcast: bool = False,
+        rank: int | None = None,
+        body: str = "route",
+        slots: bool = False,
     ) -> OpSpec:
         """The spec shared by all layers of one model (they share the adapter's hyperparameters)."""
         g = geometries[0]
@@ -100,7 +117,9 @@ class OpSpec:
         )
         if body not in BODIES:
             raise ValueError(f"unknown op body {body!r} (expected one of {BODIES})")
-        return cls(*shared, upcast=upcast, rank=rank, pad_free=pad_free, body=body)
+        if slots and body != "route":
+            raise ValueError("the slot op has the route body only")
+        return cls(*shared, upcast=upcast, rank=rank, pad_free=pad_free, body=body, slots=slots)
 
 
 def node_attributes(g: ShardGeometry, scaling: float) -> dict[str, int | float]:
@@ -117,10 +136,11 @@ def node_attributes(g: ShardGeometry, scaling: float) -> dict[str, int | float]:
 
 
 def node_inputs(x: str, prefix: str, spec: OpSpec) -> list[str]:
-    """Input names of a node for module path ``prefix``: shards named like the safetensors keys."""
+    """Input names of a node for module path ``prefix``: shards named like the safetensors keys
+    (the slot variant reads :data:`ADAPTER_INDEX` after X)."""
     shard = [f"{prefix}.prolora_A_shard", f"{prefix}.prolora_B_shard"] if spec.shared_r else ["", ""]
     unshared = [f"{prefix}.prolora_A_unshared", f"{prefix}.prolora_B_unshared"] if spec.unshared_r else []
-    return [x, *shard, *unshared]
+    return [x, *([ADAPTER_INDEX] if spec.slots else []), *shard, *unshared]
 
 
 class _Body:
@@ -157,6 +177,8 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     """The FunctionProto for ``ai.prolora::RotatedShardLoRA`` specialised to ``spec``."""
     if opset < MIN_OPSET:
         raise ValueError(f"RotatedShardLoRA needs opset ≥ {MIN_OPSET} (Pad with axes), got {opset}")
+    if spec.slots:
+        return _slot_function(spec, opset)
     b = _Body()
     x, a0, b0, au, bu = INPUTS
     if spec.upcast:
@@ -255,13 +277,84 @@ def _unrolled(b: _Body, spec: OpSpec, shard: str, chunks: int, stride: int, feat
     return full if spec.pad_free else b.op("Slice", full, b.const([0]), b.attr_int(features), b.const([1]))
 
 
+def _slot_function(spec: OpSpec, opset: int) -> onnx.FunctionProto:
+    """``RotatedShardLoRASlots`` (SPEC §5): the route body with every shard gathered per row.
+
+    Row b reads slot ``max(adapter_index[b], 0)`` of each shard input (one Gather on the slot
+    axis: (batch, r_s, c_A) …), and the per-row factor γ·[adapter_index[b] ≥ 0] multiplies the
+    rank-sized intermediates, so a row with −1 gets an exact zero delta (the base model). The
+    slot gathered for such a row must hold finite values: a session keeps K ≥ 1 and unused
+    slots zeroed. Batched MatMuls then do what the single-adapter body does per row.
+    """
+    b = _Body()
+    x, index, a0, b0, au, bu = SLOT_INPUTS
+    if spec.upcast:
+        present = (True, spec.shared_r, spec.shared_r, spec.unshared_r, spec.unshared_r)
+        x, a0, b0, au, bu = (
+            b.op("Cast", name, to=TensorProto.FLOAT) if used else name
+            for name, used in zip(INPUTS, present, strict=True)
+        )
+    scale = b.attr("scaling", "value_float", onnx.AttributeProto.FLOAT)
+    slot = b.op("Max", index, b.const(0))  # −1 reads slot 0, then gets weight 0
+    live = b.op("CastLike", b.op("GreaterOrEqual", index, b.const(0)), x)
+    row_scale = b.op("Reshape", b.op("Mul", live, b.op("CastLike", scale, x)), b.const([-1, 1, 1]))  # (batch, 1, 1)
+    three = spec.rank == 3
+    d_in = b.attr_int("in_features")
+    # (batch, tokens, d_in): the leading dims after the batch are flattened unless X is 3-d already
+    xf = x if three else b.op("Reshape", x, b.op("Concat", b.const([0, -1]), d_in, axis=0))
+    parts = []
+    if spec.shared_r:
+        rs, m, n = spec.shared_r, spec.sharing_rate_a, spec.sharing_rate_b
+        c_a = b.op("Div", b.op("Add", d_in, b.const([m - 1])), b.const([m]))
+        xp = xf
+        if not spec.pad_free:
+            pad = b.op("Sub", b.op("Mul", c_a, b.const([m])), d_in)
+            xp = b.op("Pad", xf, b.op("Concat", b.const([0]), pad, axis=0), "", b.const([-1]))
+        xv = b.op("Reshape", xp, b.op("Concat", b.const([0, -1]), c_a, axis=0))  # (batch, tokens·m, c_A)
+        a_rows = b.op("Gather", a0, slot, axis=0)  # (batch, r_s, c_A)
+        z = b.op("MatMul", xv, b.op("Transpose", a_rows, perm=[0, 2, 1]))  # (batch, tokens·m, r_s)
+        z = b.op("Reshape", z, b.const([0, -1, m * rs]))
+        if m > 1 or n > 1:  # both rotation gathers and the chunk sum: one constant matrix, γ per row after it
+            spread = route_matrix(rs, 0, m, n, spec.stride_a, spec.stride_b, 1.0, torch.float32, "cpu").numpy()
+            z = b.op("MatMul", z, b.op("CastLike", b.const(spread, np.float32), z))  # (batch, tokens, n·r_s)
+        z = b.op("Mul", z, row_scale)
+        g = b.op("Reshape", z, b.const([0, -1, rs]))  # (batch, tokens·n, r_s)
+        b_rows = b.op("Gather", b0, slot, axis=0)  # (batch, c_B, r_s)
+        y = b.op("MatMul", g, b.op("Transpose", b_rows, perm=[0, 2, 1]))  # (batch, tokens·n, c_B)
+        d_out = b.attr_int("out_features")
+        width = b.op("Mul", b.op("Div", b.op("Add", d_out, b.const([n - 1])), b.const([n])), b.const([n]))
+        y = b.op("Reshape", y, b.op("Concat", b.const([0, -1]), width, axis=0))  # (batch, tokens, n·c_B)
+        parts.append(y if spec.pad_free else b.op("Slice", y, b.const([0]), d_out, b.const([-1])))
+    if spec.unshared_r:
+        a_rows = b.op("Gather", au, slot, axis=0)  # (batch, u, d_in)
+        t = b.op("MatMul", xf, b.op("Transpose", a_rows, perm=[0, 2, 1]))  # (batch, tokens, u)
+        t = b.op("Mul", t, row_scale)
+        b_rows = b.op("Gather", bu, slot, axis=0)  # (batch, d_out, u)
+        parts.append(b.op("MatMul", t, b.op("Transpose", b_rows, perm=[0, 2, 1])))
+    out = parts[0] if len(parts) == 1 else b.op("Add", *parts)
+    if not three:  # back to X's leading dims
+        out = b.op("Reshape", out, b.op("Concat", b.op("Shape", x, end=-1), b.const([-1]), axis=0))
+    if spec.upcast:
+        out = b.op("CastLike", out, SLOT_INPUTS[0])
+    b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
+    return helper.make_function(
+        DOMAIN,
+        SLOT_OP_TYPE,
+        list(SLOT_INPUTS),
+        ["Y"],
+        b.nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES),
+    )
+
+
 def make_node(x: str, y: str, prefix: str, spec: OpSpec, g: ShardGeometry, scaling: float) -> onnx.NodeProto:
-    """One ``RotatedShardLoRA`` node for the layer at module path ``prefix``."""
+    """One ``RotatedShardLoRA`` (or slot variant) node for the layer at module path ``prefix``."""
     return helper.make_node(
-        OP_TYPE,
+        spec.op_type,
         node_inputs(x, prefix, spec),
         [y],
-        name=f"{prefix}.RotatedShardLoRA",
+        name=f"{prefix}.{spec.op_type}",
         domain=DOMAIN,
         **node_attributes(g, scaling),
     )
@@ -270,7 +363,7 @@ def make_node(x: str, y: str, prefix: str, spec: OpSpec, g: ShardGeometry, scali
 def add_function(model: onnx.ModelProto, spec: OpSpec) -> onnx.ModelProto:
     """Put the function and the ``ai.prolora`` opset import into ``model`` (in place; idempotent)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
-    kept = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, OP_TYPE)]
+    kept = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, spec.op_type)]
     del model.functions[:]
     model.functions.extend([*kept, build_function(spec, opset)])
     if not any(o.domain == DOMAIN for o in model.opset_import):

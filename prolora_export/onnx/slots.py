@@ -1,0 +1,252 @@
+"""Compact export with adapter slots (SPEC §5): one decoder graph, a different adapter per row.
+
+Every adapted layer becomes ``base linear + one ai.prolora::RotatedShardLoRASlots node`` that
+reads ``adapter_index (batch,)`` and shard inputs with a leading, dynamic slot axis
+(``P.prolora_A_shard (K, r_s, c_A)`` …), named as in SPEC §2. The shards are plain graph inputs
+(no initializer, no default): whoever runs the graph feeds the slots, K ≥ 1 of them.
+
+How it is traced, on top of the compact export (:mod:`.export`): while exporting, each
+``PRoLoRALinear`` holds a (2, …) stack of its shards under the same parameter names, so the
+tracer names the initializers like the SPEC keys, and computes its adapter output through an
+autograd Function whose ``symbolic`` emits the slot node. ``adapter_index`` reaches every
+layer through :data:`CONTEXT`: optimum's export config is extended with one more input
+(``inputs``, dummy values, and a ``patch_model_for_export`` whose model forward takes
+``adapter_index``, stores it in the context and calls optimum's own patched forward). After
+optimum is done, :func:`finish_slots` turns the shard initializers into inputs with a ``slots``
+dimension and writes ``slots.json`` (the geometry and γ the graph was made for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..errors import PRoLoRAError
+from ..formats.prolora import Adapter
+from ..inject import prolora_layers
+from ..layer import PRoLoRALinear
+from ..shards import TENSOR_NAMES, compact_forward
+from . import op
+
+#: written beside the graph: the adapter geometry its slots take (engine checks use it)
+SLOTS_FILE = "slots.json"
+SLOTS_FORMAT = "prolora-slots"
+#: name of the dynamic slot dimension of every shard input
+SLOT_DIM = "slots"
+#: slots stacked while tracing (values only shape the trace; slot 1 holds the adapter negated)
+_TRACE_SLOTS = 2
+
+
+class _Context:
+    """The ``adapter_index`` tensor of the forward being traced, read by every adapted layer."""
+
+    adapter_index: torch.Tensor | None = None
+
+
+CONTEXT = _Context()
+
+
+class _SlotFunction(torch.autograd.Function):
+    """PyTorch side of the slot op: row b uses slot ``adapter_index[b]`` (−1: zero delta)."""
+
+    @staticmethod
+    def forward(ctx, x, index, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
+        from .export import _EXPORTING
+
+        layer = _EXPORTING[layer_id]
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # the value is computed outside the tracer (see export.py)
+        try:
+            rows = []
+            for b in range(x.shape[0]):
+                k = int(index[b])
+                tensors = (a_shard, b_shard, a_unshared, b_unshared)
+                shards = (None if t is None else t[max(k, 0)].float() for t in tensors)
+                delta = compact_forward(layer.geometry, layer.scaling, x[b].float(), *shards)
+                rows.append(delta if k >= 0 else torch.zeros_like(delta))
+            out = torch.stack(rows)
+        finally:
+            torch._C._set_tracing_state(state)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, index, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
+        from torch.onnx import symbolic_helper
+
+        from .export import _EXPORTING, _INPUT_RANKS
+
+        layer = _EXPORTING[layer_id]
+        spec = op.OpSpec.from_geometry(layer.geometry)
+        absent = symbolic_helper._optional_input_placeholder_tensor
+        shards = [a_shard, b_shard] if spec.shared_r else [absent(g), absent(g)]
+        unshared = [a_unshared, b_unshared] if spec.unshared_r else []
+        attrs = {
+            f"{k}_{'f' if isinstance(v, float) else 'i'}": v
+            for k, v in op.node_attributes(layer.geometry, layer.scaling).items()
+        }
+        out = g.op(f"{op.DOMAIN}::{op.SLOT_OP_TYPE}", x, index, *shards, *unshared, **attrs)
+        sizes = symbolic_helper._get_tensor_sizes(x)
+        _INPUT_RANKS.add(len(sizes) if sizes else None)
+        if sizes:
+            out.setType(x.type().with_sizes([*sizes[:-1], layer.geometry.out_features]))
+        return out
+
+
+@contextlib.contextmanager
+def export_with_slots(model: nn.Module) -> Iterator[None]:
+    """While active, every PRoLoRALinear holds slot-stacked shards and computes through the slot op."""
+    from .export import _EXPORTING, _INPUT_RANKS
+
+    layers = [layer for _, layer in prolora_layers(model)]
+    saved: list[tuple[PRoLoRALinear, dict[str, nn.Parameter]]] = []
+    _INPUT_RANKS.clear()
+    try:
+        for layer in layers:
+            key = id(layer)
+            _EXPORTING[key] = layer
+            own = layer.adapter_tensors()
+            saved.append((layer, own))
+            for name, tensor in own.items():
+                layer._parameters[name] = nn.Parameter(torch.stack([tensor.detach(), -tensor.detach()]), False)
+
+            def adapter_output(x: torch.Tensor, layer: PRoLoRALinear = layer, key: int = key) -> torch.Tensor:
+                if CONTEXT.adapter_index is None:
+                    raise RuntimeError("slot export traced without adapter_index")
+                t = layer.adapter_tensors()
+                return _SlotFunction.apply(x, CONTEXT.adapter_index, *(t.get(name) for name in TENSOR_NAMES), key)
+
+            layer.adapter_output = adapter_output
+        yield
+    finally:
+        for layer, own in saved:
+            layer._parameters.update(own)
+            layer.__dict__.pop("adapter_output", None)
+            _EXPORTING.pop(id(layer), None)
+
+
+def config_overrides() -> dict:
+    """Methods for optimum's export config class: ``adapter_index`` as one more input."""
+
+    def inputs(self) -> dict[str, dict[int, str]]:
+        base = super(type(self), self).inputs
+        if getattr(self, "_without_index", False):  # while optimum's own dummy generators run
+            return base
+        batch = next(iter(base.values())).get(0, "batch_size")
+        return {**base, op.ADAPTER_INDEX: {0: batch}}
+
+    def generate_dummy_inputs(self, framework: str = "pt", **shapes):
+        self._without_index = True
+        try:
+            dummy = super(type(self), self).generate_dummy_inputs(framework=framework, **shapes)
+        finally:
+            self._without_index = False
+        batch = dummy["input_ids"].shape[0]
+        index = (np.arange(batch, dtype=np.int64) % (_TRACE_SLOTS + 1)) - 1  # −1, 0, 1, −1 …: base rows too
+        dummy[op.ADAPTER_INDEX] = torch.from_numpy(index) if framework == "pt" else index
+        return dummy
+
+    def patch_model_for_export(self, model, model_kwargs=None):
+        patcher = super(type(self), self).patch_model_for_export(model, model_kwargs=model_kwargs)
+        return _with_adapter_index(patcher, model, {name.split(".")[0] for name in self.inputs})
+
+    return {"inputs": property(inputs), "generate_dummy_inputs": generate_dummy_inputs,
+            "patch_model_for_export": patch_model_for_export}
+
+
+@contextlib.contextmanager
+def _with_adapter_index(patcher, model: nn.Module, inputs: set[str]) -> Iterator[None]:
+    """optimum's patcher, then a forward that also takes ``adapter_index`` and puts it in
+    :data:`CONTEXT`. The tracer calls the forward positionally in its signature's order and keeps
+    only the tensors before the first non-tensor default (``logits_to_keep=0``), so the new
+    parameter goes right after the last of the graph's other inputs."""
+    with patcher:
+        inner = model.forward
+        signature = inspect.signature(inner)
+        params = list(signature.parameters.values())
+        at = 1 + max(i for i, p in enumerate(params) if p.name in inputs)
+        extra = inspect.Parameter(op.ADAPTER_INDEX, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+        wrapped = signature.replace(parameters=[*params[:at], extra, *params[at:]])
+        var_kw = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+
+        def forward(*args, **kwargs):
+            arguments = dict(wrapped.bind(*args, **kwargs).arguments)
+            CONTEXT.adapter_index = arguments.pop(op.ADAPTER_INDEX)
+            more = arguments.pop(var_kw, {}) if var_kw else {}
+            try:
+                return inner(**arguments, **more)
+            finally:
+                CONTEXT.adapter_index = None
+
+        forward.__signature__ = wrapped
+        model.forward = forward
+        try:
+            yield
+        finally:
+            model.forward = inner
+
+
+def check_geometry_agrees(adapters: list[Adapter], where: list[str]) -> None:
+    """All adapters given to a slot export must share the graph's shapes, strides and γ."""
+    first = adapters[0]
+    shapes = {k: tuple(v.shape) for k, v in first.tensors.items()}
+    for adapter, name in zip(adapters[1:], where[1:], strict=True):
+        other = {k: tuple(v.shape) for k, v in adapter.tensors.items()}
+        if other != shapes or _strides(adapter) != _strides(first):
+            raise PRoLoRAError(f"adapter geometry differs from {where[0]}'s (all slots of one graph share r, "
+                               "unshared_r, the sharing rates, strides and target layers)", name)
+
+
+def _strides(adapter: Adapter) -> set[tuple[int, int]]:
+    return {(g.stride_a, g.stride_b) for g in map(adapter.config.module_geometry, adapter.config.modules)}
+
+
+def finish_slots(path: Path, spec: op.OpSpec, adapter: Adapter, dtype: str) -> int:
+    """The final function body, and the shard initializers turned into inputs (K, …) with a dynamic
+    ``slots`` dimension; ``slots.json`` beside the graph. Returns the number of slot inputs."""
+    model = onnx.load(str(path), load_external_data=False)
+    op.add_function(model, spec)
+    graph = model.graph
+    expected = set(adapter.tensors)
+    nodes = [n for n in graph.node if n.domain == op.DOMAIN]
+    wired = {name for n in nodes for name in n.input[2:] if name}
+    if wired != expected or any(n.op_type != op.SLOT_OP_TYPE or n.input[1] != op.ADAPTER_INDEX for n in nodes):
+        raise PRoLoRAError(f"internal: slot inputs miswired in the exported graph {sorted(wired ^ expected)[:3]}",
+                           str(path))
+    if not any(i.name == op.ADAPTER_INDEX for i in graph.input):
+        raise PRoLoRAError("internal: the exported graph has no adapter_index input", str(path))
+    kept = [i for i in graph.initializer if i.name not in expected]
+    elem = next(i.data_type for i in graph.initializer if i.name in expected)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    inputs = [i for i in graph.input if i.name not in expected]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    for name in sorted(expected):
+        shape = [SLOT_DIM, *adapter.tensors[name].shape]
+        graph.input.append(onnx.helper.make_tensor_value_info(name, elem, shape))
+    onnx.save(model, str(path))
+    config = adapter.config.to_dict()
+    meta = {"format": SLOTS_FORMAT, "format_version": 1, "dtype": dtype, "scaling": adapter.config.scaling,
+            "adapter_config": config}
+    (path.parent / SLOTS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return len(expected)
+
+
+def read_slots_meta(folder: str | Path) -> dict:
+    """The ``slots.json`` of a slot export (a clear error when the folder is not one)."""
+    path = Path(folder) / SLOTS_FILE
+    if not path.is_file():
+        raise PRoLoRAError(f"not an adapter-slot ONNX export (no {SLOTS_FILE}); export with "
+                           "`prolora-export onnx --mode compact --slots`", str(folder))
+    meta = json.loads(path.read_text())
+    if meta.get("format") != SLOTS_FORMAT:
+        raise PRoLoRAError(f"{SLOTS_FILE} is not a {SLOTS_FORMAT} file", str(path))
+    return meta

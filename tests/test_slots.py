@@ -1,0 +1,152 @@
+"""Adapter slots (SPEC §5): the ``RotatedShardLoRASlots`` body against a float64 reference, and the
+slot export of a tiny Llama against the single-adapter compact graph, per row of a mixed batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_adapter, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from prolora_export.cli import main as cli
+from prolora_export.formats.prolora import load_adapter, save_adapter
+from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
+from prolora_export.onnx.export import export_onnx
+from prolora_export.onnx.op import ADAPTER_INDEX, DOMAIN, MIN_OPSET, SLOT_OP_TYPE, OpSpec, add_function, make_node
+from prolora_export.onnx.slots import SLOT_DIM, SLOTS_FILE
+from prolora_export.runtime import inference_session
+from prolora_export.shards import ShardGeometry, compact_forward
+
+HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
+IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
+
+
+def one_node_model(g: ShardGeometry, scaling: float, rank: int | None) -> onnx.ModelProto:
+    """A graph holding one slot node: X (batch, tokens, d_in), adapter_index, slot-stacked shards."""
+    spec = OpSpec.for_layers([g], rank=rank, slots=True)
+    prefix = "layer"
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", "t", g.in_features]),
+              helper.make_tensor_value_info(ADAPTER_INDEX, TensorProto.INT64, ["b"])]
+    for name, shape in g.tensor_shapes().items():
+        inputs.append(helper.make_tensor_value_info(f"{prefix}.{name}", TensorProto.FLOAT, [SLOT_DIM, *shape]))
+    node = make_node("X", "Y", prefix, spec, g, scaling)
+    graph = helper.make_graph([node], "slots", inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
+    return add_function(model, spec)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    d_in=st.integers(3, 20), d_out=st.integers(3, 20), r=st.integers(1, 5), data=st.data(),
+    m=st.integers(1, 3), n=st.integers(1, 3), rotate=st.booleans(), slots=st.integers(1, 3),
+    batch=st.integers(1, 4), tokens=st.integers(1, 3), known_rank=st.booleans(),
+)
+def test_slot_body_matches_float64_reference(d_in, d_out, r, data, m, n, rotate, slots, batch, tokens, known_rank):
+    u = data.draw(st.integers(0, r))
+    g = ShardGeometry.build(d_in, d_out, r, u, m, n, rotate)
+    rng = np.random.default_rng(d_in * 31 + d_out)
+    shapes = g.tensor_shapes()
+    shards = {name: rng.standard_normal((slots, *shape)).astype(np.float32) for name, shape in shapes.items()}
+    x = rng.standard_normal((batch, tokens, d_in)).astype(np.float32)
+    index = rng.integers(-1, slots, size=batch).astype(np.int64)
+    sess = inference_session(one_node_model(g, 0.7, 3 if known_rank else None).SerializeToString())
+    feeds = {"X": x, ADAPTER_INDEX: index, **{f"layer.{k}": v for k, v in shards.items()}}
+    got = sess.run(["Y"], feeds)[0]
+    names = ("prolora_A_shard", "prolora_B_shard", "prolora_A_unshared", "prolora_B_unshared")
+    for b, k in enumerate(index):
+        if k < 0:
+            assert not got[b].any(), "a row with adapter_index -1 must get an exact zero delta"
+            continue
+        ref = compact_forward(g, 0.7, torch.from_numpy(x[b]).double(),
+                              *(torch.from_numpy(shards[n_][k]).double() if n_ in shards else None for n_ in names))
+        np.testing.assert_allclose(got[b], ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny Llama, three adapters of one geometry, their slot export and the single-adapter graph."""
+    root = tmp_path_factory.mktemp("slots")
+    tiny_llama().save_pretrained(root / "base", safe_serialization=True)
+    adapters = []
+    for seed in (1, 2, 3):
+        save_adapter(root / f"a{seed}", make_adapter(tiny_llama(), seed=seed, **HYPER))
+        export_onnx_adapter(root / f"a{seed}", root / f"a{seed}.onnx_adapter")
+        adapters.append(root / f"a{seed}")
+    slots = export_onnx(str(root / "base"), adapters[:2], root / "slots", mode="compact", slots=True).out
+    single = export_onnx(str(root / "base"), adapters[0], root / "single", mode="compact",
+                         default_adapter="zero").out
+    return {"root": root, "base": root / "base", "adapters": adapters, "slots": slots, "single": single}
+
+
+def stacked_feeds(sess, ids: np.ndarray, adapters: list[Path], index: list[int]) -> dict:
+    feeds = decoder_feeds(sess, ids)
+    loaded = [load_adapter(a) for a in adapters]
+    for inp in sess.get_inputs():
+        if inp.name in loaded[0].tensors:
+            feeds[inp.name] = np.stack([a.tensors[inp.name].numpy() for a in loaded])
+    feeds[ADAPTER_INDEX] = np.asarray(index, dtype=np.int64)
+    return feeds
+
+
+def test_slot_graph_structure(tiny):
+    model = onnx.load(str(tiny["slots"] / "model.onnx"))
+    inputs = {i.name: i for i in model.graph.input}
+    index = inputs[ADAPTER_INDEX].type.tensor_type
+    assert index.elem_type == TensorProto.INT64 and index.shape.dim[0].dim_param == "batch_size"
+    expected = set(load_adapter(tiny["adapters"][0]).tensors)
+    assert expected <= set(inputs) and not expected & {i.name for i in model.graph.initializer}
+    assert all(inputs[name].type.tensor_type.shape.dim[0].dim_param == SLOT_DIM for name in expected)
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert len(nodes) == 14 and {n.op_type for n in nodes} == {SLOT_OP_TYPE}
+    assert any(f.name == SLOT_OP_TYPE for f in model.functions)
+    meta = json.loads((tiny["slots"] / SLOTS_FILE).read_text())
+    assert meta["scaling"] == load_adapter(tiny["adapters"][0]).config.scaling
+
+
+def test_mixed_batch_rows_equal_single_adapter_graph(tiny):
+    """Three adapters and the base in one batch: each row as the one-adapter graph gives it alone."""
+    sess = inference_session(tiny["slots"])
+    index = [2, -1, 0, 1, 0]
+    ids = np.repeat(IDS, len(index), axis=0)
+    got = sess.run(["logits"], stacked_feeds(sess, ids, tiny["adapters"], index))[0]
+    single = inference_session(tiny["single"])
+    for row, k in enumerate(index):
+        lora = load_onnx_adapter(tiny["adapters"][k].with_suffix(".onnx_adapter")) if k >= 0 else None
+        want = single.run(["logits"], decoder_feeds(single, IDS), run_options(lora) if lora else None)[0][0]
+        err = float(np.abs(got[row] - want).max() / np.abs(want).max())
+        assert err <= 1e-5, f"row {row} (slot {k}): relative difference {err:.2e}"
+    assert np.abs(got[0] - got[1]).max() > 1e-3, "adapters must change the logits (else the test is blind)"
+
+
+def test_slot_count_is_dynamic(tiny):
+    """The same adapter gives the same row in a 1-slot and a 3-slot session feed."""
+    sess = inference_session(tiny["slots"])
+    one = sess.run(["logits"], stacked_feeds(sess, IDS, tiny["adapters"][1:2], [0]))[0]
+    three = sess.run(["logits"], stacked_feeds(sess, IDS, tiny["adapters"], [1]))[0]
+    np.testing.assert_array_equal(one, three)
+
+
+def test_slots_cli_refuses_mismatched_geometry_and_merged_mode(tiny, tmp_path):
+    other = tmp_path / "other"
+    save_adapter(other, make_adapter(tiny_llama(), seed=5, r=4, unshared_r=0, sharing_rate_a=2, sharing_rate_b=2))
+    args = ["onnx", "--base", str(tiny["base"]), "--mode", "compact", "--slots", "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(cli, [*args, "--adapter", str(tiny["adapters"][0]), "--adapter", str(other)])
+    assert result.exit_code == 2 and "geometry differs" in result.output
+    merged = ["onnx", "--base", str(tiny["base"]), "--mode", "merged", "--slots", "--out", str(tmp_path / "y"),
+              "--adapter", str(tiny["adapters"][0])]
+    result = CliRunner().invoke(cli, merged)
+    assert result.exit_code == 2 and "--slots applies to --mode compact only" in result.output
+    two = ["onnx", "--base", str(tiny["base"]), "--mode", "compact", "--out", str(tmp_path / "z"),
+           "--adapter", str(tiny["adapters"][0]), "--adapter", str(tiny["adapters"][1])]
+    result = CliRunner().invoke(cli, two)
+    assert result.exit_code == 2 and "several only with --slots" in result.output
+    assert not any((tmp_path / name).exists() for name in "xyz")
