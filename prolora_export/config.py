@@ -58,6 +58,8 @@ class PRoLoRAConfig:
         return self.lora_alpha / self.r
 
     def geometry(self, in_features: int, out_features: int) -> ShardGeometry:
+        """The layer's geometry; sharing rates larger than the layer are refused (:meth:`size_problems`)."""
+        raise_if(self.size_problems(in_features, out_features))
         return ShardGeometry.build(
             in_features,
             out_features,
@@ -72,7 +74,22 @@ class PRoLoRAConfig:
 
     def module_geometry(self, path: str) -> ShardGeometry:
         shape = self.modules[path]
+        raise_if(self.size_problems(shape["in_features"], shape["out_features"]), f"module '{path}'")
         return self.geometry(shape["in_features"], shape["out_features"])
+
+    def size_problems(self, in_features: int, out_features: int) -> list[str]:
+        """Sharing rates the layer cannot take: A has ``in_features`` columns to cut into m chunks,
+        B has ``out_features`` rows for n chunks (more chunks than that is no adapter, only memory)."""
+        if self.shared_r <= 0:
+            return []  # u = r: no shards, the sharing rates are unused
+        out = []
+        for key, letter, features, side in (
+            ("sharing_rate_a", "m", in_features, "in_features"),
+            ("sharing_rate_b", "n", out_features, "out_features"),
+        ):
+            if getattr(self, key) > features:
+                out.append(f"'{key}' ({letter} = {getattr(self, key)}) is larger than the layer's {side} ({features})")
+        return out
 
     # ------------------------------------------------------------------ validation
     def problems(self) -> list[str]:
@@ -110,6 +127,7 @@ class PRoLoRAConfig:
         targets = self.target_modules
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             out.append(f"'target_modules' must be a list of names or a regex string, got {targets!r}")
+        rates_bad = bool(out)  # the checks against each layer's sizes need sound r, u, m and n
         if not isinstance(self.modules, dict):
             out.append("'modules' must map module paths to {in_features, out_features}")
             return out
@@ -117,9 +135,14 @@ class PRoLoRAConfig:
             if not isinstance(shape, dict) or set(shape) != {"in_features", "out_features"}:
                 out.append(f"module '{path}': expected {{'in_features': int, 'out_features': int}}, got {shape!r}")
                 continue
+            sizes_ok = True
             for key, value in shape.items():
                 if not _is_int(value) or not 1 <= value <= MAX_FEATURES:
                     out.append(f"module '{path}': '{key}' must be an integer in [1, {MAX_FEATURES}], got {value!r}")
+                    sizes_ok = False
+            if sizes_ok and not rates_bad:
+                sizes = self.size_problems(shape["in_features"], shape["out_features"])
+                out += [f"module '{path}': {p}" for p in sizes]
         return out
 
     def validate(self, where: str | None = None) -> PRoLoRAConfig:

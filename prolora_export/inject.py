@@ -24,8 +24,42 @@ def target_matches(path: str, targets: list[str] | str) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
+#: the ``target_modules`` value that selects every Linear/Conv1D layer but the output head (PEFT's name)
+ALL_LINEAR = "all-linear"
+#: names of fused projections (several of a block's projections computed by one layer)
+FUSED_NAMES = ("qkv_proj", "gate_up_proj", "query_key_value", "c_attn", "W_pack", "Wqkv")
+
+
+def selects_all_linear(targets: list[str] | str) -> bool:
+    return targets == ALL_LINEAR or targets == [ALL_LINEAR]
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
+
+
+def _all_linear(model: nn.Module) -> dict[str, tuple[int, int]]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, PRoLoRALinear)}
+    found = {
+        path: layer_features(module)
+        for path, module in model.named_modules()
+        if path and isinstance(module, SUPPORTED_LAYERS) and module is not head and id(module) not in wrapped
+    }
+    if not found:
+        raise PRoLoRAError(f"target_modules={ALL_LINEAR!r}: no Linear/Conv1D layer here besides the output head")
+    return found
+
+
 def find_targets(model: nn.Module, targets: list[str] | str) -> dict[str, tuple[int, int]]:
-    """Module path -> (d_in, d_out) of every layer the targets select; errors name what went wrong."""
+    """Module path -> (d_in, d_out) of every layer the targets select; errors name what went wrong.
+
+    Every name of a list must select something: a name that matches nothing (a typo, or
+    ``q_proj`` on a model whose attention is one fused ``qkv_proj``) is an error, not a
+    silently smaller adapter.
+    """
+    if selects_all_linear(targets):
+        return _all_linear(model)
     found: dict[str, tuple[int, int]] = {}
     unsupported = []
     for path, module in model.named_modules():
@@ -36,10 +70,35 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> dict[str, tuple[
         elif not any(True for _ in module.children()):
             unsupported.append(f"{path} ({type(module).__name__})")
     raise_if([f"target module {u} is not a Linear/Conv1D layer" for u in unsupported])
+    names = _linear_names(model)
     if not found:
-        names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)})
         raise PRoLoRAError(f"no module matches target_modules={targets!r}; linear layers here are named {names}")
+    names_given = [] if isinstance(targets, str) else targets
+    unmatched = [t for t in names_given if not any(target_matches(p, [t]) for p in found)]
+    if unmatched:
+        fused = [n for n in names if n in FUSED_NAMES and n not in targets]
+        hint = (
+            f"; {', '.join(fused)} {'is a fused projection' if len(fused) == 1 else 'are fused projections'}: "
+            f"name {'it' if len(fused) == 1 else 'them'} to adapt each as one layer, or use {ALL_LINEAR}"
+            if fused
+            else ""
+        )
+        raise PRoLoRAError(
+            f"target_modules {unmatched} matched no layer, so only part of what was asked would be adapted; "
+            f"linear layers here are named {names}{hint}"
+        )
     return found
+
+
+def plan_adapter(model: nn.Module, config: PRoLoRAConfig) -> PRoLoRAConfig:
+    """Fill ``config.modules`` from the layers ``config.target_modules`` selects in ``model`` (a
+    model on the 'meta' device will do) and check the hyperparameters against their sizes.
+    ``all-linear`` is recorded as the layer names it selected."""
+    targets = find_targets(model, config.target_modules)
+    if selects_all_linear(config.target_modules):
+        config.target_modules = list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in targets))
+    config.modules = {p: {"in_features": i, "out_features": o} for p, (i, o) in targets.items()}
+    return config.validate()
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -112,12 +171,14 @@ def inject_adapter(model: nn.Module, config: PRoLoRAConfig) -> nn.Module:
         raise_if(layer_problems(model, config.modules))
         targets = {p: (s["in_features"], s["out_features"]) for p, s in config.modules.items()}
     else:
-        targets = find_targets(model, config.target_modules)
-        config.modules = {p: {"in_features": i, "out_features": o} for p, (i, o) in targets.items()}
+        plan_adapter(model, config)
+        targets = config.modules
     for param in model.parameters():
         param.requires_grad_(False)
     for path in targets:
-        _set_submodule(model, path, PRoLoRALinear(model.get_submodule(path), config))
+        base_layer = model.get_submodule(path)
+        # the new layer takes the mode of the one it wraps: dropout stays off in an eval model
+        _set_submodule(model, path, PRoLoRALinear(base_layer, config).train(base_layer.training))
     return model
 
 

@@ -56,6 +56,7 @@ def valid_adapters(draw) -> Adapter:
     config.modules = {}
     for path in paths:  # mostly the model's own sizes; else random ones (an adapter for another model)
         d_in, d_out = LAYERS[path] if draw(st.integers(0, 3)) != 3 else draw(sizes)
+        d_in, d_out = max(d_in, config.sharing_rate_a), max(d_out, config.sharing_rate_b)  # valid: m ≤ d_in, n ≤ d_out
         config.modules[path] = {"in_features": d_in, "out_features": d_out}
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     tensors = {}

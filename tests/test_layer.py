@@ -200,3 +200,80 @@ def test_inference_cache_of_stacked_shards_follows_every_update() -> None:
         with torch.enable_grad():
             expected = layer(x.double()).detach()
         torch.testing.assert_close(layer(x.double()), expected, rtol=0, atol=0)
+
+
+def test_injection_follows_the_model_mode_so_dropout_is_off_in_eval() -> None:
+    """An eval model stays deterministic after injection, with dropout > 0 (serve_many_adapters)."""
+    model = tiny_llama()  # eval mode
+    make_adapter(model, lora_dropout=0.5)
+    assert all(not layer.training for _, layer in prolora_layers(model))
+    torch.testing.assert_close(_logits(model), _logits(model), rtol=0, atol=0)
+    trained = tiny_llama().train()
+    inject_adapter(trained, PRoLoRAConfig(r=4, lora_dropout=0.5, target_modules=LLAMA_TARGETS))
+    assert all(layer.training for _, layer in prolora_layers(trained))
+
+
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=64, max_position_embeddings=64, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2)  # fmt: skip
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+                    max_position_embeddings=64, word_embed_proj_dim=32)  # fmt: skip
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "build, names",
+    [
+        (_phi3, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),  # fused projections, one adapter each
+        (_opt, ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+        (tiny_llama, LLAMA_TARGETS),
+    ],
+    ids=["phi3", "opt", "llama"],
+)
+def test_all_linear_adapts_every_projection_but_the_head(build, names) -> None:
+    model = build()
+    config = PRoLoRAConfig(r=4, lora_dropout=0.0, target_modules="all-linear")
+    inject_adapter(model, config)
+    layers = {path.rsplit(".", 1)[-1] for path in config.modules}
+    assert layers == set(names) and sorted(config.target_modules) == sorted(names)
+    assert len(config.modules) == 2 * len(names) and not any("lm_head" in p for p in config.modules)
+
+
+def test_target_names_that_match_nothing_are_an_error_naming_them() -> None:
+    """Llama's names on Phi-3 used to adapt o_proj and down_proj only, silently."""
+    from prolora_export.errors import PRoLoRAError
+
+    with pytest.raises(PRoLoRAError) as info:
+        inject_adapter(_phi3(), PRoLoRAConfig(r=4, target_modules=LLAMA_TARGETS))
+    message = str(info.value)
+    assert "['q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj'] matched no layer" in message
+    assert "gate_up_proj, qkv_proj are fused projections" in message
+    with pytest.raises(PRoLoRAError, match=r"\['q_prj'\] matched no layer"):
+        inject_adapter(tiny_llama(), PRoLoRAConfig(r=4, target_modules=["q_prj", "v_proj"]))
+
+
+def test_sharing_rates_larger_than_the_layer_are_refused_before_allocating() -> None:
+    """m > d_in or n > d_out: refused by validation wherever the sizes are known."""
+    from prolora_export.errors import PRoLoRAError
+    from prolora_export.layer import PRoLoRALinear
+
+    # tiny Llama: k_proj/v_proj are 72 → 24, so n = 25 does not fit them
+    too_wide = r"'sharing_rate_b' \(n = 25\) is larger than the layer's out_features \(24\)"
+    with pytest.raises(PRoLoRAError, match=too_wide):
+        inject_adapter(tiny_llama(), PRoLoRAConfig(r=4, sharing_rate_b=25, target_modules=LLAMA_TARGETS))
+    config = PRoLoRAConfig(r=4, sharing_rate_a=1 << 20, modules={"p": {"in_features": 8, "out_features": 16}})
+    expected = "module 'p': 'sharing_rate_a' (m = 1048576) is larger than the layer's in_features (8)"
+    assert config.problems() == [expected]
+    with pytest.raises(PRoLoRAError, match="larger than the layer's in_features"):
+        PRoLoRALinear(torch.nn.Linear(8, 16), config)
+    plain = PRoLoRAConfig(r=4, unshared_r=4, sharing_rate_a=9, modules={"p": {"in_features": 8, "out_features": 16}})
+    assert plain.problems() == []  # u = r: no shards, the rates are unused
