@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     graph = work / "compact"
     export_onnx(args.base, args.adapter[0], graph, mode="compact", default_adapter="zero", force=True)
     files = [
-        export_onnx_adapter(a, work / f"adapter{i}.onnx_adapter", force=True).out for i, a in enumerate(args.adapter)
+        # made for this graph: a geometry that differs is refused, a lora_alpha that differs is folded in
+        export_onnx_adapter(a, work / f"adapter{i}.onnx_adapter", force=True, graph=graph).out
+        for i, a in enumerate(args.adapter)
     ]
 
     session = inference_session(graph)  # errors-only logging: ORT warns once per overridable shard
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     runs = [("base (no adapter)", None, None), *zip(args.adapter, args.adapter, files, strict=True)]
     for name, adapter, file in runs:
-        active = [load_onnx_adapter(file)] if file else []
+        active = [load_onnx_adapter(file, graph=session)] if file else []  # checked to fit the session's graph
         got = session.run(["logits"], feeds, run_options(*active))[0]
         want = torch_logits(args.base, adapter, ids)
         rel = float(np.abs(got - want).max() / np.abs(want).max())

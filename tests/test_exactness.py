@@ -15,6 +15,7 @@ import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -198,3 +199,112 @@ def test_in_memory_merge_of_a_tied_layer_is_refused_before_any_weight_changes() 
             merge()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------- item 3: what a compact graph bakes in
+
+
+@pytest.fixture(scope="module")
+def compact(llama: dict[str, Path]) -> dict:
+    """A compact export of the tiny Llama with zero defaults (one session serves every adapter),
+    and adapters with the same shard shapes that the graph's nodes would compute wrongly."""
+    from prolora_export.runtime import inference_session
+
+    root, base = llama["root"], tiny_llama()
+    out = export_onnx(str(llama["base"]), llama["ad"], root / "compact", mode="compact", default_adapter="zero").out
+    for name, extra in {"alpha3": {"lora_alpha": 3.0}, "norotate": {"rotate": False}}.items():
+        save_adapter(root / name, make_adapter(copy.deepcopy(base), seed=7, r=4, unshared_r=1, **extra))
+    return {**llama, "alpha3": root / "alpha3", "norotate": root / "norotate", "graph": out,
+            "session": inference_session(out)}
+
+
+def _onnx_logits(session, file: Path | None) -> np.ndarray:
+    from prolora_export.onnx.adapters import decoder_feeds, load_onnx_adapter, run_options
+
+    feeds = decoder_feeds(session, IDS)
+    active = [load_onnx_adapter(file, graph=session)] if file else []
+    return session.run(["logits"], feeds, run_options(*active))[0]
+
+
+def _torch_logits(base: Path, adapter: Path) -> np.ndarray:
+    from prolora_export.formats.prolora import load_adapter
+    from prolora_export.inject import inject_adapter, load_adapter_weights
+    from prolora_export.models import load_base_model
+
+    model = load_base_model(str(base))
+    loaded = load_adapter(adapter)
+    inject_adapter(model, loaded.config)
+    load_adapter_weights(model, loaded.tensors)
+    with torch.no_grad():
+        return model(torch.from_numpy(IDS)).logits.numpy()
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
+
+
+def test_compact_graph_records_what_its_nodes_bake_in(compact: dict) -> None:
+    from prolora_export.formats.prolora import load_adapter
+    from prolora_export.onnx.adapters import FINGERPRINT_KEY, geometry_fingerprint, geometry_record, read_record
+
+    record = read_record(compact["session"])
+    assert record == geometry_record(load_adapter(compact["ad"]).config, "fp32", "zero")
+    assert record["scaling"] == 4.0 and (record["stride_a"], record["stride_b"]) == (1, 1)
+    meta = compact["session"].get_modelmeta().custom_metadata_map
+    assert int(meta[FINGERPRINT_KEY]) == geometry_fingerprint(record)
+    assert read_record(compact["graph"]) == record  # the folder, read without a session
+
+
+def test_file_of_another_alpha_is_refused_then_exact_when_made_for_the_graph(compact: dict, tmp_path: Path) -> None:
+    """Same shapes, lora_alpha 3 instead of 16: the graph's nodes carry γ = 4, so the plain file
+    ran with γ = 4 instead of 0.75. Now it is refused, and `--graph` folds γ into its B shards."""
+    from prolora_export.onnx.adapters import check_adapter_fits, export_onnx_adapter
+
+    plain = export_onnx_adapter(compact["alpha3"], tmp_path / "plain.onnx_adapter").out
+    with pytest.raises(PRoLoRAError, match=r"scaling γ = lora_alpha / r is 0\.75 but the graph's nodes compute with 4"):
+        check_adapter_fits(plain, compact["session"])
+    with pytest.raises(PRoLoRAError, match="does not fit the graph"):
+        _onnx_logits(compact["session"], plain)
+    fitted = tmp_path / "fitted.onnx_adapter"
+    args = ["onnx-adapter", "--adapter", str(compact["alpha3"]), "--out", str(fitted), "--graph", str(compact["graph"])]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    check_adapter_fits(fitted, compact["session"])
+    want = _torch_logits(compact["base"], compact["alpha3"])
+    assert _rel(_onnx_logits(compact["session"], fitted), want) <= 1e-5
+    # the adapter matters at this tolerance (the base model alone is far off)
+    assert _rel(_onnx_logits(compact["session"], None), want) > 1e-3
+
+
+def test_file_without_rotation_is_refused_even_with_the_graph(compact: dict, tmp_path: Path) -> None:
+    """rotate false: the same shard shapes, other rotation tables; nothing can fold that."""
+    from prolora_export.onnx.adapters import check_adapter_fits, export_onnx_adapter
+
+    plain = export_onnx_adapter(compact["norotate"], tmp_path / "plain.onnx_adapter").out
+    with pytest.raises(PRoLoRAError, match=r"made for another geometry than the graph's \(r=4, u=1, m=2, n=2, s_A=1"):
+        check_adapter_fits(plain, compact["session"])
+    with pytest.raises(PRoLoRAError, match="stride_a is 0 here but 1 in the graph"):
+        export_onnx_adapter(compact["norotate"], tmp_path / "f.onnx_adapter", graph=compact["graph"])
+    assert not (tmp_path / "f.onnx_adapter").exists()
+
+
+def test_adapter_objects_and_legacy_files_are_checked(compact: dict, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from prolora_export.formats.prolora import load_adapter
+    from prolora_export.onnx.adapters import check_adapter_fits
+
+    check_adapter_fits(load_adapter(compact["ad"]), compact["graph"])  # what the engine feeds into slots
+    with pytest.raises(PRoLoRAError, match=r"scaling γ = lora_alpha / r is 0\.75 here but 4 in the graph"):
+        check_adapter_fits(load_adapter(compact["alpha3"]), compact["graph"])
+    legacy = ort.AdapterFormat()  # what files carried before: shards, versions 1 and 1
+    legacy.set_adapter_version(1)
+    legacy.set_model_version(1)
+    tensors = load_adapter(compact["ad"]).tensors
+    legacy.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v.numpy()) for k, v in tensors.items()})
+    legacy.export_adapter(str(tmp_path / "old.onnx_adapter"))
+    with pytest.raises(PRoLoRAError, match=r"written before \.onnx_adapter files recorded"):
+        check_adapter_fits(tmp_path / "old.onnx_adapter", compact["session"])

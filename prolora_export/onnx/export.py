@@ -60,6 +60,7 @@ from ..models import copy_model_side_files, load_base_model, model_class_for, re
 from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES, compact_forward
 from . import op
+from .adapters import geometry_record, record_geometry
 
 MODES = ("merged", "compact")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -302,7 +303,8 @@ def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: 
     the SPEC names; with ``zero_default`` the B tensors are zero, so a session with no adapter
     active computes the base model. The shards the tracer wrote are rewritten where they are,
     inline or in the external data file of a model over 2 GB, so the folder holds each shard
-    once; those of layers the task dropped are added. One load and one save. Returns the count."""
+    once; those of layers the task dropped are added. The graph's metadata records the geometry and
+    γ its nodes compute with (:func:`.adapters.check_adapter_fits`). One load and one save. Returns the count."""
     model = _load(path)
     op.add_function(model, spec)
     graph = model.graph
@@ -326,6 +328,10 @@ def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: 
             init.CopyFrom(onnx.numpy_helper.from_array(array, name))
         if name not in listed:
             graph.input.append(onnx.helper.make_tensor_value_info(name, dtype, list(value.shape)))
+    # what the nodes bake in (γ, rotation tables), so an adapter file can be checked against it
+    record = geometry_record(adapter.config, "fp16" if dtype == onnx.TensorProto.FLOAT16 else "fp32",
+                             "zero" if zero_default else "adapter")
+    record_geometry(model, record)
     _save(model, path)
     return len(expected)
 
