@@ -14,6 +14,10 @@ layer through :data:`CONTEXT`: optimum's export config is extended with one more
 ``adapter_index``, stores it in the context and calls optimum's own patched forward). After
 optimum is done, :func:`finish_slots` turns the shard initializers into inputs with a ``slots``
 dimension and writes ``slots.json`` (the geometry and γ the graph was made for).
+
+The graph's ``logits`` are those of the last position only, (batch, 1, vocab): a generator needs
+nothing else, and a prompt's full logits would be its length × vocab floats per row (40 MB for
+200 tokens of the demo model).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ SLOTS_FILE = "slots.json"
 SLOTS_FORMAT = "prolora-slots"
 #: name of the dynamic slot dimension of every shard input
 SLOT_DIM = "slots"
+#: transformers' names for "logits of the last N positions only" (N = 0: all)
+LOGITS_TO_KEEP = ("logits_to_keep", "num_logits_to_keep")
 #: slots stacked while tracing (values only shape the trace; slot 1 holds the adapter negated)
 _TRACE_SLOTS = 2
 
@@ -154,6 +160,10 @@ def config_overrides() -> dict:
         return dummy
 
     def patch_model_for_export(self, model, model_kwargs=None):
+        model_kwargs = dict(model_kwargs or {})
+        keep = next((k for k in LOGITS_TO_KEEP if k in inspect.signature(model.forward).parameters), None)
+        if keep:  # the last position's logits only: all a generator reads, and P× fewer bytes on a prompt
+            model_kwargs[keep] = 1
         patcher = super(type(self), self).patch_model_for_export(model, model_kwargs=model_kwargs)
         return _with_adapter_index(patcher, model, {name.split(".")[0] for name in self.inputs})
 

@@ -1,0 +1,495 @@
+"""The engine: continuous batching over one adapter-slot graph, a different adapter on every row.
+
+Step-driven: :meth:`Engine.step` does one scheduling step and returns its events. In a step,
+(1) submitted requests are checked (a bad one finishes at once with an error event, nothing else is
+touched), (2) every running row decodes one token, and rows that finish leave the batch, (3) queued
+requests join while the batch size and the cached-token bound allow: their prompts are prefilled
+together (left-padded, each row with its own adapter), each samples its first token, and their
+cache is merged into the running batch. Rows never wait for each other to finish.
+
+Threads: ``step`` (and :meth:`generate` / :meth:`stream`, which call it) must run on one thread at
+a time; :meth:`submit`, :meth:`cancel`, :meth:`load_adapter` and :meth:`unload_adapter` may be called
+from any thread (submits and cancels are applied at the next step boundary; loads and unloads wait
+for the step in progress). :class:`~prolora_export.engine.runner.EngineRunner` runs the steps on a
+background thread and hands events to threads or to an asyncio loop.
+
+Bounds: at most ``max_batch`` rows run at once, and ``rows × longest possible row`` (prompt +
+max_new_tokens, padding included) stays within ``max_cached_tokens``; requests beyond wait in a
+FIFO queue. A prefill holds at most ``max_prefill_tokens`` padded tokens (one request at least).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PRoLoRAError
+from ..onnx.op import ADAPTER_INDEX
+from ..onnx.slots import SLOT_DIM, read_slots_meta
+from ..runtime import inference_session
+from .cache import CopyStats, KVBatch, to_value
+from .requests import Event, Request, Result
+from .sampler import Sampler, sampling_problem
+from .slots import AdapterSource, SlotTable
+
+PAST, PRESENT = "past_key_values", "present"
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+Listener = Callable[[Event], None]
+
+
+@dataclass
+class _Sequence:
+    """A request inside the engine: its prompt, decoding state and what it has produced."""
+
+    request: Request
+    prompt_ids: list[int]
+    max_new: int
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    listener: Listener | None
+    submitted: float
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    first_token: float | None = None
+    logits: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def final_length(self) -> int:
+        """The most positions this row can ever cache."""
+        return len(self.prompt_ids) + self.max_new
+
+
+class Engine:
+    """Generation with many PRoLoRA adapters in one batch, on an ``onnx --mode compact --slots`` export.
+
+    ``adapters`` maps names to adapter folders, ``.onnx_adapter`` files or in-memory adapters;
+    more can be loaded (and unloaded) while the engine runs. ``tokenizer``: ``"auto"`` loads the
+    folder's tokenizer when it has one (text prompts, chat messages, stop strings need it); None
+    for token ids only. ``provider``/``threads`` go to :func:`prolora_export.runtime.inference_session`.
+    """
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        adapters: Mapping[str, AdapterSource] | None = None,
+        *,
+        max_batch: int = 16,
+        max_cached_tokens: int = 32768,
+        max_prefill_tokens: int = 2048,
+        provider: str = "cpu",
+        threads: int | None = None,
+        tokenizer="auto",
+    ):
+        if max_batch < 1 or max_cached_tokens < 1 or max_prefill_tokens < 1:
+            raise PRoLoRAError("max_batch, max_cached_tokens and max_prefill_tokens must be ≥ 1")
+        self.folder = Path(onnx_dir)
+        meta = read_slots_meta(self.folder)
+        self.session = inference_session(self.folder, provider, threads=threads)
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [name for name in inputs if name.startswith(PAST)]
+        self.present_names = [PRESENT + name[len(PAST):] for name in self.past_names]
+        outputs = {o.name for o in self.session.get_outputs()}
+        if ADAPTER_INDEX not in inputs or not self.past_names or not set(self.present_names) <= outputs:
+            raise PRoLoRAError("not a decoder slot graph with a KV cache (needs adapter_index and past_key_values)",
+                               str(self.folder))
+        past = inputs[self.past_names[0]]
+        self.kv_shape = (past.shape[1], past.shape[3])  # heads, head_dim
+        self.kv_dtype = np.float16 if "float16" in past.type else np.float32
+        self.has_positions = "position_ids" in inputs
+        shapes = {name: tuple(i.shape[1:]) for name, i in inputs.items() if i.shape and i.shape[0] == SLOT_DIM}
+        self.slots = SlotTable(shapes, NUMPY_DTYPES[meta.get("dtype", "fp32")], float(meta["scaling"]), self.device)
+        config = json.loads((self.folder / "config.json").read_text())
+        self.context = int(config.get("max_position_embeddings") or 2048)
+        self.vocab_size = int(config["vocab_size"])
+        self.tokenizer = self._tokenizer(tokenizer)
+        self.eos_ids = self._eos_ids(config)
+        self.max_batch, self.max_cached_tokens = max_batch, max_cached_tokens
+        self.max_prefill_tokens = max_prefill_tokens
+        self.stats = CopyStats()
+        self._lock = threading.RLock()  # held by a step, and by loads and unloads
+        self._inbox_lock = threading.Lock()
+        self._inbox: deque[tuple[Request, Listener | None, float]] = deque()
+        self._cancels: set[str] = set()
+        self._unloading: set[str] = set()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._cache: KVBatch | None = None
+        for name, source in (adapters or {}).items():
+            self.load_adapter(name, source)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _tokenizer(self, tokenizer):
+        if tokenizer != "auto":
+            return tokenizer
+        if not any((self.folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.folder))
+
+    def _eos_ids(self, config: dict) -> frozenset[int]:
+        ids: set[int] = set()
+        sources = [config.get("eos_token_id")]
+        generation = self.folder / "generation_config.json"
+        if generation.is_file():
+            sources.append(json.loads(generation.read_text()).get("eos_token_id"))
+        if self.tokenizer is not None:
+            sources.append(self.tokenizer.eos_token_id)
+        for value in sources:
+            ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the loaded adapters (those being unloaded excluded)."""
+        return [name for name in self.slots.slot_of if name not in self._unloading]
+
+    def load_adapter(self, name: str, source: AdapterSource) -> int:
+        """Load an adapter into a free slot (waits for the step in progress); returns its slot.
+        An adapter that does not fit the graph's slots is refused with a clear error; nothing changes."""
+        with self._lock:
+            self._finish_unloads()
+            if name in self._unloading:
+                raise PRoLoRAError(f"adapter {name!r} is being unloaded while rows still use it; load it "
+                                   "under another name or wait for them")
+            return self.slots.load(name, source)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload an adapter: new requests for it are refused at once; rows running with it finish
+        first, then its slot is zeroed and freed."""
+        with self._lock:
+            if name not in self.slots.slot_of or name in self._unloading:
+                raise PRoLoRAError(f"no adapter named {name!r} is loaded")
+            self._unloading.add(name)
+            self._finish_unloads()
+
+    def _finish_unloads(self) -> None:
+        """Free the slots of unloaded adapters that no running row reads any more."""
+        busy = {s.request.adapter for s in self._running}
+        for name in sorted(self._unloading - busy):
+            self.slots.unload(name)
+            self._unloading.discard(name)
+
+    # ------------------------------------------------------------------ requests
+
+    def submit(self, request: Request, listener: Listener | None = None) -> str:
+        """Queue a request (any thread); it is checked and scheduled at the next step. ``listener`` is
+        called with each of its events, on the stepping thread. Returns the request id."""
+        with self._inbox_lock:
+            self._inbox.append((request, listener, time.perf_counter()))
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step (finish reason ``cancelled``); unknown ids are ignored."""
+        with self._inbox_lock:
+            self._cancels.add(request_id)
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted, queued or running."""
+        return len(self._inbox) + len(self._waiting) + len(self._running)
+
+    def generate(self, requests: Iterable[Request]) -> list[Result]:
+        """Run requests to the end (sharing the batch with anything else submitted); results in order."""
+        requests = list(requests)
+        results: dict[str, Result] = {}
+        for request in requests:
+            self.submit(request, lambda e: results.__setitem__(e.request_id, e.result) if e.finished else None)
+        while len(results) < len(requests):
+            self.step()
+        return [results[r.request_id] for r in requests]
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """The events of one request as they come, stepping the engine (single-threaded use; with a
+        background runner use :meth:`EngineRunner.stream` instead)."""
+        events: deque[Event] = deque()
+        self.submit(request, events.append)
+        while True:
+            self.step()
+            while events:
+                event = events.popleft()
+                yield event
+                if event.finished:
+                    return
+
+    def fail_all(self, message: str) -> list[Event]:
+        """Finish every submitted, queued and running request with ``message`` as its error and drop
+        the batch (what a runner does when a step fails unexpectedly)."""
+        with self._lock:
+            events: list[Event] = []
+            with self._inbox_lock:
+                submitted, self._inbox = list(self._inbox), deque()
+            seqs = [*self._running, *self._waiting]
+            seqs += [_Sequence(r, [], 0, Sampler(), frozenset(), listener, t) for r, listener, t in submitted]
+            self._running, self._waiting, self._cache = [], deque(), None
+            for seq in seqs:
+                self._finish(seq, "error", events, error=message)
+            self._finish_unloads()
+            return events
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[Event]:
+        """One scheduling step (see the module docstring); returns every event it produced."""
+        with self._lock:
+            events: list[Event] = []
+            with self._inbox_lock:
+                submitted, self._inbox = list(self._inbox), deque()
+                cancels, self._cancels = self._cancels, set()
+            for request, listener, submitted_at in submitted:
+                self._check_in(request, listener, submitted_at, events)
+            if cancels:
+                self._cancel(cancels, events)
+            if self._running:
+                self._decode(events)
+            joiners = self._pick_joiners(events)
+            if joiners:
+                self._prefill(joiners, events)
+            if self._unloading:
+                self._finish_unloads()
+            return events
+
+    def _check_in(self, request: Request, listener: Listener | None, submitted: float, events: list[Event]) -> None:
+        try:
+            seq = self._sequence(request, listener, submitted)
+        except PRoLoRAError as err:
+            seq = _Sequence(request, [], 0, Sampler(), frozenset(), listener, submitted)
+            self._finish(seq, "error", events, error=str(err))
+            return
+        self._waiting.append(seq)
+
+    def _sequence(self, request: Request, listener: Listener | None, submitted: float) -> _Sequence:
+        """A checked request; every problem is a PRoLoRAError naming it."""
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
+        if sum(given) != 1:
+            raise PRoLoRAError("give exactly one of prompt, messages or prompt_ids")
+        problem = sampling_problem(request.temperature, request.top_p)
+        if problem:
+            raise PRoLoRAError(problem)
+        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+            raise PRoLoRAError(f"max_new_tokens must be an integer ≥ 1, got {request.max_new_tokens!r}")
+        if self.tokenizer is None and (request.prompt is not None or request.messages is not None or request.stop):
+            raise PRoLoRAError("this engine has no tokenizer: give prompt_ids, and no stop strings")
+        if request.prompt_ids is not None:
+            ids = [int(t) for t in request.prompt_ids]
+        elif request.messages is not None:
+            if not request.messages:
+                raise PRoLoRAError("empty prompt: no chat messages")
+            try:
+                ids = list(self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
+                                                              tokenize=True))
+            except Exception as err:  # jinja and tokenizer errors of a malformed message
+                raise PRoLoRAError(f"chat messages could not be rendered with the chat template ({err})") from None
+        else:
+            ids = list(self.tokenizer(request.prompt).input_ids) if request.prompt else []
+        if not ids:
+            raise PRoLoRAError("empty prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise PRoLoRAError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) >= self.context:
+            raise PRoLoRAError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise PRoLoRAError(f"unknown adapter {request.adapter!r} (loaded: {', '.join(self.adapters) or 'none'})")
+        max_new = min(request.max_new_tokens, self.context - len(ids))
+        if len(ids) + max_new > self.max_cached_tokens:
+            raise PRoLoRAError(f"needs {len(ids) + max_new} cached tokens; this engine holds at most "
+                               f"{self.max_cached_tokens}")
+        stop_ids = frozenset(int(t) for t in request.stop_token_ids) | (frozenset() if request.ignore_eos
+                                                                           else self.eos_ids)
+        sampler = Sampler(request.temperature, request.top_p, request.seed)
+        return _Sequence(request, ids, max_new, sampler, stop_ids, listener, submitted)
+
+    def _cancel(self, ids: set[str], events: list[Event]) -> None:
+        for seq in [s for s in self._waiting if s.request.request_id in ids]:
+            self._waiting.remove(seq)
+            self._finish(seq, "cancelled", events)
+        rows = [i for i, s in enumerate(self._running) if s.request.request_id in ids]
+        for i in rows:
+            self._finish(self._running[i], "cancelled", events)
+        if rows:
+            self._drop_rows(set(rows))
+
+    def _pick_joiners(self, events: list[Event]) -> list[_Sequence]:
+        """Queued requests that fit now, in order (FIFO: the first that does not fit waits, and so do
+        the ones behind it)."""
+        joiners: list[_Sequence] = []
+        longest = max((s.final_length for s in self._running), default=0)
+        while self._waiting and len(self._running) + len(joiners) < self.max_batch:
+            seq = self._waiting[0]
+            if seq.request.adapter is not None and seq.request.adapter not in self.adapters:
+                self._waiting.popleft()
+                self._finish(seq, "error", events, error=f"adapter {seq.request.adapter!r} was unloaded")
+                continue
+            rows = len(self._running) + len(joiners) + 1
+            if rows * max(longest, seq.final_length) > self.max_cached_tokens:
+                break
+            width = max([len(s.prompt_ids) for s in joiners] + [len(seq.prompt_ids)])
+            if joiners and (len(joiners) + 1) * width > self.max_prefill_tokens:
+                break
+            longest = max(longest, seq.final_length)
+            seq.slot = -1 if seq.request.adapter is None else self.slots.slot_of[seq.request.adapter]
+            joiners.append(self._waiting.popleft())
+        return joiners
+
+    # ------------------------------------------------------------------ running the graph
+
+    def _run(self, feeds: dict[str, np.ndarray], past: dict) -> tuple[np.ndarray, dict]:
+        """One run through IOBinding: small inputs from the host, cache and slots as OrtValues,
+        presents left where the graph wrote them; returns last-position logits (host) and presents."""
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, to_value(array, self.device))
+            self.stats.host_to_graph += array.nbytes
+        for name, value in past.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self.slots.values.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1]
+        if self.device != "cpu":
+            self.stats.graph_to_host += logits.nbytes
+        presents = dict(zip(self.past_names, outputs[1:], strict=True))
+        self.stats.graph_kv_written += sum(v.tensor_size_in_bytes() for v in outputs[1:])
+        return logits, presents
+
+    def _decode(self, events: list[Event]) -> None:
+        before = self._moved()
+        cache = self._cache
+        rows = self._running
+        feeds = {
+            "input_ids": np.array([[s.tokens[-1]] for s in rows], np.int64),
+            "attention_mask": np.concatenate([cache.mask, np.ones((cache.rows, 1), np.int64)], axis=1),
+            ADAPTER_INDEX: np.array([s.slot for s in rows], np.int64),
+        }
+        if self.has_positions:
+            feeds["position_ids"] = cache.positions()
+        logits, presents = self._run(feeds, cache.values)
+        cache.advance(presents)
+        self.stats.steps += 1
+        done = {i for i, seq in enumerate(rows) if self._emit(seq, logits[i], events)}
+        if done:
+            self._drop_rows(done)
+        self.stats.per_step.append(self._moved() - before)
+
+    def _prefill(self, joiners: list[_Sequence], events: list[Event]) -> None:
+        width = max(len(s.prompt_ids) for s in joiners)
+        ids = np.zeros((len(joiners), width), np.int64)
+        mask = np.zeros((len(joiners), width), np.int64)
+        for row, seq in enumerate(joiners):
+            ids[row, width - len(seq.prompt_ids):] = seq.prompt_ids
+            mask[row, width - len(seq.prompt_ids):] = 1
+        heads, head_dim = self.kv_shape
+        empty = np.zeros((len(joiners), heads, 0, head_dim), self.kv_dtype)
+        feeds = {"input_ids": ids, "attention_mask": mask, ADAPTER_INDEX: np.array([s.slot for s in joiners], np.int64)}
+        if self.has_positions:
+            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, presents = self._run(feeds, {name: to_value(empty, self.device) for name in self.past_names})
+        self.stats.prefills += 1
+        batch = KVBatch(self.past_names, presents, mask, self.stats, self.device)
+        alive = [row for row, seq in enumerate(joiners) if not self._emit(seq, logits[row], events)]
+        if not alive:
+            return
+        if len(alive) < len(joiners):
+            batch.keep(alive)
+        if self._cache is None:
+            self._cache = batch
+        else:
+            self._cache.merge(batch)
+        self._running.extend(joiners[row] for row in alive)
+
+    def _drop_rows(self, rows: set[int]) -> None:
+        keep = [i for i in range(len(self._running)) if i not in rows]
+        self._running = [self._running[i] for i in keep]
+        if keep:
+            self._cache.keep(keep)
+        else:
+            self._cache = None
+
+    def _moved(self) -> int:
+        s = self.stats
+        return s.host_to_graph + s.graph_to_host + s.cache_moved
+
+    # ------------------------------------------------------------------ tokens to events
+
+    def _emit(self, seq: _Sequence, logits: np.ndarray, events: list[Event]) -> bool:
+        """Choose the row's next token and report it; True when the request has finished."""
+        if seq.first_token is None:
+            seq.first_token = time.perf_counter()
+        if seq.request.return_logits:
+            seq.logits.append(np.array(logits, np.float32))
+        token = seq.sampler(logits)
+        if token in seq.stop_ids:
+            self._finish(seq, "stop", events)
+            return True
+        seq.tokens.append(token)
+        reason = "length" if len(seq.tokens) >= seq.max_new else None
+        delta = ""
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            cut = self._stop_at(seq, full)
+            if cut is not None:
+                full, reason = full[:cut], "stop"
+            seq.text = full
+            safe = len(full) if reason else self._safe_length(seq, full)
+            if safe > seq.emitted:
+                delta, seq.emitted = full[seq.emitted:safe], safe
+        if reason:
+            self._finish(seq, reason, events, text=delta, token=token)
+            return True
+        self._event(seq, Event(seq.request.request_id, delta, token), events)
+        return False
+
+    @staticmethod
+    def _stop_at(seq: _Sequence, text: str) -> int | None:
+        """Where the earliest stop string starts in ``text`` (searched from what may still change)."""
+        if not seq.request.stop:
+            return None
+        start = max(0, seq.emitted - max(len(s) for s in seq.request.stop))
+        hits = [i for i in (text.find(s, start) for s in seq.request.stop if s) if i >= 0]
+        return min(hits) if hits else None
+
+    @staticmethod
+    def _safe_length(seq: _Sequence, text: str) -> int:
+        """How much of the text can be sent: not an incomplete character, not a possible stop start."""
+        safe = len(text.rstrip("\ufffd"))
+        for stop in seq.request.stop:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[:safe].endswith(stop[:k]):
+                    safe -= k
+                    break
+        return max(safe, seq.emitted)
+
+    def _finish(self, seq: _Sequence, reason: str, events: list[Event], *, text: str = "", token: int | None = None,
+                error: str | None = None) -> None:
+        if not text and seq.emitted < len(seq.text) and reason != "error":
+            text = seq.text[seq.emitted:]  # anything held back is final now
+        now = time.perf_counter()
+        result = Result(
+            seq.request.request_id, seq.text, list(seq.tokens), reason, len(seq.prompt_ids), error,
+            None if seq.first_token is None else seq.first_token - seq.submitted, now - seq.submitted,
+            np.stack(seq.logits) if seq.logits else None,
+        )
+        self._event(seq, Event(seq.request.request_id, text, token, reason, error, result), events)
+
+    @staticmethod
+    def _event(seq: _Sequence, event: Event, events: list[Event]) -> None:
+        events.append(event)
+        if seq.listener is not None:
+            seq.listener(event)

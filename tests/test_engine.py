@@ -1,0 +1,346 @@
+"""The generation engine on an adapter-slot graph: every row of a mixed, continuously batched batch
+against the single-adapter compact graph run alone (fp32 logits) and PyTorch base + that adapter
+(greedy tokens); sampling under a seed, stop rules, bounds, bad input, loading while running, the
+background runner. A tiny Llama with a character tokenizer (fast); the demo model end to end (slow)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adapter, tiny_llama
+
+from prolora_export.engine import Engine, EngineRunner, Request
+from prolora_export.errors import PRoLoRAError
+from prolora_export.formats.prolora import load_adapter, save_adapter
+from prolora_export.inject import inject_adapter, load_adapter_weights
+from prolora_export.models import load_base_model
+from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
+from prolora_export.onnx.export import export_onnx
+from prolora_export.runtime import inference_session
+
+HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
+NAMES = ("a1", "a2", "a3")
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def char_tokenizer():
+    """A 128-token character tokenizer (ids 3… printable ASCII, 2 = </s>) with a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 127)}}
+    vocab.update({f"<x{i}>": i for i in range(len(vocab), 128)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """Tiny Llama + tokenizer, three adapters of one geometry (+ ORT files), the slot export and the
+    single-adapter compact graph (zero default: no adapter active = the base)."""
+    root = tmp_path_factory.mktemp("engine")
+    tiny_llama().save_pretrained(root / "base", safe_serialization=True)
+    char_tokenizer().save_pretrained(root / "base")
+    adapters = {}
+    for seed, name in enumerate(NAMES, start=1):
+        save_adapter(root / name, make_adapter(tiny_llama(), seed=seed, **HYPER))
+        export_onnx_adapter(root / name, root / f"{name}.onnx_adapter")
+        adapters[name] = root / name
+    slots = export_onnx(str(root / "base"), [adapters["a1"]], root / "slots", mode="compact", slots=True).out
+    single = export_onnx(str(root / "base"), adapters["a1"], root / "single", mode="compact",
+                         default_adapter="zero").out
+    return {"root": root, "base": root / "base", "adapters": adapters, "slots": slots,
+            "single": inference_session(single), "refs": {}}
+
+
+def reference(tiny, ids: list[int], adapter: str | None, steps: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and the logits they came from: the single-adapter graph, batch 1, no padding,
+    that adapter switched in with an ONNX Runtime adapter file (cached per case)."""
+    key = (tuple(ids), adapter, steps)
+    if key not in tiny["refs"]:
+        sess = tiny["single"]
+        options = run_options(load_onnx_adapter(tiny["root"] / f"{adapter}.onnx_adapter")) if adapter else None
+        feeds = decoder_feeds(sess, np.array([ids], np.int64))
+        names = [o.name for o in sess.get_outputs()]
+        tokens, logits = [], []
+        for _ in range(steps):
+            out = dict(zip(names, sess.run(None, feeds, options), strict=True))
+            last = out["logits"][0, -1]
+            logits.append(last)
+            tokens.append(int(np.argmax(last)))
+            if tokens[-1] == 2:
+                break
+            length = feeds["attention_mask"].shape[1] + 1
+            feeds = {"input_ids": np.array([[tokens[-1]]], np.int64), "attention_mask": np.ones((1, length), np.int64),
+                     "position_ids": np.array([[length - 1]], np.int64),
+                     **{k.replace("present", "past_key_values"): v for k, v in out.items() if k.startswith("present")}}
+        tiny["refs"][key] = (tokens, np.stack(logits))
+    return tiny["refs"][key]
+
+
+def torch_greedy(tiny, ids: list[int], adapter: str | None, steps: int) -> list[int]:
+    model = load_base_model(str(tiny["base"]))
+    if adapter:
+        loaded = load_adapter(tiny["adapters"][adapter])
+        inject_adapter(model, loaded.config)
+        load_adapter_weights(model, loaded.tensors)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    tokens = out[0, len(ids):].tolist()
+    return tokens[: tokens.index(2)] if 2 in tokens else tokens
+
+
+def engine(tiny, **kwargs) -> Engine:
+    return Engine(tiny["slots"], {n: tiny["adapters"][n] for n in NAMES}, **kwargs)
+
+
+def prompt(i: int) -> list[int]:
+    """Prompts of different lengths, so the batch is left-padded."""
+    return [1, *[(7 * i + 3 * k) % 120 + 3 for k in range(3 + 2 * i)]]
+
+
+def assert_row_exact(tiny, request: Request, result) -> None:
+    tokens, logits = reference(tiny, list(request.prompt_ids), request.adapter, request.max_new_tokens)
+    assert result.token_ids == [t for t in tokens if t != 2]
+    got = result.logits[: len(logits)]
+    err = float(np.abs(got - logits).max() / np.abs(logits).max())
+    assert err <= 1e-5, f"{request.request_id} ({request.adapter}): logits relative difference {err:.2e}"
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone(tiny):
+    """Three adapters and the base, two rows each, in one batch: each row's logits are the
+    single-adapter graph's for its adapter, and its greedy tokens PyTorch's base + that adapter."""
+    eng = engine(tiny, max_batch=8)
+    adapters = [None, "a1", "a2", "a3"] * 2
+    requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=8, return_logits=True)
+                for i, a in enumerate(adapters)]
+    results = eng.generate(requests)
+    assert eng.stats.prefills == 1, "all eight rows prefilled together"
+    for request, result in zip(requests, results, strict=True):
+        assert result.finish_reason in ("length", "stop") and result.error is None
+        assert_row_exact(tiny, request, result)
+        assert result.token_ids == torch_greedy(tiny, list(request.prompt_ids), request.adapter, 8)
+    same_prompt = [eng.generate([Request(prompt_ids=prompt(0), adapter=a, max_new_tokens=1, return_logits=True)])[0]
+                   for a in (None, *NAMES)]
+    spread = [float(np.abs(r.logits - same_prompt[0].logits).max()) for r in same_prompt[1:]]
+    assert min(spread) > 1e-3, "the adapters must change the logits, else the test is blind"
+
+
+def test_rows_join_and_leave_mid_generation(tiny):
+    """max_batch 3 and seven requests of different lengths: requests wait, join as rows finish, and
+    every row still equals its adapter alone."""
+    eng = engine(tiny, max_batch=3)
+    adapters = ["a2", None, "a1", "a3", "a1", None, "a2"]
+    lengths = [3, 9, 5, 2, 7, 4, 6]
+    requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=n, return_logits=True)
+                for i, (a, n) in enumerate(zip(adapters, lengths, strict=True))]
+    for request in requests:
+        eng.submit(request)
+    rows_seen, results = [], {}
+    while len(results) < len(requests):
+        for event in eng.step():
+            if event.finished:
+                results[event.request_id] = event.result
+        rows_seen.append(len(eng._running))
+    assert max(rows_seen) == 3 and eng.stats.prefills >= 3, "requests must have joined a running batch"
+    for request in requests:
+        assert_row_exact(tiny, request, results[request.request_id])
+
+
+def test_sampling_reproducible_under_seed(tiny):
+    eng = engine(tiny, max_batch=4)
+
+    def sampled(seed, others=()):
+        request = Request(prompt_ids=prompt(2), adapter="a2", max_new_tokens=12, temperature=0.9, top_p=0.9,
+                          seed=seed, ignore_eos=True)
+        extra = [Request(prompt_ids=prompt(5 + i), adapter=a, max_new_tokens=5) for i, a in enumerate(others)]
+        return eng.generate([*extra, request])[-1].token_ids
+
+    alone = sampled(7)
+    assert sampled(7, others=("a1", None, "a3")) == alone, "the seed fixes the tokens whatever shares the batch"
+    assert sampled(8) != alone
+    assert len(set(alone)) > 1
+
+
+def test_text_prompt_chat_template_stop_strings_and_stream(tiny):
+    eng = engine(tiny)
+    base = eng.generate([Request(prompt="Hello", adapter="a3", max_new_tokens=12, ignore_eos=True)])[0]
+    assert base.prompt_tokens == len("Hello") and len(base.token_ids) == 12
+    stop = base.text[4:6]
+    cut = base.text.index(stop)
+    events = list(eng.stream(Request(prompt="Hello", adapter="a3", max_new_tokens=12, ignore_eos=True, stop=[stop])))
+    final = events[-1]
+    assert final.finish_reason == "stop" and final.result.text == base.text[:cut]
+    assert "".join(e.text for e in events) == base.text[:cut], "streamed pieces add up to the text, no stop string"
+    chat = [{"role": "user", "content": "hi"}]
+    rendered = eng.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    by_chat, by_ids = eng.generate([Request(messages=chat, max_new_tokens=4), Request(prompt_ids=rendered,
+                                                                                       max_new_tokens=4)])
+    assert by_chat.prompt_tokens == len(rendered) and by_chat.token_ids == by_ids.token_ids
+    first = base.token_ids[2]
+    stopped = eng.generate([Request(prompt="Hello", adapter="a3", max_new_tokens=12, stop_token_ids=[first])])[0]
+    assert stopped.finish_reason == "stop" and first not in stopped.token_ids
+
+
+def test_bad_input_fails_only_that_request(tiny):
+    eng = engine(tiny, max_batch=8)
+    good = [Request(prompt_ids=prompt(1), adapter="a1", max_new_tokens=6, return_logits=True),
+            Request(prompt_ids=prompt(3), max_new_tokens=6, return_logits=True)]
+    bad = {
+        "unknown adapter 'nope'": Request(prompt_ids=prompt(0), adapter="nope"),
+        "empty prompt": Request(prompt=""),
+        "does not fit the model's context of 256": Request(prompt_ids=[5] * 300),
+        "temperature must be": Request(prompt_ids=prompt(0), temperature=-1.0),
+        "exactly one of": Request(prompt="a", prompt_ids=[3]),
+        "token ids must be in": Request(prompt_ids=[3, 999]),
+        "max_new_tokens must be": Request(prompt_ids=[3], max_new_tokens=0),
+    }
+    results = eng.generate([good[0], *bad.values(), good[1]])
+    for (message, _), result in zip(bad.items(), results[1:-1], strict=True):
+        assert result.finish_reason == "error" and message in result.error, result.error
+    for request, result in zip(good, (results[0], results[-1]), strict=True):
+        assert_row_exact(tiny, request, result)
+
+
+def test_adapter_geometry_mismatch_is_refused_while_running(tiny, tmp_path):
+    eng = engine(tiny, max_batch=4)
+    request = Request(prompt_ids=prompt(4), adapter="a2", max_new_tokens=8, return_logits=True)
+    eng.submit(request)
+    eng.step()
+    other = tmp_path / "other"
+    save_adapter(other, make_adapter(tiny_llama(), seed=9, r=4, unshared_r=0, sharing_rate_a=2, sharing_rate_b=2))
+    with pytest.raises(PRoLoRAError, match="does not fit this graph's slots"):
+        eng.load_adapter("other", other)
+    assert "other" not in eng.adapters
+    results = {}
+    while not results:
+        results = {e.request_id: e.result for e in eng.step() if e.finished}
+    assert_row_exact(tiny, request, results[request.request_id])
+
+
+def test_load_and_unload_while_running(tiny):
+    """An adapter loaded mid-run from an ONNX Runtime file serves new rows; one unloaded mid-run
+    keeps serving its running row, refuses new requests, and its slot is reused afterwards."""
+    eng = Engine(tiny["slots"], {"a1": tiny["adapters"]["a1"]}, max_batch=4)
+    running = Request(prompt_ids=prompt(2), adapter="a1", max_new_tokens=8, return_logits=True)
+    eng.submit(running)
+    eng.step()
+    eng.load_adapter("a3", tiny["root"] / "a3.onnx_adapter")
+    joined = Request(prompt_ids=prompt(3), adapter="a3", max_new_tokens=5, return_logits=True)
+    eng.submit(joined)
+    eng.step()
+    eng.unload_adapter("a1")
+    assert "a1" not in eng.adapters
+    refused = Request(prompt_ids=prompt(1), adapter="a1")
+    results = {r.request_id: r for r in eng.generate([refused])}
+    assert results[refused.request_id].finish_reason == "error"
+    while eng.pending:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert_row_exact(tiny, running, results[running.request_id])
+    assert_row_exact(tiny, joined, results[joined.request_id])
+    assert eng.slots.load("a2", tiny["adapters"]["a2"]) == 0, "the freed slot is reused"
+
+
+def test_bounded_memory_queues_requests(tiny):
+    """Rows × longest possible row stays within max_cached_tokens; what does not fit waits."""
+    limit = 60
+    eng = engine(tiny, max_batch=8, max_cached_tokens=limit)
+    requests = [Request(prompt_ids=prompt(i), adapter=NAMES[i % 3], max_new_tokens=10, return_logits=True)
+                for i in range(5)]
+    for request in requests:
+        eng.submit(request)
+    results = {}
+    while len(results) < len(requests):
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+        assert eng._cache is None or eng._cache.tokens <= limit
+    for request in requests:
+        assert_row_exact(tiny, request, results[request.request_id])
+    too_big = eng.generate([Request(prompt_ids=[3] * 55, max_new_tokens=10)])[0]
+    assert too_big.finish_reason == "error" and "at most 60" in too_big.error
+
+
+def test_decode_steps_copy_no_cache_bytes(tiny):
+    """A decode step with no row joining or leaving feeds the cache and the slots as OrtValues: the
+    engine copies only ids, mask, positions and adapter indices (no KV, no slot bytes)."""
+    eng = engine(tiny, max_batch=4)
+    requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=6, ignore_eos=True)
+                for i, a in enumerate((None, "a1", "a2", "a3"))]
+    eng.generate(requests)
+    steady = eng.stats.per_step[:-1]  # the last step drops every row
+    length = max(len(r.prompt_ids) for r in requests) + 6
+    assert steady and max(steady) <= 4 * 8 * (length + 3)
+    assert eng.stats.cache_moved == 0, "one prefill, rows leave together: nothing to merge or compact"
+
+
+def test_runner_serves_threads_and_asyncio(tiny):
+    eng = engine(tiny, max_batch=4)
+    requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=5, return_logits=True)
+                for i, a in enumerate(("a1", None, "a3"))]
+
+    async def serve(runner):
+        return await asyncio.gather(*(runner.agenerate(r) for r in requests))
+
+    with EngineRunner(eng) as runner:
+        results = asyncio.run(serve(runner))
+        streamed = list(runner.stream(Request(prompt_ids=prompt(0), adapter="a2", max_new_tokens=4)))
+        early = runner.stream(Request(prompt_ids=prompt(1), max_new_tokens=50, ignore_eos=True))
+        next(early)
+        early.close()  # leaving early cancels the request
+        threaded = runner.generate([Request(prompt_ids=prompt(0), adapter="a2", max_new_tokens=4)])
+    for request, result in zip(requests, results, strict=True):
+        assert_row_exact(tiny, request, result)
+    assert streamed[-1].result.token_ids == threaded[0].token_ids
+    assert eng.pending == 0
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_model_mixed_adapters_generate_like_pytorch(demo_model, tmp_path):
+    """The real demo model: a chat request per adapter and one for the base, batched together;
+    each row's greedy text equals PyTorch's base + that adapter."""
+    from transformers import AutoTokenizer
+
+    names = ("x", "y")
+    folders = {}
+    for seed, name in enumerate(names, start=1):
+        model = load_base_model(str(demo_model))
+        adapter = make_adapter(model, seed=seed, r=8, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2,
+                               target_modules=["q_proj", "v_proj"])
+        adapter.tensors = {k: v * (0.4 if "_B_" in k else 1.0) for k, v in adapter.tensors.items()}
+        save_adapter(tmp_path / name, adapter)
+        folders[name] = tmp_path / name
+    out = export_onnx(str(demo_model), [folders["x"]], tmp_path / "slots", mode="compact", slots=True).out
+    eng = Engine(out, folders, max_batch=4)
+    chat = [{"role": "user", "content": "Name a colour."}]
+    requests = [Request(messages=chat, adapter=a, max_new_tokens=10) for a in (None, *names)]
+    results = eng.generate(requests)
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_model))
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    texts = []
+    for request, result in zip(requests, results, strict=True):
+        model = load_base_model(str(demo_model))
+        if request.adapter:
+            loaded = load_adapter(folders[request.adapter])
+            inject_adapter(model, loaded.config)
+            load_adapter_weights(model, loaded.tensors)
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+        text = tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+        assert result.text == text, (request.adapter, result.text, text)
+        texts.append(text)
+    assert len(set(texts)) > 1, "the adapters must change the text, else the test is blind"
+
+
+def test_engine_refuses_a_folder_without_slots(tiny, tmp_path: Path):
+    with pytest.raises(PRoLoRAError, match="not an adapter-slot ONNX export"):
+        Engine(tmp_path)
