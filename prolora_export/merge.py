@@ -346,16 +346,34 @@ class _Cursor:
             offset += chunk.numel()
 
 
+class _Overflow(Exception):
+    """A finite value became ±inf in the output dtype (its magnitude in ``args[0]``)."""
+
+
+def _check_range(exact: torch.Tensor, cast: torch.Tensor) -> None:
+    """Raise :class:`_Overflow` where a finite ``exact`` value is not finite once ``cast``: a cast to a
+    narrower range (fp32 → fp16) turns such values into inf silently. Non-finite inputs stay as they are."""
+    if not bool(torch.isfinite(cast).all()):
+        lost = torch.isfinite(exact) & ~torch.isfinite(cast)
+        if bool(lost.any()):
+            raise _Overflow(float(exact[lost].abs().max()))
+
+
 def _cast_range(
     src: int, out: _Cursor, offset: int, numel: int, dtypes: tuple[torch.dtype, torch.dtype], path: Path
 ) -> None:
-    """``numel`` elements read at ``offset`` as ``dtypes[0]``, written as ``dtypes[1]``, chunk by chunk."""
+    """``numel`` elements read at ``offset`` as ``dtypes[0]``, written as ``dtypes[1]``, chunk by chunk
+    (:class:`_Overflow` when a value does not fit the output dtype)."""
     source = torch.empty(min(STAGE_BYTES // dtypes[0].itemsize, numel), dtype=dtypes[0])
     cast = torch.empty_like(source, dtype=dtypes[1])
+    narrows = torch.finfo(dtypes[1]).max < torch.finfo(dtypes[0]).max
     for start in range(0, numel, source.numel()):
         count = min(source.numel(), numel - start)
         block = _read_into(src, source[:count], offset + start * dtypes[0].itemsize, path)
-        out.write(_raw(cast[:count].copy_(block)))
+        cast[:count].copy_(block)
+        if narrows:
+            _check_range(block, cast[:count])
+        out.write(_raw(cast[:count]))
 
 
 def _merge_weight(
@@ -367,7 +385,8 @@ def _merge_weight(
     factors: tuple[torch.Tensor, torch.Tensor],
     path: Path,
 ) -> float:
-    """``cast(W + L @ R)`` for W read at ``offset``; return the largest rounding error of the cast.
+    """``cast(W + L @ R)`` for W read at ``offset``; return the largest rounding error of the cast
+    (:class:`_Overflow` when a merged value does not fit the output dtype).
 
     Computed in row blocks that fit in cache, in the factors' dtype (fp32, or fp64 for fp64 weights),
     with in-place same-dtype ops only (mixed-dtype ones are several times slower on CPU); results are
@@ -380,6 +399,7 @@ def _merge_weight(
     staged = torch.empty(min(per_write, rows), cols, dtype=out_dtype)
     source = torch.empty(min(step, rows), cols, dtype=source_dtype)
     exact = cast_back = None
+    narrows = torch.finfo(out_dtype).max < torch.finfo(left.dtype).max
     if out_dtype != left.dtype:
         exact, cast_back = torch.empty_like(source, dtype=left.dtype), torch.empty_like(source, dtype=left.dtype)
     error = 0.0
@@ -394,7 +414,13 @@ def _merge_weight(
                 continue
             merged = exact[:count].copy_(block).addmm_(left[row : row + count], right)
             target.copy_(merged)
-            error = max(error, float(merged.sub_(cast_back[:count].copy_(target)).abs_().max()))
+            if narrows:
+                _check_range(merged, target)
+            diff = merged.sub_(cast_back[:count].copy_(target)).abs_()
+            block_error = float(diff.max())
+            if math.isnan(block_error):  # inf in W itself, kept as inf: not a rounding error
+                block_error = float(torch.nan_to_num(diff, nan=0.0).max())
+            error = max(error, block_error)
         out.write(_raw(staged[: last - first]))
     return error
 
@@ -438,6 +464,17 @@ def _merge_shard(
     data_start, offsets = _data_offsets(source_path)
 
     def write_tensor(key: str) -> float:
+        try:
+            return write(key)
+        except _Overflow as err:
+            raise PRoLoRAError(
+                f"tensor '{key}' has values up to {err.args[0]:.4g}, beyond the range of {out_dtypes[key]} "
+                f"(max {torch.finfo(out_dtypes[key]).max:.4g}): they would be written as inf; keep --dtype auto or "
+                "use fp32 or bf16",
+                str(source_path),
+            ) from None
+
+    def write(key: str) -> float:
         info, out_dtype = plan.tensors[key], out_dtypes[key]
         source_dtype = SAFETENSORS_FLOATS.get(info.dtype)
         begin, end = offsets[key]

@@ -12,6 +12,7 @@ gave exit code 0 and a wrong model, file or graph. Every test fails on the code 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 
@@ -308,3 +309,24 @@ def test_adapter_objects_and_legacy_files_are_checked(compact: dict, tmp_path: P
     legacy.export_adapter(str(tmp_path / "old.onnx_adapter"))
     with pytest.raises(PRoLoRAError, match=r"written before \.onnx_adapter files recorded"):
         check_adapter_fits(tmp_path / "old.onnx_adapter", compact["session"])
+
+
+# ---------------------------------------------------------------------- the class of item 4: a cast that makes inf
+
+
+@pytest.mark.parametrize("tensor", ["model.norm.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_merge_to_fp16_refuses_values_beyond_its_range(tmp_path: Path, tensor: str) -> None:
+    """A value beyond fp16's range (65504) was written as inf with exit 0 under --dtype fp16, in a
+    tensor only cast (norm) or merged (q_proj; the cast's rounding error, inf − inf, read as NaN and
+    was dropped by max()). Now the merge stops, naming the tensor, and writes nothing."""
+    base = tiny_llama()
+    with torch.no_grad():
+        base.get_parameter(tensor).view(-1)[5] = 7e4
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    save_adapter(tmp_path / "ad", make_adapter(copy.deepcopy(base), seed=3, r=4, unshared_r=1))
+    pairs = [(tmp_path / "ad", 1.0)]
+    with pytest.raises(PRoLoRAError, match=re.escape(f"tensor '{tensor}' has values up to 7e+04, beyond the range")):
+        merge_adapters(tmp_path / "base", pairs, tmp_path / "fp16", dtype="fp16", progress=False)
+    assert not (tmp_path / "fp16").exists()
+    report = merge_adapters(tmp_path / "base", pairs, tmp_path / "bf16", dtype="bf16", progress=False)
+    assert math.isfinite(report.max_rounding_error)
