@@ -330,3 +330,16 @@ def test_merge_to_fp16_refuses_values_beyond_its_range(tmp_path: Path, tensor: s
     assert not (tmp_path / "fp16").exists()
     report = merge_adapters(tmp_path / "base", pairs, tmp_path / "bf16", dtype="bf16", progress=False)
     assert math.isfinite(report.max_rounding_error)
+
+
+def test_fp16_onnx_export_refuses_weights_beyond_its_range(tmp_path: Path) -> None:
+    """The fp16 graph held inf where the model had 7e4 (exit 0; only a parity run would tell)."""
+    base = tiny_llama()
+    with torch.no_grad():
+        base.model.norm.weight[3] = 7e4
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    save_adapter(tmp_path / "ad", make_adapter(copy.deepcopy(base), seed=3, r=4, unshared_r=1))
+    for mode in ("merged", "compact"):
+        with pytest.raises(PRoLoRAError, match=re.escape("tensor 'model.norm.weight' has values up to 7e+04")):
+            export_onnx(str(tmp_path / "base"), tmp_path / "ad", tmp_path / mode, mode=mode, dtype="fp16")
+        assert not (tmp_path / mode).exists()

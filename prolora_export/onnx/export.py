@@ -52,7 +52,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import PRoLoRAError
+from ..errors import PRoLoRAError, raise_if
 from ..formats.prolora import Adapter, load_adapter
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
 from ..layer import PRoLoRALinear
@@ -117,6 +117,25 @@ def export_task(config, task: str = "auto") -> str:
     if cls is AutoModelForSequenceClassification:
         return "text-classification"
     return "feature-extraction"
+
+
+def range_problems(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Weights (merged ones included) with finite values beyond ``dtype``'s range, which the cast
+    to an fp16 graph would silently turn into inf; one message per tensor."""
+    limit = torch.finfo(dtype).max
+    problems = []
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if not tensor.dtype.is_floating_point or torch.finfo(tensor.dtype).max <= limit:
+            continue
+        low, high = torch.aminmax(tensor.detach())
+        if -limit <= float(low) and float(high) <= limit:
+            continue
+        finite = tensor.detach()[torch.isfinite(tensor.detach())]  # inf in the base model stays inf
+        peak = float(finite.abs().max()) if finite.numel() else 0.0
+        if peak > limit:
+            problems.append(f"tensor '{name}' has values up to {peak:.4g}, beyond the range of {dtype} (max "
+                            f"{limit:.4g}): they would become inf in the graph; export with --dtype fp32")
+    return problems
 
 
 def check_adapter_layers(model: nn.Module, modules: list[str], task: str) -> None:
@@ -439,6 +458,7 @@ def export_onnx(
             return compact_spec(model, upcast=dtype == "fp16", body=body, slots=slots)
 
         opset = max(opset or 0, op.MIN_OPSET)
+    raise_if(range_problems(model, DTYPES[dtype]))
     model = model.to(device=device, dtype=DTYPES[dtype])
     # the graph holds every weight once (compact: plus the shards, already in the model)
     check_free_space(out.absolute(), sum(p.numel() * p.element_size() for p in model.parameters()) + (64 << 20))
