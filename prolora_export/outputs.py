@@ -12,15 +12,41 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import PRoLoRAError
 
+#: what a command reads, for :func:`check_destination`: label -> path, or (label, path) pairs
+Inputs = Mapping[str, str | Path | None] | Iterable[tuple[str, str | Path | None]]
 
-def check_destination(dest: Path, force: bool) -> None:
-    """Refuse an existing destination without ``force`` and an unwritable parent, before any work."""
+
+def check_destination(dest: str | Path, force: bool, inputs: Inputs = (), kind: str = "folder") -> None:
+    """Everything about an output path that can be checked before any work, one clear line each.
+
+    ``kind`` is what will be written (``"folder"`` or ``"file"``): an existing path of the
+    other kind is never replaced, even with ``force``. ``inputs`` (label -> path, or (label,
+    path) pairs; None and paths that do not exist are skipped) are what the command reads:
+    the output may not be one of them, lie inside one, or contain one, compared after
+    resolving ``..`` and symlinks, as the final rename would. Nor may it be (or contain) the
+    current folder or the home folder. Then an existing destination needs ``force`` and the
+    parent must be writable. Every command calls this with its inputs before any work.
+    """
+    dest = Path(dest)
+    if kind == "folder" and (dest.exists() or dest.is_symlink()) and not dest.is_dir():
+        raise PRoLoRAError(
+            "is a file, and the output is a folder: refusing to replace the file with it "
+            "(remove it or choose another output)",
+            str(dest),
+        )
+    if kind == "file" and dest.is_dir():
+        raise PRoLoRAError(
+            "is a folder, and the output is a file: name the file to write "
+            "(a new name inside the folder, or elsewhere)",
+            str(dest),
+        )
+    _check_apart_from_inputs(dest, inputs.items() if isinstance(inputs, Mapping) else inputs)
     if dest.exists() and not force:
         raise PRoLoRAError("already exists (pass --force to replace it)", str(dest))
     parent = dest.parent if str(dest.parent) else Path(".")
@@ -30,6 +56,37 @@ def check_destination(dest: Path, force: bool) -> None:
         raise PRoLoRAError("is not a folder, so nothing can be written inside it", str(parent))
     if not os.access(parent, os.W_OK):
         raise PRoLoRAError("cannot write into this folder (permission denied)", str(parent))
+
+
+def _check_apart_from_inputs(dest: Path, inputs: Iterable[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that would replace, sit inside, or contain an input (or the current/home folder)."""
+    target = dest.resolve()
+    for label, place in (("the current folder", Path.cwd()), ("the home folder", Path(os.path.expanduser("~")))):
+        place = place.resolve()
+        if target == place or target in place.parents:
+            raise PRoLoRAError(
+                f"is {label} or contains it ({place}): replacing the output would delete it; choose another output",
+                str(dest),
+            )
+    for label, path in inputs:
+        if path is None or not Path(path).exists():  # a hub id, or nothing there to lose
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            spelled = "" if str(path) == str(dest) else f" ({path})"
+            raise PRoLoRAError(
+                f"is the {label}{spelled}, which this command reads: the output must differ from every input", str(dest)
+            )
+        if source in target.parents:
+            raise PRoLoRAError(
+                f"is inside the {label} ({path}), which this command reads: choose an output outside every input",
+                str(dest),
+            )
+        if target in source.parents:
+            raise PRoLoRAError(
+                f"contains the {label} ({path}), which this command reads: replacing the output would delete it",
+                str(dest),
+            )
 
 
 def check_free_space(dest: Path, needed_bytes: int) -> None:
@@ -61,10 +118,10 @@ def atomic_output_dir(dest: str | Path, force: bool = False, locked: bool = Fals
         _recover(dest)
         check_destination(dest, force)  # the other writer may have finished meanwhile
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should look ordinary
         try:
             with _disk_full_as_error(dest):
                 yield tmp
+                follow_umask(tmp)
                 _replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -129,6 +186,24 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would get.
+
+    ``tempfile`` makes 0600 files and 0700 folders, and so do libraries that write through a
+    temporary file (safetensors' ``save_file``): left so, a server running as another user
+    could not read the output. Executable files stay executable; symlinks are left alone.
+    """
+    mask = _umask()
+    paths = [root]
+    for folder, dirs, files in os.walk(root):  # never into symlinked folders
+        paths += [Path(folder, name) for name in dirs + files]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def _replace(tmp: Path, dest: Path) -> None:
     """Move ``tmp`` to ``dest``; an old ``dest`` is moved aside first and deleted only afterwards."""
     if not dest.exists():
@@ -144,7 +219,7 @@ def _replace(tmp: Path, dest: Path) -> None:
 def atomic_output_file(dest: str | Path, force: bool = False) -> Iterator[Path]:
     """Like :func:`atomic_output_dir` for a single file (``os.replace`` is atomic)."""
     dest = Path(dest).absolute()
-    check_destination(dest, force)
+    check_destination(dest, force, kind="file")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     os.close(fd)
@@ -152,6 +227,7 @@ def atomic_output_file(dest: str | Path, force: bool = False) -> Iterator[Path]:
     try:
         with _disk_full_as_error(dest):
             yield tmp
+            follow_umask(tmp)
             os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 
 from prolora_export.errors import PRoLoRAError
-from prolora_export.outputs import atomic_output_dir, check_free_space
+from prolora_export.outputs import atomic_output_dir, atomic_output_file, check_destination, check_free_space
 
 
 def write(dest: Path, text: str, force: bool = True) -> None:
@@ -87,3 +88,87 @@ def test_unwritable_parent_is_refused_before_any_work(tmp_path: Path, monkeypatc
     with pytest.raises(PRoLoRAError, match="cannot write into this folder"):
         write(tmp_path / "out", "x")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- outputs never replace inputs (issue 14, 9)
+
+
+def test_output_may_not_be_inside_or_contain_an_input_whatever_the_spelling(tmp_path: Path) -> None:
+    """``..`` and symlinks are resolved as the final rename would: the input survives every form."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "weights").write_text("precious")
+    (tmp_path / "link").symlink_to(base)
+    inputs = {"base model folder": base}
+    cases = {
+        base / ".." / "base": "is the base model folder",
+        tmp_path / "link": "is the base model folder",
+        tmp_path / "link" / "sub": "is inside the base model folder",
+        base / "merged": "is inside the base model folder",
+        tmp_path: "contains the base model folder",
+    }
+    for dest, fragment in cases.items():
+        with pytest.raises(PRoLoRAError, match=fragment):
+            check_destination(dest, force=True, inputs=inputs)
+    linked_input = {"adapter folder": tmp_path / "link"}  # the input spelled through a symlink
+    with pytest.raises(PRoLoRAError, match="is the adapter folder"):
+        check_destination(base, force=True, inputs=linked_input)
+    check_destination(tmp_path / "elsewhere", force=True, inputs=inputs)  # unrelated: fine
+    check_destination(tmp_path / "x", force=True, inputs=[("hub model", "org/not-a-local-path"), ("none", None)])
+    assert (base / "weights").read_text() == "precious"
+
+
+def test_output_may_not_be_or_contain_the_current_folder(tmp_path: Path, monkeypatch) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for dest in (".", "..", str(work), "sub/.."):
+        with pytest.raises(PRoLoRAError, match="is the current folder or contains it"):
+            write(Path(dest), "x")
+    assert (work / "notes.txt").read_text() == "mine"
+    write(Path("out"), "fine")  # a new folder inside the current one is ordinary
+    assert (work / "out" / "file").read_text() == "fine"
+
+
+def test_a_file_is_never_replaced_by_a_folder_nor_a_folder_by_a_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("a regular file")
+    with pytest.raises(PRoLoRAError, match="is a file, and the output is a folder"):
+        write(tmp_path / "notes.txt", "x")
+    assert (tmp_path / "notes.txt").read_text() == "a regular file"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(PRoLoRAError, match="is a folder, and the output is a file"):
+        with atomic_output_file(tmp_path / "folder", force=True) as tmp:
+            tmp.write_text("x")
+    assert (tmp_path / "folder").is_dir() and not list((tmp_path / "folder").iterdir())
+
+
+# ---------------------------------------------------------------------- modes follow the umask (issue 14, 19)
+
+
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def test_outputs_follow_the_umask_even_when_written_through_temporary_files(tmp_path: Path, umask_022) -> None:
+    """safetensors' save_file and tempfile make 0600 files and 0700 folders; outputs must be 0644/0755."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    dest = tmp_path / "out"
+    with atomic_output_dir(dest) as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp / "adapter_model.safetensors"))
+        tempfile.mkdtemp(dir=tmp, prefix="state")
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(tmp / "run.sh", 0o700)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [dest, *dest.iterdir()]}
+    state = next(name for name in modes if name.startswith("state"))
+    assert modes == {"out": 0o755, "adapter_model.safetensors": 0o644, state: 0o755, "run.sh": 0o755}
+    with atomic_output_file(tmp_path / "report.json") as tmp:
+        tmp.write_text("{}")
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
