@@ -296,7 +296,7 @@ def test_adapter_objects_and_legacy_files_are_checked(compact: dict, tmp_path: P
     import onnxruntime as ort
 
     from prolora_export.formats.prolora import load_adapter
-    from prolora_export.onnx.adapters import check_adapter_fits
+    from prolora_export.onnx.adapters import check_adapter_fits, export_onnx_adapter
 
     check_adapter_fits(load_adapter(compact["ad"]), compact["graph"])  # what the engine feeds into slots
     with pytest.raises(PRoLoRAError, match=r"scaling γ = lora_alpha / r is 0\.75 here but 4 in the graph"):
@@ -309,6 +309,13 @@ def test_adapter_objects_and_legacy_files_are_checked(compact: dict, tmp_path: P
     legacy.export_adapter(str(tmp_path / "old.onnx_adapter"))
     with pytest.raises(PRoLoRAError, match=r"written before \.onnx_adapter files recorded"):
         check_adapter_fits(tmp_path / "old.onnx_adapter", compact["session"])
+    # a file someone else wrote, geometry right, values not: NaN shards would poison every output
+    bad = ort.AdapterFormat.read_adapter(str(export_onnx_adapter(compact["ad"], tmp_path / "ok.onnx_adapter").out))
+    arrays = {k: v.numpy() for k, v in bad.get_parameters().items()}
+    arrays[min(arrays)][0, 0] = np.nan
+    bad.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    with pytest.raises(PRoLoRAError, match=re.escape(f"tensor '{min(arrays)}' contains NaN or Inf")):
+        check_adapter_fits(bad, compact["session"])
 
 
 # ---------------------------------------------------------------------- the class of item 4: a cast that makes inf

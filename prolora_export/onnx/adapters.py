@@ -299,6 +299,8 @@ def _file_problems(fmt, graph: dict) -> list[str]:
             problems.append(f"tensor '{key}' has shape {list(value.shape())}, the graph takes {expected[key]}")
         elif (value.data_type() == "tensor(float16)") != (graph["dtype"] == "fp16"):
             problems.append(f"tensor '{key}' is {value.data_type()}, the graph's shards are {graph['dtype']}")
+        elif not bool(np.isfinite(value.numpy()).all()):
+            problems.append(f"tensor '{key}' contains NaN or Inf")
     if problems:
         return problems[:6]
     if fmt.get_model_version() != geometry_fingerprint(graph):
