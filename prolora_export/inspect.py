@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRoLoRAConfig
+from .formats.reference import ReadOptions
 from .shards import ShardGeometry
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -37,6 +38,10 @@ class Report:
     bytes: int = 0
     #: the dtype bytes were counted in ("as stored" for a file)
     dtype: str = "as stored"
+    #: hyperparameter -> where its value came from (files, inferred, option, reference default)
+    sources: dict[str, str] = field(default_factory=dict)
+    #: what the reader inferred or noticed (ambiguities, sizes, files not read)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def parameters(self) -> int:
@@ -60,7 +65,12 @@ class Report:
         """A human-readable report: hyperparameters, a per-layer table, totals."""
         hp = self.hyperparameters
         lines = [f"{self.source} ({self.format})"]
-        lines.append("  " + ", ".join(f"{k}={v}" for k, v in hp.items() if k != "target_modules"))
+        lines.append("  " + ", ".join(
+            f"{k}={v}" + (f" ({self.sources[k]})" if k in self.sources else "")
+            for k, v in hp.items()
+            if k != "target_modules"
+        ))
+        lines += [f"  note: {note}" for note in self.notes]
         lines.append(f"  target_modules={hp.get('target_modules')}")
         header = ("layer", "d_in→d_out", "tensors", "params", "LoRA")
         rows = [
@@ -101,13 +111,18 @@ def _report(source: str, fmt: str, config: PRoLoRAConfig) -> Report:
     return Report(source, fmt, _hyperparameters(config), rows)
 
 
-def inspect_adapter(path: str | Path, base: str | None = None) -> Report:
-    """Report on a saved adapter (any supported layout; plain LoRA shows as u = r, m = n = 1)."""
-    from .convert import load_any
+def inspect_adapter(path: str | Path, base: str | None = None, options: ReadOptions | None = None) -> Report:
+    """Report on a saved adapter (any supported layout; plain LoRA shows as u = r, m = n = 1), with
+    where each hyperparameter came from: the files, inference from the tensors, or ``options``."""
+    from .convert import read_source
 
-    fmt, adapter = load_any(path, base, to="inspect")
-    report = _report(str(path), fmt, adapter.config)
-    report.bytes = adapter.num_bytes
+    result = read_source(path, base, options)
+    report = _report(str(path), result.format, result.adapter.config)
+    report.bytes = result.adapter.num_bytes
+    if result.format != "prolora":
+        report.hyperparameters.update(result.inference.values)  # strides resolved, not null
+        report.sources = dict(result.inference.sources)
+        report.notes = list(result.inference.notes)
     return report
 
 

@@ -3,7 +3,6 @@ slot export of a tiny Llama against the single-adapter compact graph, per row of
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,18 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from prolora_export.cli import main as cli
+from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import load_adapter, save_adapter
-from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
+from prolora_export.onnx.adapters import (
+    check_adapter_fits,
+    decoder_feeds,
+    export_onnx_adapter,
+    load_onnx_adapter,
+    run_options,
+)
 from prolora_export.onnx.export import export_onnx
 from prolora_export.onnx.op import ADAPTER_INDEX, DOMAIN, MIN_OPSET, SLOT_OP_TYPE, OpSpec, add_function, make_node
-from prolora_export.onnx.slots import SLOT_DIM, SLOTS_FILE
+from prolora_export.onnx.slots import SLOT_DIM, slot_record
 from prolora_export.runtime import inference_session
 from prolora_export.shards import ShardGeometry, compact_forward
 
@@ -108,8 +114,11 @@ def test_slot_graph_structure(tiny):
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     assert len(nodes) == 14 and {n.op_type for n in nodes} == {SLOT_OP_TYPE}
     assert any(f.name == SLOT_OP_TYPE for f in model.functions)
-    meta = json.loads((tiny["slots"] / SLOTS_FILE).read_text())
-    assert meta["scaling"] == load_adapter(tiny["adapters"][0]).config.scaling
+    record = slot_record(tiny["slots"])
+    assert record["scaling"] == load_adapter(tiny["adapters"][0]).config.scaling and record["r"] == HYPER["r"]
+    check_adapter_fits(tiny["adapters"][2].with_suffix(".onnx_adapter"), tiny["slots"])  # files fit both graphs
+    with pytest.raises(PRoLoRAError, match="not an adapter-slot ONNX export"):
+        slot_record(tiny["single"])
 
 
 def test_mixed_batch_rows_equal_single_adapter_graph(tiny):

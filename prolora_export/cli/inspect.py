@@ -6,6 +6,7 @@ import click
 
 from ..errors import PRoLoRAError
 from . import trust_remote_code_option
+from .options import TRAIN_DEFAULTS, adapter_read_options
 
 
 @click.command("inspect")
@@ -16,11 +17,6 @@ from . import trust_remote_code_option
     metavar="MODEL",
     help="Base model. With ADAPTER: check it against the model. Without: plan an adapter (no training).",
 )
-@click.option("--r", "r", type=int, default=8, show_default=True, help="Rank (planning only).")
-@click.option("--unshared-r", type=int, default=1, show_default=True, help="Unshared rank u (planning only).")
-@click.option("--sharing-rate-a", type=int, default=2, show_default=True, help="Chunks of A, m (planning only).")
-@click.option("--sharing-rate-b", type=int, default=2, show_default=True, help="Chunks of B, n (planning only).")
-@click.option("--no-rotate", is_flag=True, help="Turn rotation off (planning only; counts do not change).")
 @click.option(
     "--target-modules",
     default="q_proj,k_proj,v_proj,o_proj",
@@ -35,13 +31,14 @@ from . import trust_remote_code_option
     help="Element type for the byte count (planning only).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@adapter_read_options
 @trust_remote_code_option
-def command(
-    adapter, base, r, unshared_r, sharing_rate_a, sharing_rate_b, no_rotate, target_modules, dtype, as_json
-) -> None:
+def command(adapter, base, target_modules, dtype, as_json, read_options) -> None:
     """Report on ADAPTER (any supported format), or, with --base and no ADAPTER, on the PRoLoRA
     adapter the given hyperparameters would create on that model: parameters, bytes, and the
-    ratio to LoRA of the same rank.
+    ratio to LoRA of the same rank. For a reference checkpoint (which does not record m, n, u, rotation
+    or strides) it shows the values inferred and where each came from: files, inference or options.
+    The hyperparameter options state values for ADAPTER, or plan (defaults r=8, u=1, m=n=2) without it.
 
     \b
     Examples:
@@ -53,16 +50,10 @@ def command(
     from ..inspect import inspect_adapter, inspect_model
 
     if adapter is not None:
-        report = inspect_adapter(adapter, base)
+        report = inspect_adapter(adapter, base, read_options)
     elif base is not None:
-        config = PRoLoRAConfig(
-            r=r,
-            unshared_r=unshared_r,
-            sharing_rate_a=sharing_rate_a,
-            sharing_rate_b=sharing_rate_b,
-            rotate=not no_rotate,
-            target_modules=parse_target_modules(target_modules),
-        )
+        planned = {**TRAIN_DEFAULTS, **read_options.stated()}
+        config = PRoLoRAConfig(**planned, target_modules=parse_target_modules(target_modules))
         report = inspect_model(base, config, dtype)
     else:
         raise PRoLoRAError("give an ADAPTER folder, or --base MODEL with hyperparameters to plan one")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import PRoLoRAError
+from .options import adapter_read_options
 from .types import FINITE_FLOAT
 
 
@@ -18,7 +19,7 @@ from .types import FINITE_FLOAT
     multiple=True,
     required=True,
     type=click.Path(path_type=Path),
-    help="PRoLoRA adapter folder; repeat to merge several.",
+    help="Adapter folder (PRoLoRA, PEFT LoRA or a reference PRoLoRA checkpoint); repeat to merge several.",
 )
 @click.option(
     "--weight",
@@ -38,8 +39,16 @@ from .types import FINITE_FLOAT
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@adapter_read_options
 def command(
-    base: str, adapters: tuple[Path, ...], weights: tuple[float, ...], out: Path, dtype: str, force: bool, quiet: bool
+    base: str,
+    adapters: tuple[Path, ...],
+    weights: tuple[float, ...],
+    out: Path,
+    dtype: str,
+    force: bool,
+    quiet: bool,
+    read_options,
 ) -> None:
     """Write a drop-in copy of MODEL with the adapters merged into its weights.
 
@@ -66,7 +75,9 @@ def command(
     from ..merge import merge_adapters
 
     pairs = list(zip(adapters, weights or [1.0] * len(adapters), strict=True))
-    report = merge_adapters(base, pairs, out, dtype=dtype, force=force, progress=not quiet)
+    report = merge_adapters(
+        base, pairs, out, dtype=dtype, force=force, progress=not quiet, read_options=read_options
+    )
     click.echo(
         f"merged {report.tensors_merged} tensors from {len(pairs)} adapter(s) into {report.out} "
         f"({report.shards} shard(s), {report.tensors_written} tensors, {report.bytes_written / 2**20:.1f} MiB, "

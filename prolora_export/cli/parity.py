@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..outputs import atomic_output_file
+from ..outputs import atomic_output_file, check_destination
 from ..parity import DEFAULT_PROMPTS, PRESETS, check_parity, read_prompts
 from . import trust_remote_code_option
+from .options import adapter_read_options
 
 PRESET_HELP = "; ".join(
     f"{name}: rel≤{t.max_rel:g} cos≥{t.min_cos:g} top1≥{t.min_top1:g} top5≥{t.min_top5:g} KL≤{t.max_kl:g} "
@@ -23,13 +24,15 @@ PRESET_HELP = "; ".join(
     f"  {line}" for line in PRESET_HELP.split("; ")
 ))
 @click.option("--base", required=True, help="Base model: local HF folder, hub id or smollm2-135m.")
-@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="PRoLoRA adapter folder.")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path),
+              help="Adapter folder (PRoLoRA, PEFT LoRA or a reference PRoLoRA checkpoint).")
 @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path),
               help="Exported ONNX folder (model.onnx + config + tokenizer), merged or compact.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX Runtime execution provider; cuda fails (exit 2) if ORT would fall back to CPU.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help=f"One prompt per line, or JSONL {{\"prompt\": …}}. Default: {len(DEFAULT_PROMPTS)} built-in ones.")
+              help=f"One prompt per line, or JSONL {{\"prompt\": …}} or {{\"input_ids\": [token ids]}} (token ids "
+                   f"need no tokenizer). Default: {len(DEFAULT_PROMPTS)} built-in ones.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=16, show_default=True,
               help="Greedy tokens generated through the KV cache on each prompt (0: skip).")
 @click.option("--tolerance", default=None, metavar="PRESET[,KEY=VALUE…]",
@@ -39,9 +42,10 @@ PRESET_HELP = "; ".join(
               help="dtype of the PyTorch reference.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the full report as JSON here.")
+@adapter_read_options
 @trust_remote_code_option
 def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tolerance, reference_dtype,
-            report_path) -> None:
+            report_path, read_options) -> None:
     """Prove that an ONNX export computes what PyTorch base + adapter (unmerged) computes.
 
     Runs every prompt through both, compares logits at every position (relative error,
@@ -52,8 +56,12 @@ def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tol
 
     Exit code: 0 within tolerance, 1 not within tolerance, 2 bad usage or inputs.
     """
+    if report_path is not None:  # a report that cannot be written fails now, not after the whole run
+        check_destination(report_path, force=True, kind="file", inputs={
+            "base model": base, "adapter folder": adapter, "ONNX folder": onnx_dir, "prompts file": prompts_file})
     report = check_parity(base, adapter, onnx_dir, provider=provider, prompts=read_prompts(prompts_file),
-                          max_new_tokens=max_new_tokens, tolerance=tolerance, reference_dtype=reference_dtype)
+                          max_new_tokens=max_new_tokens, tolerance=tolerance, reference_dtype=reference_dtype,
+                          read_options=read_options)
     click.echo(report.table())
     if report_path is not None:
         with atomic_output_file(report_path, force=True) as tmp:

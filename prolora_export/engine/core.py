@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import PRoLoRAError
 from ..onnx.op import ADAPTER_INDEX
-from ..onnx.slots import SLOT_DIM, read_slots_meta
+from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
 from .cache import CopyStats, KVBatch, to_value
 from .requests import Event, Request, Result
@@ -40,7 +40,6 @@ from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
 
 PAST, PRESENT = "past_key_values", "present"
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 Listener = Callable[[Event], None]
 
 
@@ -92,8 +91,11 @@ class Engine:
         if max_batch < 1 or max_cached_tokens < 1 or max_prefill_tokens < 1:
             raise PRoLoRAError("max_batch, max_cached_tokens and max_prefill_tokens must be ≥ 1")
         self.folder = Path(onnx_dir)
-        meta = read_slots_meta(self.folder)
+        if not (self.folder / "model.onnx").is_file():
+            raise PRoLoRAError("not an adapter-slot ONNX export (no model.onnx); make one with `prolora-export onnx "
+                               "--mode compact --slots`", str(self.folder))
         self.session = inference_session(self.folder, provider, threads=threads)
+        record = slot_record(self.session)
         self.device = "cpu" if provider == "cpu" else "cuda"
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in inputs if name.startswith(PAST)]
@@ -107,7 +109,7 @@ class Engine:
         self.kv_dtype = np.float16 if "float16" in past.type else np.float32
         self.has_positions = "position_ids" in inputs
         shapes = {name: tuple(i.shape[1:]) for name, i in inputs.items() if i.shape and i.shape[0] == SLOT_DIM}
-        self.slots = SlotTable(shapes, NUMPY_DTYPES[meta.get("dtype", "fp32")], float(meta["scaling"]), self.device)
+        self.slots = SlotTable(shapes, record, self.session, self.device)
         config = json.loads((self.folder / "config.json").read_text())
         self.context = int(config.get("max_position_embeddings") or 2048)
         self.vocab_size = int(config["vocab_size"])

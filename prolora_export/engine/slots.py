@@ -16,62 +16,37 @@ import numpy as np
 
 from ..errors import PRoLoRAError
 from ..formats.prolora import Adapter, load_adapter
+from ..onnx.adapters import NUMPY_DTYPES, check_adapter_fits, fitted_arrays
 
 ONNX_ADAPTER_SUFFIX = ".onnx_adapter"
 #: what an adapter can be given as: our folder, an ONNX Runtime adapter file, or one in memory
 AdapterSource = str | Path | Adapter
 
 
-def adapter_arrays(source: AdapterSource, graph_scaling: float, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """An adapter's shards by SPEC name, as arrays for the graph. The graph's nodes carry one γ;
-    an adapter folder with another γ = α/r has its B shards scaled by the ratio, so each slot
-    computes that adapter's own γ·B·A. ONNX Runtime adapter files hold no γ: the graph's is used."""
-    if isinstance(source, Adapter):
-        adapter = source
-    elif Path(source).is_file() and str(source).endswith(ONNX_ADAPTER_SUFFIX):
+def adapter_arrays(source: AdapterSource, record: dict, graph, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """An adapter's shards by SPEC name, as arrays for the graph, after checking that it fits the
+    geometry the graph's nodes bake in (:func:`~..onnx.adapters.check_adapter_fits`: shapes, rotation,
+    strides, layers, γ; refused with what differs). An adapter folder or object with another
+    γ = α/r has it folded into its B shards (:func:`~..onnx.adapters.fitted_arrays`), so its slot
+    computes its own γ·B·A; an ONNX Runtime file must have been made for this γ."""
+    if isinstance(source, (str, Path)) and str(source).endswith(ONNX_ADAPTER_SUFFIX):
         import onnxruntime as ort
 
-        try:
-            params = ort.AdapterFormat.read_adapter(str(source)).get_parameters()
-        except Exception as err:  # ORT raises its own untyped errors for a bad file
-            raise PRoLoRAError(f"cannot read the ONNX Runtime adapter file ({err})", str(source)) from None
+        check_adapter_fits(source, graph)
+        params = ort.AdapterFormat.read_adapter(str(source)).get_parameters()
         return {name: np.array(value.numpy(), dtype=dtype) for name, value in params.items()}
-    else:
-        adapter = load_adapter(source)
-    ratio = adapter.config.scaling / graph_scaling
-    out = {}
-    for name, tensor in adapter.tensors.items():
-        value = tensor.detach().float().numpy()
-        if ratio != 1.0 and "_B_" in name:
-            value = value * np.float32(ratio)
-        out[name] = value.astype(dtype)
-    return out
-
-
-def fit_problems(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Why an adapter's shards do not fit the graph's slots (names and shapes per slot), or []."""
-    problems = []
-    missing = sorted(set(shapes) - set(arrays))
-    extra = sorted(set(arrays) - set(shapes))
-    if missing:
-        problems.append(f"{len(missing)} shard(s) of the graph missing, e.g. {missing[0]}")
-    if extra:
-        problems.append(f"{len(extra)} tensor(s) the graph has no slot for, e.g. {extra[0]}")
-    for name in sorted(set(shapes) & set(arrays)):
-        if tuple(arrays[name].shape) != tuple(shapes[name]):
-            problems.append(f"{name} is {tuple(arrays[name].shape)}, the graph's slots take {tuple(shapes[name])} "
-                            "(adapters in one graph share r, unshared_r and the sharing rates)")
-            break
-    return problems
+    adapter = source if isinstance(source, Adapter) else load_adapter(source)
+    return fitted_arrays(adapter, record, dtype)
 
 
 class SlotTable:
     """The slot arrays of one session and which adapter holds which slot."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype, scaling: float, device: str = "cpu"):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], record: dict, graph, device: str = "cpu"):
         self.shapes = dict(shapes)
-        self.dtype = np.dtype(dtype)
-        self.scaling = scaling
+        self.record = record  # the geometry the graph's nodes bake in (adapters are checked against it)
+        self.graph = graph
+        self.dtype = np.dtype(NUMPY_DTYPES[record["dtype"]])
         self.device = device
         self.slot_of: dict[str, int] = {}
         self.arrays: dict[str, np.ndarray] = {}
@@ -100,11 +75,12 @@ class SlotTable:
         """Put an adapter in a free slot (growing the table if none is free); returns the slot."""
         if name in self.slot_of:
             raise PRoLoRAError(f"an adapter named {name!r} is loaded already (unload it first)")
-        arrays = adapter_arrays(source, self.scaling, self.dtype)
-        problems = fit_problems(arrays, self.shapes)
-        if problems:
-            raise PRoLoRAError(f"adapter {name!r} does not fit this graph's slots: {'; '.join(problems)}",
-                               str(source) if not isinstance(source, Adapter) else None)
+        try:
+            arrays = adapter_arrays(source, self.record, self.graph, self.dtype)
+        except PRoLoRAError as err:
+            raise PRoLoRAError(f"adapter {name!r} does not fit this graph's slots: {err}") from None
+        if {k: v.shape for k, v in arrays.items()} != self.shapes:  # the record and the inputs agree
+            raise PRoLoRAError(f"internal: adapter {name!r} passed the geometry check but not the slot shapes")
         used = set(self.slot_of.values())
         slot = next((k for k in range(self.capacity) if k not in used), None)
         if slot is None:

@@ -13,7 +13,8 @@ layer through :data:`CONTEXT`: optimum's export config is extended with one more
 (``inputs``, dummy values, and a ``patch_model_for_export`` whose model forward takes
 ``adapter_index``, stores it in the context and calls optimum's own patched forward). After
 optimum is done, :func:`finish_slots` turns the shard initializers into inputs with a ``slots``
-dimension and writes ``slots.json`` (the geometry and γ the graph was made for).
+dimension and records the geometry and γ the nodes bake in (``metadata_props``, as every compact
+graph: :func:`.adapters.geometry_record`, defaults ``"slots"``), which loading checks adapters against.
 
 The graph's ``logits`` are those of the last position only, (batch, 1, vocab): a generator needs
 nothing else, and a prompt's full logits would be its length × vocab floats per row (40 MB for
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,10 +39,10 @@ from ..inject import prolora_layers
 from ..layer import PRoLoRALinear
 from ..shards import TENSOR_NAMES, compact_forward
 from . import op
+from .adapters import geometry_record, read_record, record_geometry
 
-#: written beside the graph: the adapter geometry its slots take (engine checks use it)
-SLOTS_FILE = "slots.json"
-SLOTS_FORMAT = "prolora-slots"
+#: the record's ``defaults`` of a slot graph: its shards are inputs without defaults
+SLOT_DEFAULTS = "slots"
 #: name of the dynamic slot dimension of every shard input
 SLOT_DIM = "slots"
 #: transformers' names for "logits of the last N positions only" (N = 0: all)
@@ -219,8 +219,8 @@ def _strides(adapter: Adapter) -> set[tuple[int, int]]:
 
 
 def finish_slots(path: Path, spec: op.OpSpec, adapter: Adapter, dtype: str) -> int:
-    """The final function body, and the shard initializers turned into inputs (K, …) with a dynamic
-    ``slots`` dimension; ``slots.json`` beside the graph. Returns the number of slot inputs."""
+    """The final function body, the shard initializers turned into inputs (K, …) with a dynamic
+    ``slots`` dimension, and the geometry record. Returns the number of slot inputs."""
     model = onnx.load(str(path), load_external_data=False)
     op.add_function(model, spec)
     graph = model.graph
@@ -242,21 +242,19 @@ def finish_slots(path: Path, spec: op.OpSpec, adapter: Adapter, dtype: str) -> i
     for name in sorted(expected):
         shape = [SLOT_DIM, *adapter.tensors[name].shape]
         graph.input.append(onnx.helper.make_tensor_value_info(name, elem, shape))
+    record_geometry(model, geometry_record(adapter.config, dtype, SLOT_DEFAULTS))
     onnx.save(model, str(path))
-    config = adapter.config.to_dict()
-    meta = {"format": SLOTS_FORMAT, "format_version": 1, "dtype": dtype, "scaling": adapter.config.scaling,
-            "adapter_config": config}
-    (path.parent / SLOTS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return len(expected)
 
 
-def read_slots_meta(folder: str | Path) -> dict:
-    """The ``slots.json`` of a slot export (a clear error when the folder is not one)."""
-    path = Path(folder) / SLOTS_FILE
-    if not path.is_file():
-        raise PRoLoRAError(f"not an adapter-slot ONNX export (no {SLOTS_FILE}); export with "
-                           "`prolora-export onnx --mode compact --slots`", str(folder))
-    meta = json.loads(path.read_text())
-    if meta.get("format") != SLOTS_FORMAT:
-        raise PRoLoRAError(f"{SLOTS_FILE} is not a {SLOTS_FORMAT} file", str(path))
-    return meta
+def slot_record(graph) -> dict:
+    """The geometry record of an adapter-slot graph (anything :func:`.adapters.read_record` takes);
+    a clear error for any other graph."""
+    try:
+        record = read_record(graph)
+    except PRoLoRAError:
+        record = {}
+    if record.get("defaults") != SLOT_DEFAULTS:
+        raise PRoLoRAError("not an adapter-slot ONNX export; make one with `prolora-export onnx --mode compact "
+                           "--slots`", str(graph) if isinstance(graph, (str, Path)) else None)
+    return record
