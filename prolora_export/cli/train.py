@@ -7,7 +7,6 @@ import click
 from ..config import parse_target_modules
 from ..train import DEFAULT_TARGETS, DTYPES
 from . import trust_remote_code_option
-from .options import TRAIN_DEFAULTS, hyperparameter_options
 from .types import FINITE_FLOAT
 
 
@@ -20,14 +19,18 @@ from .types import FINITE_FLOAT
     help="Training JSONL (messages, prompt/completion or text lines).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter folder to write.")
-@hyperparameter_options(TRAIN_DEFAULTS)
+@click.option("--r", "r", default=8, show_default=True, help="Total rank r.")
+@click.option("--unshared-r", default=1, show_default=True, help="Unshared rank u (u = r is plain LoRA).")
+@click.option("--sharing-rate-a", default=2, show_default=True, help="m: chunks A is split into along d_in.")
+@click.option("--sharing-rate-b", default=2, show_default=True, help="n: chunks B is split into along d_out.")
 @click.option("--alpha", type=FINITE_FLOAT, default=16.0, show_default=True, help="lora_alpha; scaling = alpha / r.")
 @click.option("--dropout", type=FINITE_FLOAT, default=0.05, show_default=True, help="Dropout on the adapter's input.")
 @click.option(
     "--target-modules",
-    default=",".join(DEFAULT_TARGETS),
+    default=DEFAULT_TARGETS,
     show_default=True,
-    help="Comma list of layer names, or a regex matching whole module paths.",
+    help="Comma list of layer names, a regex matching whole module paths, or all-linear (every "
+    "Linear/Conv1D layer but the output head, fused projections such as Phi-3's qkv_proj included).",
 )
 @click.option(
     "--lr", type=FINITE_FLOAT, default=2e-4, show_default=True, help="Peak learning rate (10% warmup, linear decay)."
@@ -36,7 +39,12 @@ from .types import FINITE_FLOAT
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps to take (overrides --epochs).")
 @click.option("--batch-size", default=4, show_default=True, help="Examples per step per process.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches accumulated per optimizer step.")
-@click.option("--max-length", default=256, show_default=True, help="Examples are cut to this many tokens.")
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Examples are cut to this many tokens  [default: 256, or the model's position limit when smaller]",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for init, data order and dropout.")
 @click.option(
     "--dtype",
