@@ -15,18 +15,36 @@ setup: $(VENV)/.installed native
 native: $(VENV)/.installed
 	$(BIN)/python -m prolora_export.native.build
 
+# Our own pin (the local CPU wheel), not a requirement of the package: users keep their torch.
+TORCH  := torch==2.13.0
+# The core commands also run on the newest transformers 5.x: a second venv without the ONNX
+# extra (optimum-onnx caps transformers below 4.58) runs the tests that don't export ONNX.
+TF5    := .venv-tf5
+CORE_TESTS := tests/test_api.py tests/test_cli_core.py tests/test_convert.py tests/test_data.py \
+	tests/test_formats.py tests/test_interrupt.py tests/test_layer.py tests/test_merge.py \
+	tests/test_outputs.py tests/test_shards.py tests/test_train.py
+
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[onnx,dev]'
+	touch $@
+
+$(TF5)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(TF5)
+	$(TF5)/bin/python -m pip install -q --upgrade pip
+	$(TF5)/bin/python -m pip install -q $(TORCH)
+	$(TF5)/bin/python -m pip install -q -e '.[train,demo,test]' 'transformers>=5'
 	touch $@
 
 demo: setup
 	$(BIN)/python tools/run_demo.py
 
-test: setup
+test: setup $(TF5)/.installed
 	$(BIN)/prolora-export fetch-demo
 	$(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider
+	$(TF5)/bin/python -m pytest -m "not slow and not onnx" -q -p no:cacheprovider $(CORE_TESTS)
 
 test-all: setup
 	$(BIN)/prolora-export fetch-demo

@@ -21,29 +21,30 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: public name -> module (under prolora_export) that defines it
+#: public name -> (module under prolora_export, its name there). Names differ from the
+#: submodules' (``train_adapter``, not ``train``) so ``import prolora_export.train`` stays the module.
 _API = {
-    "PRoLoRAConfig": "config",
-    "PRoLoRAError": "errors",
-    "Adapter": "formats.prolora",
-    "load_adapter": "formats.prolora",
-    "save_adapter": "formats.prolora",
-    "inject_adapter": "inject",
-    "remove_adapter": "inject",
-    "adapter_state_dict": "inject",
-    "load_adapter_weights": "inject",
-    "save_injected": "inject",
-    "load_injected": "inject",
-    "load_base_model": "models",
-    "train": "train",
-    "merge_adapters": "merge",
-    "convert": "convert",
-    "inspect_adapter": "inspect",
-    "export_onnx": "onnx.export",
-    "export_onnx_adapter": "onnx.adapters",
-    "check_parity": "parity",
-    "inference_session": "runtime",
-    "session_options": "runtime",
+    "PRoLoRAConfig": ("config", "PRoLoRAConfig"),
+    "PRoLoRAError": ("errors", "PRoLoRAError"),
+    "Adapter": ("formats.prolora", "Adapter"),
+    "load_adapter": ("formats.prolora", "load_adapter"),
+    "save_adapter": ("formats.prolora", "save_adapter"),
+    "inject_adapter": ("inject", "inject_adapter"),
+    "remove_adapter": ("inject", "remove_adapter"),
+    "adapter_state_dict": ("inject", "adapter_state_dict"),
+    "load_adapter_weights": ("inject", "load_adapter_weights"),
+    "save_injected": ("inject", "save_injected"),
+    "load_injected": ("inject", "load_injected"),
+    "load_base_model": ("models", "load_base_model"),
+    "train_adapter": ("train", "train"),
+    "merge_adapters": ("merge", "merge_adapters"),
+    "convert_adapter": ("convert", "convert"),
+    "inspect_adapter": ("inspect", "inspect_adapter"),
+    "export_onnx": ("onnx.export", "export_onnx"),
+    "export_onnx_adapter": ("onnx.adapters", "export_onnx_adapter"),
+    "check_parity": ("parity", "check_parity"),
+    "inference_session": ("runtime", "inference_session"),
+    "session_options": ("runtime", "session_options"),
 }
 
 __all__ = sorted(_API)
@@ -52,7 +53,8 @@ __all__ = sorted(_API)
 def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'prolora_export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value
     return value
 

@@ -287,6 +287,20 @@ def causal_lm_problem(config) -> str | None:
     return None
 
 
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" bar per model: our commands print their own progress."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_remote_code: bool | None = None):
     """Load a base model for a task (weights from safetensors only), in eval mode.
 
@@ -300,12 +314,13 @@ def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_rem
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         cls = model_class_for(config, task)
-        model = cls.from_pretrained(
-            source,
-            dtype=dtype or torch.float32,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
+        with _no_loading_bar():
+            model = cls.from_pretrained(
+                source,
+                dtype=dtype or torch.float32,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PRoLoRAError(f"cannot load the model: {first_line}", name_or_path) from None

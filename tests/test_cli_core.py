@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from test_formats import source_adapter
 
-from prolora_export.cli import main
+from prolora_export.cli import main, missing_extra
 from prolora_export.formats.prolora import save_adapter
 from prolora_export.formats.reference import save_reference
 
@@ -123,3 +123,14 @@ def test_inspect_demo_model_all_projections(demo_model: Path) -> None:
     data = json.loads(done.output)
     assert data["parameters"] == 1_373_760 and data["lora_parameters"] == 2_442_240
     assert data["ratio"] == 0.5625 and len(data["layers"]) == 210
+
+
+def test_missing_onnx_extra_is_one_line_naming_the_extra() -> None:
+    """Without the ONNX stack (the core install, e.g. on transformers 5.x) ONNX commands say what to install."""
+    code = "import sys; sys.modules['onnx'] = None\nfrom prolora_export.cli import main\nmain(['onnx', '--help'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'prolora-export[onnx]'" in lines[0], done.stderr
+    assert "[onnx]" in missing_extra(ModuleNotFoundError(name="optimum.exporters.onnx"))
+    assert missing_extra(ModuleNotFoundError(name="no_such_package")) is None

@@ -294,7 +294,8 @@ def test_demo_model_greedy_tokens(tmp_path: Path, demo_model: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model)
     messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]  # a BatchEncoding in transformers 5
     base = load(demo_model)
     adapted = copy.deepcopy(base)
     adapter = make_adapter(adapted, seed=11, r=8, unshared_r=2)

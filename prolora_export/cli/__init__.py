@@ -47,6 +47,26 @@ def trust_remote_code_option(command: Callable) -> Callable:
     )(run)
 
 
+#: optional top-level module -> the extra that installs it (setup.cfg)
+EXTRAS = {
+    "optimum": "onnx",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnx_ir": "onnx",
+    "accelerate": "train",
+    "gguf": "demo",
+}
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The one-line hint for an optional dependency that is not installed, or None."""
+    top = (err.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return (f"this command needs the optional package '{top}', which is not installed: "
+            f"pip install 'prolora-export[{EXTRAS[top]}]'")
+
+
 class LazyGroup(click.Group):
     """Imports a command's module only when it runs, so ``--help`` and small commands start fast."""
 
@@ -72,6 +92,12 @@ class LazyGroup(click.Group):
             command = err.ctx.command_path if err.ctx else ctx.command_path
             message = " ".join(err.format_message().split())
             click.echo(f"error: {message} (see '{command} --help')", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as err:
+            hint = missing_extra(err)
+            if hint is None or (ctx.obj and ctx.obj.get("debug")):
+                raise
+            click.echo(f"error: {hint}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: outputs are written atomically, nothing half-written was left", err=True)
