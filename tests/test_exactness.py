@@ -187,6 +187,14 @@ def test_merged_onnx_export_refuses_an_adapter_on_a_tied_lm_head(tmp_path: Path)
     with pytest.raises(PRoLoRAError, match=problem):
         merge_adapters(tmp_path / "base", [(tmp_path / "head", 1.0)], tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists() and not (tmp_path / "o").exists()
+    # the rule's other side: unmerged, the adapter changes lm_head only, and the compact graph is exact
+    from prolora_export.onnx.adapters import decoder_feeds
+    from prolora_export.runtime import inference_session
+
+    session = inference_session(export_onnx(str(tmp_path / "base"), tmp_path / "head", tmp_path / "c",
+                                            mode="compact").out)
+    want = _torch_logits(tmp_path / "base", tmp_path / "head")
+    assert _rel(session.run(["logits"], decoder_feeds(session, IDS))[0], want) <= 1e-5
 
 
 def test_in_memory_merge_of_a_tied_layer_is_refused_before_any_weight_changes() -> None:
