@@ -2,13 +2,16 @@
 
 Every input is first read into an :class:`~.formats.prolora.Adapter` (validated), then
 written through :func:`~.outputs.atomic_output_dir`; a failure leaves the destination
-untouched. Plain PEFT LoRA cannot become PRoLoRA: arbitrary full factors have no
-shared-chunk structure, and guessing one would change the model.
+untouched. PEFT LoRA (or the reference's expanded layout) becomes PRoLoRA only when a chunk
+structure reproduces its full factors bit for bit; arbitrary factors have none, and guessing
+one would change the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -16,8 +19,8 @@ from torch import nn
 from .errors import PRoLoRAError
 from .formats import detect
 from .formats.peft_lora import save_peft
-from .formats.prolora import Adapter, load_adapter, save_adapter
-from .formats.reference import load_reference_expanded, load_reference_training
+from .formats.prolora import Adapter, save_adapter
+from .formats.reference import Inference, ReadOptions
 from .models import meta_model
 
 TARGETS = ("prolora", "peft")
@@ -47,34 +50,21 @@ def check_against_base(adapter: Adapter, shapes: Shapes, base: str) -> None:
         raise PRoLoRAError(problems, f"--base {base}")
 
 
-def load_any(src: str | Path, base: str | None = None, to: str = "prolora") -> tuple[str, Adapter]:
-    """Detect ``src``'s format and read it as an Adapter; returns (format, adapter).
+def base_sizes(base: str) -> Callable[[], Shapes]:
+    """The base model's layer sizes, computed on first call (only a reference folder needs them)."""
+    return functools.cache(lambda: linear_shapes(meta_model(base)))
 
-    ``to`` only shapes the refusal message for plain PEFT LoRA, which is read as PRoLoRA
-    with u = r (lossless, not compact) when the destination is PEFT anyway or for inspection.
-    """
-    shapes = linear_shapes(meta_model(base)) if base else None
-    fmt = detect.detect_format(src, shapes)
-    if fmt == detect.PROLORA:
-        adapter = load_adapter(src)
-    elif fmt == detect.REFERENCE_TRAINING:
-        adapter = load_reference_training(src, shapes)
-    elif fmt == detect.REFERENCE_EXPANDED:
-        adapter = load_reference_expanded(src)
-    elif to == "prolora":
-        raise PRoLoRAError(
-            "a plain PEFT LoRA adapter cannot be converted to PRoLoRA: its full A and B have no shared, "
-            "rotated chunks to compact (only reference PRoLoRA checkpoints, which carry reduce_lora_A_x … "
-            "in adapter_config.json, can)",
-            str(src),
-        )
-    else:
-        from .formats.peft_lora import factors_as_adapter, load_peft_lora
 
-        adapter = factors_as_adapter(load_peft_lora(src))
-    if shapes is not None:
-        check_against_base(adapter, shapes, base)
-    return fmt, adapter
+def read_source(
+    src: str | Path, base: str | None = None, options: ReadOptions | None = None, compact: bool = False
+) -> detect.ReadResult:
+    """Read ``src`` through the one adapter reader; with ``base``, its layer sizes help (a reference
+    checkpoint's sizes, cutting over-wide tensors) and every module is checked against the model."""
+    sizes = base_sizes(base) if base else None
+    result = detect.read_adapter(src, options, sizes, compact)
+    if sizes is not None:
+        check_against_base(result.adapter, sizes(), base)
+    return result
 
 
 @dataclass
@@ -85,9 +75,18 @@ class ConvertResult:
     modules: int
     parameters_in: int
     parameters_out: int
+    #: the source's hyperparameters and where each came from (files, inference, options)
+    inference: Inference = field(default_factory=Inference)
 
 
-def convert(src: str | Path, to: str, out: str | Path, force: bool = False, base: str | None = None) -> ConvertResult:
+def convert(
+    src: str | Path,
+    to: str,
+    out: str | Path,
+    force: bool = False,
+    base: str | None = None,
+    options: ReadOptions | None = None,
+) -> ConvertResult:
     """Read ``src`` (any supported layout, detected) and write it as ``to`` ("prolora" or "peft") at ``out``."""
     if to not in TARGETS:
         raise PRoLoRAError(f"unknown target format '{to}' (expected one of: {', '.join(TARGETS)})")
@@ -96,11 +95,14 @@ def convert(src: str | Path, to: str, out: str | Path, force: bool = False, base
     if Path(out).absolute() == Path(src).absolute():
         raise PRoLoRAError("the output folder must differ from the source folder", str(out))
     check_destination(Path(out).absolute(), force)  # before any reading: fail fast
-    fmt, adapter = load_any(src, base, to)
+    source = read_source(src, base, options, compact=to == "prolora")
+    fmt, adapter = source.format, source.adapter
     if to == "prolora":
         written = adapter.num_parameters
     else:
         written = sum(g.lora_parameters for g in map(adapter.config.module_geometry, adapter.config.modules))
     check_free_space(Path(out).absolute(), written * adapter.num_bytes // max(adapter.num_parameters, 1) + (1 << 20))
     (save_adapter if to == "prolora" else save_peft)(out, adapter, force=force)
-    return ConvertResult(fmt, to, Path(out), len(adapter.config.modules), adapter.num_parameters, written)
+    return ConvertResult(
+        fmt, to, Path(out), len(adapter.config.modules), adapter.num_parameters, written, source.inference
+    )

@@ -26,7 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import PRoLoRAError, raise_if
-from .formats.prolora import Adapter, load_adapter
+from .formats.detect import read_adapter
+from .formats.prolora import Adapter
+from .formats.reference import ReadOptions
 from .inject import layer_problems, shared_weight_problems
 from .layer import stores_transposed
 from .models import check_model_dir, copy_model_side_files, meta_model, resolve_model
@@ -186,8 +188,18 @@ def _is_finite_number(value) -> bool:
         return False
 
 
-def _plan(base: str | Path, adapters: Sequence[tuple[str | Path, float]], out: Path, force: bool):
-    """Load and check everything; return the plan and the loaded adapters, or raise with ALL problems."""
+def _plan(
+    base: str | Path,
+    adapters: Sequence[tuple[str | Path, float]],
+    out: Path,
+    force: bool,
+    read_options: ReadOptions | None = None,
+):
+    """Load and check everything; return the plan and the loaded adapters, or raise with ALL problems.
+
+    Adapters are read by the one reader (any layout, reference checkpoints included)."""
+    from .convert import base_sizes
+
     problems: list[str] = []
     base_dir: Path | None = None
     try:
@@ -202,7 +214,8 @@ def _plan(base: str | Path, adapters: Sequence[tuple[str | Path, float]], out: P
             problems.append(f"adapter {adapter_dir}: the weight must be a finite number, got {weight!r}")
             continue
         try:
-            loaded.append((str(adapter_dir), load_adapter(adapter_dir), float(weight)))
+            sizes = base_sizes(str(base_dir)) if base_dir is not None else None
+            loaded.append((str(adapter_dir), read_adapter(adapter_dir, read_options, sizes).adapter, float(weight)))
         except PRoLoRAError as err:
             problems += err.problems
     try:
@@ -524,12 +537,14 @@ def merge_adapters(
     dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
+    read_options: ReadOptions | None = None,
 ) -> MergeReport:
     """Write ``out``: a drop-in copy of ``base`` with ``W + Σ_k w_k·γ_k·B_k·A_k`` in every adapted layer.
 
     ``adapters`` is a list of (adapter folder, weight). ``dtype`` is auto (keep each tensor's
     dtype), fp32, fp16 or bf16 (converts every floating tensor). Shard names, the index,
     config, tokenizer and other side files are kept; tied weights stay as the base stores them.
+    ``read_options``: what the user states about reference checkpoints and whether pickle may be read.
     """
     from tqdm.auto import tqdm
 
@@ -538,7 +553,7 @@ def merge_adapters(
         raise PRoLoRAError(f"unknown dtype '{dtype}' (expected one of: {', '.join(DTYPES)})")
     target = DTYPES[dtype]
     out = Path(out)
-    plan, loaded = _plan(base, adapters, out, force)
+    plan, loaded = _plan(base, adapters, out, force, read_options)
     total_size = _output_size(plan, target)
     check_free_space(out.absolute(), total_size + (64 << 20))
 

@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from .errors import PRoLoRAError
+from .formats.reference import ReadOptions
 from .runtime import check_providers, inference_session, require_provider, session_options
 
 REFERENCE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -362,12 +363,15 @@ def _load_tokenizer(*folders: str | Path):
     raise PRoLoRAError("no tokenizer in the ONNX folder nor in the base model", str(folders[0]))
 
 
-def _reference_model(base: str, adapter: str | Path, task: str, dtype: torch.dtype):
-    from .formats.prolora import load_adapter
+def _reference_model(
+    base: str, adapter: str | Path, task: str, dtype: torch.dtype, read_options: ReadOptions | None = None
+):
+    from .convert import base_sizes
+    from .formats.detect import read_adapter
     from .inject import inject_adapter, load_adapter_weights
     from .models import load_base_model
 
-    loaded = load_adapter(adapter)
+    loaded = read_adapter(adapter, read_options, base_sizes(base)).adapter
     ref_task = {"text-generation-with-past": "text-generation"}.get(task, task)
     model = load_base_model(base, task=ref_task, dtype=dtype)
     inject_adapter(model, loaded.config)
@@ -561,8 +565,11 @@ def check_parity(
     tolerance: str | None = None,
     reference_dtype: str = "fp32",
     progress: bool = True,
+    read_options: ReadOptions | None = None,
 ) -> ParityReport:
-    """Compare the ONNX folder under ONNX Runtime with PyTorch base + adapter (unmerged); see the module doc."""
+    """Compare the ONNX folder under ONNX Runtime with PyTorch base + adapter (unmerged); see the module doc.
+
+    The adapter folder is read by the one reader (``read_options``: reference checkpoints, pickle)."""
     import onnx
     from tqdm.auto import tqdm
 
@@ -585,7 +592,7 @@ def check_parity(
         raise PRoLoRAError("no prompts given")
 
     task = onnx_task(outputs, _folder_config(folder))
-    reference = _reference_model(base, adapter, task, REFERENCE_DTYPES[reference_dtype])
+    reference = _reference_model(base, adapter, task, REFERENCE_DTYPES[reference_dtype], read_options)
     candidate = _ort_model(folder, task, provider)
     tokenizer = _load_tokenizer(folder, base)
     decoder = task.startswith("text-generation")

@@ -300,3 +300,62 @@ def compact_forward(
     # slicing even the full width would cost backward a zero-filled copy of the gradient
     out = y if n * g.chunk_b == g.out_features else y[:, : g.out_features]
     return out.reshape(*lead, g.out_features)
+
+
+# --------------------------------------------------------------------------- expanded → compact
+# Full factors as a PEFT LoRA file holds them are turned back into shards only when the chunk
+# structure is proven bit for bit. Both factors are handled as "shared" matrices of shape
+# (r_s × W): A's first r_s rows, and B's first r_s columns transposed; W may exceed the layer
+# (the reference cuts its expanded tensors at fixed lengths, the tail continuing the rotation).
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The raw bit patterns of a float tensor as integers: equality here is bitwise (−0.0 ≠ 0.0)."""
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def periodic_widths(shared: Tensor, widths: list[int]) -> list[int]:
+    """The chunk widths c of ``widths`` for which every column of ``shared`` (r_s × W) holds the same
+    multiset of bit patterns as the column c places before it: a necessary condition for the rotated
+    chunk structure (a rotation permutes a column), checked in O(W) per width on exact integer sums."""
+    if shared.shape[0] == 0:
+        return list(widths)
+    bits = _bits(shared).to(torch.int64)
+    fingerprint = torch.stack([bits.sum(0), (bits * bits).sum(0), (bits >> 7).pow(3).sum(0)])
+    width = shared.shape[1]
+    return [c for c in widths if c >= width or torch.equal(fingerprint[:, c:], fingerprint[:, : width - c])]
+
+
+def rotation_strides(shared: Tensor, chunk: int) -> list[int]:
+    """The strides s in [0, r_s) with which ``shared`` (r_s × W) is its first chunk (``chunk`` columns)
+    repeated and rotated: chunk j equals ``roll(chunk 0, −j·s, 0)``, the last chunk cut (SPEC §1).
+
+    Bitwise. Every stride when there is one chunk (a stride is irrelevant then); none when the
+    structure does not hold. Strides are only meaningful modulo r_s, hence the range.
+    """
+    shared_r, width = shared.shape
+    if shared_r == 0 or width <= chunk:
+        return list(range(max(shared_r, 1)))
+    bits = _bits(shared)
+    first, second = bits[:, :chunk], bits[:, chunk : 2 * chunk]
+    found = []
+    for stride in range(shared_r):
+        if not torch.equal(second, torch.roll(first, -stride, 0)[:, : second.shape[1]]):
+            continue
+        rebuilt = torch.cat(_rotated_chunks(first, -(-width // chunk), stride, rank_dim=0), dim=1)[:, :width]
+        if torch.equal(rebuilt, bits):
+            found.append(stride)
+    return found
+
+
+def first_unrotated_chunk(shared: Tensor, chunk: int) -> int | None:
+    """The first chunk j ≥ 1 of ``shared`` (r_s × W) that no rotation of chunk 0 reproduces bitwise
+    (for the error message when no stride fits), or None when each chunk alone is some rotation."""
+    shared_r, width = shared.shape
+    bits = _bits(shared)
+    first = bits[:, :chunk]
+    for j in range(1, -(-width // chunk)):
+        piece = bits[:, j * chunk : (j + 1) * chunk]
+        if not any(torch.equal(piece, torch.roll(first, -s, 0)[:, : piece.shape[1]]) for s in range(shared_r)):
+            return j
+    return None

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from test_data import tiny_tokenizer, write_jsonl
 
 from prolora_export.cli import main
-from prolora_export.formats.peft_lora import save_peft
 from prolora_export.formats.prolora import save_adapter
 
 HP = dict(r=4, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2)
@@ -129,8 +128,6 @@ def world(tmp_path_factory) -> dict[str, str]:
     tiny_tokenizer().save_pretrained(paths["model"])
     adapter = make_adapter(tiny_llama(), **HP)
     paths["ad"] = save_adapter(root / "ad", adapter)
-    save_peft(root / "peft", adapter)
-    paths["peft"] = root / "peft"
 
     other = LlamaForCausalLM(
         LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -264,7 +261,6 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("model_as_adapter", convert("{model}"), ["model", "looks like a model folder"]),
     ("model_as_adapter", inspect("{model}"), ["model", "looks like a model folder"]),
     ("model_as_adapter", onnx_cmd("{model}"), ["model", CFG]),
-    ("peft_not_prolora", merge("{peft}"), [CFG, "'format' must be \"prolora\""]),
     # malformed or truncated adapter_config.json
     ("cfg_malformed", merge("{cfg_malformed}"), [CFG, "malformed JSON"]),
     ("cfg_malformed", onnx_cmd("{cfg_malformed}"), [CFG, "malformed JSON"]),

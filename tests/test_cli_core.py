@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
-from test_formats import source_adapter
+from reference_layouts import RefRun, linear_sizes, trained_state, write_final
+from safetensors.torch import load_file, save_file
+from test_formats import source_adapter, tiny_llama
 
 from prolora_export.cli import main, missing_extra
 from prolora_export.formats.prolora import save_adapter
-from prolora_export.formats.reference import save_reference
 
 HP = dict(r=6, unshared_r=1, sharing_rate_a=2, sharing_rate_b=3)
 ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -36,9 +38,10 @@ def assert_clean_error(result, *fragments: str) -> None:
 
 
 def test_convert_reference_to_prolora_to_peft(tmp_path: Path) -> None:
-    adapter, _ = source_adapter(**HP)
-    save_reference(tmp_path / "ref", adapter, expanded=True)
-    done = run("convert", tmp_path / "ref", "--to", "prolora", "--out", tmp_path / "ours")
+    run_ = RefRun(6, 1, 2, 2)  # the reference's final folder (transformers < 4.35: only the expanded .bin)
+    write_final(tmp_path / "ref", trained_state(linear_sizes(tiny_llama()), run_), run_)
+    (tmp_path / "ref" / "adapter_model.safetensors").unlink()
+    done = run("convert", tmp_path / "ref", "--to", "prolora", "--out", tmp_path / "ours", "--allow-pickle")
     assert done.exit_code == 0, done.output
     assert "reference-expanded → prolora: 14 modules" in done.output
     done = run("convert", tmp_path / "ours", "--to", "peft", "--out", tmp_path / "peft")
@@ -97,6 +100,8 @@ def test_bad_input_gives_exit_2_and_one_line(tmp_path: Path, tiny_model_dir: Pat
     from prolora_export.formats.peft_lora import save_peft
 
     save_peft(tmp_path / "peft", adapter)
+    weights = tmp_path / "peft" / "adapter_model.safetensors"  # random factors: a LoRA with no chunk structure
+    save_file({k: torch.randn(v.shape) for k, v in load_file(str(weights)).items()}, str(weights))
     fill = {"model": str(tiny_model_dir), "peft": str(tmp_path / "peft"), "tmp": str(tmp_path)}
     assert_clean_error(run(*[a.format(**fill) for a in args]), *fragments)
     assert not (tmp_path / "x").exists()

@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import edit_config, edit_tensors, tiny_llama, truncate
 from safetensors.torch import load_file, save_file
-from test_formats import assert_same_tensors, logits, source_adapter
+from test_formats import assert_same_tensors, logits, source_adapter, write_reference_checkpoint
 
 from prolora_export.convert import convert
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.peft_lora import save_peft
 from prolora_export.formats.prolora import load_adapter, save_adapter
-from prolora_export.formats.reference import save_reference
+from prolora_export.formats.reference import ReadOptions
 from prolora_export.shards import reconstruct_a, reconstruct_b
 
 HP = dict(r=6, unshared_r=1, sharing_rate_a=2, sharing_rate_b=3)
@@ -40,6 +40,13 @@ def test_prolora_to_peft_loads_in_peft_with_same_outputs(tmp_path: Path) -> None
 
 def _shapes(adapter) -> dict[str, tuple[int, int]]:
     return {p: (s["in_features"], s["out_features"]) for p, s in adapter.config.modules.items()}
+
+
+def save_reference(folder: Path, adapter, expanded: bool) -> Path:
+    """The reference's training layout (checkpoint-N/), or expanded full factors (as PEFT LoRA)."""
+    if expanded:
+        return save_peft(folder, adapter)
+    return write_reference_checkpoint(folder, adapter)
 
 
 @pytest.mark.parametrize("expanded", [False, True], ids=["training", "expanded"])
@@ -79,28 +86,19 @@ def test_keys_with_peft_adapter_name_are_read_and_two_names_refused(tmp_path: Pa
     assert not (tmp_path / "again").exists()
 
 
-def test_training_layout_with_u0_converts_with_base(tmp_path: Path, tiny_model_dir: Path) -> None:
-    adapter, _ = source_adapter(r=4, unshared_r=0, sharing_rate_a=4, sharing_rate_b=2)
-    save_reference(tmp_path / "ref", adapter, expanded=False)
-    with pytest.raises(PRoLoRAError, match=r"chunk 1 of A.*pass --base MODEL"):
-        convert(tmp_path / "ref", "prolora", tmp_path / "ours")
-    assert not (tmp_path / "ours").exists()
-    result = convert(tmp_path / "ref", "prolora", tmp_path / "ours", base=str(tiny_model_dir))
-    assert result.source_format == "reference-training"
-    assert_same_tensors(load_adapter(tmp_path / "ours").tensors, adapter.tensors)
-
-
 def test_plain_peft_to_prolora_is_refused_but_peft_to_peft_works(tmp_path: Path) -> None:
+    """Random full factors (a LoRA not trained as PRoLoRA) have no chunk structure to compact."""
     adapter, _ = source_adapter(**HP)
     save_peft(tmp_path / "peft", adapter)
-    with pytest.raises(PRoLoRAError, match="plain PEFT LoRA adapter cannot be converted to PRoLoRA"):
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    gen = torch.Generator().manual_seed(5)
+    save_file({k: torch.randn(v.shape, generator=gen) for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(PRoLoRAError, match=r"plain PEFT LoRA adapter cannot be converted to PRoLoRA.*layer 'model"):
         convert(tmp_path / "peft", "prolora", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    convert(tmp_path / "peft", "peft", tmp_path / "out")
-    assert_same_tensors(
-        load_file(str(tmp_path / "out" / "adapter_model.safetensors")),
-        load_file(str(tmp_path / "peft" / "adapter_model.safetensors")),
-    )
+    result = convert(tmp_path / "peft", "peft", tmp_path / "out")
+    assert result.source_format == "peft-lora"
+    assert_same_tensors(load_file(str(tmp_path / "out" / "adapter_model.safetensors")), load_file(str(weights)))
 
 
 def test_existing_destination_needs_force(tmp_path: Path) -> None:
@@ -176,15 +174,22 @@ def _corrupt_chunk(t: dict) -> None:
     t[key][3, 77] = t[key][3, 77] + 1e-6 * max(1.0, t[key][3, 77].abs().item())
 
 
+STATED = ReadOptions(r=6, unshared_r=1, sharing_rate_a=2, sharing_rate_b=3)
 BAD_REFERENCE = {
-    "corrupted chunk": (edit_tensors(_corrupt_chunk), r"module 'model\.layers\.0\.mlp\.down_proj': chunk 1 of A"),
-    "m < 1 (reference name)": (edit_config(reduce_lora_A_x=0), "'reduce_lora_A_x' must be ≥ 1"),
-    "shift >= r_s": (edit_config(lora_B_shift_size=9), r"'lora_B_shift_size' must be in \[0, r - unshared_r = 5\)"),
-    "u non-integer": (edit_config(unshared_r="1"), "'unshared_r' must be an integer"),
-    "peft r mismatch": (edit_config(r=5), r"has shape \[6, 72\], expected \[5, 72\]"),
-    "unexpected tensor": (edit_tensors(lambda t: t.update({"base_model.model.x.bias": torch.zeros(2)})), "unexpected"),
+    "corrupted chunk": (
+        edit_tensors(_corrupt_chunk),
+        STATED,
+        r"--sharing-rate-a 2 contradicts.*'model\.layers\.0\.mlp\.down_proj'.*chunk 1 of A",
+    ),
+    "stated stride": (lambda folder: None, ReadOptions(stride_b=4), r"--stride-b 4 contradicts the tensors"),
+    "stated u": (lambda folder: None, ReadOptions(unshared_r=2), r"--unshared-r 2 contradicts the tensors"),
+    "peft r mismatch": (edit_config(r=5), None, r"has shape \[6, 72\], expected \[5, 72\]"),
+    "unexpected tensor": (
+        edit_tensors(lambda t: t.update({"base_model.model.x.bias": torch.zeros(2)})), None, "unexpected"
+    ),
     "missing B": (
         edit_tensors(lambda t: t.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")),
+        None,
         re.escape("missing tensor 'model.layers.1.self_attn.v_proj.lora_B.weight'"),
     ),
 }
@@ -194,10 +199,10 @@ BAD_REFERENCE = {
 def test_bad_expanded_reference_is_refused_and_nothing_written(tmp_path: Path, case: str) -> None:
     adapter, _ = source_adapter(**HP)
     save_reference(tmp_path / "src", adapter, expanded=True)
-    mutate, message = BAD_REFERENCE[case]
+    mutate, options, message = BAD_REFERENCE[case]
     mutate(tmp_path / "src")
     with pytest.raises(PRoLoRAError, match=message):
-        convert(tmp_path / "src", "prolora", tmp_path / "out")
+        convert(tmp_path / "src", "prolora", tmp_path / "out", options=options)
     assert not (tmp_path / "out").exists()
 
 
@@ -206,9 +211,7 @@ def test_training_layout_missing_vec_and_bad_vec_shape(tmp_path: Path) -> None:
     save_reference(tmp_path / "src", adapter, expanded=False)
     vec = "base_model.model.model.layers.0.self_attn.k_proj.lora_B_vec"
     edit_tensors(lambda t: t.update({vec: torch.zeros(2, 24)}))(tmp_path / "src")
-    with pytest.raises(
-        PRoLoRAError, match=r"k_proj\.lora_B_vec \(transposed\)' has shape \[24, 2\], expected \[24, 1\]"
-    ):
+    with pytest.raises(PRoLoRAError, match=r"the layers disagree on .* the unshared rank"):
         convert(tmp_path / "src", "prolora", tmp_path / "out")
     edit_tensors(lambda t: t.pop(vec))(tmp_path / "src")
     with pytest.raises(PRoLoRAError, match=r"missing tensor 'model\.layers\.0\.self_attn\.k_proj\.lora_B_vec'"):

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_adapter, tiny_llama
+from reference_layouts import RefRun, write_checkpoint
 from safetensors.torch import load_file, save_file
 
-from prolora_export.convert import linear_shapes
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats import detect
+from prolora_export.formats.detect import read_adapter
 from prolora_export.formats.peft_lora import load_peft_lora, save_peft
 from prolora_export.formats.prolora import Adapter, load_adapter, save_adapter
-from prolora_export.formats.reference import load_reference_expanded, load_reference_training, save_reference
+from prolora_export.formats.reference import ReadOptions
 from prolora_export.inject import inject_adapter, load_adapter_weights
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
@@ -88,70 +89,94 @@ def test_peft_export_loads_in_peft_with_same_outputs(tmp_path: Path, hp) -> None
         torch.testing.assert_close((b @ a) * lora.scaling, adapter.delta_weight(path), rtol=1e-5, atol=1e-7)
 
 
+def reference_training_state(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """Our adapter under the reference's training-layout names (SPEC §3): all four tensors per layer,
+    zero-size where a pair is absent, B_u transposed into lora_B_vec."""
+    out = {}
+    for path, shape in adapter.config.modules.items():
+        g = adapter.config.module_geometry(path)
+        a0, b0, a_u, b_u = adapter.module_tensors(path)
+        rs, u = g.shared_r, g.unshared_r
+        out[f"base_model.model.{path}.lora_A.weight"] = a0 if a0 is not None else torch.zeros(rs, g.chunk_a)
+        out[f"base_model.model.{path}.lora_B.weight"] = b0 if b0 is not None else torch.zeros(g.chunk_b, rs)
+        out[f"base_model.model.{path}.lora_A_vec"] = a_u if a_u is not None else torch.zeros(u, shape["in_features"])
+        out[f"base_model.model.{path}.lora_B_vec"] = (
+            b_u.t() if b_u is not None else torch.zeros(u, shape["out_features"])
+        )
+    return out
+
+
+def write_reference_checkpoint(folder: Path, adapter: Adapter) -> Path:
+    c = adapter.config
+    run = RefRun(c.r, c.unshared_r, c.sharing_rate_a, c.sharing_rate_b, alpha=c.lora_alpha)
+    return write_checkpoint(folder, reference_training_state(adapter), run)
+
+
+def stated(adapter: Adapter) -> ReadOptions:
+    """What the user must state for a training layout that did not use the reference's own strides."""
+    c = adapter.config
+    return ReadOptions(rotate=None if c.rotate else False, stride_a=c.stride_a, stride_b=c.stride_b)
+
+
 @pytest.mark.parametrize("hp", HYPERPARAMETERS, ids=IDS)
-@pytest.mark.parametrize("expanded", [False, True], ids=["training", "expanded"])
-def test_reference_layouts_read_back_bitwise(tmp_path: Path, hp, expanded: bool) -> None:
+def test_reference_training_layout_reads_back_bitwise(tmp_path: Path, hp) -> None:
     adapter, _ = source_adapter(**hp)
-    save_reference(tmp_path / "ref", adapter, expanded=expanded)
-    config = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
-    assert config["reduce_lora_A_x"] == hp["sharing_rate_a"] and config["unshared_r"] == hp["unshared_r"]
-    names = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
-    if not expanded and hp["unshared_r"] > 0:  # the reference stores B_u transposed: (u × d_out)
-        key = next(k for k in names if k.endswith("lora_B_vec"))
-        assert names[key].shape[0] == hp["unshared_r"]
-    base = linear_shapes(tiny_llama())
-    needs_base = not expanded and hp["unshared_r"] == 0
-    want = detect.REFERENCE_EXPANDED if expanded else detect.REFERENCE_TRAINING
-    assert detect.detect_format(tmp_path / "ref", base) == want
-    if expanded:
-        loaded = load_reference_expanded(tmp_path / "ref")
-    else:
-        loaded = load_reference_training(tmp_path / "ref", base if needs_base else None)
-    assert_same_tensors(loaded.tensors, adapter.tensors)
-    assert loaded.config.modules == adapter.config.modules
-    if adapter.config.shared_r > 0:  # strides only exist with a shared rank
-        probe = next(iter(adapter.config.modules))
-        assert loaded.config.module_geometry(probe) == adapter.config.module_geometry(probe)
+    write_reference_checkpoint(tmp_path / "ref", adapter)
+    result = read_adapter(tmp_path / "ref", stated(adapter))
+    assert result.format == detect.REFERENCE_TRAINING
+    assert_same_tensors(result.adapter.tensors, adapter.tensors)
+    assert result.adapter.config.modules == adapter.config.modules
+    for path in adapter.config.modules:
+        assert result.adapter.config.module_geometry(path) == adapter.config.module_geometry(path)
 
 
-def test_reference_training_with_u0_needs_base(tmp_path: Path) -> None:
-    adapter, _ = source_adapter(r=4, unshared_r=0, sharing_rate_a=4, sharing_rate_b=2)
-    save_reference(tmp_path / "ref", adapter, expanded=False)
-    with pytest.raises(PRoLoRAError, match=r"unshared_r = 0.*pass --base MODEL"):
-        load_reference_training(tmp_path / "ref")
-    # without the base it is taken for an expanded checkpoint, whose structure check refuses it with a hint
-    assert detect.detect_format(tmp_path / "ref") == detect.REFERENCE_EXPANDED
-    with pytest.raises(PRoLoRAError, match=r"module 'model\.layers\.0\..*chunk 1 of A.*pass --base MODEL"):
-        load_reference_expanded(tmp_path / "ref")
+@pytest.mark.parametrize("hp", HYPERPARAMETERS, ids=IDS)
+def test_peft_export_of_prolora_compacts_back_bitwise_with_nothing_stated(tmp_path: Path, hp) -> None:
+    """Full factors carry their chunk structure: u, m, n, rotation and strides are found from the tensors."""
+    adapter, _ = source_adapter(**hp)
+    save_peft(tmp_path / "peft", adapter)
+    if adapter.config.shared_r == 0:  # u = r is plain LoRA: nothing to compact
+        with pytest.raises(PRoLoRAError, match="no chunk structure"):
+            read_adapter(tmp_path / "peft", compact=True)
+        return
+    result = read_adapter(tmp_path / "peft", compact=True)
+    assert result.format == detect.REFERENCE_EXPANDED
+    assert_same_tensors(result.adapter.tensors, adapter.tensors)
+    for path in adapter.config.modules:
+        assert result.adapter.config.module_geometry(path) == adapter.config.module_geometry(path)
 
 
-def test_expanded_reference_with_a_corrupted_chunk_is_refused(tmp_path: Path) -> None:
+def test_expanded_with_a_corrupted_chunk_is_refused_when_stated(tmp_path: Path) -> None:
     adapter, _ = source_adapter(r=6, unshared_r=1, sharing_rate_a=2, sharing_rate_b=3)
-    save_reference(tmp_path / "ref", adapter, expanded=True)
+    save_peft(tmp_path / "ref", adapter)
     weights = tmp_path / "ref" / "adapter_model.safetensors"
     tensors = load_file(str(weights))
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"  # 72→100: c_B = 34, chunk 2 = rows 68…
     tensors[key][70, 2] += 1e-3
     save_file(tensors, str(weights))
-    with pytest.raises(PRoLoRAError, match=r"module 'model\.layers\.1\.mlp\.up_proj': chunk 2 of B.*B\[70, 2\]"):
-        load_reference_expanded(tmp_path / "ref")
+    message = r"--sharing-rate-b 3 contradicts.*'model\.layers\.1\.mlp\.up_proj'.*chunk 2 of B"
+    with pytest.raises(PRoLoRAError, match=message):
+        read_adapter(tmp_path / "ref", ReadOptions(sharing_rate_b=3), compact=True)
+    # unstated, B's sharing is gone in that layer: A's (m = 2) is what is left, still exact
+    result = read_adapter(tmp_path / "ref", compact=True)
+    assert result.inference.values["sharing_rate_a"] == 2 and result.inference.values["sharing_rate_b"] == 1
 
 
 def test_detect_each_format_and_refuse_others(tmp_path: Path) -> None:
     adapter, _ = source_adapter(r=4, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2)
     save_adapter(tmp_path / "ours", adapter)
     save_peft(tmp_path / "peft", adapter)
-    assert detect.detect_format(tmp_path / "ours") == detect.PROLORA
-    assert detect.detect_format(tmp_path / "peft") == detect.PEFT_LORA
+    assert read_adapter(tmp_path / "ours").format == detect.PROLORA
+    assert read_adapter(tmp_path / "peft").format == detect.REFERENCE_EXPANDED  # it has the chunk structure
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
     with pytest.raises(PRoLoRAError, match=r"unknown adapter format.*PREFIX_TUNING"):
-        detect.detect_format(tmp_path / "other")
+        read_adapter(tmp_path / "other")
     tiny_llama().save_pretrained(tmp_path / "model")
     with pytest.raises(PRoLoRAError, match="looks like a model folder"):
-        detect.detect_format(tmp_path / "model")
+        read_adapter(tmp_path / "model")
     with pytest.raises(PRoLoRAError, match="adapter folder not found"):
-        detect.detect_format(tmp_path / "missing")
+        read_adapter(tmp_path / "missing")
 
 
 def test_peft_reader_refuses_what_it_cannot_represent(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import click
 from ..config import parse_target_modules
 from ..train import DEFAULT_TARGETS, DTYPES
 from . import trust_remote_code_option
+from .options import TRAIN_DEFAULTS, hyperparameter_options
 from .types import FINITE_FLOAT
 
 
@@ -19,10 +20,7 @@ from .types import FINITE_FLOAT
     help="Training JSONL (messages, prompt/completion or text lines).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter folder to write.")
-@click.option("--r", "r", default=8, show_default=True, help="Total rank r.")
-@click.option("--unshared-r", default=1, show_default=True, help="Unshared rank u (u = r is plain LoRA).")
-@click.option("--sharing-rate-a", default=2, show_default=True, help="m: chunks A is split into along d_in.")
-@click.option("--sharing-rate-b", default=2, show_default=True, help="n: chunks B is split into along d_out.")
+@hyperparameter_options(TRAIN_DEFAULTS)
 @click.option("--alpha", type=FINITE_FLOAT, default=16.0, show_default=True, help="lora_alpha; scaling = alpha / r.")
 @click.option("--dropout", type=FINITE_FLOAT, default=0.05, show_default=True, help="Dropout on the adapter's input.")
 @click.option(

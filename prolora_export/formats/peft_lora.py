@@ -24,6 +24,8 @@ from ..shards import reconstruct_a, reconstruct_b
 from .prolora import FLOAT_DTYPES, Adapter, read_safetensors
 
 PEFT_PREFIX = "base_model.model."
+#: PEFT's (and the reference's) pickle weights file, read only on request
+PICKLE_NAME = "adapter_model.bin"
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 #: PEFT options that change the math; a file that turns one on is refused, not misread.
@@ -170,17 +172,21 @@ def without_adapter_name(keys: list[str], where: str) -> dict[str, str]:
 
 
 def read_lora_tensors(directory: Path, strip_prefix: bool = True) -> dict[str, torch.Tensor]:
-    """The weights file of a LoRA-like folder, keys without the ``base_model.model.`` prefix
-    nor PEFT's adapter-name level (:func:`without_adapter_name`)."""
+    """The safetensors weights of a LoRA-like folder, keys as :func:`lora_keys` gives them."""
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
+    if not weights.is_file() and (directory / PICKLE_NAME).is_file():
         raise PRoLoRAError(
-            "only a pickle adapter_model.bin; it is never loaded because unpickling runs code "
-            "(re-save the adapter with safe_serialization=True)",
+            f"only a pickle {PICKLE_NAME}: it is not read by default because unpickling can run code; "
+            "pass --allow-pickle to read its tensors safely (torch.load with weights_only=True)",
             str(directory),
         )
-    tensors = read_safetensors(weights)
-    renamed = without_adapter_name(list(tensors), str(weights))
+    return lora_keys(read_safetensors(weights), str(weights), strip_prefix)
+
+
+def lora_keys(tensors: dict[str, torch.Tensor], where: str, strip_prefix: bool = True) -> dict[str, torch.Tensor]:
+    """Keys without PEFT's adapter-name level (:func:`without_adapter_name`) and, by default,
+    without the ``base_model.model.`` prefix."""
+    renamed = without_adapter_name(list(tensors), where)
     tensors = {renamed[k]: v for k, v in tensors.items()}
     if not strip_prefix:
         return tensors
@@ -203,10 +209,15 @@ def load_peft_lora(directory: str | Path) -> LoraFactors:
     directory = Path(directory)
     if not directory.is_dir():
         raise PRoLoRAError("adapter folder not found" if not directory.exists() else "not a folder", str(directory))
-    data = read_lora_config(directory)
+    return lora_factors(read_lora_tensors(directory), read_lora_config(directory), str(directory / WEIGHTS_NAME))
+
+
+def lora_factors(tensors: dict[str, torch.Tensor], data: dict[str, Any], where: str) -> LoraFactors:
+    """Full factors from a LoRA tensor dict (keys without the PEFT prefix), checked against the config's r.
+
+    Widths are not checked against anything: a reference file may hold tensors wider than the layer.
+    """
     r = data["r"]
-    tensors = read_lora_tensors(directory)
-    where = str(directory / WEIGHTS_NAME)
     paths = sorted({k[: -len(s)] for k in tensors for s in (A_SUFFIX, B_SUFFIX) if k.endswith(s)})
     problems = [
         f"unexpected tensor '{k}' (expected only *{A_SUFFIX} and *{B_SUFFIX})"

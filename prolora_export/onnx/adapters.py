@@ -218,7 +218,7 @@ def record_geometry(model, record: dict) -> None:
 def read_record(graph) -> dict:
     """The geometry record of a compact graph: ``graph`` is an InferenceSession, an onnx ModelProto,
     its ``metadata_props`` as a dict (``session.get_modelmeta().custom_metadata_map``), a ``.onnx``
-    file or an exported folder."""
+    file, an exported folder, or a record already read."""
     import json
 
     where = None
@@ -226,6 +226,8 @@ def read_record(graph) -> dict:
         meta = dict(graph.get_modelmeta().custom_metadata_map)
     elif hasattr(graph, "metadata_props"):
         meta = {p.key: p.value for p in graph.metadata_props}
+    elif isinstance(graph, dict) and RECORD_KEY not in graph and "modules" in graph:
+        return graph  # a record already read
     elif isinstance(graph, dict):
         meta = graph
     else:
@@ -347,6 +349,27 @@ def check_adapter_fits(adapter, graph) -> dict:
     if problems:
         raise PRoLoRAError(problems, f"{where or 'adapter file'}: does not fit the graph")
     return record
+
+
+def check_exported_from(adapter, graph) -> dict | None:
+    """For a check of a graph against the adapter it should hold (parity): a compact graph must have
+    this adapter's geometry and γ baked in and its values as the shards' defaults. Returns the record,
+    or None for a graph that records none (merged exports: nothing baked in to check)."""
+    try:
+        record = read_record(graph)
+    except PRoLoRAError:
+        return None
+    if record.get("defaults") == "zero":
+        raise PRoLoRAError(
+            "the graph's shards default to zero (exported with --default-adapter zero): with no ONNX Runtime "
+            "adapter active it computes the base model, not base + adapter; check an export with "
+            "--default-adapter adapter (the same graph with this adapter's values)",
+            str(graph) if isinstance(graph, (str, Path)) else None,
+        )
+    if record.get("defaults") not in (None, "adapter"):
+        raise PRoLoRAError(f"the graph's shards have no defaults ({record['defaults']} graph): it needs its "
+                           "adapters fed at run time", str(graph) if isinstance(graph, (str, Path)) else None)
+    return check_adapter_fits(adapter, record)
 
 
 def fitted_arrays(adapter, record: dict, dtype: np.dtype) -> dict[str, np.ndarray]:

@@ -52,8 +52,11 @@ import onnx
 import torch
 from torch import nn
 
+from ..convert import base_sizes
 from ..errors import PRoLoRAError, raise_if
-from ..formats.prolora import Adapter, load_adapter
+from ..formats.detect import read_adapter
+from ..formats.prolora import Adapter
+from ..formats.reference import ReadOptions
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
 from ..layer import PRoLoRALinear
 from ..models import copy_model_side_files, load_base_model, model_class_for, resolve_model
@@ -383,6 +386,7 @@ def export_onnx(
     validate: bool = False,
     op_body: str = "auto",
     slots: bool = False,
+    read_options: ReadOptions | None = None,
 ) -> ExportReport:
     """Export ``base`` + ``adapter`` to an ONNX folder that ``optimum.onnxruntime`` loads.
 
@@ -398,6 +402,7 @@ def export_onnx(
     ``dtype="fp16"`` writes a half-precision graph for GPU serving; the op body computes in fp32
     inside it. It can be traced on the CPU too: ONNX Runtime CPU runs such a graph by casting the
     ops it has no fp16 kernel for, slowly, which is enough to check parity before shipping.
+    Adapter folders are read by the one reader (``read_options``: reference checkpoints, pickle).
     """
     if mode not in MODES:
         raise PRoLoRAError(f"unknown mode '{mode}' (expected one of: {', '.join(MODES)})")
@@ -434,11 +439,16 @@ def export_onnx(
     out = Path(out)
     check_destination(out.absolute(), force)
     started = time.perf_counter()
-    loaded = load_adapter(adapters[0])
+    sizes = base_sizes(base)
+
+    def read(folder: str | Path) -> Adapter:
+        return read_adapter(folder, read_options, sizes).adapter
+
+    loaded = read(adapters[0])
     if slots:
         from . import slots as slot_export
 
-        slot_export.check_geometry_agrees([loaded, *map(load_adapter, adapters[1:])], [str(a) for a in adapters])
+        slot_export.check_geometry_agrees([loaded, *map(read, adapters[1:])], [str(a) for a in adapters])
     source = resolve_model(base)
     model = load_base_model(source, task=task)
     full_task = export_task(model.config, task)
