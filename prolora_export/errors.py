@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 
 class PRoLoRAError(Exception):
     """A problem with the user's input (files, options, models), never a bug of ours.
@@ -16,8 +14,6 @@ class PRoLoRAError(Exception):
         items = [problems] if isinstance(problems, str) else list(problems)
         if where:
             items = [f"{where}: {p}" for p in items]
-        # one line whatever the message quotes (a subprocess's stderr, a library's multi-line error)
-        items = [re.sub(r"\s*[\r\n]+\s*", " ", p).strip() for p in items]
         self.problems = items
         super().__init__("; ".join(items))
 

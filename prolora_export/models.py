@@ -200,19 +200,6 @@ def check_model_dir(path: Path) -> None:
         raise PRoLoRAError("no *.safetensors weights in the model folder", str(path))
 
 
-def load_config(name_or_path: str, trust_remote_code: bool | None = None):
-    """The model's transformers config alone, no weights: for the checks made before any loading."""
-    from transformers import AutoConfig
-
-    source = resolve_model(name_or_path)
-    trust_remote_code = checked_remote_code(source, trust_remote_code)
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PRoLoRAError(f"cannot read the model config: {first_line}", name_or_path) from None
-
-
 def model_class_for(config, task: str = "auto"):
     """The transformers Auto class for a task; ``auto`` picks it from the config's architectures."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
