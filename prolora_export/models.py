@@ -200,6 +200,19 @@ def check_model_dir(path: Path) -> None:
         raise PRoLoRAError("no *.safetensors weights in the model folder", str(path))
 
 
+def load_config(name_or_path: str, trust_remote_code: bool | None = None):
+    """The model's transformers config alone, no weights: for the checks made before any loading."""
+    from transformers import AutoConfig
+
+    source = resolve_model(name_or_path)
+    trust_remote_code = checked_remote_code(source, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PRoLoRAError(f"cannot read the model config: {first_line}", name_or_path) from None
+
+
 def model_class_for(config, task: str = "auto"):
     """The transformers Auto class for a task; ``auto`` picks it from the config's architectures."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -330,13 +343,14 @@ def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_rem
 def copy_model_side_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
     """Copy everything of a model folder except its weights (config, tokenizer, chat template …).
 
-    ``overwrite=False`` keeps files already in ``dst`` (e.g. the config an exporter wrote).
+    Weights are checkpoints and ONNX graphs with their external data (an ONNX folder is a model
+    folder too). ``overwrite=False`` keeps files already in ``dst`` (e.g. the config an exporter wrote).
     """
     copied = []
     for item in src.iterdir():
         if (
             item.is_file()
-            and item.suffix not in (".safetensors", ".bin", ".pt", ".pth")
+            and item.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx_data", ".data")
             and not item.name.endswith(".index.json")
             and (overwrite or not (dst / item.name).exists())
         ):

@@ -48,12 +48,13 @@ output tensor added as a graph output and comparing with PyTorch forward hooks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ import torch
 
 from .errors import PRoLoRAError
 from .formats.reference import ReadOptions
+from .onnx.quantize import quantized_bits
 from .runtime import check_providers, inference_session, require_provider, session_options
 
 REFERENCE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -87,12 +89,21 @@ class Tolerance:
     #: rounding scale of one layer's output (localization only): a layer "diverges" when its
     #: relative error exceeds JUMP × max(error it received, layer_noise)
     layer_noise: float | None = 1e-6
+    #: adapter isolation (compact graphs): relative error of the adapter's effect on the logits,
+    #: and of each adapter node's output given the input the graph fed it (see adapter_isolation)
+    max_effect_rel: float | None = 1e-3
+    max_op_rel: float | None = 1e-4
 
 
 PRESETS = {
     "fp32-cpu": Tolerance(),
-    "fp32-cuda": Tolerance(1e-3, 0.999, 0.99, 0.95, 1e-3, 0.5, layer_noise=1e-4),
-    "fp16-cuda": Tolerance(2e-2, 0.999, 0.95, 0.9, 1e-2, 0.25, layer_noise=2e-3),
+    "fp32-cuda": Tolerance(1e-3, 0.999, 0.99, 0.95, 1e-3, 0.5, layer_noise=1e-4, max_effect_rel=None,
+                           max_op_rel=None),
+    "fp16-cuda": Tolerance(2e-2, 0.999, 0.95, 0.9, 1e-2, 0.25, layer_noise=2e-3, max_effect_rel=None,
+                           max_op_rel=None),
+    # quantized bases (measured on the demo model, see the table in the module doc)
+    "int8-cpu": Tolerance(0.1, 0.99, 0.9, 0.8, 0.05, 0.25, layer_noise=2e-2, max_effect_rel=0.1, max_op_rel=1e-4),
+    "int4-cpu": Tolerance(0.3, 0.95, 0.7, 0.6, 0.3, 0.0, layer_noise=5e-2, max_effect_rel=0.3, max_op_rel=1e-4),
 }
 PRESETS["fp16-cpu"] = PRESETS["fp16-cuda"]
 #: metric key of the aggregate -> (tolerance field, human label, "max" when the bound is an upper bound)
@@ -104,6 +115,8 @@ GATES = {
     "top5": ("min_top5", "top-5 agreement", "min"),
     "max_kl": ("max_kl", "max KL(ref‖onnx)", "max"),
     "greedy": ("min_greedy", "greedy tokens matched", "min"),
+    "effect_rel": ("max_effect_rel", "adapter effect rel error", "max"),
+    "op_rel": ("max_op_rel", "adapter op rel error", "max"),
 }
 
 
@@ -447,21 +460,20 @@ def _tensor_types(model) -> dict[str, int]:
     return {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
 
 
-def _run_with_layer_outputs(onnx_path: Path, provider: str, feeds: dict[str, Any]) -> tuple[str, dict[int, Any]]:
-    """Run a temporary copy of the graph whose outputs include every layer's output tensor.
+@contextlib.contextmanager
+def _session_with_outputs(onnx_path: Path, provider: str, names: list[str]) -> Iterator[Any]:
+    """An ORT session on a temporary copy of the graph whose outputs also include ``names``.
 
     The copy lives in a temporary folder next to symlinks of the folder's other files, so
     external-data weights resolve without being read into memory or copied.
     """
-    import numpy as np
     import onnx
 
     model = _read_onnx(onnx_path)
-    modules, tensors = layer_output_tensors(model.graph)
     existing = {o.name for o in model.graph.output}
     types = _tensor_types(model)
     default = model.graph.output[0].type.tensor_type.elem_type
-    for name in tensors.values():
+    for name in names:
         if name not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, default), None))
     with tempfile.TemporaryDirectory(prefix="prolora-parity-") as scratch:
@@ -472,19 +484,38 @@ def _run_with_layer_outputs(onnx_path: Path, provider: str, feeds: dict[str, Any
         onnx.save(model, str(target))
         try:
             session = inference_session(target, provider)
-        except Exception as err:  # ORT raises several types; localization then just reports why not
-            raise PRoLoRAError(f"ONNX Runtime cannot run the graph with layer outputs ({str(err)[:200]})") from None
-        session_inputs = session.get_inputs()
-        full = {}
-        for spec in session_inputs:
-            if spec.name in feeds:
-                full[spec.name] = feeds[spec.name]
-            elif spec.name.startswith("past_key_values"):
-                shape = [d if isinstance(d, int) else (1 if "batch" in str(d) else 0) for d in spec.shape]
-                dtype = "float16" if "float16" in spec.type else "float32"
-                full[spec.name] = np.zeros(shape, dtype=dtype)
-        names = list(tensors.values())
-        values = session.run(names, full)
+        except Exception as err:  # ORT raises several types; the caller then just reports why not
+            raise PRoLoRAError(f"ONNX Runtime cannot run the graph with extra outputs ({str(err)[:200]})") from None
+        yield session
+
+
+def _graph_feeds(session, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Feeds of one whole-prompt call of the raw graph: the tokenizer's inputs, positions, token types
+    and an empty KV cache."""
+    import numpy as np
+
+    given = {k: v.numpy() for k, v in inputs.items()}
+    seq = inputs["input_ids"].shape[1]
+    given.setdefault("position_ids", torch.arange(seq).unsqueeze(0).numpy())
+    given.setdefault("token_type_ids", torch.zeros_like(inputs["input_ids"]).numpy())
+    full = {}
+    for spec in session.get_inputs():
+        if spec.name in given:
+            full[spec.name] = given[spec.name]
+        elif spec.name.startswith("past_key_values"):
+            shape = [d if isinstance(d, int) else (1 if "batch" in str(d) else 0) for d in spec.shape]
+            dtype = "float16" if "float16" in spec.type else "float32"
+            full[spec.name] = np.zeros(shape, dtype=dtype)
+    return full
+
+
+def _run_with_layer_outputs(onnx_path: Path, provider: str,
+                            inputs: dict[str, torch.Tensor]) -> tuple[str, dict[int, Any]]:
+    """(ModuleList path, {layer index: its output}) from one run of the graph on ``inputs``."""
+    modules, tensors = layer_output_tensors(_read_onnx(onnx_path).graph)
+    names = list(tensors.values())
+    with _session_with_outputs(onnx_path, provider, names) as session:
+        values = session.run(names, _graph_feeds(session, inputs))
     return modules, dict(zip(tensors, values, strict=True))
 
 
@@ -499,12 +530,7 @@ def localize(reference, onnx_path: Path, provider: str, inputs: dict[str, torch.
     whose relative error exceeds ``JUMP`` × max(the previous layer's, ``noise``). When no
     layer jumps (e.g. a precision problem spread over all layers) the largest one is named.
     """
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    seq = inputs["input_ids"].shape[1]
-    feeds.setdefault("position_ids", torch.arange(seq).unsqueeze(0).numpy())
-    if "token_type_ids" not in feeds:
-        feeds["token_type_ids"] = torch.zeros_like(inputs["input_ids"]).numpy()
-    modules, onnx_outs = _run_with_layer_outputs(onnx_path, provider, feeds)
+    modules, onnx_outs = _run_with_layer_outputs(onnx_path, provider, inputs)
     try:
         layers = reference.get_submodule(modules)
     except AttributeError:
@@ -539,6 +565,121 @@ def localize(reference, onnx_path: Path, provider: str, inputs: dict[str, torch.
     else:
         result["note"] = "every layer output matches to rounding; the difference is after the last layer (norm/head)"
     return result
+
+
+# ---------------------------------------------------------------------- adapter isolation
+
+ADAPTER_DOMAIN = "ai.prolora"
+#: the B tensors of an adapter (SPEC names): zero B makes ΔW zero, i.e. the zero adapter
+B_TENSORS = ("prolora_B_shard", "prolora_B_unshared")
+
+
+def adapter_nodes(graph) -> list:
+    """The compact graph's adapter op nodes (empty for a merged export)."""
+    return [n for n in graph.node if n.domain == ADAPTER_DOMAIN]
+
+
+@contextlib.contextmanager
+def _zero_adapter(model) -> Iterator[None]:
+    """While active, every PRoLoRA layer's B tensors are zero: PyTorch computes the base model."""
+    from .inject import adapter_state_dict
+
+    saved = {k: t.detach().clone() for k, t in adapter_state_dict(model).items() if k.rsplit(".", 1)[-1] in B_TENSORS}
+    state = adapter_state_dict(model)
+    try:
+        with torch.no_grad():
+            for key in saved:
+                state[key].zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for key, value in saved.items():
+                state[key].copy_(value)
+
+
+class AdapterIsolation:
+    """The adapter checked apart from the base, so a wrong adapter fails even when the base is approximate
+    (a quantized base moves every logit by percents, which hides a shard that is 2 % off).
+
+    * effect: logits(graph) − logits(same graph, zero adapter) against PyTorch's
+      (base + adapter) − base, relative error ``‖Δeffect‖/‖effect‖``. The zero adapter is fed as
+      zero B tensors (graph inputs of a compact export), so base error cancels to first order; what
+      is left is the quantized base's different hidden states, which the bound allows for.
+    * op: each ``ai.prolora`` node's output against the PyTorch layer's ``adapter_output`` of the
+      very input the graph fed that node (taken out as an extra graph output), worst relative error
+      over nodes: independent of the base's error altogether, so its bound is fp32 rounding.
+    """
+
+    def __init__(self, reference, onnx_path: Path, provider: str, output_name: str):
+        graph = _read_onnx(onnx_path).graph
+        self.reference, self.output_name = reference, output_name
+        self.nodes = [(n.input[0], n.output[0], n.input[1].rsplit(".", 1)[0]) for n in adapter_nodes(graph)]
+        overridable = {i.name for i in graph.initializer} & {i.name for i in graph.input}
+        dims = {i.name: (tuple(i.dims), i.data_type) for i in graph.initializer}
+        names = {name for n in adapter_nodes(graph) for name in n.input[1:] if name}
+        b_names = sorted(n for n in names if n.rsplit(".", 1)[-1] in B_TENSORS)
+        if not b_names or not set(b_names) <= overridable:
+            raise PRoLoRAError("the adapter's B tensors are not graph inputs, so the zero adapter cannot be fed")
+        import numpy as np
+        import onnx
+
+        self.zero_feeds = {n: np.zeros(dims[n][0], dtype=onnx.helper.tensor_dtype_to_np_dtype(dims[n][1]))
+                           for n in b_names}
+        self._stack = contextlib.ExitStack()
+        extra = [name for x, out, _ in self.nodes for name in (x, out)]
+        self.session = self._stack.enter_context(_session_with_outputs(onnx_path, provider, extra))
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def measure(self, inputs: dict[str, torch.Tensor], ref_with: torch.Tensor) -> dict[str, float]:
+        """``effect_rel`` and ``op_rel`` of one prompt; ``ref_with`` is PyTorch's base + adapter output."""
+        feeds = _graph_feeds(self.session, inputs)
+        extra = [name for x, out, _ in self.nodes for name in (x, out)]
+        values = self.session.run([self.output_name, *extra], feeds)
+        zero = self.session.run([self.output_name], {**feeds, **self.zero_feeds})[0]
+        with torch.no_grad(), _zero_adapter(self.reference):
+            ref_base = getattr(self.reference(**inputs), self.output_name)
+        effect = torch.from_numpy(values[0]).double() - torch.from_numpy(zero).double()
+        effect_rel = compare(ref_with.double() - ref_base.double(), effect, False)["rel"]
+        worst = 0.0
+        for i, (_, _, module) in enumerate(self.nodes):
+            x, out = values[1 + 2 * i], values[2 + 2 * i]
+            layer = self.reference.get_submodule(module)
+            with torch.no_grad():
+                want = layer.adapter_output(torch.from_numpy(x).to(next(layer.parameters()).dtype))
+            worst = _worst([worst, compare(want, torch.from_numpy(out).to(want.dtype), False)["rel"]], "max")
+        return {"effect_rel": effect_rel, "op_rel": worst}
+
+
+# ---------------------------------------------------------------------- quality in task terms
+
+
+def heldout_loss(onnx_dir: str | Path, data: str | Path, provider: str = "cpu", max_length: int = 256,
+                 threads: int | None = None) -> float:
+    """Mean loss per labelled token of an exported causal LM on a JSONL data file, computed by ONNX Runtime.
+
+    The same examples and labels as training's evaluation (:func:`prolora_export.data.load_dataset`:
+    assistant turns / completions only), one example per call, so a quantized export's quality is
+    stated in the task's own terms beside the fp32 export's.
+    """
+    import numpy as np
+
+    from .data import IGNORE_INDEX, load_dataset
+    from .onnx.adapters import decoder_feeds
+
+    folder = Path(onnx_dir)
+    session = inference_session(_onnx_file(folder), provider, threads=threads)
+    examples = load_dataset(data, _load_tokenizer(folder), max_length)
+    total, count = 0.0, 0
+    for example in examples:
+        ids = np.asarray([example.input_ids], dtype=np.int64)
+        logits = torch.from_numpy(session.run(["logits"], decoder_feeds(session, ids))[0][0]).double()
+        labels = torch.tensor(example.labels[1:])
+        keep = labels != IGNORE_INDEX
+        total += float(torch.nn.functional.cross_entropy(logits[:-1][keep], labels[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / max(count, 1)
 
 
 # ---------------------------------------------------------------------- entry point
@@ -585,8 +726,10 @@ def check_parity(
         raise PRoLoRAError("the ONNX graph has no outputs", str(onnx_path))
     outputs = [o.name for o in graph.output]
     onnx_dtype = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
+    bits, compact = quantized_bits(graph), bool(adapter_nodes(graph))
     del graph
-    preset, tol = parse_tolerance(tolerance, f"{onnx_dtype}-{provider}")
+    # a quantized base is judged by the bounds measured for its quantization (CPU: where they were measured)
+    preset, tol = parse_tolerance(tolerance, f"int{bits}-cpu" if bits else f"{onnx_dtype}-{provider}")
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     if not prompts:
         raise PRoLoRAError("no prompts given")
@@ -602,6 +745,7 @@ def check_parity(
 
     results: list[PromptResult] = []
     encoded: list[dict[str, torch.Tensor]] = []
+    isolation = AdapterIsolation(reference, onnx_path, provider, output_name) if compact else None
     for prompt in tqdm(prompts, desc="parity", unit="prompt", disable=not progress):
         inputs = _tokenize(tokenizer, prompt, chat=decoder)
         encoded.append(inputs)
@@ -609,6 +753,8 @@ def check_parity(
             ref_out = getattr(reference(**inputs), output_name)
             cand_out = getattr(candidate(**_onnx_inputs(candidate, inputs)), output_name)
         metrics = compare(ref_out, torch.as_tensor(cand_out), distribution=output_name == "logits")
+        if isolation is not None:
+            metrics.update(isolation.measure(inputs, ref_out))
         result = PromptResult(prompt, inputs["input_ids"].shape[1], metrics)
         if generate:
             with torch.no_grad():
@@ -619,6 +765,8 @@ def check_parity(
             matched = len(pairs) if result.first_divergence is None else result.first_divergence
             metrics["greedy"] = matched / max_new_tokens
         results.append(result)
+    if isolation is not None:
+        isolation.close()
 
     report = ParityReport(
         base=str(base), adapter=str(adapter), onnx=str(folder), task=task, provider=provider,

@@ -84,8 +84,11 @@ def test_faithful_export_passes(setup, mode):
     assert "ONNX parity: PASS" in output and "CPUExecutionProvider" in output
     assert data["passed"] is True and data["localization"] is None
     assert data["providers"][0] == "CPUExecutionProvider" and data["preset"] == "fp32-cpu"
-    assert set(data["metrics"]) == set(GATES)
+    isolation = {"effect_rel", "op_rel"}  # the adapter checked apart from the base: compact graphs only
+    assert set(data["metrics"]) == set(GATES) - (isolation if mode == "merged" else set())
     assert data["metrics"]["rel"] < 1e-5 and data["metrics"]["max_kl"] < 1e-8
+    if mode == "compact":
+        assert data["metrics"]["effect_rel"] < 1e-4 and data["metrics"]["op_rel"] < 1e-5
     assert data["metrics"]["top1"] == 1.0 and data["metrics"]["greedy"] == 1.0
     assert [p["prompt"] for p in data["prompts"]] == ["Hello, who are you?", "for i in range(10):"]
     for prompt in data["prompts"]:

@@ -23,6 +23,7 @@ COMMANDS = {
     "onnx": "onnx",
     "onnx-adapter": "onnx_adapter",
     "parity": "parity",
+    "quantize": "quantize",
     "convert": "convert",
     "inspect": "inspect",
     "fetch-demo": "fetch_demo",

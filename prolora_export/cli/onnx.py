@@ -2,8 +2,9 @@
 
 import click
 
-from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES, export_onnx
+from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES
 from ..onnx.op import BODIES
+from ..onnx.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, export_quantized
 from . import trust_remote_code_option
 
 
@@ -36,18 +37,28 @@ from . import trust_remote_code_option
               help="compact decoders only: adapter slots (SPEC §5): the shards are inputs with a leading slot "
                    "axis plus an adapter_index (batch,) input, so each row of a batch uses its own adapter "
                    "(-1: none); served by prolora_export.engine.")
+@click.option("--quantize", type=click.Choice(list(QUANTIZE)), default="none", show_default=True,
+              help="Quantize the base weights with ONNX Runtime's quantizers (as `prolora-export quantize`): "
+                   "int4 MatMulNBits + int4 embedding, or int8 dynamic MatMul; the adapter stays fp32 and switchable.")
+@click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
+              help="int4: weights per scale along K (a power of two ≥ 16).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=DEFAULT_ACCURACY_LEVEL, show_default=True,
+              help="int4: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
 @click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @trust_remote_code_option
-def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, slots, validate,
-            force) -> None:
+def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, slots, quantize,
+            block_size, accuracy_level, validate, force) -> None:
     """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
 
     The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
     with their KV cache; generates like PyTorch), ORTModelForFeatureExtraction or
     ORTModelForSequenceClassification (encoders).
     """
-    report = export_onnx(base, list(adapter), out, mode=mode, task=task, dtype=dtype, device=device, opset=opset,
-                         force=force, default_adapter=default_adapter, validate=validate, op_body=op_body,
-                         slots=slots)
+    report, quantized = export_quantized(
+        base, list(adapter), out, quantize, block_size, accuracy_level, force=force, mode=mode, task=task,
+        dtype=dtype, device=device, opset=opset, default_adapter=default_adapter, validate=validate,
+        op_body=op_body, slots=slots)
     click.echo(report.summary())
+    if quantized is not None:
+        click.echo(quantized.summary())

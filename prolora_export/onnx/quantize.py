@@ -1,0 +1,387 @@
+"""An int4 or int8 base with float PRoLoRA adapters: weight quantization of an exported ONNX folder
+with ONNX Runtime's own quantizers (no quantizer of ours).
+
+What is quantized, what stays float:
+
+* ``bits=4``: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` turns every
+  main-graph ``MatMul`` with a constant base weight into ``com.microsoft::MatMulNBits`` (blockwise
+  asymmetric 4-bit along K, ``block_size`` rows per scale; ``accuracy_level`` picks the compute
+  type of the activations, 4 = int8 on CPU). This covers the attention and MLP projections and
+  the ``lm_head``, tied or not: the exporter writes a tied ``lm_head`` as its own transposed
+  initializer beside the embedding table, so it is quantized like any other projection. The
+  token embedding ``Gather`` becomes ``com.microsoft::GatherBlockQuantized`` (4-bit, blocks along
+  the hidden axis): otherwise the fp32 table alone keeps a 135M model's folder above 0.3× its
+  fp32 size (SmolLM2's 49152×576 table is 113 MB of its 650 MB).
+* ``bits=8``: ``onnxruntime.quantization.quantize_dynamic`` (weights int8 per column, activations
+  quantized per call: ``DynamicQuantizeLinear`` + ``MatMulInteger``), for ``MatMul`` with a constant
+  weight only (``MatMulConstBOnly``: attention's activation × activation products stay float).
+  The embedding ``Gather`` stays fp32: ORT's dynamic Gather quantization is one scale for the
+  whole table (per tensor), too coarse for embeddings whose rows differ in scale.
+* Float, always: norms, rotary tables, attention products, and every tensor of the adapter path.
+  The adapter path is protected by name, not by how the quantizer walks the graph: every
+  initializer that is also a graph input (that is what makes it overridable by an ONNX Runtime
+  adapter) and every SPEC-named shard is collected, each node reading one is passed to the
+  quantizer in ``nodes_to_exclude``, and afterwards each of them is checked to be still a graph
+  input and an initializer with unchanged bytes, with the ``ai.prolora`` functions and nodes
+  intact; anything else is refused (ORT's quantizers *do* quantize a MatMul whose weight is an
+  overridable initializer, and drop it from the graph inputs). The compact op's body lives in a
+  model-local function, which the quantizers do not enter, so its MatMuls stay fp32.
+
+External data: a source folder with external data (a model over 2 GB) gets it again, in
+``model.onnx_data``; the quantized graph of a smaller model is one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ..errors import PRoLoRAError
+from ..models import copy_model_side_files
+from ..outputs import atomic_output_dir, check_destination, check_free_space
+from ..shards import TENSOR_NAMES
+from . import op
+
+#: CLI spelling -> bits (None: no quantization)
+QUANTIZE = {"none": None, "int8": 8, "int4": 4}
+BITS = (4, 8)
+DEFAULT_BLOCK_SIZE = 32
+#: MatMulNBits ``accuracy_level``: 0 unset (= fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DEFAULT_ACCURACY_LEVEL = 4
+#: ops the quantizers leave behind, by bits: how a quantized folder is recognised
+QUANTIZED_OPS = {4: ("MatMulNBits", "GatherBlockQuantized"), 8: ("MatMulInteger", "DynamicQuantizeLinear")}
+DATA_FILE = "model.onnx_data"
+TWO_GB = 2**31
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization produced, for the CLI to print."""
+
+    out: Path
+    bits: int
+    block_size: int | None
+    accuracy_level: int | None
+    quantized: dict[str, int]  # op type written -> count
+    protected_tensors: int
+    protected_nodes: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    embeddings: str = ""
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ops = ", ".join(f"{n} {k}" for k, n in sorted(self.quantized.items()))
+        settings = f"block {self.block_size}, accuracy level {self.accuracy_level}" if self.bits == 4 else "dynamic"
+        return (
+            f"int{self.bits} ({settings}): {ops}; embeddings {self.embeddings}; {self.protected_tensors} adapter "
+            f"tensors kept float and overridable ({self.protected_nodes} nodes excluded); "
+            f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB "
+            f"({self.bytes_after / max(self.bytes_before, 1):.2f}×) in {self.out} in {self.seconds:.1f} s"
+        )
+
+
+def quantized_bits(graph: onnx.GraphProto) -> int | None:
+    """4 or 8 when the graph holds the ops our quantizers write, else None (a float graph)."""
+    ops = {n.op_type for n in graph.node}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            return next((a.i for a in node.attribute if a.name == "bits"), 4)
+    return 8 if ops & set(QUANTIZED_OPS[8]) else None
+
+
+def adapter_tensor_names(graph: onnx.GraphProto) -> set[str]:
+    """Every initializer of the adapter path: the overridable ones (also graph inputs) and the SPEC-named shards."""
+    initializers = {i.name for i in graph.initializer}
+    overridable = initializers & {i.name for i in graph.input}
+    spec_named = {name for name in initializers if name.rsplit(".", 1)[-1] in TENSOR_NAMES}
+    return overridable | spec_named
+
+
+def protected_nodes(graph: onnx.GraphProto, names: set[str]) -> list[str]:
+    """Names of the main-graph nodes that read an adapter tensor or are the adapter op, naming
+    unnamed ones first (the quantizers exclude nodes by name)."""
+    taken = {n.name for n in graph.node if n.name}
+    out = []
+    for index, node in enumerate(graph.node):
+        if node.domain == op.DOMAIN or any(i in names for i in node.input):
+            if not node.name:
+                candidates = (f"prolora_protected_{index}_{k}" for k in range(len(taken) + 1))
+                node.name = next(c for c in candidates if c not in taken)
+                taken.add(node.name)
+            out.append(node.name)
+    return out
+
+
+def _fingerprint(model: onnx.ModelProto, names: set[str]) -> dict:
+    """What must survive quantization unchanged: each adapter tensor (dtype, dims, bytes, still a graph
+    input), the model-local functions and every ai.prolora node."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    inits = {i.name: i for i in graph.initializer}
+    tensors = {}
+    for name in names:
+        tensor = inits.get(name)
+        if tensor is None:
+            tensors[name] = None
+            continue
+        raw = onnx.numpy_helper.to_array(tensor).tobytes()
+        tensors[name] = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest(), name in inputs)
+    nodes = sorted(n.SerializeToString(deterministic=True) for n in graph.node if n.domain == op.DOMAIN)
+    return {"tensors": tensors, "nodes": nodes, "functions": sorted(_canonical(f) for f in model.functions)}
+
+
+def _canonical(function: onnx.FunctionProto) -> bytes:
+    """A function's bytes without the storage flag of its constants (``data_location: DEFAULT``, which
+    quantize_dynamic's external-data round trip sets explicitly; same values)."""
+    function = onnx.FunctionProto.FromString(function.SerializeToString())
+    for node in function.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                attr.t.ClearField("data_location")
+    return function.SerializeToString(deterministic=True)
+
+
+def check_adapter_path(before: dict, after: dict, where: str) -> None:
+    """Refuse a quantized graph in which any adapter tensor, adapter node or function changed."""
+    changed = sorted(name for name, print_ in before["tensors"].items() if after["tensors"].get(name) != print_)
+    if changed:
+        gone = [n for n in changed if after["tensors"].get(n) is None]
+        what = "removed" if gone else "changed or no longer a graph input"
+        raise PRoLoRAError(f"internal: the quantizer {what}: {len(changed)} adapter tensor(s), e.g. {changed[0]}; "
+                           "refusing to write a graph whose adapter cannot be switched", where)
+    if before["nodes"] != after["nodes"] or before["functions"] != after["functions"]:
+        raise PRoLoRAError(f"internal: the quantizer changed the {op.DOMAIN} nodes or functions; refusing", where)
+
+
+def embedding_gathers(graph: onnx.GraphProto, excluded: set[str]) -> list[str]:
+    """Gather nodes that look up rows of a 2-D float initializer (the token embedding)."""
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+    return [n.name for n in graph.node
+            if n.op_type == "Gather" and n.name not in excluded and n.input and n.input[0] in floats
+            and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
+
+
+def untie_lm_head(graph: onnx.GraphProto, protected: set[str]) -> list[str]:
+    """Give a tied ``lm_head`` its own transposed weight so the quantizers see a constant MatMul weight.
+
+    optimum stores a tied head once: ``MatMul(x, Transpose(embed_tokens.weight))``, and a MatMul
+    whose weight is computed is skipped by both quantizers, which would leave the largest matrix
+    of a small model (SmolLM2: 576×49152) in fp32. The Transpose is folded into an initializer
+    (``<name>.T``) that the quantizer then replaces; the embedding keeps its own table. Returns
+    the names of the initializers made.
+    """
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    producers = {out: node for node in graph.node for out in node.output}
+    made, folded = [], []
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in producers:
+            continue
+        transpose = producers[node.input[1]]
+        source = inits.get(transpose.input[0]) if transpose.op_type == "Transpose" and transpose.input else None
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        if (source is None or source.name in protected or len(source.dims) != 2 or perm != [1, 0]
+                or source.data_type != onnx.TensorProto.FLOAT or consumers[transpose.output[0]] != 1):
+            continue
+        array = onnx.numpy_helper.to_array(source).T.copy()
+        name = f"{source.name}.T"
+        graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        node.input[1] = name
+        folded.append(transpose)
+        made.append(name)
+    for transpose in folded:
+        graph.node.remove(transpose)
+    return made
+
+
+@contextlib.contextmanager
+def _quiet_ort_logging() -> Iterator[None]:
+    """ORT's quantizers log one line per node (and a pre-processing hint) through the root and their own
+    loggers; errors only while they run."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, previous, strict=True):
+            logger.setLevel(level)
+
+
+def _int4(model: onnx.ModelProto, exclude: list[str], block_size: int, accuracy_level: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    gathers = embedding_gathers(model.graph, set(exclude))
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level or None,
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+        quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4,
+    )
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, nodes_to_include=gathers or None,
+                                     algo_config=config)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def _int8(model: onnx.ModelProto, exclude: list[str], scratch: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = scratch / "float.onnx", scratch / "int8.onnx"
+    onnx.save(model, str(source), save_as_external_data=True, location="float.onnx_data")
+    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=exclude, use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
+    return onnx.load(str(target))
+
+
+def _onnx_file(folder: Path) -> Path:
+    if not folder.is_dir():
+        raise PRoLoRAError("ONNX folder not found" if not folder.exists() else "not a folder", str(folder))
+    path = folder / "model.onnx"
+    if not path.is_file():
+        raise PRoLoRAError("no model.onnx in the folder (expected a folder from prolora-export onnx)", str(folder))
+    return path
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and "onnx" in p.name)
+
+
+def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int) -> QuantizeReport:
+    """Quantize ``src/model.onnx`` into the existing folder ``dst`` (no atomicity: see :func:`quantize_onnx`)."""
+    started = time.perf_counter()
+    path = _onnx_file(src)
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path))  # external data too: the quantizers need the weights' values
+    except (DecodeError, ValueError, OSError) as err:
+        raise PRoLoRAError(f"not a valid ONNX model ({str(err)[:200] or type(err).__name__})", str(path)) from None
+    external = _has_external_data(onnx.load(str(path), load_external_data=False))
+    graph = model.graph
+    if quantized_bits(graph) is not None:
+        raise PRoLoRAError(f"already quantized (int{quantized_bits(graph)}); quantize the fp32 export instead",
+                           str(path))
+    if graph.output and graph.output[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise PRoLoRAError("only fp32 exports can be quantized (this graph's outputs are not float32)", str(path))
+    names = adapter_tensor_names(graph)
+    untied = untie_lm_head(graph, names)
+    exclude = protected_nodes(graph, names)
+    before = _fingerprint(model, names)
+    embeddings = "int4 GatherBlockQuantized" if bits == 4 and embedding_gathers(graph, set(exclude)) else "fp32 Gather"
+    if untied:
+        embeddings += f", tied lm_head quantized from its own transposed copy ({untied[0]})"
+    with _quiet_ort_logging(), tempfile.TemporaryDirectory(prefix=".prolora-quantize-", dir=dst) as scratch:
+        if bits == 4:
+            quantized = _int4(model, exclude, block_size, accuracy_level)
+        else:
+            quantized = _int8(model, exclude, Path(scratch))
+        # quantize_dynamic's model still points at its scratch data file: read it in before it goes
+        onnx.external_data_helper.load_external_data_for_model(quantized, scratch)
+    check_adapter_path(before, _fingerprint(quantized, names), str(path))
+    counts: dict[str, int] = {}
+    for node in quantized.graph.node:
+        if node.op_type in QUANTIZED_OPS[bits] and node.op_type != "DynamicQuantizeLinear":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if not counts:
+        raise PRoLoRAError("no MatMul with a constant weight to quantize in this graph", str(path))
+    target = dst / "model.onnx"
+    if external or quantized.ByteSize() >= TWO_GB:
+        onnx.save(quantized, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save(quantized, str(target))
+    copy_model_side_files(src, dst, overwrite=False)
+    return QuantizeReport(
+        out=dst, bits=bits, block_size=block_size if bits == 4 else None,
+        accuracy_level=accuracy_level if bits == 4 else None, quantized=counts,
+        protected_tensors=len(names), protected_nodes=len(exclude), bytes_before=_folder_bytes(src),
+        bytes_after=_folder_bytes(dst), seconds=time.perf_counter() - started, embeddings=embeddings,
+        files=sorted(p.name for p in dst.iterdir()),
+    )
+
+
+def check_settings(bits: int, block_size: int, accuracy_level: int) -> None:
+    """One clear line for settings ONNX Runtime would reject (or assert on) later."""
+    if bits not in BITS:
+        raise PRoLoRAError(f"unsupported bits {bits} (expected 4 or 8)", "--bits")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise PRoLoRAError(f"must be a power of two ≥ 16 (got {block_size})", "--block-size")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise PRoLoRAError(f"must be one of {', '.join(map(str, ACCURACY_LEVELS))} (got {accuracy_level})",
+                           "--accuracy-level")
+
+
+def quantize_onnx(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    bits: int = 4,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+    force: bool = False,
+) -> QuantizeReport:
+    """Quantize the base weights of an exported folder (merged or compact) into ``out_dir``, atomically,
+    with the folder's side files (config, tokenizer …); the adapter path stays float (module doc)."""
+    check_settings(bits, block_size, accuracy_level)
+    src, out = Path(src_dir), Path(out_dir)
+    _onnx_file(src)
+    if src.absolute() == out.absolute():
+        raise PRoLoRAError("the output folder must differ from the source folder", str(out))
+    check_destination(out.absolute(), force)
+    check_free_space(out.absolute(), _folder_bytes(src) + (64 << 20))
+    with atomic_output_dir(out, force=force) as tmp:
+        report = write_quantized(src, tmp, bits, block_size, accuracy_level)
+    report.out = out
+    return report
+
+
+def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: str, block_size: int,
+                     accuracy_level: int, force: bool = False, **export_kwargs):
+    """``export_onnx`` to a scratch folder beside ``out``, then :func:`quantize_onnx` into ``out``.
+    Returns (export report, quantize report)."""
+    from .export import export_onnx
+
+    if quantize not in QUANTIZE:
+        raise PRoLoRAError(f"unknown quantization '{quantize}' (expected one of: {', '.join(QUANTIZE)})")
+    bits = QUANTIZE[quantize]
+    out = Path(out)
+    if bits is None:
+        return export_onnx(base, adapter, out, force=force, **export_kwargs), None
+    check_settings(bits, block_size, accuracy_level)
+    if export_kwargs.get("dtype", "fp32") != "fp32":
+        raise PRoLoRAError("--quantize needs --dtype fp32 (the quantizers take a float32 graph)")
+    check_destination(out.absolute(), force)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
+    try:
+        exported = export_onnx(base, adapter, scratch / "fp32", **export_kwargs)
+        report = quantize_onnx(scratch / "fp32", out, bits, block_size, accuracy_level, force=force)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    exported.out = out
+    return exported, report
+
+
+__all__ = ["QUANTIZE", "QuantizeReport", "adapter_tensor_names", "check_adapter_path", "export_quantized",
+           "protected_nodes", "quantize_onnx", "quantized_bits"]
