@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class PRoLoRAError(Exception):
     """A problem with the user's input (files, options, models), never a bug of ours.
@@ -14,6 +16,8 @@ class PRoLoRAError(Exception):
         items = [problems] if isinstance(problems, str) else list(problems)
         if where:
             items = [f"{where}: {p}" for p in items]
+        # one line whatever the message quotes (a subprocess's stderr, a library's multi-line error)
+        items = [re.sub(r"\s*[\r\n]+\s*", " ", p).strip() for p in items]
         self.problems = items
         super().__init__("; ".join(items))
 

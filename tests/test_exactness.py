@@ -358,3 +358,21 @@ def test_fp16_onnx_export_refuses_weights_beyond_its_range(tmp_path: Path) -> No
         with pytest.raises(PRoLoRAError, match=re.escape("tensor 'model.norm.weight' has values up to 7e+04")):
             export_onnx(str(tmp_path / "base"), tmp_path / "ad", tmp_path / mode, mode=mode, dtype="fp16")
         assert not (tmp_path / mode).exists()
+
+
+def test_a_graph_is_checked_against_the_adapter_it_should_hold(compact: dict) -> None:
+    """What a check of a graph against its adapter (parity) needs first: the graph's baked-in geometry
+    and γ must be the adapter's, and its shards must default to the adapter's values."""
+    from prolora_export.formats.prolora import load_adapter
+    from prolora_export.onnx.adapters import check_exported_from, read_record
+
+    adapter = load_adapter(compact["ad"])
+    with pytest.raises(PRoLoRAError, match="shards default to zero"):  # the fixture's graph
+        check_exported_from(adapter, compact["graph"])
+    record = {**read_record(compact["graph"]), "defaults": "adapter"}  # the same export with the adapter's values
+    assert check_exported_from(adapter, record) == record
+    with pytest.raises(PRoLoRAError, match=r"scaling γ = lora_alpha / r is 0\.75 here but 4"):
+        check_exported_from(load_adapter(compact["alpha3"]), record)
+    with pytest.raises(PRoLoRAError, match="stride_a is 0 here but 1 in the graph"):
+        check_exported_from(load_adapter(compact["norotate"]), record)
+    assert check_exported_from(adapter, {"other": "metadata"}) is None  # a merged export records nothing

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..convert import read_source
 from ..errors import PRoLoRAError, raise_if
-from ..formats.reference import ReadOptions
+from ..formats.prolora import load_adapter
 from ..outputs import atomic_output_file, check_destination, check_free_space
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -42,13 +41,7 @@ class AdapterFileReport:
 
 
 def export_onnx_adapter(
-    adapter: str | Path,
-    out: str | Path,
-    dtype: str | None = None,
-    force: bool = False,
-    base: str | None = None,
-    read_options: ReadOptions | None = None,
-    graph=None,
+    adapter: str | Path, out: str | Path, dtype: str | None = None, force: bool = False, graph=None
 ) -> AdapterFileReport:
     """Write ``adapter``'s tensors, by SPEC name, as an ONNX Runtime adapter file (atomically).
 
@@ -56,8 +49,6 @@ def export_onnx_adapter(
     records the geometry and γ it fits (:func:`check_adapter_fits`); with ``graph`` (a compact
     export, anything :func:`read_record` takes) it is made for that graph: a geometry that differs is
     refused, a γ that differs is folded into the B shards, so the file computes this adapter there.
-    The folder is read by the one reader: any layout that has shards (``base``: layer sizes where a
-    reference checkpoint lacks them; ``read_options``: stated hyperparameters, pickle).
     """
     import onnxruntime as ort
 
@@ -68,7 +59,7 @@ def export_onnx_adapter(
     if record is not None and dtype != record["dtype"]:
         raise PRoLoRAError(f"--dtype {dtype} does not match the graph, whose shards are {record['dtype']}")
     check_destination(Path(out).absolute(), force)
-    loaded = read_source(adapter, base, read_options, compact=True).adapter
+    loaded = load_adapter(adapter)
     record = record or geometry_record(loaded.config, dtype)
     arrays = fitted_arrays(loaded, record, NUMPY_DTYPES[dtype])
     check_free_space(Path(out).absolute(), sum(a.nbytes for a in arrays.values()) + (1 << 20))
@@ -227,7 +218,7 @@ def record_geometry(model, record: dict) -> None:
 def read_record(graph) -> dict:
     """The geometry record of a compact graph: ``graph`` is an InferenceSession, an onnx ModelProto,
     its ``metadata_props`` as a dict (``session.get_modelmeta().custom_metadata_map``), a ``.onnx``
-    file or an exported folder."""
+    file, an exported folder, or a record already read."""
     import json
 
     where = None
@@ -235,6 +226,8 @@ def read_record(graph) -> dict:
         meta = dict(graph.get_modelmeta().custom_metadata_map)
     elif hasattr(graph, "metadata_props"):
         meta = {p.key: p.value for p in graph.metadata_props}
+    elif isinstance(graph, dict) and RECORD_KEY not in graph and "modules" in graph:
+        return graph  # a record already read
     elif isinstance(graph, dict):
         meta = graph
     else:
@@ -356,6 +349,27 @@ def check_adapter_fits(adapter, graph) -> dict:
     if problems:
         raise PRoLoRAError(problems, f"{where or 'adapter file'}: does not fit the graph")
     return record
+
+
+def check_exported_from(adapter, graph) -> dict | None:
+    """For a check of a graph against the adapter it should hold (parity): a compact graph must have
+    this adapter's geometry and γ baked in and its values as the shards' defaults. Returns the record,
+    or None for a graph that records none (merged exports: nothing baked in to check)."""
+    try:
+        record = read_record(graph)
+    except PRoLoRAError:
+        return None
+    if record.get("defaults") == "zero":
+        raise PRoLoRAError(
+            "the graph's shards default to zero (exported with --default-adapter zero): with no ONNX Runtime "
+            "adapter active it computes the base model, not base + adapter; check an export with "
+            "--default-adapter adapter (the same graph with this adapter's values)",
+            str(graph) if isinstance(graph, (str, Path)) else None,
+        )
+    if record.get("defaults") not in (None, "adapter"):
+        raise PRoLoRAError(f"the graph's shards have no defaults ({record['defaults']} graph): it needs its "
+                           "adapters fed at run time", str(graph) if isinstance(graph, (str, Path)) else None)
+    return check_adapter_fits(adapter, record)
 
 
 def fitted_arrays(adapter, record: dict, dtype: np.dtype) -> dict[str, np.ndarray]:
