@@ -343,13 +343,14 @@ def load_base_model(name_or_path: str, task: str = "auto", dtype=None, trust_rem
 def copy_model_side_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
     """Copy everything of a model folder except its weights (config, tokenizer, chat template …).
 
-    ``overwrite=False`` keeps files already in ``dst`` (e.g. the config an exporter wrote).
+    Weights are checkpoints and ONNX graphs with their external data (an ONNX folder is a model
+    folder too). ``overwrite=False`` keeps files already in ``dst`` (e.g. the config an exporter wrote).
     """
     copied = []
     for item in src.iterdir():
         if (
             item.is_file()
-            and item.suffix not in (".safetensors", ".bin", ".pt", ".pth")
+            and item.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx_data", ".data")
             and not item.name.endswith(".index.json")
             and (overwrite or not (dst / item.name).exists())
         ):

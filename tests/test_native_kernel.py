@@ -1,0 +1,324 @@
+"""The native ``RotatedShardLoRA`` kernel (prolora_export/native) against the op's function body and an
+independent float64 reference of SPEC §1, in ONNX Runtime sessions built by ``runtime.py``.
+
+Rule for a machine without the library: these tests skip ONLY when the build recorded why it fell back
+(``build-status.json`` with a reason, as ``make setup`` writes on a machine without npm or g++);
+a library that is missing with no recorded reason fails them (the build was expected to succeed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_adapter, tiny_llama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from prolora_export import native
+from prolora_export.errors import PRoLoRAError
+from prolora_export.formats.prolora import save_adapter
+from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
+from prolora_export.onnx.export import export_onnx
+from prolora_export.onnx.op import BODIES, OP_TYPE, OpSpec, add_function, make_node
+from prolora_export.runtime import inference_session, register_kernel, session_options
+from prolora_export.shards import ShardGeometry
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("prolora_A_shard", "prolora_B_shard", "prolora_A_unshared", "prolora_B_unshared")
+
+
+def require_library() -> Path:
+    """The built library; a skip only when the build recorded a fallback reason, else a failure."""
+    path = native.library_path()
+    if path is not None:
+        return path
+    status = native.build_status()
+    if status is not None and not status.get("built") and status.get("reason"):
+        pytest.skip(f"native kernel not built here: {status['reason']}")
+    pytest.fail(f"native kernel missing and no fallback reason recorded: {native.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library() -> Path:
+    return require_library()
+
+
+# ------------------------------------------------------------------ an independent float64 reference
+
+
+def reference_delta(x: np.ndarray, t: dict[str, np.ndarray], d_in: int, d_out: int, m: int, n: int,
+                    s_a: int, s_b: int, scaling: float) -> np.ndarray:
+    """γ·(x Aᵀ) Bᵀ in float64, A and B written out element by element from SPEC §1:
+    row i of A's chunk j is A₀[(i + j·s_A) mod r_s], column i of B's chunk j is B₀[:, (i + j·s_B) mod r_s];
+    shared ranks first, unshared last."""
+    a_rows, b_cols = [], []
+    if "prolora_A_shard" in t:
+        a0, b0 = t["prolora_A_shard"].astype(np.float64), t["prolora_B_shard"].astype(np.float64)
+        rs, c_a, c_b = a0.shape[0], -(-d_in // m), -(-d_out // n)
+        col = np.arange(d_in)
+        rank = (np.arange(rs)[:, None] + (col // c_a)[None, :] * s_a) % rs
+        a_rows.append(a0[rank, (col % c_a)[None, :]])  # (r_s, d_in)
+        out = np.arange(d_out)
+        rank_b = (np.arange(rs)[None, :] + (out // c_b)[:, None] * s_b) % rs
+        b_cols.append(b0[(out % c_b)[:, None], rank_b])  # (d_out, r_s)
+    if "prolora_A_unshared" in t:
+        a_rows.append(t["prolora_A_unshared"].astype(np.float64))
+        b_cols.append(t["prolora_B_unshared"].astype(np.float64))
+    a, b = np.concatenate(a_rows, 0), np.concatenate(b_cols, 1)
+    return scaling * (x.astype(np.float64) @ a.T) @ b.T
+
+
+# ------------------------------------------------------------------ one-node models
+
+
+def node_model(g: ShardGeometry, scaling: float, tensors: dict[str, np.ndarray], rank: int,
+               body: str = "route", fp16: bool = False, free_shapes: bool = False) -> bytes:
+    """One RotatedShardLoRA node whose shards are overridable initializers, as in a compact export
+    (``free_shapes``: shard inputs of any shape, so that ONNX Runtime lets a wrong one through)."""
+    spec = OpSpec.for_layers([g], upcast=fp16, body=body)
+    elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    lead = [f"d{i}" for i in range(rank - 1)]
+    inits = [onnx.numpy_helper.from_array(v, f"layer.{k}") for k, v in tensors.items()]
+    graph = helper.make_graph(
+        [make_node("X", "Y", "layer", spec, g, scaling)], "one_node",
+        [helper.make_tensor_value_info("X", elem, [*lead, g.in_features])]
+        + [helper.make_tensor_value_info(i.name, elem, ["r", "c"] if free_shapes else list(i.dims)) for i in inits],
+        [helper.make_tensor_value_info("Y", elem, [*lead, g.out_features])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return add_function(model, spec).SerializeToString()
+
+
+def run(model: bytes, x: np.ndarray, kernel: str, threads: int | None = 1) -> np.ndarray:
+    return inference_session(model, kernel=kernel, threads=threads).run(["Y"], {"X": x})[0]
+
+
+def ops_run(model: bytes | str, feeds: dict, kernel: str, tmp_path: Path, outputs=None) -> dict[str, int]:
+    """How many nodes of each op type ONNX Runtime ran (its profile): tells the kernel from the body."""
+    import onnxruntime as ort
+
+    options = session_options("cpu", kernel=kernel)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / f"profile-{kernel}")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session.run(outputs, feeds)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    counts: dict[str, int] = {}
+    for event in events:
+        op = event.get("args", {}).get("op_name")
+        if event.get("cat") == "Node" and op:
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def random_tensors(g: ShardGeometry, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in g.tensor_shapes().items()}
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got.astype(np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+# ------------------------------------------------------------------ numbers
+
+
+@st.composite
+def geometries(draw):
+    r = draw(st.integers(1, 12))
+    u = draw(st.integers(0, r))
+    g = ShardGeometry.build(
+        draw(st.integers(1, 90)), draw(st.integers(1, 90)), r, u, draw(st.integers(1, 6)), draw(st.integers(1, 6)),
+        rotate=draw(st.booleans()),
+        stride_a=draw(st.one_of(st.none(), st.integers(0, r + 3))),
+        stride_b=draw(st.one_of(st.none(), st.integers(0, r + 3))),
+    )
+    lead = draw(st.sampled_from([(1,), (7,), (1, 1), (2, 5), (3, 1, 4), (2, 2, 2, 3), (0, 3)]))
+    return g, lead, draw(st.sampled_from(BODIES)), draw(st.floats(0.05, 4.0))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geometries(), st.integers(0, 2**16))
+def test_kernel_matches_function_body_and_float64(case, seed):
+    g, lead, body, scaling = case
+    tensors = random_tensors(g, seed)
+    x = np.random.default_rng(seed + 1).standard_normal((*lead, g.in_features)).astype(np.float32)
+    model = node_model(g, scaling, tensors, x.ndim, body)
+    got = run(model, x, "native")
+    assert got.shape == (*lead, g.out_features)
+    if x.size == 0:  # no tokens: an empty Y (the function body's Reshape(-1) refuses a 0-row X)
+        return
+    body_out = run(model, x, "function")
+    want = reference_delta(x, tensors, g.in_features, g.out_features, g.sharing_rate_a, g.sharing_rate_b,
+                           g.stride_a, g.stride_b, scaling)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(got, body_out.astype(np.float64)) <= 1e-6  # same numbers as the function body
+
+
+@pytest.mark.parametrize("geom", [(72, 100, 8, 1, 2, 3, True), (37, 53, 6, 6, 5, 3, True), (64, 64, 4, 0, 4, 4, False)],
+                         ids=["shared+unshared", "u=r", "u=0-rotation-off"])
+def test_fp16_computed_in_float32_like_the_body(geom):
+    g = ShardGeometry.build(*geom)
+    tensors = random_tensors(g, 3, np.float16)
+    x = np.random.default_rng(4).standard_normal((2, 9, g.in_features)).astype(np.float16)
+    model = node_model(g, 0.5, tensors, 3, fp16=True)
+    got, body_out = run(model, x, "native"), run(model, x, "function")
+    assert got.dtype == body_out.dtype == np.float16
+    want = reference_delta(x, tensors, *geom[:2], g.sharing_rate_a, g.sharing_rate_b, g.stride_a, g.stride_b, 0.5)
+    # both are one rounding of an fp32 result: within one fp16 step (plus fp32 rounding, for values that
+    # cancel) of each other and of float64
+    step = np.spacing(np.maximum(np.abs(got), np.abs(body_out))).astype(np.float64) + 1e-6 * np.abs(want).max()
+    assert np.all(np.abs(got - want) <= step)
+    assert np.all(np.abs(got.astype(np.float64) - body_out) <= step)
+    assert np.mean(got == body_out) > 0.99  # and almost always the very same fp16 value
+
+
+def test_thread_counts_give_identical_numbers():
+    g = ShardGeometry.build(256, 320, 8, 2, 2, 4, True)  # enough rows × work for the pool split
+    tensors = random_tensors(g, 5)
+    x = np.random.default_rng(6).standard_normal((3, 97, 256)).astype(np.float32)
+    model = node_model(g, 2.0, tensors, 3)
+    outs = [run(model, x, "native", threads=t) for t in (1, 2, 4)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])  # each row is summed the same way on any thread
+    want = reference_delta(x, tensors, 256, 320, 2, 4, g.stride_a, g.stride_b, 2.0)
+    assert rel_err(outs[0], want) <= 1e-5
+    assert rel_err(outs[0], run(model, x, "function", threads=2).astype(np.float64)) <= 1e-6
+
+
+def test_kernel_runs_instead_of_the_body_and_only_when_registered(tmp_path):
+    g = ShardGeometry.build(72, 100, 8, 1, 2, 3, True)
+    model = node_model(g, 1.0, random_tensors(g, 7), 3)
+    feeds = {"X": np.ones((1, 2, 72), np.float32)}
+    with_kernel = ops_run(model, feeds, "native", tmp_path)
+    assert with_kernel.get(OP_TYPE) == 1 and "MatMul" not in with_kernel
+    without = ops_run(model, feeds, "function", tmp_path)  # no library: the function body runs
+    assert OP_TYPE not in without and without.get("MatMul", 0) + without.get("FusedMatMul", 0) >= 2
+
+
+def test_bad_shard_shape_is_a_clear_error():
+    g = ShardGeometry.build(72, 100, 8, 1, 2, 3, True)
+    tensors = random_tensors(g, 8)
+    session = inference_session(node_model(g, 1.0, tensors, 2, free_shapes=True), kernel="native")
+    wrong = np.zeros((tensors["prolora_A_shard"].shape[0], 5), np.float32)
+    with pytest.raises(Exception, match="A_shard has shape"):
+        session.run(["Y"], {"X": np.ones((1, 72), np.float32), "layer.prolora_A_shard": wrong})
+
+
+# ------------------------------------------------------------------ sessions: choice, CUDA, adapters
+
+
+def test_kernel_choice_in_session_options(monkeypatch):
+    import onnxruntime as ort
+
+    assert register_kernel(ort.SessionOptions(), "cpu", "auto") is True
+    assert register_kernel(ort.SessionOptions(), "cpu", "function") is False
+    with pytest.raises(PRoLoRAError, match="unknown kernel"):
+        register_kernel(ort.SessionOptions(), "cpu", "fast")
+    # never on CUDA: a CPU kernel there would pull every adapter node onto the CPU
+    assert register_kernel(ort.SessionOptions(), "cuda", "auto") is False
+    with pytest.raises(PRoLoRAError, match="CPU only"):
+        register_kernel(ort.SessionOptions(), "cuda", "native")
+    # a machine where the build fell back: auto quietly uses the body, native says why
+    monkeypatch.setattr(native, "library_path", lambda folder=native.HERE: None)
+    monkeypatch.setattr(native, "build_status", lambda folder=native.HERE: {"built": False, "reason": "no g++"})
+    assert register_kernel(ort.SessionOptions(), "cpu", "auto") is False
+    with pytest.raises(PRoLoRAError, match="no native kernel: no g"):
+        register_kernel(ort.SessionOptions(), "cpu", "native")
+
+
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory) -> dict[str, Path]:
+    """A tiny compact export whose default adapter is zero, and two adapter files for it."""
+    root = tmp_path_factory.mktemp("native")
+    tiny_llama().save_pretrained(root / "base", safe_serialization=True)
+    hyper = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
+    for i in (0, 1):
+        save_adapter(root / f"a{i}", make_adapter(tiny_llama(), seed=i + 1, **hyper))
+    out = export_onnx(str(root / "base"), root / "a0", root / "compact", mode="compact", default_adapter="zero").out
+    files = [root / f"a{i}.onnx_adapter" for i in (0, 1)]
+    for i, file in enumerate(files):
+        export_onnx_adapter(root / f"a{i}", file)
+    return {"root": root, "model": Path(out) / "model.onnx", "files": files}
+
+
+def test_adapters_switch_shards_with_the_kernel(compact, tmp_path):
+    ids = np.array([[1, 42, 7, 99, 3, 15, 8, 64]], dtype=np.int64)
+    model = str(compact["model"])
+    counts = ops_run(model, decoder_feeds(inference_session(model, kernel="function"), ids), "native", tmp_path,
+                     ["logits"])
+    assert counts.get(OP_TYPE, 0) >= 14  # every adapted layer of the tiny Llama on the kernel
+    results = {}
+    for kernel in ("native", "function"):
+        session = inference_session(model, kernel=kernel)
+        feeds = decoder_feeds(session, ids)
+        results[kernel] = [session.run(["logits"], feeds)[0]] + [
+            session.run(["logits"], feeds, run_options(load_onnx_adapter(f)))[0] for f in compact["files"]]
+    base, a0, a1 = results["native"]
+    assert float(np.abs(a0 - a1).max()) > 1e-2 and float(np.abs(a0 - base).max()) > 1e-2  # shards really switch
+    for got, want in zip(results["native"], results["function"], strict=True):
+        assert rel_err(got, want.astype(np.float64)) <= 1e-5
+
+
+def test_registering_the_library_adds_no_load_warnings(compact):
+    """The overridable-initializer warning wall is silenced by runtime's log level, kernel or not; and
+    registering the library itself prints nothing."""
+    code = ("import sys; from prolora_export.runtime import inference_session; "
+            f"inference_session({str(compact['model'])!r}, kernel=sys.argv[1])")
+    for kernel in ("native", "function"):
+        done = subprocess.run([sys.executable, "-c", code, kernel], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stderr.strip() == "" and done.stdout.strip() == ""
+
+
+# ------------------------------------------------------------------ the build
+
+
+def build_in(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "prolora_export.native.build", "--out", str(tmp_path / "out"),
+                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300,
+                          env=full, cwd=REPO)
+
+
+@pytest.mark.parametrize("missing", ["compiler", "npm"])
+def test_build_falls_back_with_one_line(tmp_path, missing):
+    if missing == "compiler":
+        env = {"CXX": str(tmp_path / "no-such-g++")}
+    else:  # a "compiler" that exists (the headers come first), no npm on PATH and nothing cached
+        env = {"CXX": sys.executable, "PATH": str(Path(sys.executable).parent)}
+    done = build_in(tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and "function body will be used" in lines[0]
+    assert ("compiler" in lines[0]) if missing == "compiler" else ("npm not found" in lines[0])
+    status = native.build_status(tmp_path / "out")
+    assert status is not None and status["built"] is False and status["reason"] in lines[0]
+    assert native.library_path(tmp_path / "out") is None
+    assert native.unavailable_reason(tmp_path / "out") == status["reason"]
+
+
+def test_build_refuses_a_tarball_with_the_wrong_hash(tmp_path):
+    from prolora_export.native.build import TARBALL
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / TARBALL).write_bytes(b"not the pinned package")
+    done = build_in(tmp_path, {})
+    assert done.returncode == 0 and "sha256" in done.stdout and "refused" in done.stdout
+    assert not (tmp_path / "cache" / TARBALL).exists()
+
+
+def test_the_package_library_matches_its_source():
+    """The library in the package was built from the current source (the build's fingerprint)."""
+    from prolora_export.native.build import compiler, fingerprint
+
+    status = native.build_status()
+    assert status is not None and status["built"] is True
+    assert status["fingerprint"] == fingerprint(compiler()), "stale library: run python -m prolora_export.native.build"
