@@ -442,8 +442,6 @@ def _train_locked(
                 str(out),
             )
 
-    if eos_note and accelerator.is_main_process:  # said once every check has passed, when training starts
-        print(eos_note, file=sys.stderr)
     torch.manual_seed(seed)  # the adapter's initial values: identical on every rank
     model = load_base_model(base, task="causal-lm")
     inject_adapter(model, config)  # config.modules was planned above: exactly those layers
@@ -468,6 +466,8 @@ def _train_locked(
             log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as err:
             raise PRoLoRAError(f"cannot read the training log ({err})", str(out / LOG_NAME)) from None
+    if eos_note and accelerator.is_main_process:  # said once every check has passed, when training starts
+        print(eos_note, file=sys.stderr)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
