@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert import read_source
 from ..errors import PRoLoRAError, raise_if
-from ..formats.prolora import load_adapter
+from ..formats.reference import ReadOptions
 from ..outputs import atomic_output_file, check_destination, check_free_space
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -41,7 +42,13 @@ class AdapterFileReport:
 
 
 def export_onnx_adapter(
-    adapter: str | Path, out: str | Path, dtype: str | None = None, force: bool = False, graph=None
+    adapter: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    force: bool = False,
+    base: str | None = None,
+    read_options: ReadOptions | None = None,
+    graph=None,
 ) -> AdapterFileReport:
     """Write ``adapter``'s tensors, by SPEC name, as an ONNX Runtime adapter file (atomically).
 
@@ -49,6 +56,8 @@ def export_onnx_adapter(
     records the geometry and γ it fits (:func:`check_adapter_fits`); with ``graph`` (a compact
     export, anything :func:`read_record` takes) it is made for that graph: a geometry that differs is
     refused, a γ that differs is folded into the B shards, so the file computes this adapter there.
+    The folder is read by the one reader: any layout that has shards (``base``: layer sizes where a
+    reference checkpoint lacks them; ``read_options``: stated hyperparameters, pickle).
     """
     import onnxruntime as ort
 
@@ -58,8 +67,8 @@ def export_onnx_adapter(
         raise PRoLoRAError(f"unknown dtype '{dtype}' (expected one of: {', '.join(NUMPY_DTYPES)})")
     if record is not None and dtype != record["dtype"]:
         raise PRoLoRAError(f"--dtype {dtype} does not match the graph, whose shards are {record['dtype']}")
-    check_destination(Path(out).absolute(), force)
-    loaded = load_adapter(adapter)
+    check_destination(out, force, inputs={"adapter folder": adapter}, kind="file")
+    loaded = read_source(adapter, base, read_options, compact=True).adapter
     record = record or geometry_record(loaded.config, dtype)
     arrays = fitted_arrays(loaded, record, NUMPY_DTYPES[dtype])
     check_free_space(Path(out).absolute(), sum(a.nbytes for a in arrays.values()) + (1 << 20))
