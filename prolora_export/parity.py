@@ -377,14 +377,21 @@ def _load_tokenizer(*folders: str | Path):
 
 
 def _reference_model(
-    base: str, adapter: str | Path, task: str, dtype: torch.dtype, read_options: ReadOptions | None = None
+    base: str, adapter: str | Path, task: str, dtype: torch.dtype, read_options: ReadOptions | None = None,
+    graph=None,
 ):
+    """PyTorch base + adapter, unmerged; with ``graph`` (a compact export) the adapter is first checked to
+    be what the graph's nodes bake in and its shards default to (:func:`.onnx.adapters.check_exported_from`)."""
     from .convert import base_sizes
     from .formats.detect import read_adapter
     from .inject import inject_adapter, load_adapter_weights
     from .models import load_base_model
 
     loaded = read_adapter(adapter, read_options, base_sizes(base)).adapter
+    if graph is not None:
+        from .onnx.adapters import check_exported_from
+
+        check_exported_from(loaded, graph)
     ref_task = {"text-generation-with-past": "text-generation"}.get(task, task)
     model = load_base_model(base, task=ref_task, dtype=dtype)
     inject_adapter(model, loaded.config)
@@ -735,7 +742,8 @@ def check_parity(
         raise PRoLoRAError("no prompts given")
 
     task = onnx_task(outputs, _folder_config(folder))
-    reference = _reference_model(base, adapter, task, REFERENCE_DTYPES[reference_dtype], read_options)
+    reference = _reference_model(base, adapter, task, REFERENCE_DTYPES[reference_dtype], read_options,
+                                 onnx_path if compact else None)
     candidate = _ort_model(folder, task, provider)
     tokenizer = _load_tokenizer(folder, base)
     decoder = task.startswith("text-generation")

@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_adapter, tiny_llama
+from test_data import tiny_tokenizer
 
 from prolora_export.cli import main
 from prolora_export.errors import PRoLoRAError
@@ -35,6 +36,7 @@ def llama(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("exact")
     base = tiny_llama()
     base.save_pretrained(root / "base", safe_serialization=True)
+    tiny_tokenizer().save_pretrained(root / "base")  # parity needs one; exports copy it
     adapter = make_adapter(copy.deepcopy(base), seed=2, r=4, unshared_r=1)
     save_adapter(root / "ad", adapter)
     return {"root": root, "base": root / "base", "ad": root / "ad"}
@@ -376,3 +378,13 @@ def test_a_graph_is_checked_against_the_adapter_it_should_hold(compact: dict) ->
     with pytest.raises(PRoLoRAError, match="stride_a is 0 here but 1 in the graph"):
         check_exported_from(load_adapter(compact["norotate"]), record)
     assert check_exported_from(adapter, {"other": "metadata"}) is None  # a merged export records nothing
+
+
+def test_parity_refuses_a_graph_that_does_not_hold_the_adapter(compact: dict) -> None:
+    """A zero-default graph computes the base model: parity against the adapter could only FAIL and
+    point at a layer; it now says why, before any model is loaded (exit 2)."""
+    args = ["parity", "--base", str(compact["base"]), "--adapter", str(compact["ad"]), "--onnx", str(compact["graph"]),
+            "--max-new-tokens", "0"]
+    assert "shards default to zero (exported with --default-adapter zero)" in one_line_error(
+        CliRunner().invoke(main, args))
+
