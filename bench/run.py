@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     ),
     "merge": ("bench_merge.py", ["--quick"], [], "MERGE.md", "merge.json"),
     "onnx": ("bench_onnx.py", ["--quick"], [], "ONNX.md", "onnx.json"),
+    "quant": ("bench_quant.py", ["--quick"], [], "QUANT.md", "quant.json"),
 }
 
 
@@ -163,12 +164,30 @@ def _onnx_goals(r: dict) -> list[Goal]:
     return out
 
 
+def _quant_goals(r: dict) -> list[Goal]:
+    """Issue 16's goals on each model, then the parity gate of every quantized demo graph."""
+    out: list[Goal] = []
+    for model, m in r["models"].items():
+        for goal in m["goals"].values():
+            out.append(("#16", f"{model}: {goal['label']} ≤ {goal['bound']:.2f}", f"{goal['value']:.3f}",
+                        goal["met"]))
+    for graph, check in r["models"]["demo"]["parity"].items():
+        if isinstance(check, dict) and not graph.startswith("fp32"):
+            metrics = check["metrics"]
+            detail = f"rel err {metrics['rel']:.2g}, max KL {metrics['max_kl']:.2g}" + (
+                f", adapter effect rel {metrics['effect_rel']:.2g}" if "effect_rel" in metrics else "")
+            out.append(("#16", f"parity gate ({check['preset']} preset), demo {graph} passes", detail,
+                        check["passed"]))
+    return out
+
+
 GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "size": _size_goals,
     "forward": _forward_goals,
     "train": _train_goals,
     "merge": _merge_goals,
     "onnx": _onnx_goals,
+    "quant": _quant_goals,
 }
 
 

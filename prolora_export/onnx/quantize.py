@@ -139,7 +139,10 @@ def _fingerprint(model: onnx.ModelProto, names: set[str]) -> dict:
         raw = onnx.numpy_helper.to_array(tensor).tobytes()
         tensors[name] = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(raw).hexdigest(), name in inputs)
     nodes = sorted(n.SerializeToString(deterministic=True) for n in graph.node if n.domain == op.DOMAIN)
-    return {"tensors": tensors, "nodes": nodes, "functions": sorted(_canonical(f) for f in model.functions)}
+    # what the adapter files are checked against (onnx.adapters: the geometry record and its fingerprint)
+    metadata = sorted((p.key, p.value) for p in model.metadata_props if p.key.startswith("prolora."))
+    return {"tensors": tensors, "nodes": nodes, "functions": sorted(_canonical(f) for f in model.functions),
+            "metadata": metadata}
 
 
 def _canonical(function: onnx.FunctionProto) -> bytes:
@@ -163,6 +166,8 @@ def check_adapter_path(before: dict, after: dict, where: str) -> None:
                            "refusing to write a graph whose adapter cannot be switched", where)
     if before["nodes"] != after["nodes"] or before["functions"] != after["functions"]:
         raise PRoLoRAError(f"internal: the quantizer changed the {op.DOMAIN} nodes or functions; refusing", where)
+    if before["metadata"] != after["metadata"]:
+        raise PRoLoRAError("internal: the quantizer dropped the graph's prolora.* metadata; refusing", where)
 
 
 def embedding_gathers(graph: onnx.GraphProto, excluded: set[str]) -> list[str]:
