@@ -92,9 +92,8 @@ def convert(
         raise PRoLoRAError(f"unknown target format '{to}' (expected one of: {', '.join(TARGETS)})")
     from .outputs import check_destination, check_free_space
 
-    if Path(out).absolute() == Path(src).absolute():
-        raise PRoLoRAError("the output folder must differ from the source folder", str(out))
-    check_destination(Path(out).absolute(), force)  # before any reading: fail fast
+    # before any reading: fail fast (base: only its config is read, but it must survive too)
+    check_destination(out, force, inputs={"source adapter folder": src, "base model": base})
     source = read_source(src, base, options, compact=to == "prolora")
     fmt, adapter = source.format, source.adapter
     if to == "prolora":

@@ -219,11 +219,10 @@ def _plan(
         except PRoLoRAError as err:
             problems += err.problems
     try:
-        check_destination(out, force)
+        inputs = [("base model folder", base_dir), *(("adapter folder", a) for a, _ in adapters)]
+        check_destination(out, force, inputs=inputs)
     except PRoLoRAError as err:
         problems += err.problems
-    if base_dir is not None and out.absolute() == base_dir.absolute():
-        problems.append(f"{out}: the output folder must differ from the base model folder")
     if base_dir is None:
         raise_if(problems)
     shard_names, tensors, index, layout_problems = _read_layout(base_dir)

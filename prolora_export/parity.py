@@ -63,6 +63,7 @@ import torch
 
 from .errors import PRoLoRAError
 from .formats.reference import ReadOptions
+from .models import load_config, resolve_model
 from .onnx.quantize import quantized_bits
 from .runtime import check_providers, inference_session, require_provider, session_options
 
@@ -141,11 +142,18 @@ def parse_tolerance(spec: str | None, default_preset: str) -> tuple[str, Toleran
             overrides[key] = None if value.strip().lower() in ("none", "off") else float(value)
         except ValueError:
             raise PRoLoRAError(f"'{item}' is not KEY=NUMBER (or KEY=off)", "--tolerance") from None
+        if overrides[key] is not None and not math.isfinite(overrides[key]):  # a NaN bound fails every run
+            raise PRoLoRAError(f"'{item}': a bound must be a finite number (or off to report only)", "--tolerance")
     return (name + ("+custom" if overrides else "")), replace(tol, **overrides)
 
 
-def read_prompts(path: str | Path | None) -> list[str]:
-    """One prompt per line, or JSONL lines ``{"prompt": …}``; blank lines are skipped."""
+#: a prompt: text (tokenized, through the chat template for decoders) or token ids used as they are
+Prompt = str | list[int]
+
+
+def read_prompts(path: str | Path | None) -> list[Prompt]:
+    """One prompt per line, or JSONL lines ``{"prompt": …}`` or ``{"input_ids": [token ids]}``; blank
+    lines are skipped. A line starting with ``{`` that is not JSON is text like any other."""
     if path is None:
         return list(DEFAULT_PROMPTS)
     path = Path(path)
@@ -157,19 +165,30 @@ def read_prompts(path: str | Path | None) -> list[str]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        record = None
         if line.lstrip().startswith("{"):
             try:
-                prompt = json.loads(line)["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise PRoLoRAError(f"line {number}: not a JSON object with a \"prompt\" string", str(path)) from None
-            if not isinstance(prompt, str) or not prompt:
-                raise PRoLoRAError(f"line {number}: \"prompt\" must be a non-empty string", str(path))
-            prompts.append(prompt)
-        else:
-            prompts.append(line)
+                record = json.loads(line)
+            except json.JSONDecodeError:  # text that happens to start with "{"
+                record = None
+        prompts.append(line if record is None else _prompt_of(record, f"{path}: line {number}"))
     if not prompts:
         raise PRoLoRAError("no prompts in the file", str(path))
     return prompts
+
+
+def _prompt_of(record: Any, where: str) -> Prompt:
+    """The prompt of one JSON record: its "prompt" text or its "input_ids" token ids."""
+    if isinstance(record, dict) and "prompt" in record:
+        if not isinstance(record["prompt"], str) or not record["prompt"]:
+            raise PRoLoRAError('"prompt" must be a non-empty string', where)
+        return record["prompt"]
+    if isinstance(record, dict) and "input_ids" in record:
+        ids = record["input_ids"]
+        if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
+            raise PRoLoRAError('"input_ids" must be a non-empty list of integer token ids', where)
+        return ids
+    raise PRoLoRAError('expected a JSON object with a "prompt" string or an "input_ids" list of token ids', where)
 
 
 # ---------------------------------------------------------------------- metrics
@@ -208,7 +227,7 @@ def _worst(values: list[float], kind: str) -> float:
 
 @dataclass
 class PromptResult:
-    prompt: str
+    prompt: Prompt
     tokens: int
     metrics: dict[str, float]
     greedy_reference: list[int] = field(default_factory=list)
@@ -281,7 +300,7 @@ class ParityReport:
                 "same" if r.first_divergence is None else f"step {r.first_divergence}")
             kl = f"{m['max_kl']:>10.2e}" if "max_kl" in m else f"{'-':>10}"
             top1 = f"{m['top1']:>7.3f}" if "top1" in m else f"{'-':>7}"
-            text = r.prompt.replace("\n", " ")
+            text = r.prompt.replace("\n", " ") if isinstance(r.prompt, str) else f"ids {r.prompt}"
             lines.append(f"  {i:<3}{r.tokens:>7}{m['rel']:>10.2e}{kl}{top1}  {greedy:<8} {text[:40]}")
         if self.localization:
             loc = self.localization
@@ -371,9 +390,78 @@ def _load_tokenizer(*folders: str | Path):
     for folder in folders:
         try:
             return AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_remote_code())
-        except (OSError, ValueError, TypeError):
+        except PRoLoRAError:
+            raise
+        except Exception:  # no tokenizer files: transformers fails in many ways (AttributeError too)
             continue
-    raise PRoLoRAError("no tokenizer in the ONNX folder nor in the base model", str(folders[0]))
+    raise PRoLoRAError(
+        "no tokenizer in the ONNX folder nor in the base model, and text prompts need one: add one, or give "
+        'the prompts as token ids (--prompts lines {"input_ids": [1, 2, 3]})',
+        str(folders[0]),
+    )
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer_folders: list[str | Path], chat: bool,
+                   graph_inputs: set[str]) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    """The inputs of each prompt, fed alike to PyTorch and ONNX, and the tokenizer (None when every
+    prompt is token ids, which need none).
+
+    Only ``input_ids``, ``attention_mask`` and what else the graph takes are kept: a decoder's tokenizer
+    that also returns ``token_type_ids`` (a plain ``PreTrainedTokenizerFast``) would make ``generate``
+    refuse them, or change GPT-2's embeddings on the PyTorch side only.
+    """
+    tokenizer = _load_tokenizer(*tokenizer_folders) if any(isinstance(p, str) for p in prompts) else None
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            inputs = _tokenize(tokenizer, prompt, chat)
+        else:
+            ids = torch.tensor([prompt], dtype=torch.long)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        encoded.append({k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask") or k in graph_inputs})
+    return encoded, tokenizer
+
+
+def check_comparable(base_config, onnx_config, base: str, folder: Path) -> None:
+    """One clear line, before any loading, when the base and the ONNX folder cannot be compared at all."""
+    for config, where in ((base_config, base), (onnx_config, str(folder))):
+        if getattr(config, "is_encoder_decoder", False):
+            raise PRoLoRAError(f"{config.model_type} is an encoder-decoder (seq2seq) model: parity compares "
+                               "decoder-only models and encoders, what `prolora-export onnx` exports", where)
+    if base_config.model_type != onnx_config.model_type:
+        raise PRoLoRAError(f"was exported from a {onnx_config.model_type} model, but --base {base} is a "
+                           f"{base_config.model_type} model: pass the base the export was made from", str(folder))
+
+
+def check_prompt_lengths(encoded: list[dict[str, torch.Tensor]], configs: list, new_tokens: int) -> None:
+    """Every prompt (plus the tokens to generate) fits the model's positions and holds valid token ids,
+    checked before any model is loaded: past either, GPT-2/OPT/BERT index out of their tables."""
+    limits = [getattr(c, "max_position_embeddings", None) for c in configs]
+    limits = [limit for limit in limits if isinstance(limit, int)]
+    vocab = min((c.vocab_size for c in configs if isinstance(getattr(c, "vocab_size", None), int)), default=None)
+    for number, inputs in enumerate(encoded, 1):
+        ids = inputs["input_ids"][0]
+        if ids.numel() == 0:
+            raise PRoLoRAError(f"prompt {number} has no tokens")
+        if vocab is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise PRoLoRAError(f"prompt {number}: token id {bad} is outside the model's vocabulary (0 to {vocab - 1})")
+        if limits and ids.numel() + new_tokens > min(limits):
+            extra = f" + {new_tokens} to generate (--max-new-tokens)" if new_tokens else ""
+            raise PRoLoRAError(f"prompt {number} has {ids.numel()} tokens{extra}, more than the model's "
+                               f"{min(limits)} positions (max_position_embeddings): shorten it"
+                               + (" or generate fewer" if extra else ""))
+
+
+def _pad_id(tokenizer, config) -> int | None:
+    """The pad id for generate: the tokenizer's pad or eos, else the config's."""
+    for owner in (tokenizer, config):
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(owner, name, None) if owner is not None else None
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int):
+                return value
+    return None
 
 
 def _reference_model(
@@ -708,7 +796,7 @@ def check_parity(
     adapter: str | Path,
     onnx_dir: str | Path,
     provider: str = "cpu",
-    prompts: list[str] | None = None,
+    prompts: list[Prompt] | None = None,
     max_new_tokens: int = 16,
     tolerance: str | None = None,
     reference_dtype: str = "fp32",
@@ -732,6 +820,7 @@ def check_parity(
     if not graph.output:
         raise PRoLoRAError("the ONNX graph has no outputs", str(onnx_path))
     outputs = [o.name for o in graph.output]
+    graph_inputs = {i.name for i in graph.input}
     onnx_dtype = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
     bits, compact = quantized_bits(graph), bool(adapter_nodes(graph))
     del graph
@@ -752,11 +841,9 @@ def check_parity(
     output_name = "last_hidden_state" if task == "feature-extraction" else "logits"
 
     results: list[PromptResult] = []
-    encoded: list[dict[str, torch.Tensor]] = []
     isolation = AdapterIsolation(reference, onnx_path, provider, output_name) if compact else None
-    for prompt in tqdm(prompts, desc="parity", unit="prompt", disable=not progress):
-        inputs = _tokenize(tokenizer, prompt, chat=decoder)
-        encoded.append(inputs)
+    for prompt, inputs in tqdm(list(zip(prompts, encoded, strict=True)), desc="parity", unit="prompt",
+                               disable=not progress):
         with torch.no_grad():
             ref_out = getattr(reference(**inputs), output_name)
             cand_out = getattr(candidate(**_onnx_inputs(candidate, inputs)), output_name)

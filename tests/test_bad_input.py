@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from collections import Counter
@@ -150,6 +151,21 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["a_file"].write_text("not a folder")
     paths["remote"] = _remote_code_model(root / "remote", paths["model"])
     paths["data"] = write_jsonl(root / "train.jsonl", [{"prompt": "what is 1 plus 2 ?", "completion": "3"}] * 4)
+    paths["prompts"] = root / "prompts.txt"
+    paths["prompts"].write_text("what is 1 plus 2 ?\n")
+    paths["model_link"] = root / "model-link"
+    paths["model_link"].symlink_to(paths["model"])
+    paths["long_prompt"] = root / "long.txt"
+    paths["long_prompt"].write_text(" ".join(["what"] * 300) + "\n")  # the tiny Llama has 256 positions
+    paths["ids_prompt"] = root / "ids.jsonl"
+    paths["ids_prompt"].write_text('{"input_ids": [5, 9, 128]}\n')  # 128: one past the vocabulary
+    paths["model_notok"] = root / "model-notok"
+    base.save_pretrained(paths["model_notok"], safe_serialization=True)
+    paths["loud"] = root / "loud"  # logits ~1e5: fp32 rounding alone exceeds optimum's atol 1e-5
+    with torch.no_grad():
+        base.lm_head.weight.mul_(1e5)
+    base.save_pretrained(paths["loud"], safe_serialization=True)
+    paths.update(_other_architectures(root))
 
     paths["onnx"] = root / "onnx"
     paths["onnx"].mkdir()
@@ -161,7 +177,28 @@ def world(tmp_path_factory) -> dict[str, str]:
     paths["onnx_garbage"] = root / "onnx-garbage"
     shutil.copytree(paths["onnx"], paths["onnx_garbage"])
     (paths["onnx_garbage"] / "model.onnx").write_bytes(b"\xff" * 40)
+    paths["onnx_t5"] = root / "onnx-t5"
+    shutil.copytree(paths["onnx"], paths["onnx_t5"])
+    shutil.copy(paths["t5"] / "config.json", paths["onnx_t5"])
     return {k: str(v) for k, v in paths.items()}
+
+
+def _other_architectures(root: Path) -> dict[str, Path]:
+    """A tiny T5 (encoder-decoder) and a tiny BERT (encoder), each with an adapter."""
+    import transformers
+
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=128, decoder_start_token_id=0))
+    t5.save_pretrained(root / "t5")
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128))
+    bert.save_pretrained(root / "bert")
+    return {
+        "t5": root / "t5",
+        "t5_ad": save_adapter(root / "t5-ad", make_adapter(t5, target_modules=["q", "v"], r=4, unshared_r=1)),
+        "bert": root / "bert",
+        "bert_ad": save_adapter(root / "bert-ad", make_adapter(bert, target_modules=["query"], r=4, unshared_r=1)),
+    }  # fmt: skip
 
 
 def _remote_code_model(folder: Path, model: Path) -> Path:
@@ -223,6 +260,7 @@ def without_force(args: list[str]) -> list[str]:
 
 CFG = "adapter_config.json"
 ST = "adapter_model.safetensors"
+MUST = "the output must differ from every input"
 OTHER = "an adapter for another model?"
 CASES: list[tuple[str, list[str], list[str]]] = [
     # missing or unreadable paths
@@ -369,8 +407,45 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("out_exists", without_force(onnx_adapter()), ["already exists (pass --force to replace it)"]),
     ("out_exists", without_force(convert()), ["already exists (pass --force to replace it)"]),
     ("out_exists", without_force(train()), ["already exists (pass --force to replace it)"]),
-    ("out_is_base", [*merge()[:5], "--out", "{model}", "--quiet", "--force"], ["must differ from the base model"]),
-    ("out_is_src", ["convert", "{ad}", "--to", "prolora", "--out", "{ad}", "--force"], ["must differ from the source"]),
+    # an output that would replace, sit inside or contain an input, however spelled (issue 14, 9)
+    ("out_is_input", [*merge()[:5], "--out", "{model}", "--quiet", "--force"], ["is the base model folder", MUST]),
+    ("out_is_input", [*merge()[:5], "--out", "{model}/../model", "--quiet", "--force"], ["is the base model folder"]),
+    ("out_is_input", [*merge()[:5], "--out", "{model_link}", "--quiet", "--force"], ["is the base model folder"]),
+    ("out_is_input", ["convert", "{ad}", "--to", "prolora", "--out", "{ad}", "--force"], ["is the source", MUST]),
+    ("out_is_input", [*onnx_cmd()[:7], "--out", "{model}", "--force"], ["is the base model", MUST]),
+    ("out_is_input", [*train()[:5], "--out", "{model}", *train()[7:]], ["is the base model", MUST]),
+    ("out_is_input", ["onnx-adapter", "--adapter", "{ad}", "--out", "{ad}/../ad", "--force"], ["is a folder"]),
+    ("out_in_input", [*merge()[:5], "--out", "{ad}/merged", "--quiet", "--force"], ["is inside the adapter folder"]),
+    ("out_in_input", [*onnx_cmd()[:7], "--out", "{model_link}/onnx", "--force"], ["is inside the base model"]),
+    ("out_in_input", ["onnx-adapter", "--adapter", "{ad}", "--out", "{ad}/a.onnx_adapter"], ["is inside the adapter"]),
+    ("out_in_input", [*parity()[:-1], "{onnx}/report.json"], ["is inside the ONNX folder"]),
+    ("out_has_input", [*merge()[:5], "--out", "{root}", "--quiet", "--force"], ["contains the base model folder"]),
+    ("out_has_input", ["convert", "{ad}", "--to", "peft", "--out", "{ad}/..", "--force"], ["contains the source"]),
+    ("out_has_input", [*train()[:5], "--out", "{root}", *train()[7:]], ["contains the base model"]),
+    ("out_is_input", [*parity()[:-2], "--prompts", "{prompts}", "--report", "{prompts}"], ["is the prompts", MUST]),
+    # an existing file where a folder is written, or the other way round (issue 14, 9 and 17)
+    ("out_wrong_kind", [*merge()[:5], "--out", "{outfile}", "--quiet", "--force"], ["is a file", "is a folder"]),
+    ("out_wrong_kind", [*convert()[:4], "--out", "{outfile}", "--force"], ["out.file", "is a file"]),
+    ("out_wrong_kind", [*train()[:5], "--out", "{outfile}", *train()[7:]], ["out.file", "is a file"]),
+    ("out_wrong_kind", [*onnx_cmd()[:7], "--out", "{outfile}", "--force"], ["out.file", "is a file"]),
+    ("out_wrong_kind", [*onnx_adapter()[:3], "--out", "{out}", "--force"], ["is a folder, and the output is a file"]),
+    ("out_wrong_kind", [*parity()[:-1], "{out}"], ["is a folder, and the output is a file"]),
+    # what the exporter cannot export whole, refused before loading (issue 14, 11 and 16)
+    ("encoder_decoder", onnx_cmd("{t5_ad}", base="{t5}"), ["t5 is an encoder-decoder", "encoder alone"]),
+    ("encoder_decoder", parity("{t5_ad}", base="{t5}", onnx_dir="{onnx_t5}"), ["t5 is an encoder-decoder"]),
+    ("opset", [*onnx_cmd(), "--opset", "13"], ["--opset 13 is outside what the exporter supports for llama"]),
+    ("opset", [*onnx_cmd(mode="compact"), "--opset", "99"], ["--opset 99 is outside what the exporter supports"]),
+    ("opset", [*onnx_cmd(), "--opset", "5"], ["--opset 5 is outside what the exporter supports"]),
+    # optimum's --validate failing must not exit 0 (issue 14, 20)
+    ("validate_fails", [*onnx_cmd(base="{loud}"), "--validate"],
+     ["not within the set tolerance", "nothing was written"]),
+    # parity inputs that cannot work, refused before any model is loaded (issue 14, 13, 18, 23)
+    ("prompt_too_long", [*parity(), "--prompts", "{long_prompt}"], ["prompt 1 has", "more than the model's 256"]),
+    ("token_id_unknown", [*parity(), "--prompts", "{ids_prompt}"], ["token id 128 is outside the model's vocabulary"]),
+    ("no_tokenizer", parity(base="{model_notok}"), ["no tokenizer", "text prompts need one", '{"input_ids"']),
+    ("other_arch", parity("{bert_ad}", base="{bert}"), ["onnx: was exported from a llama model", "bert model"]),
+    ("tolerance_nan", [*parity(), "--tolerance", "max_rel=nan"], ["'max_rel=nan'", "finite number"]),
+    ("tolerance_nan", [*parity(), "--tolerance", "fp32-cpu,min_cos=-inf"], ["'min_cos=-inf'", "finite number"]),
 ]
 
 
@@ -467,6 +542,47 @@ def test_output_under_a_file_cannot_be_written(world: dict[str, str], tmp_path: 
         args = [a.replace("{root}", str(tmp_path)) for a in args]
         assert_clean_error(CliRunner().invoke(main, _fill(args, world, tmp_path)), ["blocker", "not a folder"])
     assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("args", [merge(), onnx_cmd(), convert(), train()], ids=lambda a: a[0])
+def test_out_dot_never_replaces_the_current_folder(world: dict[str, str], tmp_path: Path, monkeypatch, args) -> None:
+    """``--out . --force`` run from inside a folder would have replaced that folder (issue 14, 9)."""
+    _prepare_destination(tmp_path)
+    before = _state(tmp_path / "out")
+    monkeypatch.chdir(tmp_path / "out")
+    args = [a.replace("{out}", ".") for a in args]
+    assert_clean_error(CliRunner().invoke(main, _fill(args, world, tmp_path)), ["is the current folder"])
+    assert _state(tmp_path / "out") == before
+
+
+def test_outputs_are_readable_by_other_users(world: dict[str, str], tmp_path: Path) -> None:
+    """Under umask 022 every file written is 0644 and every folder 0755, including those written
+    through temporary files (safetensors, tempfile), which are 0600 (issue 14, 19)."""
+    before = os.umask(0o022)
+    try:
+        for args in (train("--r", "4"), onnx_adapter(), merge()):
+            shutil.rmtree(tmp_path / "out", ignore_errors=True)
+            result = CliRunner().invoke(main, _fill(args, world, tmp_path))
+            assert result.exit_code == 0, result.output
+    finally:
+        os.umask(before)
+    written = [tmp_path / "out.file", *(tmp_path / "out").rglob("*")]
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in written}
+    assert modes == {name: "0o755" if (tmp_path / name).is_dir() else "0o644" for name in modes}
+    assert "out/model.safetensors" in modes and "out.file" in modes
+
+
+def test_fetch_demo_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """pip's multi-line stderr used to become a multi-line error (issue 14, 23)."""
+    monkeypatch.setenv("PROLORA_EXPORT_CACHE", str(tmp_path / "cache"))
+    stderr = "ERROR: Could not find a version\nERROR: No matching distribution\n"
+    failed = subprocess.CompletedProcess([], 1, "", stderr)
+    monkeypatch.setattr("prolora_export.models.subprocess.run", lambda *args, **kwargs: failed)
+    result = CliRunner().invoke(main, ["fetch-demo"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()  # a progress line, then the error on one line
+    assert lines[0].startswith("fetching the demo model") and len(lines) == 2, result.output
+    assert lines[1].startswith("error: ") and "ERROR: Could not find a version ERROR: No matching" in lines[1]
 
 
 @pytest.mark.parametrize("args", [merge(), onnx_cmd(), onnx_adapter(), convert(), train()], ids=lambda a: a[0])

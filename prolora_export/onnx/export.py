@@ -59,7 +59,7 @@ from ..formats.prolora import Adapter
 from ..formats.reference import ReadOptions
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
 from ..layer import PRoLoRALinear
-from ..models import copy_model_side_files, load_base_model, model_class_for, resolve_model
+from ..models import copy_model_side_files, load_base_model, load_config, model_class_for, resolve_model
 from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES, compact_forward
 from . import op
@@ -120,6 +120,77 @@ def export_task(config, task: str = "auto") -> str:
     if cls is AutoModelForSequenceClassification:
         return "text-classification"
     return "feature-extraction"
+
+
+def exportable_task(config, task: str = "auto", opset: int | None = None) -> str:
+    """:func:`export_task`, after refusing (before any weight is loaded) what the exporter cannot
+    export whole: an encoder-decoder, an architecture optimum has no ONNX config for, an opset
+    outside what optimum and torch's exporter support for it."""
+    model_type = getattr(config, "model_type", None) or "this model"
+    if getattr(config, "is_encoder_decoder", False):
+        raise PRoLoRAError(
+            f"{model_type} is an encoder-decoder (seq2seq) model, which onnx does not export: as "
+            "feature-extraction it would be the encoder alone, without the decoder that generates. "
+            "Decoder-only models (causal LM) and encoders are supported"
+        )
+    full_task = export_task(config, task)
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model_type=model_type, task=full_task, library_name="transformers"
+        )
+    except (KeyError, ValueError) as err:
+        reason = str(err).strip("'\"").split(". ")[0][:200]
+        raise PRoLoRAError(f"optimum cannot export {model_type} to ONNX for {full_task} ({reason})") from None
+    lowest, highest = getattr(constructor, "func", constructor).DEFAULT_ONNX_OPSET, _exporter_max_opset()
+    if opset is not None and not lowest <= opset <= highest:
+        raise PRoLoRAError(
+            f"--opset {opset} is outside what the exporter supports for {model_type}: {lowest} to {highest} "
+            "(optimum's minimum for the architecture, the maximum of torch's TorchScript ONNX exporter)"
+        )
+    return full_task
+
+
+def _exporter_max_opset() -> int:
+    """The newest opset torch's TorchScript exporter (the one optimum drives) can write."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # private module: fall back to what the onnx package knows
+        return onnx.defs.onnx_opset_version()
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+
+
+@contextlib.contextmanager
+def validation_as_gate(enabled: bool) -> Iterator[None]:
+    """``--validate`` as a gate: optimum only logs a failed check as a warning (naming the temporary
+    folder, which is deleted right after) and exits 0, so any failure of its check becomes our one
+    error here instead, raised inside the atomic output so that nothing is written."""
+    if not enabled:
+        yield
+        return
+    from optimum.exporters.onnx import convert
+
+    original, failures = convert.validate_models_outputs, []
+
+    def validate(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as err:  # AtolError, OutputMatchError, ShapeError, or ORT failing to run it
+            failures.append(" ".join(str(err).split()) or type(err).__name__)
+
+    convert.validate_models_outputs = validate
+    try:
+        yield
+    finally:
+        convert.validate_models_outputs = original
+    if failures:
+        raise PRoLoRAError(
+            f"optimum's --validate check failed, so nothing was written: {failures[0][:400]} (an absolute "
+            "bound also fails faithful fp32 exports of large models; `prolora-export parity` gates with "
+            "scale-free bounds)"
+        )
 
 
 def range_problems(model: nn.Module, dtype: torch.dtype) -> list[str]:
@@ -437,7 +508,9 @@ def export_onnx(
     if mode == "compact" and opset is not None and opset < op.MIN_OPSET:
         raise PRoLoRAError(f"compact mode needs --opset ≥ {op.MIN_OPSET} (got {opset})")
     out = Path(out)
-    check_destination(out.absolute(), force)
+    source = resolve_model(base)
+    check_destination(out, force, inputs=[("base model", source), *(("adapter folder", a) for a in adapters)])
+    full_task = exportable_task(load_config(source), task, opset)
     started = time.perf_counter()
     sizes = base_sizes(base)
 
@@ -449,9 +522,7 @@ def export_onnx(
         from . import slots as slot_export
 
         slot_export.check_geometry_agrees([loaded, *map(read, adapters[1:])], [str(a) for a in adapters])
-    source = resolve_model(base)
     model = load_base_model(source, task=task)
-    full_task = export_task(model.config, task)
     if slots and not full_task.startswith("text-generation"):
         raise PRoLoRAError(f"--slots exports decoders (text-generation tasks), not {full_task}")
     check_adapter_layers(model, list(loaded.config.modules), full_task)
@@ -476,7 +547,7 @@ def export_onnx(
 
     with atomic_output_dir(out, force=force) as tmp:
         tracing = slot_export.export_with_slots(model) if slots else export_as_custom_op(model)
-        with tracing if spec else contextlib.nullcontext(), torch.no_grad():
+        with tracing if spec else contextlib.nullcontext(), torch.no_grad(), validation_as_gate(validate):
             onnx_export_from_model(
                 model,
                 tmp,
