@@ -1,117 +1,594 @@
-"""PRoLoRA vs PEFT LoRA on the demo model: held-out loss at equal and at larger LoRA budgets.
+"""PRoLoRA vs PEFT LoRA at equal and at twice the trainable-parameter budget: a study that can tell.
 
-Every run uses the same data, batches, steps, learning-rate schedule, dropout and seed
-(the batch order and LR schedule of ``prolora_export.train``); only the adapter differs.
-LoRA ranks are chosen from the PRoLoRA adapter's trainable-parameter count: the smallest
-rank with at least the same budget, and the smallest with at least twice the budget.
-α = 2·rank everywhere, so every adapter has the same scaling γ = 2.
+The task is the word cipher of ``make_capacity_task.py`` (a table the base model cannot
+know; held-out lines are new lines of the same table), on which an adapter's capacity
+decides how much of the table it learns. Every run shares one training loop (the batch
+order, dropout seeding, learning-rate schedule and gradient clipping of
+``prolora_export.train``), so for a given seed only the adapter differs. LoRA ranks come
+from the PRoLoRA adapter's trainable-parameter count: the smallest rank with at least the
+same budget (1×) and the smallest with at least twice it (2×). α = 2·rank everywhere
+(γ = 2), dropout 0.05, PEFT's default initialisation for LoRA and the project's rectified
+initialisation for PRoLoRA.
 
-    python examples/compare_lora.py            # ~10 min on 2 idle CPU cores; writes examples/RESULTS.md
+The base is the demo model (SmolLM2-135M) cut to its first and last block, with its output
+layer cut to the code words (``--layers``, ``--head``): on a 2-core machine shared by many
+jobs the whole model would allow a handful of runs, not a study (RESULTS.md says more).
+
+Stages for each target set (q/v first, then all seven projections; ``--stage all``):
+
+- ``sweep``: PRoLoRA, LoRA 1× and LoRA 2× at each ``--lrs`` value on seed 0, scored on
+  the validation split (this is also the capacity check: LoRA 2× must clearly beat 1×);
+- ``seeds``: each method at its best learning rate, on the other seeds;
+- ``ablations`` (q/v): rotation off, u = 0 (r = 9: the same budget) and rectified
+  initialisation off, at PRoLoRA's learning rate, every seed.
+
+Each finished run is appended to ``--results`` at once and runs already there are skipped,
+so an interrupted study resumes where it stopped; several workers may share one results
+file (each run is claimed first). ``--report`` only reads the results and writes
+``examples/RESULTS.md`` and the plot.
+
+    python examples/make_capacity_task.py
+    OMP_NUM_THREADS=1 python examples/compare_lora.py &      # two workers at once
+    OMP_NUM_THREADS=1 python examples/compare_lora.py &
+    python examples/compare_lora.py --report
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers import AutoTokenizer
+import torch.nn.functional as F
 
 from prolora_export.config import PRoLoRAConfig
-from prolora_export.data import collate, load_dataset
-from prolora_export.inject import inject_adapter
-from prolora_export.models import load_base_model, resolve_model
-from prolora_export.train import MAX_GRAD_NORM, evaluate_loss, lr_at, micro_batch
+from prolora_export.data import IGNORE_INDEX, Example, collate, load_dataset
+from prolora_export.inject import inject_adapter, prolora_layers
+from prolora_export.train import MAX_GRAD_NORM, lr_at, micro_batch
 
 HERE = Path(__file__).parent
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGET_SETS = {"all7": ALL7, "qv": ["q_proj", "v_proj"]}
+DROPOUT = 0.05
+PRO_R, PRO_U, PRO_M, PRO_N = 8, 1, 2, 2
+#: the plateau check evaluates this many validation examples at ½ and ¾ of training
+MIDWAY_EVAL = 100
+PROGRESS_EVERY = 50
 
 
-def prolora_model(base: str, targets: list[str], r: int, u: int, m: int, n: int, dropout: float, seed: int):
-    torch.manual_seed(seed)
-    config = PRoLoRAConfig(r=r, unshared_r=u, sharing_rate_a=m, sharing_rate_b=n, lora_alpha=2 * r,
-                           lora_dropout=dropout, target_modules=targets)  # fmt: skip
-    return inject_adapter(load_base_model(base), config)
+@dataclass(frozen=True)
+class Spec:
+    """One training run. ``method`` is ``prolora`` or ``lora``; ``budget`` names the LoRA rank rule."""
+
+    method: str
+    targets: str
+    lr: float
+    seed: int
+    stage: str
+    budget: str = ""  # "1x" / "2x" for LoRA
+    r: int = PRO_R
+    u: int = PRO_U
+    rotate: bool = True
+    rectified: bool = True
+
+    @property
+    def label(self) -> str:
+        if self.method == "lora":
+            return f"LoRA {self.budget}"
+        if (self.r, self.u, self.rotate, self.rectified) == (PRO_R, PRO_U, True, True):
+            return "PRoLoRA"
+        parts = [f"r={self.r}, u={self.u}"] + ([] if self.rotate else ["no rotation"])
+        return "PRoLoRA (" + ", ".join(parts + ([] if self.rectified else ["no rectified init"])) + ")"
+
+    @property
+    def key(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "stage"}, sort_keys=True)
 
 
-def lora_model(base: str, targets: list[str], r: int, dropout: float, seed: int):
+@dataclass
+class Task:
+    """What every run shares: a fresh-base-model factory, the splits, and the training budget."""
+
+    base: Callable[[], torch.nn.Module]
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    pad_id: int
+    steps: int
+    batch: int
+    eval_batch: int = 50
+    ranks: dict[str, dict[str, int]] = field(default_factory=dict)  # targets -> {"1x": r, "2x": r}
+
+
+def truncated_base(base: str, layers: int = 0, head_ids: Sequence[int] | None = None) -> Callable[[], torch.nn.Module]:
+    """A factory for the base model, cut to its first and last ``layers / 2`` blocks when
+    ``layers`` is given (the last blocks are the ones whose output the LM head reads: the first
+    blocks alone give a loss of 24 nats on the task before training, first + last 11, all 30
+    blocks 9), and with its output layer cut to the rows of ``head_ids`` when given (the tokens a
+    completion can hold: the softmax is over the code words and EOS, a hundredth of the cost)."""
+    from prolora_export.models import load_base_model
+
+    def make() -> torch.nn.Module:
+        model = load_base_model(base)
+        if layers:
+            blocks = list(model.model.layers)
+            kept = blocks[: (layers + 1) // 2] + blocks[len(blocks) - layers // 2 :]
+            for index, block in enumerate(kept):
+                block.self_attn.layer_idx = index  # the KV-cache slot
+            model.model.layers = torch.nn.ModuleList(kept)
+            model.config.num_hidden_layers = layers
+            model.config.use_cache = False
+        if head_ids is not None:
+            rows = model.get_output_embeddings().weight.detach()[torch.tensor(list(head_ids))].clone()
+            head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+            head.weight = torch.nn.Parameter(rows, requires_grad=False)
+            model.lm_head = head  # untied: the input embedding keeps the whole vocabulary
+            model.config.tie_word_embeddings = False
+        return model
+
+    return make
+
+
+def code_labels(examples: list[Example], marker: int) -> list[Example]:
+    """Keep the labels of the tokens right after ``marker`` (the code words after each ``=``) only."""
+    def keep(ids: list[int], labels: list[int]) -> list[int]:
+        return [t if i and ids[i - 1] == marker else IGNORE_INDEX for i, t in enumerate(labels)]
+
+    return [Example(e.input_ids, keep(e.input_ids, e.labels)) for e in examples]
+
+
+def relabel(examples: list[Example], head_ids: Sequence[int]) -> list[Example]:
+    """Labels as row numbers of the cut output layer (see :func:`truncated_base`)."""
+    row = {token: i for i, token in enumerate(head_ids)}
+    return [Example(e.input_ids, [row[t] if t != IGNORE_INDEX else t for t in e.labels]) for e in examples]
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def prolora_model(base: torch.nn.Module, spec: Spec) -> torch.nn.Module:
+    config = PRoLoRAConfig(r=spec.r, unshared_r=spec.u, sharing_rate_a=PRO_M, sharing_rate_b=PRO_N,
+                           rotate=spec.rotate, lora_alpha=2 * spec.r, lora_dropout=DROPOUT,
+                           target_modules=TARGET_SETS[spec.targets])  # fmt: skip
+    model = inject_adapter(base, config)
+    if not spec.rectified:
+        # the ablation: the shard's fan-in taken as its chunk width c_A, not d_in (bound √m larger)
+        with torch.no_grad():
+            for _, layer in prolora_layers(model):
+                shard = layer.adapter_tensors().get("prolora_A_shard")
+                if shard is not None:
+                    shard.uniform_(-1 / math.sqrt(shard.shape[1]), 1 / math.sqrt(shard.shape[1]))
+    return model
+
+
+def lora_model(base: torch.nn.Module, targets: str, rank: int) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets)
-    return get_peft_model(load_base_model(base), config)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=DROPOUT, target_modules=TARGET_SETS[targets])
+    return get_peft_model(base, config)
 
 
-def fit(model, examples, steps: int, batch: int, lr: float, seed: int, pad_id: int) -> float:
-    """The training step of ``prolora_export.train`` on one process; returns seconds taken."""
+def lora_ranks(task: Task, targets: str) -> dict[str, int]:
+    """The smallest LoRA ranks with at least 1× and 2× PRoLoRA's trainable parameters."""
+    if targets not in task.ranks:
+        budget = trainable(prolora_model(task.base(), Spec("prolora", targets, 0.0, 0, "")))
+        per_rank = trainable(lora_model(task.base(), targets, 1))
+        task.ranks[targets] = {"1x": math.ceil(budget / per_rank), "2x": math.ceil(2 * budget / per_rank)}
+    return task.ranks[targets]
+
+
+def build(task: Task, spec: Spec) -> torch.nn.Module:
+    torch.manual_seed(spec.seed)  # the adapter's initial values
+    if spec.method == "prolora":
+        return prolora_model(task.base(), spec)
+    return lora_model(task.base(), spec.targets, lora_ranks(task, spec.targets)[spec.budget])
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean loss per labelled token, per-row exact match of greedy tokens, labelled tokens).
+
+    The vocabulary projection is only computed from the first labelled position on
+    (``logits_to_keep``): the prompt's logits would be thrown away, and on a model cut to a
+    few blocks they are most of the cost. The value is the model's own ``labels=`` loss.
+    """
+    labels = batch["labels"]
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(labelled[0]) + 1
+    keep = labels.shape[1] - first + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits, targets = logits[:, :-1].float(), labels[:, first:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    mask = targets != IGNORE_INDEX
+    exact = ((logits.argmax(-1) == targets) | ~mask).all(dim=1)
+    return loss, exact, int(mask.sum())
+
+
+def fit(model, task: Task, lr: float, seed: int, on_step: Callable[[int], None] | None = None) -> list[float]:
+    """The training step of ``prolora_export.train`` on one process; returns the loss of every step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
-    start = time.perf_counter()
-    for step in range(steps):
-        torch.manual_seed(seed * 1_000_003 + step * 1009)
+    losses = []
+    for step in range(task.steps):
+        torch.manual_seed(seed * 1_000_003 + step * 1009)  # dropout RNG, as in train()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        model(**collate(micro_batch(examples, step, batch, 1, 0, seed), pad_id)).loss.backward()
+            group["lr"] = lr_at(step, task.steps, lr)
+        loss, _, _ = completion_loss(model, collate(micro_batch(task.train, step, task.batch, 1, 0, seed), task.pad_id))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            break  # diverged: the record says so, the sweep drops this learning rate
+        losses.append(round(value, 5))
+        if (step + 1) % PROGRESS_EVERY == 0:
+            recent = statistics.fmean(losses[-PROGRESS_EVERY:])
+            print(f"      step {step + 1}/{task.steps}  loss {recent:.4f}", flush=True)
+        if on_step:
+            on_step(step + 1)
+    return losses
+
+
+def evaluate(model, task: Task, examples: Sequence[Example]) -> dict[str, float]:
+    """Held-out loss per labelled token and exact-match accuracy (every completion token greedy-correct)."""
+    was_training = model.training
+    model.eval()
+    total, count, hits = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), task.eval_batch):
+            loss, exact, n = completion_loss(model, collate(list(examples[i : i + task.eval_batch]), task.pad_id))
+            total += float(loss) * n
+            count += n
+            hits += int(exact.sum())
+    model.train(was_training)
+    return {"loss": round(total / max(count, 1), 5), "exact": round(hits / len(examples), 4)}
+
+
+def run(task: Task, spec: Spec) -> dict:
+    """Train one spec from scratch; its record, with the valid loss (first MIDWAY_EVAL examples) at ½ and ¾
+    of training and the full valid/test loss and exact match at the end."""
+    model = build(task, spec)
+    checkpoints = {task.steps // 2: "half", (3 * task.steps) // 4: "three_quarters"}
+    midway = {}
+
+    def on_step(step: int) -> None:
+        if step in checkpoints:
+            midway[f"valid_loss_{checkpoints[step]}"] = evaluate(model, task, task.valid[:MIDWAY_EVAL])["loss"]
+
+    tic = time.perf_counter()
+    losses = fit(model, task, spec.lr, spec.seed, on_step)
+    seconds = time.perf_counter() - tic
+    diverged = len(losses) < task.steps
+    record = {**asdict(spec), "key": spec.key, "label": spec.label, "params": trainable(model),
+              "steps": task.steps, "batch": task.batch, "train_losses": losses, "diverged": diverged,
+              "train_s": round(seconds, 1)}  # fmt: skip
+    if spec.method == "lora":
+        record["rank"] = task.ranks[spec.targets][spec.budget]
+    if not diverged:
+        valid, test = evaluate(model, task, task.valid), evaluate(model, task, task.test)
+        midway["valid_loss_end"] = evaluate(model, task, task.valid[:MIDWAY_EVAL])["loss"]
+        record.update(midway, midway_eval_examples=MIDWAY_EVAL, valid_loss=valid["loss"], valid_exact=valid["exact"],
+                      test_loss=test["loss"], test_exact=test["exact"])  # fmt: skip
+    return record
+
+
+# ---------------------------------------------------------------------------------- plan
+
+
+def read_results(path: Path, setup: dict | None = None) -> list[dict]:
+    """The finished runs; with ``setup``, only those made with that model cut and training budget."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if not setup or all(r.get(k) == v for k, v in setup.items())]
+
+
+def best_lr(results: list[dict], method: str, targets: str, budget: str, lrs: Sequence[float]) -> float | None:
+    """The swept learning rate with the lowest validation loss on seed 0 (None until all are done)."""
+    scored = {
+        r["lr"]: (r["valid_loss"] if not r["diverged"] else math.inf)
+        for r in results
+        if r["stage"] == "sweep" and (r["method"], r["targets"], r["budget"], r["seed"]) == (method, targets, budget, 0)
+        and (r["r"], r["u"], r["rotate"], r["rectified"]) == (PRO_R, PRO_U, True, True)
+    }  # fmt: skip
+    if any(lr not in scored for lr in lrs):
+        return None
+    return min(lrs, key=lambda lr: scored[lr])
+
+
+METHODS = (("prolora", ""), ("lora", "1x"), ("lora", "2x"))
+
+
+def plan(stage: str, results: list[dict], lrs: Sequence[float], seeds: Sequence[int]) -> list[Spec]:
+    """The specs of one stage (``<targets>_<kind>``) that can be planned from the results so far:
+    seeds and ablations need the sweep of their method to be complete."""
+    targets, kind = stage.split("_")
+    if kind == "sweep":
+        return [Spec(m, targets, lr, seeds[0], "sweep", b) for m, b in METHODS for lr in lrs]
+    if kind == "seeds":
+        out = []
+        for m, b in METHODS:
+            lr = best_lr(results, m, targets, b, lrs)
+            if lr is not None:
+                out += [Spec(m, targets, lr, s, "seeds", b) for s in seeds[1:]]
+        return out
+    if kind == "ablations":
+        lr = best_lr(results, "prolora", targets, "", lrs)
+        if lr is None:
+            return []
+        variants = [dict(rotate=False), dict(r=PRO_R + PRO_U, u=0), dict(rectified=False)]
+        return [Spec("prolora", targets, lr, s, "ablations", **v) for v in variants for s in seeds]
+    raise ValueError(stage)
+
+
+#: the order of work: q/v first (there the task discriminates capacity, see RESULTS.md), then all seven
+STAGES = {"qv": ["qv_sweep", "qv_seeds", "qv_ablations"], "all7": ["all7_sweep", "all7_seeds"]}
+
+
+def claim(folder: Path, spec: Spec) -> bool:
+    """Take a run for this process (several workers may share one results file); False if another
+    live process has it. A claim left by a dead process is taken over."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / hashlib.sha1(spec.key.encode()).hexdigest()[:16]
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return False
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
+def release(folder: Path, spec: Spec) -> None:
+    import hashlib
+
+    (folder / hashlib.sha1(spec.key.encode()).hexdigest()[:16]).unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------------- report
+
+REPORT_END = "<!-- end of the generated part: what follows is kept when the report is rewritten -->"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def plateau(record: dict) -> float:
+    """Relative drop of the mean training loss from the second-to-last to the last tenth of training."""
+    losses = record["train_losses"]
+    tenth = max(1, len(losses) // 10)
+    before, last = statistics.fmean(losses[-2 * tenth : -tenth]), statistics.fmean(losses[-tenth:])
+    return (before - last) / before
+
+
+def groups(results: list[dict], lrs: Sequence[float]) -> list[dict]:
+    """One row per configuration: its runs over seeds (at the method's best swept learning rate)."""
+    rows = []
+    for targets in TARGET_SETS:
+        for method, budget in METHODS:
+            lr = best_lr(results, method, targets, budget, lrs)
+            wanted = (method, targets, budget, lr)
+            runs = [r for r in results if (r["method"], r["targets"], r["budget"], r["lr"]) == wanted
+                    and r["stage"] != "ablations" and not r["diverged"]]  # fmt: skip
+            if runs:
+                rows.append({"targets": targets, "label": runs[0]["label"], "lr": lr, "runs": runs})
+    ablations: dict[str, list[dict]] = {}
+    for r in results:
+        if r["stage"] == "ablations" and not r["diverged"]:
+            ablations.setdefault(r["label"], []).append(r)
+    rows += [{"targets": runs[0]["targets"], "label": label, "lr": runs[0]["lr"], "runs": runs, "ablation": True}
+             for label, runs in ablations.items()]  # fmt: skip
+    return rows
+
+
+def row_md(row: dict, budget: int) -> str:
+    runs = sorted(row["runs"], key=lambda r: r["seed"])
+    params = runs[0]["params"]
+    name = row["label"] + (f" (r={runs[0]['rank']})" if "rank" in runs[0] else "")
+    flat = max(plateau(r) for r in runs)
+    keys = ("valid_loss_half", "valid_loss_three_quarters", "valid_loss_end")
+    valid_path = " → ".join(f"{statistics.fmean(r[k] for r in runs):.3f}" for k in keys if all(k in r for r in runs))
+    return (f"| {name} | {params:,} | {params / budget:.2f}× | {row['lr']:g} | {len(runs)} | "
+            f"{fmt([r['test_loss'] for r in runs])} | {fmt([100 * r['test_exact'] for r in runs], 1)} | "
+            f"{fmt([r['valid_loss'] for r in runs])} | {valid_path} | {100 * flat:.1f}% |")  # fmt: skip
+
+
+def sweep_md(results: list[dict], lrs: Sequence[float]) -> list[str]:
+    lines = ["| targets | adapter | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---:|" * len(lrs)]
+    for targets in TARGET_SETS:
+        for method, budget in METHODS:
+            cells = []
+            for lr in lrs:
+                hit = [r for r in results if r["stage"] == "sweep" and r["seed"] == 0 and r["lr"] == lr
+                       and (r["method"], r["targets"], r["budget"]) == (method, targets, budget)]  # fmt: skip
+                cells.append("—" if not hit else "diverged" if hit[0]["diverged"] else f"{hit[0]['valid_loss']:.3f}")
+            if any(c != "—" for c in cells):
+                label = "PRoLoRA" if method == "prolora" else f"LoRA {budget}"
+                best = best_lr(results, method, targets, budget, lrs)
+                cells = [f"**{c}**" if lr == best else c for lr, c in zip(lrs, cells, strict=True)]
+                lines.append(f"| {targets} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"all7": "tab:blue", "qv": "tab:orange"}
+    for targets in TARGET_SETS:
+        lora = [r for r in rows if r["targets"] == targets and r["label"].startswith("LoRA")]
+        pro = [r for r in rows if r["targets"] == targets and r["label"] == "PRoLoRA"]
+        for kind, subset, marker in (("LoRA", lora, "o-"), ("PRoLoRA", pro, "*")):
+            if not subset:
+                continue
+            xs = [r["runs"][0]["params"] for r in subset]
+            stats = [mean_std([run["test_loss"] for run in r["runs"]]) for r in subset]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=marker, color=colors[targets],
+                        markersize=12 if kind == "PRoLoRA" else 6, capsize=3, label=f"{kind}, {targets}")  # fmt: skip
+    for r in rows:
+        if r.get("ablation"):
+            m, sd = mean_std([run["test_loss"] for run in r["runs"]])
+            ax.errorbar([r["runs"][0]["params"]], [m], yerr=[sd], fmt="x", color="gray", capsize=3)
+            ax.annotate(r["label"].removeprefix("PRoLoRA "), (r["runs"][0]["params"], m), fontsize=7,
+                        color="gray", xytext=(6, 0), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("held-out (test) loss per completion token")
+    ax.set_title("Cipher task: held-out loss vs adapter size (mean ± std over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: list[dict], lrs: Sequence[float], md: Path, png: Path, command: str) -> None:
+    """RESULTS.md (tables, setup, command) and the plot; the hand-written reading below REPORT_END is kept."""
+    rows = groups(results, lrs)
+    if not rows:
+        raise SystemExit("no finished runs yet")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, png)
+    first = results[0]
+    header = ("| adapter | trainable params | vs PRoLoRA | lr | seeds | test loss | test exact % | valid loss "
+              "| valid loss ½ → ¾ → end | last-tenth train-loss drop |")  # fmt: skip
+    lines = [
+        "# PRoLoRA vs LoRA: a study that can tell",
+        "",
+        f"Command: `{command}` (then `python examples/compare_lora.py --report` for this page and the plot).",
+        f"Data: `python examples/make_capacity_task.py` (defaults). Base: {first['base']} cut to its first "
+        f"{first['layers']} decoder blocks; {first['steps']} steps of batch {first['batch']}, linear warmup (10%) and "
+        "decay, AdamW, gradient clipping 1.0, dropout 0.05, α = 2·rank; the same data order and dropout seeds for "
+        "every adapter of a seed. Loss is per completion token (the code words and EOS); exact = every completion "
+        "token greedy-correct.",
+        "",
+    ]
+    for targets, title in (("all7", "All seven projections"), ("qv", "q_proj and v_proj only")):
+        subset = [r for r in rows if r["targets"] == targets and not r.get("ablation")]
+        if not subset:
+            continue
+        sizes = [r["runs"][0]["params"] for r in subset if r["label"] == "PRoLoRA"]
+        budget = sizes[0] if sizes else subset[0]["runs"][0]["params"]
+        lines += [f"## {title}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [row_md(r, budget) for r in subset] + [""]
+    ablations = [r for r in rows if r.get("ablation")]
+    if ablations:
+        targets = ablations[0]["targets"]
+        reference = [r for r in rows if r["targets"] == targets and r["label"] == "PRoLoRA" and not r.get("ablation")]
+        budget = ablations[0]["runs"][0]["params"]
+        lines += [f"## Ablations ({targets}, PRoLoRA's learning rate, same budget)", "", header,
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [row_md(r, budget) for r in reference + ablations] + [""]
+    lines += ["## Learning-rate sweep (seed 0, validation loss; bold = chosen)", "", *sweep_md(results, lrs), ""]
+    lines += [f"![held-out loss vs trainable parameters]({png.relative_to(md.parent)})", ""]
+    kept = md.read_text().split(REPORT_END, 1)[1] if md.is_file() and REPORT_END in md.read_text() else "\n"
+    md.write_text("\n".join(lines) + "\n" + REPORT_END + kept)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--targets", default="q_proj,v_proj")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--layers", type=int, default=2, help="keep the first and last N/2 decoder blocks (0: all)")
+    parser.add_argument("--head", choices=["completion", "full"], default="completion",
+                        help="output layer: only the tokens completions hold, or the whole vocabulary")
+    parser.add_argument("--data", default=str(HERE / "capacity"), help="folder of make_capacity_task.py")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lrs", default="3e-3,1e-2,3e-2")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--stage", default="all", choices=["all", *STAGES])
+    parser.add_argument("--only", default="", help="comma-separated run labels to restrict to (e.g. 'LoRA 1x')")
+    parser.add_argument("--results", default=str(HERE / "study" / "results.jsonl"))
+    parser.add_argument("--report", action="store_true", help="only write RESULTS.md and the plot")
     args = parser.parse_args()
-    targets = args.targets.split(",")
+    results_path = Path(args.results)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    setup = {"base": args.base, "layers": args.layers, "head": args.head, "steps": args.steps, "batch": args.batch_size}
+    if args.report:
+        command = f"OMP_NUM_THREADS=1 python examples/compare_lora.py --stage all --layers {args.layers} " \
+                  f"--steps {args.steps} --batch-size {args.batch_size} --lrs {args.lrs} --seeds {args.seeds}"
+        write_report(read_results(results_path, setup), lrs, HERE / "RESULTS.md", HERE / "study" / "loss_vs_params.png",
+                     command)  # fmt: skip
+        return
+    from transformers import AutoTokenizer
+
+    from prolora_export.models import resolve_model
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.base))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = load_dataset(HERE / "data" / "train.jsonl", tokenizer, args.max_length)
-    eval_set = load_dataset(HERE / "data" / "eval.jsonl", tokenizer, args.max_length)
-
-    r, u, m, n, dropout = 8, 1, 2, 2, 0.05
-    base_loss = evaluate_loss(load_base_model(args.base), eval_set, 8, pad_id, "cpu")
-    runs = [(f"PRoLoRA r={r}, u={u}, m=n={m}", lambda: prolora_model(args.base, targets, r, u, m, n, dropout, 0))]
-    budget = sum(p.numel() for p in runs[0][1]().parameters() if p.requires_grad)
-    per_rank = sum(p.numel() for p in lora_model(args.base, targets, 1, dropout, 0).parameters() if p.requires_grad)
-    equal = budget / per_rank  # LoRA never gets fewer parameters than PRoLoRA: ranks are rounded up
-    for rank in (math.ceil(equal), math.ceil(2 * equal)):
-        runs.append((f"LoRA r={rank}", lambda rank=rank: lora_model(args.base, targets, rank, dropout, 0)))
-
-    rows = []
-    for name, build in runs:
-        model = build()
-        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        seconds = fit(model, train_set, args.steps, args.batch_size, args.lr, args.seed, pad_id)
-        loss = evaluate_loss(model, eval_set, 8, pad_id, "cpu")
-        rows.append(f"| {name} | {params:,} | {params / budget:.2f}× | {loss:.4f} | {seconds:.0f} |")
-        print(rows[-1], flush=True)
-    command = "python examples/compare_lora.py " + " ".join(sys.argv[1:])
-    table = "\n".join(
-        [
-            f"Held-out loss on examples/data/eval.jsonl ({len(eval_set)} examples) after {args.steps} steps "
-            f"of batch {args.batch_size} (max length {args.max_length}, lr {args.lr}, targets {args.targets}, "
-            f"seed {args.seed}); base model without adapter: {base_loss:.4f}.",
-            "",
-            "| adapter | trainable params | vs PRoLoRA | eval loss | train s |",
-            "|---|---:|---:|---:|---:|",
-            *rows,
-        ]
-    )
-    print(table)
-    Path(args.out).write_text(f"# PRoLoRA vs LoRA on SmolLM2-135M\n\nCommand: `{command.strip()}`\n\n{table}\n")
+    data = Path(args.data)
+    marker = tokenizer(" =", add_special_tokens=False)["input_ids"][-1]
+    splits = {
+        name: code_labels(load_dataset(data / f"{name}.jsonl", tokenizer, 64), marker)
+        for name in ("train", "valid", "test")
+    }
+    head_ids = None
+    if args.head == "completion":
+        head_ids = sorted({t for examples in splits.values() for e in examples for t in e.labels if t != IGNORE_INDEX})
+        splits = {name: relabel(examples, head_ids) for name, examples in splits.items()}
+    task = Task(truncated_base(args.base, args.layers, head_ids), splits["train"], splits["valid"], splits["test"],
+                pad_id, args.steps, args.batch_size)  # fmt: skip
+    seeds = [int(x) for x in args.seeds.split(",")]
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    stages = [s for name, group in STAGES.items() if args.stage in ("all", name) for s in group]
+    claims = results_path.parent / "claims"
+    while True:  # until every plannable run is done; waits while another worker holds a run
+        ran = waiting = False
+        for stage in stages:
+            for spec in plan(stage, read_results(results_path, setup), lrs, seeds):
+                done = {r["key"] for r in read_results(results_path, setup)}
+                if spec.key in done or (only and spec.label not in only):
+                    continue
+                if not claim(claims, spec):
+                    waiting = True
+                    continue
+                try:
+                    when = time.strftime("%H:%M:%S")
+                    print(f"[{when}] {stage}: {spec.label} lr={spec.lr} seed={spec.seed}", flush=True)
+                    record = {**run(task, spec), **setup}
+                    with results_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                finally:
+                    release(claims, spec)
+                ran = True
+                scores = [f"{k} {record.get(k)}" for k in ("valid_loss", "test_loss", "test_exact")]
+                print(f"    params {record['params']:,}  {'  '.join(scores)}  {record['train_s']:.0f}s", flush=True)
+        if not ran and not waiting:
+            break
+        if not ran:
+            time.sleep(20)
+    print("command:", "python examples/compare_lora.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
