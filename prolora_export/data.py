@@ -181,6 +181,16 @@ def _token_boundary(tokenizer, text: str, ids: list[int], chars: int) -> int:
     return len(prefix)
 
 
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    """The prompt with the tokenizer's special tokens, less the eos that some tokenizers append to
+    every text (``add_eos_token``): the completion follows the prompt, the eos ends the completion."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids[-1:] == [eos] and tokenizer(text, add_special_tokens=False)["input_ids"][-1:] != [eos]:
+        return ids[:-1]
+    return ids
+
+
 def _with_eos(tokenizer, ids: list[int]) -> list[int]:
     eos = tokenizer.eos_token_id
     return [*ids, eos] if eos is not None and (not ids or ids[-1] != eos) else ids
@@ -191,7 +201,7 @@ def tokenize_record(tokenizer, record: dict[str, Any], max_length: int) -> Examp
     if "messages" in record:
         example = _tokenize_messages(tokenizer, record["messages"])
     elif "prompt" in record:
-        prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        prompt = _prompt_ids(tokenizer, record["prompt"])
         completion = _with_eos(tokenizer, tokenizer(record["completion"], add_special_tokens=False)["input_ids"])
         example = Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
     else:

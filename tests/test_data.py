@@ -191,3 +191,18 @@ def test_template_raise_exception_is_one_line_with_file_line_and_its_message(tmp
         load_dataset(path, tok, max_length=256)
     message = "the chat template refused this conversation: Conversation roles must be user/assistant, got tool"
     assert info.value.problems == [f"{path}:2: {message}", f"{path}:4: {message}"]
+
+
+def test_a_tokenizer_that_appends_eos_to_every_text_ends_only_the_completion():
+    """add_eos_token-style tokenizers: the prompt's own eos would sit between prompt and completion."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)]
+    )
+    ex = tokenize_record(tok, {"prompt": "what is 1 ?", "completion": "1"}, 64)
+    assert ex.input_ids == [tok.bos_token_id, *ids(tok, "what is 1 ? 1"), tok.eos_token_id]
+    assert labelled(ex) == [*ids(tok, "1"), tok.eos_token_id]
+    text = tokenize_record(tok, {"text": "hello 1"}, 64)
+    assert text.input_ids == [tok.bos_token_id, *ids(tok, "hello 1"), tok.eos_token_id]
