@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from conftest import make_adapter, tiny_llama
 from onnx import numpy_helper
 
 from prolora_export.cli import main
+from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
 from prolora_export.parity import GATES, compare, parse_tolerance, read_prompts
 
@@ -221,6 +224,118 @@ def test_tolerance_and_prompts_parsing(tmp_path):
     prompts.write_text('plain line\n{"prompt": "json line"}\n\n')
     assert read_prompts(prompts) == ["plain line", "json line"]
     assert len(read_prompts(None)) >= 4
+    # issue 14, 23: a line that starts with "{" but is not JSON is text; token ids need no tokenizer
+    prompts.write_text('{x} is a set\n{"input_ids": [3, 1, 4]}\n')
+    assert read_prompts(prompts) == ["{x} is a set", [3, 1, 4]]
+    for bad in ('{"text": "no prompt key"}', '{"input_ids": [1, 2.5]}', '{"input_ids": []}', '{"prompt": ""}'):
+        prompts.write_text(bad + "\n")
+        with pytest.raises(PRoLoRAError, match="line 1"):
+            read_prompts(prompts)
+    for spec in ("max_rel=nan", "fp32-cpu,max_kl=inf", "min_cos=-inf"):  # a NaN bound failed every run
+        with pytest.raises(PRoLoRAError, match="a bound must be a finite number"):
+            parse_tolerance(spec, "fp32-cpu")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama whose tokenizer is a plain PreTrainedTokenizerFast (it returns token_type_ids, like
+    Falcon's), a tiny GPT-2 with 32 learned positions, an adapter on each and their merged exports."""
+    import transformers
+    from test_data import tiny_tokenizer
+
+    from prolora_export.onnx.export import export_onnx
+
+    root = tmp_path_factory.mktemp("parity-small")
+    llama = tiny_llama()
+    llama.save_pretrained(root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    save_adapter(root / "llama-ad", make_adapter(llama, r=4, unshared_r=1))
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                                                vocab_size=128))
+    gpt2.save_pretrained(root / "gpt2")
+    tiny_tokenizer().save_pretrained(root / "gpt2")
+    save_adapter(root / "gpt2-ad", make_adapter(gpt2, target_modules=["c_attn"], r=4, unshared_r=1))
+    for name in ("llama", "gpt2"):
+        export_onnx(str(root / name), root / f"{name}-ad", root / f"{name}-onnx")
+    return {"root": root}
+
+
+def parity_cli(small, name: str, *extra: str, base: str | None = None, onnx_dir: str | None = None):
+    root = small["root"]
+    args = ["parity", "--base", base or str(root / name), "--adapter", str(root / f"{name}-ad"),
+            "--onnx", onnx_dir or str(root / f"{name}-onnx"), *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_tokenizer_with_token_type_ids_for_a_decoder(small, tmp_path):
+    """generate refused the token_type_ids a plain PreTrainedTokenizerFast returns (issue 14, 12);
+    both sides now get only what the graph takes, and the report follows the umask (item 19)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("what is 1 plus 2 ?\nhello answer be brief\n")
+    before = os.umask(0o022)
+    try:
+        result = parity_cli(small, "llama", "--prompts", str(prompts), "--max-new-tokens", "3",
+                            "--report", str(tmp_path / "report.json"))
+    finally:
+        os.umask(before)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "Traceback" not in result.output
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644
+    assert json.loads((tmp_path / "report.json").read_text())["metrics"]["greedy"] == 1.0
+
+
+def test_token_id_prompts_need_no_tokenizer(small, tmp_path):
+    """A base and an ONNX folder without tokenizer files crashed inside transformers (issue 14, 18)."""
+    root = small["root"]
+    bare_base, bare_onnx = tmp_path / "base", tmp_path / "onnx"
+    shutil.copytree(root / "llama", bare_base)
+    shutil.copytree(root / "llama-onnx", bare_onnx)
+    for folder in (bare_base, bare_onnx):
+        for name in TOKENIZER_FILES:
+            (folder / name).unlink(missing_ok=True)
+    prompts = tmp_path / "ids.jsonl"
+    prompts.write_text('{"input_ids": [8, 9, 10, 11]}\n{"input_ids": [2, 30, 31]}\n')
+    result = parity_cli(small, "llama", "--prompts", str(prompts), "--max-new-tokens", "3",
+                        base=str(bare_base), onnx_dir=str(bare_onnx))
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "ids [8, 9, 10, 11]" in result.output
+    text = tmp_path / "text.txt"
+    text.write_text("what is 1 plus 2 ?\n")
+    result = parity_cli(small, "llama", "--prompts", str(text), base=str(bare_base), onnx_dir=str(bare_onnx))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "no tokenizer" in result.output and '{"input_ids"' in result.output
+
+
+def test_prompt_over_the_positions_is_refused_before_any_model_loads(small, tmp_path, monkeypatch):
+    """GPT-2's 32 learned positions: a prompt that fits, plus --max-new-tokens that do not (issue 14, 13)."""
+    import prolora_export.parity as parity
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("what is 1 plus 2 ?\n")  # 12 tokens through the chat template
+    ok = parity_cli(small, "gpt2", "--prompts", str(prompts), "--max-new-tokens", "4")
+    assert ok.exit_code == 0 and "PASS" in ok.output, ok.output
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the prompt lengths were checked")
+
+    monkeypatch.setattr(parity, "_reference_model", no_loading)
+    over = parity_cli(small, "gpt2", "--prompts", str(prompts), "--max-new-tokens", "30")
+    assert over.exit_code == 2 and "Traceback" not in over.output, over.output
+    assert "+ 30 to generate (--max-new-tokens), more than the model's 32 positions" in over.output
+    prompts.write_text(" ".join(["what"] * 40) + "\n")
+    long = parity_cli(small, "gpt2", "--prompts", str(prompts), "--max-new-tokens", "0")
+    assert long.exit_code == 2 and "more than the model's 32 positions" in long.output, long.output
+
+
+def test_report_that_cannot_be_written_fails_before_the_run(small, tmp_path, monkeypatch):
+    """--report naming a folder failed only after the whole run (issue 14, 17)."""
+    import prolora_export.cli.parity as cli_parity
+
+    monkeypatch.setattr(cli_parity, "check_parity", lambda *a, **k: pytest.fail("the run started"))
+    (tmp_path / "reports").mkdir()
+    result = parity_cli(small, "llama", "--report", str(tmp_path / "reports"))
+    assert result.exit_code == 2 and "is a folder, and the output is a file" in result.output, result.output
 
 
 def _tiny_bert(cls_name: str, root: Path, demo_model: Path) -> tuple[Path, Path]:
