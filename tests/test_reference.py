@@ -354,6 +354,7 @@ def _cli(*args) -> object:
     return CliRunner().invoke(cli_main, [str(a) for a in args])
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_is_read_only_when_allowed_and_never_runs_code(tmp_path: Path) -> None:
     run = RefRun(6, 1, 2, 2)
     folder = write_final(tmp_path / "final", trained_state(SIZES, run), run)
@@ -405,3 +406,18 @@ def test_onnx_adapter_reads_a_reference_checkpoint(tmp_path: Path) -> None:
     result = _cli("onnx-adapter", "--adapter", folder, "--out", tmp_path / "a.onnx_adapter")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "a.onnx_adapter").stat().st_size > 0
+
+
+def test_onnx_export_and_parity_read_a_reference_folder(tmp_path: Path) -> None:
+    """The final folder with both files, the pickle allowed: onnx (compact) and parity read it like the rest."""
+    from test_data import tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    run = RefRun(6, 1, 2, 2)
+    folder = write_final(tmp_path / "final", trained_state(SIZES, run), run)
+    common = ["--base", tmp_path / "base", "--adapter", folder, "--allow-pickle"]
+    done = _cli("onnx", *common, "--mode", "compact", "--out", tmp_path / "onnx")
+    assert done.exit_code == 0, done.output
+    gate = _cli("parity", *common, "--onnx", tmp_path / "onnx", "--max-new-tokens", "2")
+    assert gate.exit_code == 0, gate.output

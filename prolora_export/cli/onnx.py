@@ -6,12 +6,14 @@ from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES
 from ..onnx.op import BODIES
 from ..onnx.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, export_quantized
 from . import trust_remote_code_option
+from .options import adapter_read_options
 
 
 @click.command("onnx")
 @click.option("--base", required=True, help="Base model: folder, hub id or 'smollm2-135m'.")
 @click.option("--adapter", required=True, multiple=True, type=click.Path(),
-              help="PRoLoRA adapter folder (with --slots: one or more, defining the slots' geometry).")
+              help="Adapter folder: PRoLoRA, PEFT LoRA or a reference PRoLoRA checkpoint (with --slots: one or "
+                   "more, defining the slots' geometry).")
 @click.option("--mode", type=click.Choice(MODES), default="merged", show_default=True,
               help="merged: ΔW folded into the weights. compact: base + one ai.prolora::RotatedShardLoRA "
                    "node per adapted layer, shards as overridable initializers (serves many adapters).")
@@ -46,9 +48,10 @@ from . import trust_remote_code_option
               help="int4: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
 @click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@adapter_read_options
 @trust_remote_code_option
 def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, slots, quantize,
-            block_size, accuracy_level, validate, force) -> None:
+            block_size, accuracy_level, validate, force, read_options) -> None:
     """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
 
     The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
@@ -58,7 +61,7 @@ def command(base, adapter, mode, out, task, dtype, device, opset, default_adapte
     report, quantized = export_quantized(
         base, list(adapter), out, quantize, block_size, accuracy_level, force=force, mode=mode, task=task,
         dtype=dtype, device=device, opset=opset, default_adapter=default_adapter, validate=validate,
-        op_body=op_body, slots=slots)
+        op_body=op_body, slots=slots, read_options=read_options)
     click.echo(report.summary())
     if quantized is not None:
         click.echo(quantized.summary())
