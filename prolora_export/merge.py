@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import PRoLoRAError, raise_if
 from .formats.detect import read_adapter
-from .formats.prolora import Adapter
+from .formats.prolora import MAX_DELTA, Adapter, factor_maxima
 from .formats.reference import ReadOptions
 from .inject import layer_problems, shared_weight_problems
 from .layer import stores_transposed
@@ -178,6 +178,25 @@ def _module_problems(
     return targets, problems
 
 
+def _delta_bound_problems(loaded: list[tuple[str, Adapter, float]]) -> list[str]:
+    """Σ_k w_k·γ_k·B_k·A_k must stay in float32 range where it is computed: each adapter's file was
+    checked alone (:mod:`.formats.prolora`), but a large --weight (1e30 is finite) can still make ΔW,
+    and so the merged weight, inf. Bound: Σ_k max(1, |w_k·γ_k|)·r_k·max|B_k|·max|A_k|."""
+    bounds: dict[str, float] = {}
+    for _, adapter, weight in loaded:
+        config = adapter.config
+        for path in config.modules:
+            a_max, b_max = factor_maxima(adapter.tensors, path)
+            bound = max(1.0, abs(weight * config.scaling)) * config.r * a_max * b_max
+            bounds[path] = bounds.get(path, 0.0) + bound
+    return [
+        f"module '{path}': Σ w·γ·B·A may reach {bound:.3g}, beyond float32 range (the --weight values times the "
+        "adapters' scaling are too large)"
+        for path, bound in sorted(bounds.items())
+        if not bound <= MAX_DELTA
+    ]
+
+
 def _is_finite_number(value) -> bool:
     """A real number that is not nan or ±inf (a NaN weight would write NaN weights with exit 0)."""
     if isinstance(value, (bool, str)):
@@ -227,6 +246,7 @@ def _plan(
         raise_if(problems)
     shard_names, tensors, index, layout_problems = _read_layout(base_dir)
     problems += layout_problems
+    problems += _delta_bound_problems(loaded)
     targets: dict[str, bool] = {}
     try:
         model = meta_model(str(base_dir), checkpoint_layout=True)
@@ -423,6 +443,7 @@ def _merge_weight(
             target = staged[row - first : row - first + count]
             if exact is None:  # the output dtype is the exact one: merge right in the staging buffer
                 target.copy_(block).addmm_(left[row : row + count], right)
+                _check_range(block, target)  # W finite, W + ΔW not: refused, never written
                 continue
             merged = exact[:count].copy_(block).addmm_(left[row : row + count], right)
             target.copy_(merged)

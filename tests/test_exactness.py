@@ -71,6 +71,15 @@ def test_merge_library_refuses_non_finite_weights(llama: dict[str, Path], tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_merge_weight_that_overflows_float32_is_refused(llama: dict[str, Path], tmp_path: Path) -> None:
+    """1e39 is a finite number, but w·γ is inf in float32, where ΔW is computed: the merge wrote
+    inf and NaN weights with exit 0. Now the bound Σ|w·γ|·r·max|B|·max|A| is checked first."""
+    args = ["merge", "--base", str(llama["base"]), "--adapter", str(llama["ad"]), "--weight", "1e39"]
+    line = one_line_error(CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out"), "--quiet"]))
+    assert "beyond float32 range (the --weight values times the adapters' scaling are too large)" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("option", ["--alpha", "--dropout", "--lr"])
 def test_train_float_options_must_be_finite(llama: dict[str, Path], tmp_path: Path, option: str) -> None:
     data = tmp_path / "d.jsonl"

@@ -77,6 +77,16 @@ def tensor_problems(config: PRoLoRAConfig, tensors: dict[str, torch.Tensor]) -> 
     return problems or _overflow_problems(config, tensors)
 
 
+def factor_maxima(tensors: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+    """(max |A|, max |B|) over one module's shard and unshared tensors: with r they bound |B·A|."""
+    present = [tensors.get(f"{path}.{name}") for name in TENSOR_NAMES]
+    a_max, b_max = (
+        max((float(t.abs().max()) for t in pair if t is not None and t.numel()), default=0.0)
+        for pair in (present[0::2], present[1::2])
+    )
+    return a_max, b_max
+
+
 def _overflow_problems(config: PRoLoRAConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Finite tensors can still overflow: |ΔW| ≤ max(1, |γ|)·r·max|B|·max|A| must stay in float32 range.
 
@@ -84,11 +94,7 @@ def _overflow_problems(config: PRoLoRAConfig, tensors: dict[str, torch.Tensor]) 
     """
     problems = []
     for path in config.modules:
-        present = [tensors.get(f"{path}.{name}") for name in TENSOR_NAMES]
-        a_max, b_max = (
-            max((float(t.abs().max()) for t in pair if t is not None and t.numel()), default=0.0)
-            for pair in (present[0::2], present[1::2])
-        )
+        a_max, b_max = factor_maxima(tensors, path)
         bound = max(1.0, abs(config.scaling)) * config.r * a_max * b_max
         if bound > MAX_DELTA:
             problems.append(
