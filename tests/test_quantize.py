@@ -257,3 +257,24 @@ def test_heldout_loss_through_onnx_runtime_matches_pytorch(tiny):
     tokenizer = _load_tokenizer(tiny["base"])
     want = evaluate_loss(model, load_dataset(data, tokenizer, 64), 8, tokenizer.eos_token_id, "cpu")
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_external_data_is_kept(tiny):
+    """A source folder with external data (as optimum writes models over 2 GB) gets ``model.onnx_data`` again,
+    and the adapter still switches on the result."""
+    source = tiny["root"] / "compact-external"
+    shutil.copytree(tiny["compact"], source)
+    model = onnx.load(str(source / "model.onnx"))
+    onnx.save(model, str(source / "model.onnx"), save_as_external_data=True, location="model.onnx_data",
+              size_threshold=0)
+    out = quantize_onnx(source, tiny["root"] / "int4-external", bits=4).out
+    assert sorted(p.name for p in out.iterdir() if "onnx" in p.name) == ["model.onnx", "model.onnx_data"]
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    shard = next(t for t in graph.initializer if t.name.endswith("prolora_B_shard"))
+    assert shard.data_location == onnx.TensorProto.EXTERNAL
+    check_quantized_folder(out, 4, True, tiny["a0"])
+    sess = inference_session(out)
+    feeds = decoder_feeds(sess, IDS)
+    file = export_onnx_adapter(tiny["a1"], tiny["root"] / "a1-external.onnx_adapter", force=True).out
+    got = sess.run(["logits"], feeds, run_options(load_onnx_adapter(file, graph=sess)))[0]
+    assert rel(got, sess.run(["logits"], feeds)[0]) > 1e-3  # the other adapter took effect
