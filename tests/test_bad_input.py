@@ -422,6 +422,9 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("out_has_input", [*merge()[:5], "--out", "{root}", "--quiet", "--force"], ["contains the base model folder"]),
     ("out_has_input", ["convert", "{ad}", "--to", "peft", "--out", "{ad}/..", "--force"], ["contains the source"]),
     ("out_has_input", [*train()[:5], "--out", "{root}", *train()[7:]], ["contains the base model"]),
+    ("out_is_input", ["quantize", "{onnx}", "--out", "{onnx}/../onnx", "--force"], ["is the source", MUST]),
+    ("out_in_input", ["quantize", "{onnx}", "--out", "{onnx}/q"], ["is inside the source ONNX folder"]),
+    ("out_is_input", [*onnx_cmd()[:7], "--out", "{model_link}", "--quantize", "int8", "--force"], ["is the base"]),
     ("out_is_input", [*parity()[:-2], "--prompts", "{prompts}", "--report", "{prompts}"], ["is the prompts", MUST]),
     # an existing file where a folder is written, or the other way round (issue 14, 9 and 17)
     ("out_wrong_kind", [*merge()[:5], "--out", "{outfile}", "--quiet", "--force"], ["is a file", "is a folder"]),
@@ -515,7 +518,7 @@ def test_bad_input(world: dict[str, str], tmp_path: Path, args: list[str], fragm
 def test_every_command_and_class_is_covered() -> None:
     """The table names every command, and every class with an adapter folder appears at least once."""
     commands = {args[0] for _, args, _ in CASES}
-    assert commands == {"merge", "onnx", "onnx-adapter", "convert", "inspect", "parity", "train"}
+    assert commands == {"merge", "onnx", "onnx-adapter", "convert", "inspect", "parity", "train", "quantize"}
     modes = {args[args.index("--mode") + 1] for _, args, _ in CASES if args[0] == "onnx"}
     assert modes == {"merged", "compact"}
     assert set(BROKEN) <= {kind for kind, _, _ in CASES}

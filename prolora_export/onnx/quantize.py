@@ -46,7 +46,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import PRoLoRAError
-from ..models import copy_model_side_files
+from ..models import copy_model_side_files, resolve_model
 from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES
 from . import op
@@ -351,9 +351,7 @@ def quantize_onnx(
     check_settings(bits, block_size, accuracy_level)
     src, out = Path(src_dir), Path(out_dir)
     _onnx_file(src)
-    if src.absolute() == out.absolute():
-        raise PRoLoRAError("the output folder must differ from the source folder", str(out))
-    check_destination(out.absolute(), force)
+    check_destination(out, force, inputs={"source ONNX folder": src})
     check_free_space(out.absolute(), _folder_bytes(src) + (64 << 20))
     with atomic_output_dir(out, force=force) as tmp:
         report = write_quantized(src, tmp, bits, block_size, accuracy_level)
@@ -376,7 +374,10 @@ def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: 
     check_settings(bits, block_size, accuracy_level)
     if export_kwargs.get("dtype", "fp32") != "fp32":
         raise PRoLoRAError("--quantize needs --dtype fp32 (the quantizers take a float32 graph)")
-    check_destination(out.absolute(), force)
+    adapters = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    # export_onnx checks its inputs against the scratch folder only: --out is checked against them here
+    inputs = [("base model", resolve_model(base)), *(("adapter folder", a) for a in adapters)]
+    check_destination(out, force, inputs=inputs)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
     try:
