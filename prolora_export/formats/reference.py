@@ -308,10 +308,11 @@ def _search_side(
     factors: list[tuple[str, torch.Tensor, int]], shared_r: int, side: str, stated: int | None
 ) -> _Side:
     """Which rates (and strides) reproduce this factor bitwise in every layer; ``factors`` holds
-    (path, shared part (r_s × W), layer size) per layer."""
-    widest = max(size for _, _, size in factors)
-    rates: dict[int, set[int]] = {k: set(range(shared_r)) for k in ([stated] if stated else range(2, widest + 1))}
-    rates.pop(1, None)
+    (path, shared part (r_s × W), layer size) per layer. Rates go up to the smallest layer (a rate
+    beyond a layer's size is no adapter); None as a rate's strides means "any stride so far"."""
+    smallest_size = min(size for _, _, size in factors)
+    candidates = [stated] if stated else list(range(2, smallest_size + 1))
+    rates: dict[int, set[int] | None] = dict.fromkeys(candidates)
     result = _Side({})
     for index, (_, shared, size) in enumerate(factors):
         if not rates:
@@ -319,29 +320,24 @@ def _search_side(
         if not bool(shared.ne(0).any()) and not bool(torch.signbit(shared).any()):
             continue  # all +0.0: every structure reproduces it
         width = shared.shape[1]
+        listed = torch.tensor(list(rates))
+        chunks = -(-size // listed)
+        fits = (chunks * listed >= width) | (width <= size)  # an over-wide tail must lie within m chunks
         by_chunk: dict[int, list[int]] = {}
-        for rate in rates:
-            chunk = -(-size // rate)
-            if width > size and width > rate * chunk:
-                continue  # wider than the layer by more than the rotation reaches: not this rate
-            by_chunk.setdefault(chunk, []).append(rate)
-        alive = set(periodic_widths(shared, sorted(by_chunk)))
-        survivors: dict[int, set[int]] = {}
-        strides_of: dict[int, set[int]] = {}
-        for chunk, members in by_chunk.items():
-            if chunk not in alive:
-                continue
-            strides_of[chunk] = set(rotation_strides(shared, chunk))
-            for rate in members:
-                kept = rates[rate] & strides_of[chunk]
+        for chunk in sorted(set(chunks[fits].tolist())):
+            by_chunk[chunk] = listed[fits & (chunks == chunk)].tolist()
+        survivors: dict[int, set[int] | None] = {}
+        for chunk in periodic_widths(shared, list(by_chunk)):
+            strides = set(rotation_strides(shared, chunk))
+            for rate in by_chunk[chunk]:
+                kept = strides if rates[rate] is None else rates[rate] & strides
                 if kept:
                     survivors[rate] = kept
         if not survivors:
             smallest = min(rates)
-            chunk = -(-size // smallest)
-            result.broken = (index, smallest, first_unrotated_chunk(shared, chunk))
+            result.broken = (index, smallest, first_unrotated_chunk(shared, -(-size // smallest)))
         rates = survivors
-    result.rates = rates
+    result.rates = {rate: set(range(shared_r)) if strides is None else strides for rate, strides in rates.items()}
     return result
 
 
