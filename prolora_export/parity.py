@@ -65,7 +65,7 @@ from .errors import PRoLoRAError
 from .formats.reference import ReadOptions
 from .models import load_config, resolve_model
 from .onnx.quantize import quantized_bits
-from .runtime import check_providers, inference_session, require_provider, session_options
+from .runtime import NATIVE_OPS, check_providers, inference_session, kernel_library, require_provider, session_options
 
 REFERENCE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 DEFAULT_PROMPTS = (
@@ -256,6 +256,7 @@ class ParityReport:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     passed: bool = False
     localization: dict[str, Any] | None = None
+    kernel: str = "none"  # how the adapter ops ran: native (the C++ kernel), function (ONNX bodies), none
 
     def decide(self) -> None:
         """Aggregate the worst value of each metric over prompts and compare with the tolerance."""
@@ -283,7 +284,7 @@ class ParityReport:
         """A one-screen summary for the terminal."""
         lines = [
             f"ONNX parity: {'PASS' if self.passed else 'FAIL'}   preset {self.preset}   "
-            f"providers {', '.join(self.providers)}",
+            f"providers {', '.join(self.providers)}   kernel {self.kernel}",
             f"  onnx {self.onnx} ({self.task}, {self.onnx_dtype}) vs PyTorch {self.base} + {self.adapter} "
             f"(unmerged, {self.reference_dtype})",
             f"  {'metric (worst over prompts)':<30}{'value':>12}  {'bound':<12}",
@@ -353,7 +354,7 @@ def _folder_config(folder: Path):
         raise PRoLoRAError(f"no readable config.json ({str(err).strip().splitlines()[0][:200]})", str(folder)) from None
 
 
-def _ort_model(folder: Path, task: str, provider: str):
+def _ort_model(folder: Path, task: str, provider: str, kernel: str = "auto"):
     """Load the folder with optimum's ORTModel class for the task; fail when CUDA was asked and not used."""
     from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction, ORTModelForSequenceClassification
 
@@ -364,7 +365,7 @@ def _ort_model(folder: Path, task: str, provider: str):
     kwargs = {"use_cache": task == "text-generation-with-past"} if cls is ORTModelForCausalLM else {}
     try:
         model = cls.from_pretrained(folder, provider=wanted, use_io_binding=False,
-                                    session_options=session_options(provider), **kwargs)
+                                    session_options=session_options(provider, kernel=kernel), **kwargs)
     except PRoLoRAError:
         raise
     except Exception as err:  # ORT and optimum raise many types; the user needs one line
@@ -556,7 +557,8 @@ def _tensor_types(model) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def _session_with_outputs(onnx_path: Path, provider: str, names: list[str]) -> Iterator[Any]:
+def _session_with_outputs(onnx_path: Path, provider: str, names: list[str],
+                          kernel: str = "auto") -> Iterator[Any]:
     """An ORT session on a temporary copy of the graph whose outputs also include ``names``.
 
     The copy lives in a temporary folder next to symlinks of the folder's other files, so
@@ -578,7 +580,7 @@ def _session_with_outputs(onnx_path: Path, provider: str, names: list[str]) -> I
         target = Path(scratch) / onnx_path.name
         onnx.save(model, str(target))
         try:
-            session = inference_session(target, provider)
+            session = inference_session(target, provider, kernel=kernel)
         except Exception as err:  # ORT raises several types; the caller then just reports why not
             raise PRoLoRAError(f"ONNX Runtime cannot run the graph with extra outputs ({str(err)[:200]})") from None
         yield session
@@ -604,18 +606,18 @@ def _graph_feeds(session, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
     return full
 
 
-def _run_with_layer_outputs(onnx_path: Path, provider: str,
-                            inputs: dict[str, torch.Tensor]) -> tuple[str, dict[int, Any]]:
+def _run_with_layer_outputs(onnx_path: Path, provider: str, inputs: dict[str, torch.Tensor],
+                            kernel: str = "auto") -> tuple[str, dict[int, Any]]:
     """(ModuleList path, {layer index: its output}) from one run of the graph on ``inputs``."""
     modules, tensors = layer_output_tensors(_read_onnx(onnx_path).graph)
     names = list(tensors.values())
-    with _session_with_outputs(onnx_path, provider, names) as session:
+    with _session_with_outputs(onnx_path, provider, names, kernel) as session:
         values = session.run(names, _graph_feeds(session, inputs))
     return modules, dict(zip(tensors, values, strict=True))
 
 
 def localize(reference, onnx_path: Path, provider: str, inputs: dict[str, torch.Tensor], noise: float,
-             prompt_index: int) -> dict[str, Any]:
+             prompt_index: int, kernel: str = "auto") -> dict[str, Any]:
     """The first layer whose own output error jumps above what it received, on one prompt.
 
     A fixed bound on the residual stream names the wrong layer: a 1 % error in one shard of
@@ -625,7 +627,7 @@ def localize(reference, onnx_path: Path, provider: str, inputs: dict[str, torch.
     whose relative error exceeds ``JUMP`` × max(the previous layer's, ``noise``). When no
     layer jumps (e.g. a precision problem spread over all layers) the largest one is named.
     """
-    modules, onnx_outs = _run_with_layer_outputs(onnx_path, provider, inputs)
+    modules, onnx_outs = _run_with_layer_outputs(onnx_path, provider, inputs, kernel)
     try:
         layers = reference.get_submodule(modules)
     except AttributeError:
@@ -705,7 +707,7 @@ class AdapterIsolation:
       over nodes: independent of the base's error altogether, so its bound is fp32 rounding.
     """
 
-    def __init__(self, reference, onnx_path: Path, provider: str, output_name: str):
+    def __init__(self, reference, onnx_path: Path, provider: str, output_name: str, kernel: str = "auto"):
         graph = _read_onnx(onnx_path).graph
         self.reference, self.output_name = reference, output_name
         self.nodes = [(n.input[0], n.output[0], n.input[1].rsplit(".", 1)[0]) for n in adapter_nodes(graph)]
@@ -722,7 +724,7 @@ class AdapterIsolation:
                            for n in b_names}
         self._stack = contextlib.ExitStack()
         extra = [name for x, out, _ in self.nodes for name in (x, out)]
-        self.session = self._stack.enter_context(_session_with_outputs(onnx_path, provider, extra))
+        self.session = self._stack.enter_context(_session_with_outputs(onnx_path, provider, extra, kernel))
 
     def close(self) -> None:
         self._stack.close()
@@ -802,10 +804,13 @@ def check_parity(
     reference_dtype: str = "fp32",
     progress: bool = True,
     read_options: ReadOptions | None = None,
+    kernel: str = "auto",
 ) -> ParityReport:
     """Compare the ONNX folder under ONNX Runtime with PyTorch base + adapter (unmerged); see the module doc.
 
-    The adapter folder is read by the one reader (``read_options``: reference checkpoints, pickle)."""
+    The adapter folder is read by the one reader (``read_options``: reference checkpoints, pickle).
+    ``kernel`` (runtime.KERNELS) chooses how the compact op runs on the CPU: ``native`` checks the C++
+    kernel, ``function`` the graph's ONNX function body, ``auto`` the kernel when it was built."""
     import onnx
     from tqdm.auto import tqdm
 
@@ -823,6 +828,8 @@ def check_parity(
     graph_inputs = {i.name for i in graph.input}
     onnx_dtype = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
     bits, compact = quantized_bits(graph), bool(adapter_nodes(graph))
+    native_ops = kernel_library(provider, kernel) is not None and any(
+        n.op_type in NATIVE_OPS for n in adapter_nodes(graph))
     del graph
     # a quantized base is judged by the bounds measured for its quantization (CPU: where they were measured)
     preset, tol = parse_tolerance(tolerance, f"int{bits}-cpu" if bits else f"{onnx_dtype}-{provider}")
@@ -833,7 +840,7 @@ def check_parity(
     task = onnx_task(outputs, _folder_config(folder))
     reference = _reference_model(base, adapter, task, REFERENCE_DTYPES[reference_dtype], read_options,
                                  onnx_path if compact else None)
-    candidate = _ort_model(folder, task, provider)
+    candidate = _ort_model(folder, task, provider, kernel)
     tokenizer = _load_tokenizer(folder, base)
     decoder = task.startswith("text-generation")
     generate = task == "text-generation-with-past" and max_new_tokens > 0
@@ -841,7 +848,7 @@ def check_parity(
     output_name = "last_hidden_state" if task == "feature-extraction" else "logits"
 
     results: list[PromptResult] = []
-    isolation = AdapterIsolation(reference, onnx_path, provider, output_name) if compact else None
+    isolation = AdapterIsolation(reference, onnx_path, provider, output_name, kernel) if compact else None
     for prompt, inputs in tqdm(list(zip(prompts, encoded, strict=True)), desc="parity", unit="prompt",
                                disable=not progress):
         with torch.no_grad():
@@ -864,6 +871,7 @@ def check_parity(
         isolation.close()
 
     report = ParityReport(
+        kernel=("native" if native_ops else "function") if compact else "none",
         base=str(base), adapter=str(adapter), onnx=str(folder), task=task, provider=provider,
         providers=list(candidate.providers), onnx_dtype=onnx_dtype, reference_dtype=reference_dtype,
         preset=preset, tolerance=tol, prompts=results, max_new_tokens=max_new_tokens if generate else 0,
@@ -873,7 +881,7 @@ def check_parity(
         worst = max(range(len(results)), key=lambda i: results[i].metrics["rel"])
         noise = tol.layer_noise if tol.layer_noise is not None else PRESETS[f"{onnx_dtype}-cuda"].layer_noise
         try:
-            report.localization = localize(reference, onnx_path, provider, encoded[worst], noise, worst)
+            report.localization = localize(reference, onnx_path, provider, encoded[worst], noise, worst, kernel)
         except PRoLoRAError as err:
             report.localization = {"layer": None, "note": f"could not localize: {err}"}
     return report

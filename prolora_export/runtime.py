@@ -31,6 +31,8 @@ ERRORS_ONLY = 3
 
 #: how ``ai.prolora::RotatedShardLoRA`` runs: native kernel when built, native kernel or an error, function body
 KERNELS = ("auto", "native", "function")
+#: the ``ai.prolora`` op types the native library implements (others keep their function body)
+NATIVE_OPS = ("RotatedShardLoRA",)
 
 
 def require_provider(provider: str) -> str:
@@ -65,8 +67,8 @@ def session_options(provider: str = "cpu", *, threads: int | None = None, log_le
     return options
 
 
-def register_kernel(options, provider: str = "cpu", kernel: str = "auto") -> bool:
-    """Register the native ``RotatedShardLoRA`` kernel in ``options``; True when it was registered.
+def kernel_library(provider: str = "cpu", kernel: str = "auto") -> Path | None:
+    """The native ``RotatedShardLoRA`` library a session on ``provider`` should register, or None.
 
     ``auto``: on the CPU when the library was built (else the function body, as the build said);
     ``native``: on the CPU or an error saying why not; ``function``: never. Never on CUDA.
@@ -76,16 +78,22 @@ def register_kernel(options, provider: str = "cpu", kernel: str = "auto") -> boo
     if kernel not in KERNELS:
         raise PRoLoRAError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}", "--kernel")
     if kernel == "function":
-        return False
+        return None
     if provider != "cpu":
         if kernel == "native":
             raise PRoLoRAError(f"the native RotatedShardLoRA kernel runs on the CPU only, not {provider} "
                                "(its function body runs there: --kernel auto or function)", "--kernel native")
-        return False
+        return None
     library = native.library_path()
+    if library is None and kernel == "native":
+        raise PRoLoRAError(f"no native kernel: {native.unavailable_reason()}", "--kernel native")
+    return library
+
+
+def register_kernel(options, provider: str = "cpu", kernel: str = "auto") -> bool:
+    """Register the library of :func:`kernel_library` in ``options``; True when it was registered."""
+    library = kernel_library(provider, kernel)
     if library is None:
-        if kernel == "native":
-            raise PRoLoRAError(f"no native kernel: {native.unavailable_reason()}", "--kernel native")
         return False
     try:
         options.register_custom_ops_library(str(library))

@@ -9,6 +9,7 @@ import click
 
 from ..outputs import atomic_output_file, check_destination
 from ..parity import DEFAULT_PROMPTS, PRESETS, check_parity, read_prompts
+from ..runtime import KERNELS
 from . import trust_remote_code_option
 from .options import adapter_read_options
 
@@ -40,12 +41,15 @@ PRESET_HELP = "; ".join(
                    "min_cos min_top1 min_top5 max_kl min_greedy max_abs (gates), layer_noise (localization).")
 @click.option("--reference-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="dtype of the PyTorch reference.")
+@click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True,
+              help="How the compact op runs on the CPU: native (the C++ kernel, an error if not built), function "
+                   "(the graph's ONNX function body), auto (native when built). CUDA always runs the body.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the full report as JSON here.")
 @adapter_read_options
 @trust_remote_code_option
 def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tolerance, reference_dtype,
-            report_path, read_options) -> None:
+            kernel, report_path, read_options) -> None:
     """Prove that an ONNX export computes what PyTorch base + adapter (unmerged) computes.
 
     Runs every prompt through both, compares logits at every position (relative error,
@@ -61,7 +65,7 @@ def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tol
             "base model": base, "adapter folder": adapter, "ONNX folder": onnx_dir, "prompts file": prompts_file})
     report = check_parity(base, adapter, onnx_dir, provider=provider, prompts=read_prompts(prompts_file),
                           max_new_tokens=max_new_tokens, tolerance=tolerance, reference_dtype=reference_dtype,
-                          read_options=read_options)
+                          read_options=read_options, kernel=kernel)
     click.echo(report.table())
     if report_path is not None:
         with atomic_output_file(report_path, force=True) as tmp:
