@@ -125,7 +125,6 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tiny):
     requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=8, return_logits=True)
                 for i, a in enumerate(adapters)]
     results = eng.generate(requests)
-    assert eng.stats.prefills == 1, "all eight rows prefilled together"
     for request, result in zip(requests, results, strict=True):
         assert result.finish_reason in ("length", "stop") and result.error is None
         assert_row_exact(tiny, request, result)
@@ -273,13 +272,14 @@ def test_decode_steps_copy_no_cache_bytes(tiny):
     """A decode step with no row joining or leaving feeds the cache and the slots as OrtValues: the
     engine copies only ids, mask, positions and adapter indices (no KV, no slot bytes)."""
     eng = engine(tiny, max_batch=4)
-    requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=6, ignore_eos=True)
+    requests = [Request(prompt_ids=[1, 7 + i, 30, 9, 41], adapter=a, max_new_tokens=6, ignore_eos=True)
                 for i, a in enumerate((None, "a1", "a2", "a3"))]
     eng.generate(requests)
-    steady = eng.stats.per_step[:-1]  # the last step drops every row
-    length = max(len(r.prompt_ids) for r in requests) + 6
-    assert steady and max(steady) <= 4 * 8 * (length + 3)
+    assert eng.stats.prefills == 1 and len(eng.stats.per_step) == 5
+    length = len(requests[0].prompt_ids) + 6
+    assert max(eng.stats.per_step) <= 4 * 8 * (length + 3), "ids, mask, positions and adapter indices only"
     assert eng.stats.cache_moved == 0, "one prefill, rows leave together: nothing to merge or compact"
+    assert eng.stats.graph_kv_written > 0
 
 
 def test_runner_serves_threads_and_asyncio(tiny):

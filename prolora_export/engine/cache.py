@@ -2,9 +2,10 @@
 left-padded, with the attention mask that hides the padding.
 
 A decode step feeds the present OrtValues the graph returned as the next step's past (IOBinding,
-no host copy). Only a change of the batch's rows moves cache bytes: a joining prefill's cache is
-merged in (both sides left-padded to the longer length) and finished rows are dropped, with the
-columns that have become padding in every row cut off. :class:`CopyStats` counts every byte.
+no host copy). Only a change of the batch's rows moves cache bytes, once per step whatever
+changed (:meth:`KVBatch.combine`): the rows still running and the joining prefills' rows are
+written into one new batch, left-padded to the longest row, with the columns that have become
+padding in every row cut off. :class:`CopyStats` counts every byte.
 """
 
 from __future__ import annotations
@@ -76,30 +77,34 @@ class KVBatch:
             self.stats.cache_moved += array.nbytes
         return array
 
-    def _store(self, arrays: dict[str, np.ndarray]) -> None:
-        self.stats.cache_moved += sum(a.nbytes for a in arrays.values())  # the new layout (sent to the device)
-        self.values = {name: to_value(array, self.device) for name, array in arrays.items()}
-
-    def merge(self, other: KVBatch) -> None:
-        """Append ``other``'s rows, left-padding the shorter side to the longer length."""
-        length = max(self.length, other.length)
-        merged = {}
-        for name in self.past_names:
-            a, b = self._host(name), other._host(name)
-            out = np.zeros((a.shape[0] + b.shape[0], a.shape[1], length, a.shape[3]), a.dtype)
-            out[: a.shape[0], :, length - a.shape[2]:] = a
-            out[a.shape[0]:, :, length - b.shape[2]:] = b
-            merged[name] = out
-        mask = np.zeros((self.rows + other.rows, length), np.int64)
-        mask[: self.rows, length - self.length:] = self.mask
-        mask[self.rows:, length - other.length:] = other.mask
-        self._store(merged)
-        self.mask = mask
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order), cutting columns that are padding in all of them."""
-        mask = self.mask[rows]
-        real = np.flatnonzero(mask.any(axis=0))
-        start = int(real[0]) if real.size else self.length
-        self._store({name: np.ascontiguousarray(self._host(name)[rows, :, start:]) for name in self.past_names})
-        self.mask = np.ascontiguousarray(mask[:, start:])
+    @classmethod
+    def combine(cls, parts: list[tuple[KVBatch, list[int] | None]]) -> KVBatch:
+        """One batch holding the given rows of several batches (None: all rows), in that order,
+        left-padded to the longest row; columns that are padding in every kept row of a part are
+        cut. Each kept cache byte is copied once, however many rows leave and join in the step."""
+        first = parts[0][0]
+        masks, starts = [], []
+        for batch, rows in parts:
+            mask = batch.mask if rows is None else batch.mask[rows]
+            real = np.flatnonzero(mask.any(axis=0))
+            starts.append(int(real[0]))
+            masks.append(mask[:, starts[-1]:])
+        length = max(m.shape[1] for m in masks)
+        total = sum(m.shape[0] for m in masks)
+        mask = np.zeros((total, length), np.int64)
+        arrays = {}
+        for name in first.past_names:
+            host = [batch._host(name) for batch, _ in parts]
+            heads, head_dim = host[0].shape[1], host[0].shape[3]
+            out = np.zeros((total, heads, length, head_dim), host[0].dtype)
+            row = 0
+            for (_, rows), array, begin, part_mask in zip(parts, host, starts, masks, strict=True):
+                picked = array if rows is None else array[rows]
+                count, width = part_mask.shape
+                out[row:row + count, :, length - width:] = picked[:, :, begin:]
+                mask[row:row + count, length - width:] = part_mask
+                row += count
+            arrays[name] = out
+        first.stats.cache_moved += sum(a.nbytes for a in arrays.values())  # the new layout (sent to the device)
+        values = {name: to_value(array, first.device) for name, array in arrays.items()}
+        return cls(first.past_names, values, mask, first.stats, first.device)

@@ -40,6 +40,8 @@ from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
 
 PAST, PRESENT = "past_key_values", "present"
+#: a prefill chunk's padded tokens stay within this factor of its real ones (else a new chunk)
+PREFILL_PADDING = 1.15
 Listener = Callable[[Event], None]
 
 
@@ -255,11 +257,14 @@ class Engine:
                 self._check_in(request, listener, submitted_at, events)
             if cancels:
                 self._cancel(cancels, events)
-            if self._running:
-                self._decode(events)
+            before = self._moved()
+            decoded = bool(self._running)
+            keep = self._decode(events) if decoded else []  # cache rows still running after this token
             joiners = self._pick_joiners(events)
-            if joiners:
-                self._prefill(joiners, events)
+            joined = self._prefill(joiners, events) if joiners else []
+            self._rebuild(keep, joined)
+            if decoded:
+                self.stats.per_step.append(self._moved() - before)
             if self._unloading:
                 self._finish_unloads()
             return events
@@ -318,11 +323,13 @@ class Engine:
         for seq in [s for s in self._waiting if s.request.request_id in ids]:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled", events)
-        rows = [i for i, s in enumerate(self._running) if s.request.request_id in ids]
-        for i in rows:
+        rows = {i for i, s in enumerate(self._running) if s.request.request_id in ids}
+        for i in sorted(rows):
             self._finish(self._running[i], "cancelled", events)
         if rows:
-            self._drop_rows(set(rows))
+            keep = [i for i in range(len(self._running)) if i not in rows]
+            self._running = [self._running[i] for i in keep]
+            self._rebuild(keep, [])
 
     def _pick_joiners(self, events: list[Event]) -> list[_Sequence]:
         """Queued requests that fit now, in order (FIFO: the first that does not fit waits, and so do
@@ -371,8 +378,9 @@ class Engine:
         self.stats.graph_kv_written += sum(v.tensor_size_in_bytes() for v in outputs[1:])
         return logits, presents
 
-    def _decode(self, events: list[Event]) -> None:
-        before = self._moved()
+    def _decode(self, events: list[Event]) -> list[int]:
+        """One token for every running row; finished rows leave ``_running`` at once and the cache
+        rows to keep are returned (the cache is rebuilt once per step, with the joiners)."""
         cache = self._cache
         rows = self._running
         feeds = {
@@ -385,12 +393,32 @@ class Engine:
         logits, presents = self._run(feeds, cache.values)
         cache.advance(presents)
         self.stats.steps += 1
-        done = {i for i, seq in enumerate(rows) if self._emit(seq, logits[i], events)}
-        if done:
-            self._drop_rows(done)
-        self.stats.per_step.append(self._moved() - before)
+        keep = [i for i, seq in enumerate(rows) if not self._emit(seq, logits[i], events)]
+        self._running = [rows[i] for i in keep]
+        return keep
 
-    def _prefill(self, joiners: list[_Sequence], events: list[Event]) -> None:
+    def _prefill(self, joiners: list[_Sequence], events: list[Event]) -> list[tuple[KVBatch, list[int]]]:
+        """Prefill the joiners in chunks of similar prompt length (padding wastes compute); each
+        samples its first token; returns each chunk's cache with the rows that go on running."""
+        joiners = sorted(joiners, key=lambda s: -len(s.prompt_ids))
+        chunks: list[list[_Sequence]] = []
+        for seq in joiners:
+            chunk = chunks[-1] if chunks else None
+            padded = (len(chunk) + 1) * len(chunk[0].prompt_ids) if chunk else 0
+            real = sum(len(s.prompt_ids) for s in chunk or []) + len(seq.prompt_ids)
+            if chunk and padded <= self.max_prefill_tokens and padded <= PREFILL_PADDING * real:
+                chunk.append(seq)
+            else:
+                chunks.append([seq])
+        out = []
+        for chunk in chunks:
+            batch, alive = self._prefill_chunk(chunk, events)
+            if alive:
+                out.append((batch, alive))
+                self._running.extend(chunk[row] for row in alive)
+        return out
+
+    def _prefill_chunk(self, joiners: list[_Sequence], events: list[Event]) -> tuple[KVBatch, list[int]]:
         width = max(len(s.prompt_ids) for s in joiners)
         ids = np.zeros((len(joiners), width), np.int64)
         mask = np.zeros((len(joiners), width), np.int64)
@@ -406,23 +434,22 @@ class Engine:
         self.stats.prefills += 1
         batch = KVBatch(self.past_names, presents, mask, self.stats, self.device)
         alive = [row for row, seq in enumerate(joiners) if not self._emit(seq, logits[row], events)]
-        if not alive:
-            return
-        if len(alive) < len(joiners):
-            batch.keep(alive)
-        if self._cache is None:
-            self._cache = batch
-        else:
-            self._cache.merge(batch)
-        self._running.extend(joiners[row] for row in alive)
+        return batch, alive
 
-    def _drop_rows(self, rows: set[int]) -> None:
-        keep = [i for i in range(len(self._running)) if i not in rows]
-        self._running = [self._running[i] for i in keep]
-        if keep:
-            self._cache.keep(keep)
-        else:
+    def _rebuild(self, keep: list[int], joined: list[tuple[KVBatch, list[int]]]) -> None:
+        """The batch's cache after rows left (``keep``: cache rows still running) and chunks joined,
+        in one copy; nothing is copied when nobody left or joined, or one whole chunk starts a batch."""
+        parts: list[tuple[KVBatch, list[int] | None]] = []
+        if self._cache is not None and keep:
+            parts.append((self._cache, None if len(keep) == self._cache.rows else keep))
+        for batch, alive in joined:
+            parts.append((batch, None if len(alive) == batch.rows else alive))
+        if not parts:
             self._cache = None
+        elif len(parts) == 1 and parts[0][1] is None:
+            self._cache = parts[0][0]
+        else:
+            self._cache = KVBatch.combine(parts)
 
     def _moved(self) -> int:
         s = self.stats
