@@ -413,11 +413,11 @@ def encode_prompts(prompts: list[Prompt], tokenizer_folders: list[str | Path], c
     """
     tokenizer = _load_tokenizer(*tokenizer_folders) if any(isinstance(p, str) for p in prompts) else None
     encoded = []
-    for prompt in prompts:
+    for number, prompt in enumerate(prompts, 1):
         if isinstance(prompt, str):
             inputs = _tokenize(tokenizer, prompt, chat)
-        else:
-            ids = torch.tensor([prompt], dtype=torch.long)
+        else:  # token ids from the API are checked like those of a prompts file
+            ids = torch.tensor([_prompt_of({"input_ids": prompt}, f"prompt {number}")], dtype=torch.long)
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         encoded.append({k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask") or k in graph_inputs})
     return encoded, tokenizer

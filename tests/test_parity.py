@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from prolora_export.cli import main
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
-from prolora_export.parity import GATES, compare, parse_tolerance, read_prompts
+from prolora_export.parity import GATES, compare, encode_prompts, parse_tolerance, read_prompts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 ARGS = ["--max-new-tokens", "4"]
@@ -234,6 +234,13 @@ def test_tolerance_and_prompts_parsing(tmp_path):
     for spec in ("max_rel=nan", "fp32-cpu,max_kl=inf", "min_cos=-inf"):  # a NaN bound failed every run
         with pytest.raises(PRoLoRAError, match="a bound must be a finite number"):
             parse_tolerance(spec, "fp32-cpu")
+    # token ids given through the API are checked like a file's, and need no tokenizer folder at all
+    encoded, tokenizer = encode_prompts([[5, 6, 7]], [], chat=True, graph_inputs=set())
+    assert tokenizer is None and encoded[0]["input_ids"].tolist() == [[5, 6, 7]]
+    assert encoded[0]["attention_mask"].tolist() == [[1, 1, 1]]
+    for bad in ([5, "6"], [], [True], 7):
+        with pytest.raises(PRoLoRAError, match="prompt 1"):
+            encode_prompts([bad], [], chat=True, graph_inputs=set())
 
 
 @pytest.fixture(scope="module")
