@@ -7,11 +7,11 @@ What is quantized, what stays float:
   main-graph ``MatMul`` with a constant base weight into ``com.microsoft::MatMulNBits`` (blockwise
   asymmetric 4-bit along K, ``block_size`` rows per scale; ``accuracy_level`` picks the compute
   type of the activations, 4 = int8 on CPU). This covers the attention and MLP projections and
-  the ``lm_head``, tied or not: the exporter writes a tied ``lm_head`` as its own transposed
-  initializer beside the embedding table, so it is quantized like any other projection. The
+  the ``lm_head``, tied or not: optimum stores a tied head as ``Transpose(embedding)``, which no
+  quantizer takes, so :func:`untie_lm_head` first folds it into an initializer of its own. The
   token embedding ``Gather`` becomes ``com.microsoft::GatherBlockQuantized`` (4-bit, blocks along
   the hidden axis): otherwise the fp32 table alone keeps a 135M model's folder above 0.3× its
-  fp32 size (SmolLM2's 49152×576 table is 113 MB of its 650 MB).
+  fp32 size (SmolLM2's 49152×576 table is 113 MB of its 540 MB).
 * ``bits=8``: ``onnxruntime.quantization.quantize_dynamic`` (weights int8 per column, activations
   quantized per call: ``DynamicQuantizeLinear`` + ``MatMulInteger``), for ``MatMul`` with a constant
   weight only (``MatMulConstBOnly``: attention's activation × activation products stay float).
