@@ -116,8 +116,35 @@ def test_default_adapter_zero_refused_for_merged_export(llama: dict[str, Path], 
         export_onnx(str(llama["base"]), llama["ad"], tmp_path / "o", mode="merged", default_adapter="zero")
     args = ["onnx", "--base", str(llama["base"]), "--adapter", str(llama["ad"]), "--out", str(tmp_path / "o"),
             "--default-adapter", "zero"]
-    assert "compact only" in one_line_error(CliRunner().invoke(main, args))
+    assert "--default-adapter applies only to --mode compact" in one_line_error(CliRunner().invoke(main, args))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--block-size", "64"], "--block-size applies only to --quantize int4"),
+        (["--quantize", "int8", "--accuracy-level", "4"], "--accuracy-level applies only to --quantize int4"),
+        (["--mode", "compact", "--slots", "--default-adapter", "zero"], "--default-adapter applies only to --mode "
+                                                                        "compact without --slots"),
+        (["--default-adapter", "adapter"], "--default-adapter applies only to --mode compact"),
+    ],
+)
+def test_onnx_options_of_another_mode_are_refused(llama: dict[str, Path], tmp_path: Path, extra, fragment) -> None:
+    """Each was silently ignored: the export ran and exit 0 said nothing of the option."""
+    args = ["onnx", "--base", str(llama["base"]), "--adapter", str(llama["ad"]), "--out", str(tmp_path / "o"), *extra]
+    assert fragment in one_line_error(CliRunner().invoke(main, args))
+    assert not (tmp_path / "o").exists()
+
+
+def test_quantize_int4_options_are_refused_with_int8(tmp_path: Path) -> None:
+    args = ["quantize", str(tmp_path), "--out", str(tmp_path / "q"), "--bits", "8", "--block-size", "64"]
+    assert "--block-size applies only to --bits 4" in one_line_error(CliRunner().invoke(main, args))
+
+
+def test_slot_export_refuses_zero_defaults(llama: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(PRoLoRAError, match="--default-adapter zero does not apply to --slots"):
+        export_onnx(str(llama["base"]), llama["ad"], tmp_path / "o", mode="compact", slots=True, default_adapter="zero")
 
 
 # ---------------------------------------------------------------------- item 1: orientation from the module

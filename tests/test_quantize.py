@@ -105,7 +105,7 @@ def test_cli_quantizes_both_modes(tiny, command, mode, bits):
     out = tiny["root"] / f"cli-{command}-{mode}-{bits}"
     if command == "onnx":
         args = ["onnx", "--base", str(tiny["base"]), "--adapter", str(tiny["a0"]), "--mode", mode, "--out", str(out),
-                "--quantize", f"int{bits}", "--block-size", "32", "--accuracy-level", "4"]
+                "--quantize", f"int{bits}", *(["--block-size", "32", "--accuracy-level", "4"] if bits == 4 else [])]
     else:
         args = ["quantize", str(tiny[mode]), "--out", str(out), "--bits", str(bits)]
     result = CliRunner().invoke(cli, args)

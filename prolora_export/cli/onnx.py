@@ -7,6 +7,7 @@ from ..onnx.op import BODIES
 from ..onnx.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, export_quantized
 from . import trust_remote_code_option
 from .options import adapter_read_options
+from .types import refuse_inapplicable
 
 
 @click.command("onnx")
@@ -58,6 +59,11 @@ def command(base, adapter, mode, out, task, dtype, device, opset, default_adapte
     with their KV cache; generates like PyTorch), ORTModelForFeatureExtraction or
     ORTModelForSequenceClassification (encoders).
     """
+    refuse_inapplicable({
+        "block_size": (quantize == "int4", "--quantize int4"),
+        "accuracy_level": (quantize == "int4", "--quantize int4"),
+        "default_adapter": (mode == "compact" and not slots, "--mode compact without --slots"),
+    })
     report, quantized = export_quantized(
         base, list(adapter), out, quantize, block_size, accuracy_level, force=force, mode=mode, task=task,
         dtype=dtype, device=device, opset=opset, default_adapter=default_adapter, validate=validate,

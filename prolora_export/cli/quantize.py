@@ -3,6 +3,7 @@
 import click
 
 from ..onnx.quantize import ACCURACY_LEVELS, BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, quantize_onnx
+from .types import refuse_inapplicable
 
 
 @click.command("quantize")
@@ -29,6 +30,7 @@ def command(onnx_dir, out, bits, block_size, accuracy_level, force) -> None:
     excluded by name and checked byte for byte afterwards), norms, attention.
     onnx-adapter files made for the fp32 compact export apply to the result unchanged.
     """
+    refuse_inapplicable({"block_size": (bits == "4", "--bits 4"), "accuracy_level": (bits == "4", "--bits 4")})
     report = quantize_onnx(onnx_dir, out, bits=int(bits), block_size=block_size, accuracy_level=accuracy_level,
                            force=force)
     click.echo(report.summary())

@@ -4,6 +4,7 @@
 parse, so a plain float option lets ``--weight nan`` through and the command writes NaN
 weights with exit code 0. Every float option of every command uses this type instead (ranges
 are the library's to check: it validates its own arguments for Python callers too).
+:func:`refuse_inapplicable` is the other half: an option given for a mode that ignores it.
 """
 
 from __future__ import annotations
@@ -33,3 +34,15 @@ class FiniteFloat(click.ParamType):
 
 #: the type of every float option
 FINITE_FLOAT = FiniteFloat()
+
+
+def refuse_inapplicable(rules: dict[str, tuple[bool, str]]) -> None:
+    """Refuse options given on the command line that this run would ignore (``--block-size`` with
+    no int4 quantization, ``--default-adapter`` on a merged export …): an ignored option is a silent
+    wrong result. ``rules``: option name (click's parameter name) -> (applies, where it applies)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for name, (applies, where) in rules.items():
+        if not applies and ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies only to {where}", ctx)

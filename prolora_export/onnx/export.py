@@ -497,6 +497,9 @@ def export_onnx(
     if task != "auto":
         model_class_for(None, task)  # an unknown task name fails before anything is loaded
     adapters = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    if slots and default_adapter != "adapter":
+        raise PRoLoRAError(f"--default-adapter {default_adapter} does not apply to --slots (slot shards are inputs "
+                           "fed at run time, with no defaults)")
     if slots and mode != "compact":
         raise PRoLoRAError("--slots applies to --mode compact only")
     if slots and op_body not in ("auto", "route"):
