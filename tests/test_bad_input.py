@@ -419,6 +419,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("out_in_input", [*onnx_cmd()[:7], "--out", "{model_link}/onnx", "--force"], ["is inside the base model"]),
     ("out_in_input", ["onnx-adapter", "--adapter", "{ad}", "--out", "{ad}/a.onnx_adapter"], ["is inside the adapter"]),
     ("out_in_input", [*parity()[:-1], "{onnx}/report.json"], ["is inside the ONNX folder"]),
+    ("out_in_input", [*onnx_adapter()[:3], "--graph", "{onnx}", "--out", "{onnx}/model.onnx", "--force"],
+     ["is inside the graph"]),
     ("out_has_input", [*merge()[:5], "--out", "{root}", "--quiet", "--force"], ["contains the base model folder"]),
     ("out_has_input", ["convert", "{ad}", "--to", "peft", "--out", "{ad}/..", "--force"], ["contains the source"]),
     ("out_has_input", [*train()[:5], "--out", "{root}", *train()[7:]], ["contains the base model"]),

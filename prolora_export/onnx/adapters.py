@@ -61,13 +61,15 @@ def export_onnx_adapter(
     """
     import onnxruntime as ort
 
+    graph_path = graph if isinstance(graph, (str, Path)) else None
+    inputs = {"adapter folder": adapter, "graph": graph_path, "base model": base}
+    check_destination(out, force, inputs=inputs, kind="file")
     record = read_record(graph) if graph is not None else None
     dtype = dtype or (record["dtype"] if record else "fp32")
     if dtype not in NUMPY_DTYPES:
         raise PRoLoRAError(f"unknown dtype '{dtype}' (expected one of: {', '.join(NUMPY_DTYPES)})")
     if record is not None and dtype != record["dtype"]:
         raise PRoLoRAError(f"--dtype {dtype} does not match the graph, whose shards are {record['dtype']}")
-    check_destination(out, force, inputs={"adapter folder": adapter}, kind="file")
     loaded = read_source(adapter, base, read_options, compact=True).adapter
     record = record or geometry_record(loaded.config, dtype)
     arrays = fitted_arrays(loaded, record, NUMPY_DTYPES[dtype])
