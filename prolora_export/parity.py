@@ -385,16 +385,20 @@ def _tokenize(tokenizer, prompt: str, chat: bool) -> dict[str, torch.Tensor]:
 
 def _load_tokenizer(*folders: str | Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .models import trusts_remote_code
 
-    for folder in folders:
-        try:
-            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_remote_code())
-        except PRoLoRAError:
-            raise
-        except Exception:  # no tokenizer files: transformers fails in many ways (AttributeError too)
-            continue
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a folder without tokenizer files makes transformers warn before failing
+    try:
+        for folder in folders:
+            try:
+                return AutoTokenizer.from_pretrained(folder, trust_remote_code=trusts_remote_code())
+            except Exception:  # no tokenizer files: transformers fails in many ways (AttributeError too)
+                continue
+    finally:
+        hf_logging.set_verbosity(verbosity)
     raise PRoLoRAError(
         "no tokenizer in the ONNX folder nor in the base model, and text prompts need one: add one, or give "
         'the prompts as token ids (--prompts lines {"input_ids": [1, 2, 3]})',

@@ -528,7 +528,9 @@ def test_every_command_and_class_is_covered() -> None:
 
 def test_real_process_prints_one_line_on_stderr(world: dict[str, str], tmp_path: Path) -> None:
     """Outside CliRunner too: our errors and click's own usage errors are one stderr line, exit 2."""
-    for args, fragment in ((onnx_adapter("{t_nan}"), "contains NaN or Inf"), (train("--r", "x"), "valid integer")):
+    cases = ((onnx_adapter("{t_nan}"), "contains NaN or Inf"), (train("--r", "x"), "valid integer"),
+             (parity(base="{model_notok}"), "no tokenizer"))  # transformers warned on the way to failing
+    for args, fragment in cases:
         cmd = [sys.executable, "-m", "prolora_export", *_fill(args, world, tmp_path)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert done.returncode == 2 and done.stdout == "", (done.returncode, done.stdout, done.stderr)
