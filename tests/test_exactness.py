@@ -424,3 +424,18 @@ def test_parity_refuses_a_graph_that_does_not_hold_the_adapter(compact: dict) ->
     assert "shards default to zero (exported with --default-adapter zero)" in one_line_error(
         CliRunner().invoke(main, args))
 
+
+
+def test_fp16_adapter_file_refuses_values_beyond_its_range(llama: dict[str, Path], tmp_path: Path) -> None:
+    """astype(float16) turned 7e4 into inf in the file, with exit 0."""
+    from prolora_export.formats.prolora import load_adapter
+    from prolora_export.onnx.adapters import export_onnx_adapter
+
+    adapter = load_adapter(llama["ad"])
+    key = sorted(k for k in adapter.tensors if "_B_" in k)[0]
+    adapter.tensors[key].view(-1)[0] = 7e4
+    save_adapter(tmp_path / "big", adapter)
+    message = f"tensor '{key}' has values up to 7e+04, beyond the range of float16"
+    with pytest.raises(PRoLoRAError, match=re.escape(message)):
+        export_onnx_adapter(tmp_path / "big", tmp_path / "f.onnx_adapter", dtype="fp16")
+    assert not (tmp_path / "f.onnx_adapter").exists()

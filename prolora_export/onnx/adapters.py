@@ -389,11 +389,23 @@ def fitted_arrays(adapter, record: dict, dtype: np.dtype) -> dict[str, np.ndarra
     float64 and cast once, so the graph's nodes compute this adapter's ΔW."""
     mine = geometry_record(adapter.config, record["dtype"])
     raise_if(_geometry_problems(mine, record), "adapter does not fit the graph")
-    ratio = 1.0 if _float32(adapter.config.scaling) == record["scaling"] else adapter.config.scaling / record["scaling"]
+    if _float32(adapter.config.scaling) == record["scaling"]:
+        ratio = 1.0
+    elif record["scaling"] == 0:
+        raise PRoLoRAError("the graph's nodes compute with γ = 0 (lora_alpha 0): no adapter with another γ can be "
+                           "folded into it")
+    else:
+        ratio = adapter.config.scaling / record["scaling"]
     arrays = {}
+    problems = []
     for key, tensor in adapter.tensors.items():
         value = tensor.detach().double().numpy()
         if "_B_" in key and ratio != 1.0:
             value = value * ratio
         arrays[key] = np.ascontiguousarray(value.astype(dtype))
+        if not np.isfinite(arrays[key]).all():  # the cast (fp16) or the folded γ overflowed
+            folded = f" once γ is folded in (×{ratio:.4g})" if ratio != 1.0 else ""
+            problems.append(f"tensor '{key}' has values up to {np.abs(value).max():.4g}, beyond the range of "
+                            f"{np.dtype(dtype).name}{folded}")
+    raise_if(problems[:3])
     return arrays
