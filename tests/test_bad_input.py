@@ -579,6 +579,15 @@ def test_outputs_are_readable_by_other_users(world: dict[str, str], tmp_path: Pa
     assert "out/model.safetensors" in modes and "out.file" in modes
 
 
+def test_failed_validate_prints_only_our_line(world: dict[str, str], tmp_path: Path, capfd) -> None:
+    """optimum's own log lines of the failed check went to stderr beside our error (issue 14, 20)."""
+    capfd.readouterr()
+    result = CliRunner().invoke(main, _fill([*onnx_cmd(base="{loud}"), "--validate"], world, tmp_path))
+    assert_clean_error(result, ["logits: max diff"])
+    assert "values not close enough" not in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_fetch_demo_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
     """pip's multi-line stderr used to become a multi-line error (issue 14, 23)."""
     monkeypatch.setenv("PROLORA_EXPORT_CACHE", str(tmp_path / "cache"))

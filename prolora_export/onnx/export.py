@@ -42,6 +42,7 @@ adapter path keeps fp32 parity. Without a CUDA device this is refused up front.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -175,10 +176,14 @@ def validation_as_gate(enabled: bool) -> Iterator[None]:
     original, failures = convert.validate_models_outputs, []
 
     def validate(*args, **kwargs):
+        level = convert.logger.level
+        convert.logger.setLevel(logging.CRITICAL)  # its per-output lines would repeat our one line
         try:
             return original(*args, **kwargs)
         except Exception as err:  # AtolError, OutputMatchError, ShapeError, or ORT failing to run it
             failures.append(" ".join(str(err).split()) or type(err).__name__)
+        finally:
+            convert.logger.setLevel(level)
 
     convert.validate_models_outputs = validate
     try:
