@@ -31,7 +31,8 @@ def hyperparameter_options(defaults: dict[str, Any] | None = None) -> Callable[[
     """``--r --unshared-r --sharing-rate-a --sharing-rate-b --rotate/--no-rotate --stride-a --stride-b``.
 
     With ``defaults`` (``train``) they set the values. Without, each defaults to None: not stated,
-    which a reader then infers from the files.
+    which a reader then infers from the files. Plain ints: the config's validation (or the check
+    against the tensors) words what is wrong with a value, the same way for every command.
     """
     given = defaults or {}
 
@@ -41,13 +42,13 @@ def hyperparameter_options(defaults: dict[str, Any] | None = None) -> Callable[[
         return {"default": None, "help": _HELP[key] + ("" if defaults else STATED)}
 
     options = [
-        click.option("--r", "r", type=click.IntRange(min=1), **value("r")),
-        click.option("--unshared-r", type=click.IntRange(min=0), **value("unshared_r")),
-        click.option("--sharing-rate-a", type=click.IntRange(min=1), **value("sharing_rate_a")),
-        click.option("--sharing-rate-b", type=click.IntRange(min=1), **value("sharing_rate_b")),
+        click.option("--r", "r", type=int, **value("r")),
+        click.option("--unshared-r", type=int, **value("unshared_r")),
+        click.option("--sharing-rate-a", type=int, **value("sharing_rate_a")),
+        click.option("--sharing-rate-b", type=int, **value("sharing_rate_b")),
         click.option("--rotate/--no-rotate", **value("rotate")),
-        click.option("--stride-a", type=click.IntRange(min=0), **value("stride_a")),
-        click.option("--stride-b", type=click.IntRange(min=0), **value("stride_b")),
+        click.option("--stride-a", type=int, **value("stride_a")),
+        click.option("--stride-b", type=int, **value("stride_b")),
     ]
 
     def decorate(command: Callable) -> Callable:

@@ -93,7 +93,7 @@ def read_adapter(
         raise PRoLoRAError("adapter folder not found" if not directory.exists() else "not a folder", str(directory))
     if not (directory / CONFIG_NAME).exists():
         hint = " (this looks like a model folder, not an adapter)" if (directory / "config.json").is_file() else ""
-        raise PRoLoRAError(f"no {CONFIG_NAME}: not an adapter folder{hint}", str(directory))
+        raise PRoLoRAError(f"not an adapter folder: {CONFIG_NAME} file not found{hint}", str(directory))
     data = read_json(directory / CONFIG_NAME)
     if not isinstance(data, dict):
         raise PRoLoRAError(f"expected a JSON object, got {type(data).__name__}", str(directory / CONFIG_NAME))

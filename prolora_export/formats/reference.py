@@ -11,7 +11,10 @@ switch or the strides is saved. Two tensor layouts exist, both under PEFT key na
 * expanded layout (the final ``adapter_model.bin``, a pickle): full A (r × W) and B (W × r),
   unshared ranks last, W cut at Llama-2-7B lengths, so possibly wider than the layer. u, m, n,
   the strides and the rotation are found by checking which chunk structure reproduces the
-  tensors bit for bit (:mod:`..shards`); on a tie the most compact structure wins.
+  tensors bit for bit (:mod:`..shards`). When several do, the one with the fewest parameters
+  wins, then the smallest u, m, n; strides: the reference's defaults, then rotation off, then the
+  smallest that fit (all exact: each candidate reproduces the same A and B). When none with
+  m ≥ 2 or n ≥ 2 does, it is a genuine plain LoRA.
 
 Values the user states (:class:`ReadOptions`, the ``train`` option names) are verified
 against the tensors; a contradiction is refused. Every hyperparameter is reported with
