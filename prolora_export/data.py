@@ -198,6 +198,14 @@ def _with_eos(tokenizer, ids: list[int]) -> list[int]:
 
 def tokenize_record(tokenizer, record: dict[str, Any], max_length: int) -> Example:
     """Token ids and loss labels of one validated record, cut to ``max_length`` tokens."""
+    return _cut(_tokenize_whole(tokenizer, record), max_length)
+
+
+def _cut(example: Example, max_length: int) -> Example:
+    return Example(example.input_ids[:max_length], example.labels[:max_length])
+
+
+def _tokenize_whole(tokenizer, record: dict[str, Any]) -> Example:
     if "messages" in record:
         example = _tokenize_messages(tokenizer, record["messages"])
     elif "prompt" in record:
@@ -207,24 +215,29 @@ def tokenize_record(tokenizer, record: dict[str, Any], max_length: int) -> Examp
     else:
         ids = _with_eos(tokenizer, tokenizer(record["text"], add_special_tokens=True)["input_ids"])
         example = Example(ids, list(ids))
-    return Example(example.input_ids[:max_length], example.labels[:max_length])
+    return example
 
 
-def load_dataset(path: str | Path, tokenizer, max_length: int) -> list[Example]:
+def load_dataset(path: str | Path, tokenizer, max_length: int, counts: dict[str, int] | None = None) -> list[Example]:
     """Read, validate and tokenize a JSONL file. Examples whose labelled part lies entirely
     beyond ``max_length`` are dropped (they would teach nothing); if all are, that is an error.
-    Lines the tokenizer's chat template refuses are all reported as ``file:line: why``."""
+    Lines the tokenizer's chat template refuses are all reported as ``file:line: why``.
+    ``counts`` (when given) receives how many examples there were, were cut and were dropped."""
     records = read_numbered_jsonl(path)
     if any("messages" in r for _, r in records) and not getattr(tokenizer, "chat_template", None):
         raise PRoLoRAError("has 'messages' lines but the tokenizer has no chat template", str(path))
     examples, problems = [], []
     for number, record in records:
         try:
-            examples.append(tokenize_record(tokenizer, record, max_length))
+            examples.append(_tokenize_whole(tokenizer, record))
         except PRoLoRAError as err:
             problems.append(f"{path}:{number}: {err}")
     raise_if(_capped(problems))
+    cut = sum(len(e.input_ids) > max_length for e in examples)
+    examples = [_cut(e, max_length) for e in examples]
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e.labels[1:])]
+    if counts is not None:
+        counts.update(examples=len(examples), cut=cut, dropped=len(examples) - len(kept))
     if not kept:
         raise PRoLoRAError(
             f"no example has a completion within the first {max_length} tokens (raise --max-length)", str(path)

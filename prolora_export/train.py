@@ -107,6 +107,18 @@ def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, to
     return state
 
 
+def _truncation_note(data: str | Path, counts: dict[str, int], max_length: int) -> str | None:
+    """What --max-length did to the data, which would otherwise change silently."""
+    if not counts.get("cut"):
+        return None
+    dropped = counts["dropped"]
+    gone = f"; {dropped} of them are left out (their labelled part starts beyond it)" if dropped else ""
+    return (
+        f"note: {counts['cut']} of the {counts['examples']} examples of {data} are longer than --max-length "
+        f"{max_length} tokens and were cut{gone}"
+    )
+
+
 #: adapter hyperparameters an exact resume needs unchanged
 RESUME_HYPERPARAMETERS = (
     "r", "unshared_r", "sharing_rate_a", "sharing_rate_b", "rotate", "stride_a", "stride_b", "lora_alpha",
@@ -413,7 +425,8 @@ def _train_locked(
     del skeleton
     tokenizer = _load_tokenizer(source, base)
     eos_note = align_eos(tokenizer, source, model_config)
-    examples = load_dataset(data, tokenizer, max_length)
+    counts: dict[str, int] = {}
+    examples = load_dataset(data, tokenizer, max_length, counts)
     eval_examples = load_dataset(eval_data, tokenizer, max_length) if eval_data is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
@@ -466,8 +479,10 @@ def _train_locked(
             log = [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if line.strip()]
         except (OSError, ValueError) as err:
             raise PRoLoRAError(f"cannot read the training log ({err})", str(out / LOG_NAME)) from None
-    if eos_note and accelerator.is_main_process:  # said once every check has passed, when training starts
-        print(eos_note, file=sys.stderr)
+    if accelerator.is_main_process:  # notes are said once every check has passed, when training starts
+        for note in (eos_note, _truncation_note(data, counts, max_length)):
+            if note:
+                print(note, file=sys.stderr)
     model.train()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)

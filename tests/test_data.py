@@ -206,3 +206,16 @@ def test_a_tokenizer_that_appends_eos_to_every_text_ends_only_the_completion():
     assert labelled(ex) == [*ids(tok, "1"), tok.eos_token_id]
     text = tokenize_record(tok, {"text": "hello 1"}, 64)
     assert text.input_ids == [tok.bos_token_id, *ids(tok, "hello 1"), tok.eos_token_id]
+
+
+def test_load_dataset_counts_what_max_length_cut_and_dropped(tmp_path):
+    """Training prints these counts: cutting examples must not change the data silently."""
+    tok = tiny_tokenizer()
+    rows = [
+        {"prompt": "what is 1 plus 1 ? " * 5, "completion": "2"},  # 26 tokens of prompt: dropped at 8
+        {"text": "hello 1 2 3 4 5 6 7 8 9"},  # 11 tokens with eos: cut at 8
+        {"prompt": "what is 1 ?", "completion": "1"},  # 6 tokens: kept whole
+    ]
+    counts: dict[str, int] = {}
+    kept = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_length=8, counts=counts)
+    assert counts == {"examples": 3, "cut": 2, "dropped": 1} and len(kept) == 2

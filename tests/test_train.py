@@ -283,7 +283,7 @@ def test_encoders_and_encoder_decoders_are_refused_before_any_work(kind, message
     assert str(info.value) == f"{base}: {message}; train fine-tunes decoder-only causal language models"
 
 
-def test_default_max_length_follows_the_model_positions(tmp_path):
+def test_default_max_length_follows_the_model_positions(tmp_path, capsys):
     """GPT-2 style learned positions: 32 here, so the default 256 would index past the table."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -295,6 +295,9 @@ def test_default_max_length_follows_the_model_positions(tmp_path):
     opts = {"max_steps": 1, "r": 4, "batch_size": 2, "target_modules": ["c_attn", "c_fc"], "progress": False}
     out = train(str(base), data, tmp_path / "run", **opts)
     assert json.loads((out / STATE_DIR / "state.json").read_text())["max_length"] == 32
+    assert f"note: 1 of the 2 examples of {data} are longer than --max-length 32 tokens and were cut" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(PRoLoRAError, match=r"--max-length 64 is more than the 32 positions of the model \(config.json "
                                            r"n_positions\); pass --max-length 32 or less"):  # fmt: skip
         train(str(base), data, tmp_path / "run2", max_length=64, **opts)
@@ -373,3 +376,12 @@ def test_sharing_rate_larger_than_every_layer_is_refused_by_train_and_inspect(ti
     assert "'sharing_rate_a' (m = 100) is larger than the layer's in_features" in result.output
     planned = runner.invoke(main, ["inspect", "--base", model, "--sharing-rate-a", "100"])
     assert planned.exit_code == 2 and "(m = 100) is larger than the layer's in_features (72)" in planned.output
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_refused_before_any_work(tiny_base, tmp_path, monkeypatch,
+                                                                                no_weights):  # fmt: skip
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
+    with pytest.raises(PRoLoRAError, match="LlamaForCausalLM does not support --gradient-checkpointing"):
+        train(*base_args(tiny_base), tmp_path / "run", max_steps=1, gradient_checkpointing=True, **FAST)
