@@ -18,9 +18,11 @@ _HELP = {
     "sharing_rate_a": "m: chunks A is split into along d_in.",
     "sharing_rate_b": "n: chunks B is split into along d_out.",
     "rotate": "Rotation enhancement (--no-rotate: plain shared chunks, the paper's CLoRA ablation).",
-    "stride_a": "Base stride s_A (modulo r - u; default max(floor((r - u) / m), 1)).",
-    "stride_b": "Base stride s_B (modulo r - u; default max(floor((r - u) / n), 1)).",
+    "stride_a": "Base stride s_A (default max(floor((r - u) / m), 1)).",
+    "stride_b": "Base stride s_B (default max(floor((r - u) / n), 1)).",
 }
+#: a reader takes a stride as the reference writes it: any integer, meaningful modulo r - u
+READ_STRIDE = " Taken modulo r - u, as the reference writes strides (r - u when m = 1)."
 STATED = (
     " For an adapter folder that does not record it (a reference checkpoint): state it; it is checked "
     "against the tensors."
@@ -39,7 +41,8 @@ def hyperparameter_options(defaults: dict[str, Any] | None = None) -> Callable[[
     def value(key: str) -> dict[str, Any]:
         if key in given:
             return {"default": given[key], "show_default": True, "help": _HELP[key]}
-        return {"default": None, "help": _HELP[key] + ("" if defaults else STATED)}
+        extra = (" In [0, r - u)." if defaults else READ_STRIDE) if key.startswith("stride") else ""
+        return {"default": None, "help": _HELP[key] + extra + ("" if defaults else STATED)}
 
     options = [
         click.option("--r", "r", type=int, **value("r")),
