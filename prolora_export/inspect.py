@@ -128,12 +128,11 @@ def inspect_adapter(path: str | Path, base: str | None = None, options: ReadOpti
 
 def inspect_model(base: str, config: PRoLoRAConfig, dtype: str = "float32") -> Report:
     """Report on the adapter ``config`` would create on ``base``, without loading weights or training."""
-    from .inject import find_targets
+    from .inject import plan_adapter
     from .models import meta_model
 
     config.validate("hyperparameters")
-    targets = find_targets(meta_model(base), config.target_modules)
-    config.modules = {p: {"in_features": i, "out_features": o} for p, (i, o) in targets.items()}
+    plan_adapter(meta_model(base), config)  # the layers, and the hyperparameters checked against their sizes
     report = _report(base, "planned", config)
     report.bytes = report.parameters * DTYPE_BYTES[dtype]
     report.dtype = dtype

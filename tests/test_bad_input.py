@@ -657,7 +657,7 @@ def test_remote_code_runs_only_with_the_flag(world: dict[str, str], tmp_path: Pa
     done = CliRunner().invoke(main, ["inspect", "--base", world["remote"], "--trust-remote-code", "--json"])
     assert marker.exists(), done.output
     assert done.exit_code == 0, done.output
-    assert len(json.loads(done.output)["layers"]) == 8
+    assert len(json.loads(done.output)["layers"]) == 14  # all-linear: 7 projections x 2 blocks
 
 
 # ---------------------------------------------------------------------- train --resume on a damaged save

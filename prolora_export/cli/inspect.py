@@ -19,9 +19,10 @@ from .options import TRAIN_DEFAULTS, adapter_read_options
 )
 @click.option(
     "--target-modules",
-    default="q_proj,k_proj,v_proj,o_proj",
+    default="all-linear",
     show_default=True,
-    help="Comma list of layer names, or a regex matching whole module paths (planning only).",
+    help="Comma list of layer names, a regex matching whole module paths, or all-linear (every Linear/Conv1D "
+    "layer but the output head: train's default) (planning only).",
 )
 @click.option(
     "--dtype",
