@@ -193,10 +193,12 @@ def _other_architectures(root: Path) -> dict[str, Path]:
     bert = transformers.BertModel(transformers.BertConfig(
         hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=128))
     bert.save_pretrained(root / "bert")
+    transformers.BertForMaskedLM(bert.config).save_pretrained(root / "bert-mlm")
     return {
         "t5": root / "t5",
         "t5_ad": save_adapter(root / "t5-ad", make_adapter(t5, target_modules=["q", "v"], r=4, unshared_r=1)),
         "bert": root / "bert",
+        "bert_mlm": root / "bert-mlm",
         "bert_ad": save_adapter(root / "bert-ad", make_adapter(bert, target_modules=["query"], r=4, unshared_r=1)),
     }  # fmt: skip
 
@@ -438,6 +440,7 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     # what the exporter cannot export whole, refused before loading (issue 14, 11 and 16)
     ("encoder_decoder", onnx_cmd("{t5_ad}", base="{t5}"), ["t5 is an encoder-decoder", "encoder alone"]),
     ("encoder_decoder", parity("{t5_ad}", base="{t5}", onnx_dir="{onnx_t5}"), ["t5 is an encoder-decoder"]),
+    ("headless", onnx_cmd(base="{bert_mlm}"), ["BertForMaskedLM has a head", "--task feature-extraction"]),
     ("opset", [*onnx_cmd(), "--opset", "13"], ["--opset 13 is outside what the exporter supports for llama"]),
     ("opset", [*onnx_cmd(mode="compact"), "--opset", "99"], ["--opset 99 is outside what the exporter supports"]),
     ("opset", [*onnx_cmd(), "--opset", "5"], ["--opset 5 is outside what the exporter supports"]),

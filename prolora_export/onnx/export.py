@@ -135,6 +135,13 @@ def exportable_task(config, task: str = "auto", opset: int | None = None) -> str
             "Decoder-only models (causal LM) and encoders are supported"
         )
     full_task = export_task(config, task)
+    headed = [name for name in getattr(config, "architectures", None) or [] if "For" in name]
+    if task == "auto" and full_task == "feature-extraction" and headed:
+        raise PRoLoRAError(
+            f"{', '.join(headed)} has a head that onnx does not export (it exports causal LMs, sequence "
+            "classifiers and bare encoders): the graph would be the encoder without its head. Pass --task "
+            "feature-extraction to export the encoder alone"
+        )
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers optimum's ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
