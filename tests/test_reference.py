@@ -114,11 +114,16 @@ def test_fixtures_are_laid_out_as_the_reference_writes_them(tmp_path: Path, name
     expanded = torch.load(folder / "adapter_model.bin", weights_only=True)
     assert list(expanded) == [k for k in state if k.endswith((".lora_A.weight", ".lora_B.weight"))]
     a, b = expanded[f"{PREFIX}{path}.lora_A.weight"], expanded[f"{PREFIX}{path}.lora_B.weight"]
+    wide_a, wide_b = run.m * math.ceil(100 / run.m), run.n * math.ceil(72 / run.n)
     if run.u == 0:  # cut at min(m·c, 11008 / 4096): wider than the layer when the last chunk is cut
-        assert a.shape == (run.r, run.m * math.ceil(100 / run.m)) and b.shape == (run.n * math.ceil(72 / run.n), run.r)
-        assert not a.is_contiguous() or run.m * math.ceil(100 / run.m) == a.shape[1]  # saved as a view
-    else:
+        assert a.shape == (run.r, wide_a) and b.shape == (wide_b, run.r)
+        # saved as the expansion's views: A the (r_s × m·c) buffer itself, B its transpose
+        assert a.stride() == (wide_a, 1) and b.stride() == (1, wide_b)
+    elif run.shared_r:  # the unshared part concatenated: new (d × r) buffers, A saved transposed
         assert a.shape == (run.r, 100) and b.shape == (72, run.r)
+        assert a.stride() == (1, run.r) and b.is_contiguous()
+    else:  # u = r: the vectors themselves, A transposed twice
+        assert a.shape == (run.r, 100) and b.shape == (72, run.r) and a.is_contiguous() and b.stride() == (1, 72)
     assert run.shift_a == max(run.shared_r // run.m, 1)
 
 
