@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "merge": ("bench_merge.py", ["--quick"], [], "MERGE.md", "merge.json"),
     "onnx": ("bench_onnx.py", ["--quick"], [], "ONNX.md", "onnx.json"),
     "quant": ("bench_quant.py", ["--quick"], [], "QUANT.md", "quant.json"),
+    "kernel": ("bench_kernel.py", ["--quick"], [], "KERNEL.md", "kernel.json"),
 }
 
 
@@ -181,6 +182,12 @@ def _quant_goals(r: dict) -> list[Goal]:
     return out
 
 
+def _kernel_goals(r: dict) -> list[Goal]:
+    """Issue 19: the native kernel against the merged and the plain-LoRA graph (fp32, at 128 tokens)."""
+    return [("#19", f"native kernel: {key} ≤ {g['bound']:.2f}×", f"{g['measured']:.3f}×", g["met"])
+            for key, g in r["goals"].items()]
+
+
 GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "size": _size_goals,
     "forward": _forward_goals,
@@ -188,6 +195,7 @@ GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "merge": _merge_goals,
     "onnx": _onnx_goals,
     "quant": _quant_goals,
+    "kernel": _kernel_goals,
 }
 
 

@@ -1,0 +1,247 @@
+"""The native ``RotatedShardLoRA`` kernel (issue 19) against the op's function body, the merged graph and
+a plain-LoRA graph: ONNX Runtime CPU decode and prefill latency. Writes bench/KERNEL.md and bench/kernel.json.
+
+    python bench/bench_kernel.py [--quick] [--markdown-only]
+
+Models: the demo model (SmolLM2-135M, hidden 576, 30 blocks) in fp32 and with an int4 base
+(``prolora_export.onnx.quantize``, adapter path kept float), and a random Llama of hidden 2048
+(``tools/make_synthetic_checkpoint.py``: 2 blocks, MLP 5632, 16 heads / 4 KV heads, vocab 4096, fp32).
+Adapters as in bench_onnx: PRoLoRA r=8, u=1, m=n=2 on all seven linear layers of every block, and for
+plain LoRA a u = r = 8 adapter exported compact (every layer x·A_uᵀ·B_uᵀ, run by its function body).
+Graphs: ``kernel`` = the compact export with the native kernel registered, ``function`` = the same file
+without it (its function body runs), ``merged``, ``plain_lora``.
+
+Method: one process; every session has intra_op_num_threads=1, so ONNX Runtime computes on the calling
+thread and each call is timed by that thread's CPU time (``time.thread_time``): on this shared 2-core
+machine wall time mostly measures the other jobs. Graphs alternate call by call within each round
+(bench_onnx.latency); medians. Decode is one new token after 32/128/512 past tokens, prefill a prompt of
+32/128/512 tokens; goals are stated at 128 (bench_onnx's headline length).
+
+Arithmetic floor: an adapted layer's extra work is r·(d_in + d_out) multiply-adds per token against
+d_in·d_out for its base; ``floor`` = 1 + adapter MACs / base MACs (all linear layers, lm_head and the
+attention products at that length) is the best compact/merged ratio possible, and ``excess`` =
+(kernel − merged) / (merged × adapter MACs / base MACs) says how many times the floor the kernel costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_onnx import PHASES, latency, random_adapter  # noqa: E402
+
+from prolora_export import native  # noqa: E402
+from prolora_export.models import ensure_demo_model  # noqa: E402
+from prolora_export.onnx.export import export_onnx  # noqa: E402
+from prolora_export.runtime import inference_session  # noqa: E402
+
+HEADLINE = 128
+LENGTHS = {False: (32, 128, 512), True: (32, 128)}
+HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 2}
+#: session name -> (export folder, kernel choice)
+GRAPHS = {"kernel": ("compact", "native"), "function": ("compact", "function"), "merged": ("merged", "function"),
+          "plain_lora": ("plain_lora", "function")}
+SYNTHETIC = ["--hidden", "2048", "--intermediate", "5632", "--heads", "16", "--kv-heads", "4", "--layers", "2",
+             "--vocab", "4096", "--dtype", "fp32"]
+#: (model, phase, peer) -> issue 19's bound on kernel / peer at HEADLINE tokens
+BOUNDS = {
+    ("demo", "decode", "merged"): 1.03,
+    ("synthetic-2048", "decode", "merged"): 1.01,
+    ("demo", "prefill", "merged"): 1.03,
+    ("synthetic-2048", "prefill", "merged"): 1.03,
+    **{(m, p, "plain_lora"): 1.0 for m in ("demo", "synthetic-2048") for p in ("decode", "prefill")},
+}
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def macs_per_token(cfg: dict, past: int) -> tuple[float, float]:
+    """(base MACs, adapter MACs) of one token at ``past`` cached tokens for a Llama-like config."""
+    d, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or d // heads
+    shapes = [(d, heads * head_dim), (d, kv * head_dim), (d, kv * head_dim), (heads * head_dim, d), (d, inter),
+              (d, inter), (inter, d)]
+    base = layers * (sum(i * o for i, o in shapes) + 2 * (past + 1) * heads * head_dim) + d * cfg["vocab_size"]
+    adapter = layers * sum(HYPER["r"] * (i + o) for i, o in shapes)
+    return float(base), float(adapter)
+
+
+def prepare(work: Path, name: str, base: Path, int4: bool, reuse: bool) -> dict[str, Path]:
+    """Adapters and the exports of one model: {graph folder name: path} (int4: also quantized copies);
+    ``reuse``: keep exports already in ``work`` (a rerun after a kernel change)."""
+    from prolora_export.onnx.quantize import quantize_onnx
+
+    folders = {}
+    plan = [("merged", "prolora", "merged"), ("compact", "prolora", "compact"), ("plain_lora", "lora", "compact")]
+    for folder, adapter, mode in plan:
+        out = work / f"{name}-{folder}"
+        if not (reuse and (out / "model.onnx").is_file()):
+            if not (work / f"{name}-{adapter}").is_dir():
+                random_adapter(base, work / f"{name}-{adapter}", 0 if adapter == "prolora" else 1,
+                               **(HYPER if adapter == "prolora" else {"r": 8, "unshared_r": 8}))
+            print(f"  export {name} {folder} …", flush=True)
+            export_onnx(str(base), work / f"{name}-{adapter}", out, mode=mode, force=True)
+        folders[folder] = out
+        if int4:
+            quantized = work / f"{name}-{folder}-int4"
+            if not (reuse and (quantized / "model.onnx").is_file()):
+                print(f"  int4 {name} {folder} …", flush=True)
+                quantize_onnx(out, quantized, bits=4, force=True)
+            folders[f"{folder}_int4"] = quantized
+    return folders
+
+
+def call_plan(phase: str, length: int, quick: bool) -> tuple[int, int]:
+    """(rounds, calls per round): decode costs the same at any past length, prefill grows with the prompt."""
+    if phase == "decode":
+        return (6 if quick else 12), 5
+    return max(3, min(20, (384 if quick else 1536) // length)), 1
+
+
+def measure(folders: dict[str, Path], suffix: str, quick: bool) -> dict:
+    """CPU ms of the four graphs (medians), per phase and length."""
+    sessions = {name: inference_session(folders[folder + suffix], threads=1, kernel=kernel)
+                for name, (folder, kernel) in GRAPHS.items()}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for phase, (_, _, tokens) in PHASES.items():
+        out[phase] = {}
+        for n in LENGTHS[quick]:
+            rounds, per_round = call_plan(phase, n, quick)
+            print(f"    {phase} at {n} ({rounds * per_round} calls each) …", flush=True)
+            medians = latency(sessions, *tokens(n), rounds, per_round, clock=time.thread_time)
+            out[phase][str(n)] = {name: v * 1e3 for name, v in medians.items()}
+    del sessions
+    gc.collect()
+    return out
+
+
+def derived(ms: dict, cfg: dict) -> dict:
+    """Ratios of the kernel to its peers, and to the arithmetic floor, per phase and length."""
+    out: dict = {}
+    for phase, by_length in ms.items():
+        out[phase] = {}
+        for n, row in by_length.items():
+            past = int(n) if phase == "decode" else int(n) // 2  # prefill: the mean past length over the prompt
+            base, adapter = macs_per_token(cfg, past)
+            share = adapter / base
+            out[phase][n] = {
+                "kernel_vs_merged": row["kernel"] / row["merged"],
+                "kernel_vs_plain_lora": row["kernel"] / row["plain_lora"],
+                "kernel_vs_function": row["kernel"] / row["function"],
+                "function_vs_merged": row["function"] / row["merged"],
+                "floor": 1 + share,
+                "excess_over_floor": (row["kernel"] - row["merged"]) / (row["merged"] * share),
+            }
+    return out
+
+
+def run(work: Path, quick: bool, reuse: bool = False) -> dict:
+    started = time.perf_counter()
+    status = native.build_status() or {}
+    if native.library_path() is None:
+        raise SystemExit(f"no native kernel to measure: {native.unavailable_reason()}")
+    synthetic = work / "synthetic-2048"
+    if not (reuse and (synthetic / "config.json").is_file()):
+        print("synthetic checkpoint …", flush=True)
+        subprocess.run([sys.executable, str(HERE.parent / "tools" / "make_synthetic_checkpoint.py"), *SYNTHETIC,
+                        "--out", str(synthetic), "--force"], check=True, capture_output=True)
+    models = {"demo": (ensure_demo_model(quiet=True), True), "synthetic-2048": (synthetic, False)}
+    results: dict = {"models": {}, "settings": {"quick": quick, "lengths": list(LENGTHS[quick]), "threads": 1,
+                                                 "clock": "thread CPU time", "headline_length": HEADLINE,
+                                                 "adapter": HYPER, "library": status}}
+    for name, (base, int4) in models.items():
+        print(f"{name} …", flush=True)
+        cfg = config_of(base)
+        folders = prepare(work, name, base, int4, reuse)
+        for suffix, dtype in (("", "fp32"), ("_int4", "int4")) if int4 else (("", "fp32"),):
+            print(f"  latency {name} {dtype} …", flush=True)
+            ms = measure(folders, suffix, quick)
+            results["models"][f"{name} {dtype}"] = {
+                "model": name, "dtype": dtype, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
+                "ms": ms, "ratios": derived(ms, cfg),
+            }
+    at = str(HEADLINE)
+    results["goals"] = {
+        f"{model} {phase} kernel vs {peer}": {
+            "bound": bound, "measured": results["models"][f"{model} fp32"]["ratios"][phase][at][f"kernel_vs_{peer}"]}
+        for (model, phase, peer), bound in BOUNDS.items()
+    }
+    for goal in results["goals"].values():
+        goal["met"] = goal["measured"] <= goal["bound"]
+    results["settings"]["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def markdown(r: dict, command: str) -> str:
+    lines = [
+        "# Native RotatedShardLoRA kernel (issue 19)", "",
+        f"`{command}`: ONNX Runtime CPU, one intra-op thread, thread CPU time per call, medians of calls "
+        "interleaved across the four graphs in one process (bench/bench_kernel.py's docstring has the method). "
+        "kernel = compact export + native kernel; function = the same file, function body; merged; plain LoRA "
+        "= a u = r compact export (MatMul·MatMul). PRoLoRA r=8, u=1, m=n=2 on all seven projections.", "",
+        "## Goals (at 128 tokens)", "", "| goal | bound | measured | met |", "|---|---|---|---|",
+    ]
+    for key, g in r["goals"].items():
+        lines.append(f"| {key} | ≤ {g['bound']:.2f}× | {g['measured']:.3f}× | {'yes' if g['met'] else 'no'} |")
+    for key, m in r["models"].items():
+        lines += ["", f"## {key} (hidden {m['hidden']}, {m['layers']} blocks)", "",
+                  "| phase | tokens | kernel ms | function ms | merged ms | plain LoRA ms | kernel/merged | "
+                  "kernel/plain | kernel/function | floor | excess over floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for phase, by_length in m["ms"].items():
+            for n, row in by_length.items():
+                q = m["ratios"][phase][n]
+                lines.append(
+                    f"| {phase} | {n} | {row['kernel']:.2f} | {row['function']:.2f} | {row['merged']:.2f} | "
+                    f"{row['plain_lora']:.2f} | {q['kernel_vs_merged']:.3f}× | {q['kernel_vs_plain_lora']:.3f}× | "
+                    f"{q['kernel_vs_function']:.3f}× | {q['floor']:.4f}× | {q['excess_over_floor']:.1f}× |")
+    s = r["settings"]
+    lines += ["", f"Lengths {s['lengths']}; run took {s['wall_s'] / 60:.1f} min. Decode tokens = past length, "
+              "prefill tokens = prompt length. floor = 1 + adapter MACs / base MACs; excess over floor = "
+              "(kernel − merged) / (merged × adapter MACs / base MACs).", ""]
+    return "\n".join(lines)
+
+
+def render(results: dict) -> None:
+    command = "python bench/bench_kernel.py" + (" --quick" if results["settings"]["quick"] else "")
+    (HERE / "KERNEL.md").write_text(markdown(results, command))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="lengths 32 and 128 only, fewer calls")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the exports here and reuse those already there (default: a temp folder)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite KERNEL.md from the last kernel.json")
+    args = parser.parse_args()
+    if args.markdown_only:
+        render(json.loads((HERE / "kernel.json").read_text()))
+        return
+    if args.work is not None:
+        results = run(args.work, args.quick, reuse=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-kernel-") as tmp:
+            results = run(Path(tmp), args.quick)
+    (HERE / "kernel.json").write_text(json.dumps(results, indent=2) + "\n")
+    render(results)
+    print((HERE / "KERNEL.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
