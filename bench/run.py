@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "onnx": ("bench_onnx.py", ["--quick"], [], "ONNX.md", "onnx.json"),
     "quant": ("bench_quant.py", ["--quick"], [], "QUANT.md", "quant.json"),
     "kernel": ("bench_kernel.py", ["--quick"], [], "KERNEL.md", "kernel.json"),
+    "engine": ("bench_engine.py", ["--quick"], [], "ENGINE.md", "engine.json"),
 }
 
 
@@ -165,6 +166,18 @@ def _onnx_goals(r: dict) -> list[Goal]:
     return out
 
 
+def _engine_goals(r: dict) -> list[Goal]:
+    q, g = r["ratios"], r["goals"]
+    return [
+        ("#17", f"engine mixed-adapter throughput vs all requests on one adapter ≥ {g['mixed_vs_one_adapter']}×",
+         f"{q['mixed_vs_one_adapter']:.2f}×", q["mixed_vs_one_adapter"] >= g["mixed_vs_one_adapter"]),
+        ("#17", f"engine mixed-adapter throughput vs one adapter per run ≥ {g['mixed_vs_per_run']}×",
+         f"{q['mixed_vs_per_run']:.2f}×", q["mixed_vs_per_run"] >= g["mixed_vs_per_run"]),
+        ("#17", f"resident memory per loaded adapter vs its shards' bytes ≤ {g['memory_per_adapter']}×",
+         f"{q['memory_per_adapter']:.2f}×", q["memory_per_adapter"] <= g["memory_per_adapter"]),
+    ]  # fmt: skip
+
+
 def _quant_goals(r: dict) -> list[Goal]:
     """Issue 16's goals on each model, then the parity gate of every quantized demo graph."""
     out: list[Goal] = []
@@ -196,6 +209,7 @@ GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "onnx": _onnx_goals,
     "quant": _quant_goals,
     "kernel": _kernel_goals,
+    "engine": _engine_goals,
 }
 
 

@@ -303,6 +303,24 @@ def test_runner_serves_threads_and_asyncio(tiny):
     assert eng.pending == 0
 
 
+def test_runner_survives_a_failing_step(tiny, monkeypatch):
+    """A step that fails unexpectedly finishes every pending request with that error; the next
+    requests are served as usual."""
+    eng = engine(tiny, max_batch=4)
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    with EngineRunner(eng) as runner:
+        monkeypatch.setattr(eng, "_run", broken)
+        failed = runner.generate([Request(prompt_ids=prompt(0), adapter="a1"), Request(prompt_ids=prompt(1))])
+        monkeypatch.undo()
+        request = Request(prompt_ids=prompt(2), adapter="a3", max_new_tokens=4, return_logits=True)
+        (served,) = runner.generate([request])
+    assert all(r.finish_reason == "error" and "device lost" in r.error for r in failed)
+    assert_row_exact(tiny, request, served)
+
+
 @pytest.mark.demo
 @pytest.mark.slow
 def test_demo_model_mixed_adapters_generate_like_pytorch(demo_model, tmp_path):

@@ -4,8 +4,9 @@ Step-driven: :meth:`Engine.step` does one scheduling step and returns its events
 (1) submitted requests are checked (a bad one finishes at once with an error event, nothing else is
 touched), (2) every running row decodes one token, and rows that finish leave the batch, (3) queued
 requests join while the batch size and the cached-token bound allow: their prompts are prefilled
-together (left-padded, each row with its own adapter), each samples its first token, and their
-cache is merged into the running batch. Rows never wait for each other to finish.
+in chunks of similar length (left-padded, each row with its own adapter), each samples its first
+token, and the running rows' and the joiners' caches are rebuilt into one batch, once per step.
+Rows never wait for each other to finish.
 
 Threads: ``step`` (and :meth:`generate` / :meth:`stream`, which call it) must run on one thread at
 a time; :meth:`submit`, :meth:`cancel`, :meth:`load_adapter` and :meth:`unload_adapter` may be called
