@@ -235,6 +235,6 @@ def test_unknown_target_format_and_same_folder(tmp_path: Path) -> None:
     save_adapter(tmp_path / "src", adapter)
     with pytest.raises(PRoLoRAError, match="unknown target format 'onnx'"):
         convert(tmp_path / "src", "onnx", tmp_path / "out")
-    with pytest.raises(PRoLoRAError, match="must differ from the source"):
+    with pytest.raises(PRoLoRAError, match="is the source adapter folder, which this command reads"):
         convert(tmp_path / "src", "peft", tmp_path / "src", force=True)
     assert load_adapter(tmp_path / "src").tensors.keys() == adapter.tensors.keys()
