@@ -195,8 +195,9 @@ def build(task: Task, spec: Spec) -> torch.nn.Module:
     return lora_model(task.base(), spec.targets, lora_ranks(task, spec.targets)[spec.budget])
 
 
-def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(mean loss per labelled token, per-row exact match of greedy tokens, labelled tokens).
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(mean loss per labelled token, per-row exact match of greedy tokens, greedy-correct tokens,
+    labelled tokens).
 
     The vocabulary projection is only computed from the first labelled position on
     (``logits_to_keep``): the prompt's logits would be thrown away, and on a model cut to a
@@ -210,8 +211,8 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     logits, targets = logits[:, :-1].float(), labels[:, first:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     mask = targets != IGNORE_INDEX
-    exact = ((logits.argmax(-1) == targets) | ~mask).all(dim=1)
-    return loss, exact, int(mask.sum())
+    hits = logits.argmax(-1) == targets
+    return loss, (hits | ~mask).all(dim=1), int((hits & mask).sum()), int(mask.sum())
 
 
 def fit(model, task: Task, lr: float, seed: int, on_step: Callable[[int], None] | None = None) -> list[float]:
@@ -224,7 +225,7 @@ def fit(model, task: Task, lr: float, seed: int, on_step: Callable[[int], None] 
         torch.manual_seed(seed * 1_000_003 + step * 1009)  # dropout RNG, as in train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, task.steps, lr)
-        loss, _, _ = completion_loss(model, collate(micro_batch(task.train, step, task.batch, 1, 0, seed), task.pad_id))
+        loss, *_ = completion_loss(model, collate(micro_batch(task.train, step, task.batch, 1, 0, seed), task.pad_id))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -242,18 +243,22 @@ def fit(model, task: Task, lr: float, seed: int, on_step: Callable[[int], None] 
 
 
 def evaluate(model, task: Task, examples: Sequence[Example]) -> dict[str, float]:
-    """Held-out loss per labelled token and exact-match accuracy (every completion token greedy-correct)."""
+    """Held-out loss per labelled token, token accuracy (greedy) and exact match (every labelled
+    token of the line greedy-correct)."""
     was_training = model.training
     model.eval()
-    total, count, hits = 0.0, 0, 0
+    total, count, hits, correct = 0.0, 0, 0, 0
     with torch.no_grad():
         for i in range(0, len(examples), task.eval_batch):
-            loss, exact, n = completion_loss(model, collate(list(examples[i : i + task.eval_batch]), task.pad_id))
+            batch = collate(list(examples[i : i + task.eval_batch]), task.pad_id)
+            loss, exact, right, n = completion_loss(model, batch)
             total += float(loss) * n
             count += n
             hits += int(exact.sum())
+            correct += right
     model.train(was_training)
-    return {"loss": round(total / max(count, 1), 5), "exact": round(hits / len(examples), 4)}
+    return {"loss": round(total / max(count, 1), 5), "exact": round(hits / len(examples), 4),
+            "token_acc": round(correct / max(count, 1), 4)}  # fmt: skip
 
 
 def run(task: Task, spec: Spec) -> dict:
@@ -280,7 +285,8 @@ def run(task: Task, spec: Spec) -> dict:
         valid, test = evaluate(model, task, task.valid), evaluate(model, task, task.test)
         midway["valid_loss_end"] = evaluate(model, task, task.valid[:MIDWAY_EVAL])["loss"]
         record.update(midway, midway_eval_examples=MIDWAY_EVAL, valid_loss=valid["loss"], valid_exact=valid["exact"],
-                      test_loss=test["loss"], test_exact=test["exact"])  # fmt: skip
+                      test_loss=test["loss"], test_exact=test["exact"], valid_token_acc=valid["token_acc"],
+                      test_token_acc=test["token_acc"])  # fmt: skip
     return record
 
 
@@ -335,6 +341,8 @@ def plan(stage: str, results: list[dict], lrs: Sequence[float], seeds: Sequence[
 
 #: the order of work: q/v first (there the task discriminates capacity, see RESULTS.md), then all seven
 STAGES = {"qv": ["qv_sweep", "qv_seeds", "qv_ablations"], "all7": ["all7_sweep", "all7_seeds"]}
+#: ``--stage qv-main``: the q/v comparison without its ablations
+STAGES_EXTRA = {"qv-main": ["qv_sweep", "qv_seeds"]}
 
 
 def claim(folder: Path, spec: Spec) -> bool:
@@ -376,16 +384,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def fmt(values: Sequence[float], digits: int = 3) -> str:
+    if any(math.isnan(v) for v in values):
+        return "—"  # not recorded by an older version of this script
     mean, std = mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def plateau(record: dict) -> float:
-    """Relative drop of the mean training loss from the second-to-last to the last tenth of training."""
+def plateau(record: dict) -> tuple[float, float]:
+    """Mean training loss over the 9th and over the 10th (last) tenth of training."""
     losses = record["train_losses"]
     tenth = max(1, len(losses) // 10)
-    before, last = statistics.fmean(losses[-2 * tenth : -tenth]), statistics.fmean(losses[-tenth:])
-    return (before - last) / before
+    return statistics.fmean(losses[-2 * tenth : -tenth]), statistics.fmean(losses[-tenth:])
 
 
 def groups(results: list[dict], lrs: Sequence[float]) -> list[dict]:
@@ -408,16 +417,20 @@ def groups(results: list[dict], lrs: Sequence[float]) -> list[dict]:
     return rows
 
 
-def row_md(row: dict, budget: int) -> str:
+def row_md(row: dict, budget: int | None) -> str:
     runs = sorted(row["runs"], key=lambda r: r["seed"])
     params = runs[0]["params"]
     name = row["label"] + (f" (r={runs[0]['rank']})" if "rank" in runs[0] else "")
-    flat = max(plateau(r) for r in runs)
+    tenths = [plateau(r) for r in runs]
+    flat = f"{statistics.fmean(t[0] for t in tenths):.3f} → {statistics.fmean(t[1] for t in tenths):.3f}"
     keys = ("valid_loss_half", "valid_loss_three_quarters", "valid_loss_end")
     valid_path = " → ".join(f"{statistics.fmean(r[k] for r in runs):.3f}" for k in keys if all(k in r for r in runs))
-    return (f"| {name} | {params:,} | {params / budget:.2f}× | {row['lr']:g} | {len(runs)} | "
-            f"{fmt([r['test_loss'] for r in runs])} | {fmt([100 * r['test_exact'] for r in runs], 1)} | "
-            f"{fmt([r['valid_loss'] for r in runs])} | {valid_path} | {100 * flat:.1f}% |")  # fmt: skip
+    accuracy = [100 * r.get("test_token_acc", math.nan) for r in runs]
+    ratio = f"{params / budget:.2f}×" if budget else "—"
+    return (f"| {name} | {params:,} | {ratio} | {row['lr']:g} | {len(runs)} | "
+            f"{fmt([r['test_loss'] for r in runs])} | {fmt(accuracy, 1)} | "
+            f"{fmt([100 * r['test_exact'] for r in runs], 1)} | "
+            f"{fmt([r['valid_loss'] for r in runs])} | {valid_path} | {flat} |")  # fmt: skip
 
 
 def sweep_md(results: list[dict], lrs: Sequence[float]) -> list[str]:
@@ -437,7 +450,7 @@ def sweep_md(results: list[dict], lrs: Sequence[float]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,7 +477,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("held-out (test) loss per completion token")
-    ax.set_title("Cipher task: held-out loss vs adapter size (mean ± std over seeds)")
+    ax.set_title(f"{title}: held-out loss vs adapter size (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -472,45 +485,72 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[dict], lrs: Sequence[float], md: Path, png: Path, command: str) -> None:
-    """RESULTS.md (tables, setup, command) and the plot; the hand-written reading below REPORT_END is kept."""
-    rows = groups(results, lrs)
+@dataclass
+class Regime:
+    """One task size of the study: its results, swept learning rates and plot file."""
+
+    title: str
+    results: list[dict]
+    lrs: Sequence[float]
+    png: Path
+    command: str
+
+
+def regime_md(regime: Regime, md: Path) -> list[str]:
+    """The tables and the plot of one regime."""
+    rows = groups(regime.results, regime.lrs)
     if not rows:
-        raise SystemExit("no finished runs yet")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, png)
-    first = results[0]
-    header = ("| adapter | trainable params | vs PRoLoRA | lr | seeds | test loss | test exact % | valid loss "
-              "| valid loss ½ → ¾ → end | last-tenth train-loss drop |")  # fmt: skip
-    lines = [
-        "# PRoLoRA vs LoRA: a study that can tell",
-        "",
-        f"Command: `{command}` (then `python examples/compare_lora.py --report` for this page and the plot).",
-        f"Data: `python examples/make_capacity_task.py` (defaults). Base: {first['base']} cut to its first "
-        f"{first['layers']} decoder blocks; {first['steps']} steps of batch {first['batch']}, linear warmup (10%) and "
-        "decay, AdamW, gradient clipping 1.0, dropout 0.05, α = 2·rank; the same data order and dropout seeds for "
-        "every adapter of a seed. Loss is per completion token (the code words and EOS); exact = every completion "
-        "token greedy-correct.",
-        "",
-    ]
-    for targets, title in (("all7", "All seven projections"), ("qv", "q_proj and v_proj only")):
+        return [f"## {regime.title}", "", "No finished runs yet.", ""]
+    regime.png.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, regime.png, regime.title)
+    header = ("| adapter | trainable params | vs PRoLoRA | lr | seeds | test loss | test token acc % | test exact % "
+              "| valid loss | valid loss ½ → ¾ → end | train loss, 9th → 10th tenth |")  # fmt: skip
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    first = regime.results[0]
+    lines = [f"## {regime.title}", "", f"Command: `{regime.command}`. {first['steps']} steps of batch "
+             f"{first['batch']}.", ""]  # fmt: skip
+    for targets, title in (("qv", "q_proj and v_proj only"), ("all7", "All seven projections")):
         subset = [r for r in rows if r["targets"] == targets and not r.get("ablation")]
         if not subset:
             continue
-        sizes = [r["runs"][0]["params"] for r in subset if r["label"] == "PRoLoRA"]
-        budget = sizes[0] if sizes else subset[0]["runs"][0]["params"]
-        lines += [f"## {title}", "", header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [row_md(r, budget) for r in subset] + [""]
+        budget = next((r["runs"][0]["params"] for r in subset if r["label"] == "PRoLoRA"), None)
+        lines += [f"### {title}", "", header, rule] + [row_md(r, budget) for r in subset] + [""]
     ablations = [r for r in rows if r.get("ablation")]
     if ablations:
         targets = ablations[0]["targets"]
         reference = [r for r in rows if r["targets"] == targets and r["label"] == "PRoLoRA" and not r.get("ablation")]
         budget = ablations[0]["runs"][0]["params"]
-        lines += [f"## Ablations ({targets}, PRoLoRA's learning rate, same budget)", "", header,
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"### Ablations ({targets}, PRoLoRA's learning rate, same budget)", "", header, rule]
         lines += [row_md(r, budget) for r in reference + ablations] + [""]
-    lines += ["## Learning-rate sweep (seed 0, validation loss; bold = chosen)", "", *sweep_md(results, lrs), ""]
-    lines += [f"![held-out loss vs trainable parameters]({png.relative_to(md.parent)})", ""]
+    lines += ["### Learning-rate sweep (seed 0, validation loss; bold = chosen)", "",
+              *sweep_md(regime.results, regime.lrs), ""]  # fmt: skip
+    lines += [f"![held-out loss vs trainable parameters, {regime.title}]({regime.png.relative_to(md.parent)})", ""]
+    return lines
+
+
+def write_report(regimes: Sequence[Regime], md: Path) -> None:
+    """RESULTS.md (setup, tables, plots, commands); the hand-written reading below REPORT_END is kept."""
+    first = next((r.results[0] for r in regimes if r.results), None)
+    if first is None:
+        raise SystemExit("no finished runs yet")
+    lines = [
+        "# PRoLoRA vs LoRA: a study that can tell",
+        "",
+        "Data: `python examples/make_capacity_task.py --words N --out DIR` (deterministic). Several workers may run "
+        "each command at once (two did here); they share the results file. This page and the plots: "
+        "`python examples/compare_lora.py --report`.",
+        "",
+        f"Base: {first['base']} cut to its first and last decoder block ({first['layers']} of 30), output "
+        "layer cut to the code words (see below why). Every run: AdamW, linear warmup (10%) and decay to 0, "
+        "gradient clipping 1.0, dropout 0.05, α = 2·rank; the same data order and dropout seeds for every adapter "
+        "of a seed. Loss and token accuracy are per code word (the token after each `=`); exact = all four code "
+        "words of a line greedy-correct. Test = 400 held-out lines, valid = 200 (the sweep's score); mean ± std "
+        "over seeds. The last two columns are the plateau check: the validation loss (first 100 lines) at ½, ¾ and "
+        "the end of training, and the mean training loss over the 9th and the 10th tenth of the steps.",
+        "",
+    ]
+    for regime in regimes:
+        lines += regime_md(regime, md)
     kept = md.read_text().split(REPORT_END, 1)[1] if md.is_file() and REPORT_END in md.read_text() else "\n"
     md.write_text("\n".join(lines) + "\n" + REPORT_END + kept)
 
@@ -524,9 +564,9 @@ def main() -> None:
     parser.add_argument("--data", default=str(HERE / "capacity"), help="folder of make_capacity_task.py")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lrs", default="3e-3,1e-2,3e-2")
+    parser.add_argument("--lrs", default="1e-2,3e-2")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--stage", default="all", choices=["all", *STAGES])
+    parser.add_argument("--stage", default="all", choices=["all", *STAGES, *STAGES_EXTRA])
     parser.add_argument("--only", default="", help="comma-separated run labels to restrict to (e.g. 'LoRA 1x')")
     parser.add_argument("--results", default=str(HERE / "study" / "results.jsonl"))
     parser.add_argument("--report", action="store_true", help="only write RESULTS.md and the plot")
@@ -535,10 +575,16 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     setup = {"base": args.base, "layers": args.layers, "head": args.head, "steps": args.steps, "batch": args.batch_size}
     if args.report:
-        command = f"OMP_NUM_THREADS=1 python examples/compare_lora.py --stage all --layers {args.layers} " \
-                  f"--steps {args.steps} --batch-size {args.batch_size} --lrs {args.lrs} --seeds {args.seeds}"
-        write_report(read_results(results_path, setup), lrs, HERE / "RESULTS.md", HERE / "study" / "loss_vs_params.png",
-                     command)  # fmt: skip
+        worker = "OMP_NUM_THREADS=1 python examples/compare_lora.py"
+        regimes = [
+            Regime("100-word cipher", read_results(HERE / "study" / "results.jsonl", setup), lrs,
+                   HERE / "study" / "loss_vs_params.png", f"{worker} --stage qv"),
+            Regime("300-word cipher", read_results(HERE / "study" / "k300" / "results.jsonl", setup), [1e-2],
+                   HERE / "study" / "k300" / "loss_vs_params.png",
+                   f"{worker} --stage qv-main --lrs 1e-2 --data examples/capacity300 "
+                   "--results examples/study/k300/results.jsonl"),
+        ]  # fmt: skip
+        write_report(regimes, HERE / "RESULTS.md")
         return
     from transformers import AutoTokenizer
 
@@ -561,7 +607,8 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    stages = [s for name, group in STAGES.items() if args.stage in ("all", name) for s in group]
+    stages = [s for name, group in {**STAGES, **STAGES_EXTRA}.items() if args.stage in (name, "all") for s in group]
+    stages = list(dict.fromkeys(stages))
     claims = results_path.parent / "claims"
     while True:  # until every plannable run is done; waits while another worker holds a run
         ran = waiting = False
@@ -582,7 +629,7 @@ def main() -> None:
                 finally:
                     release(claims, spec)
                 ran = True
-                scores = [f"{k} {record.get(k)}" for k in ("valid_loss", "test_loss", "test_exact")]
+                scores = [f"{k} {record.get(k)}" for k in ("valid_loss", "test_loss", "test_token_acc", "test_exact")]
                 print(f"    params {record['params']:,}  {'  '.join(scores)}  {record['train_s']:.0f}s", flush=True)
         if not ran and not waiting:
             break

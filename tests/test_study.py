@@ -53,7 +53,7 @@ def test_completion_loss_is_the_models_own_loss(task):
     examples = task.train[:3]
     examples[1] = Example(examples[1].input_ids[:-2], examples[1].labels[:-2])  # ragged: right padding
     batch = collate(examples, pad_id=1)
-    loss, exact, count = study.completion_loss(model, batch)
+    loss, exact, correct, count = study.completion_loss(model, batch)
     with torch.no_grad():
         reference = model(**batch)
     assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -61,6 +61,7 @@ def test_completion_loss_is_the_models_own_loss(task):
     greedy = reference.logits[:, :-1].argmax(-1)
     labels = batch["labels"][:, 1:]
     assert exact.tolist() == [bool(((greedy == labels) | (labels == IGNORE_INDEX))[i].all()) for i in range(3)]
+    assert correct == int(((greedy == labels) & (labels != IGNORE_INDEX)).sum())
 
 
 def test_budgets_and_two_step_runs(task):
@@ -120,7 +121,8 @@ def test_plan_resume_and_report(task, tmp_path):
     assert len(study.read_results(path, {"steps": 2})) == len(results) and not study.read_results(path, {"steps": 3})
     md = tmp_path / "RESULTS.md"
     md.write_text("stale table\n" + study.REPORT_END + "\nkept reading\n")
-    study.write_report(results, lrs, md, tmp_path / "study" / "plot.png", "python examples/compare_lora.py")
+    regime = study.Regime("tiny", results, lrs, tmp_path / "study" / "plot.png", "python examples/compare_lora.py")
+    study.write_report([regime], md)
     text = md.read_text()
     assert "| PRoLoRA |" in text and "LoRA 2x (r=" in text and "no rotation" in text
     assert text.endswith(study.REPORT_END + "\nkept reading\n") and "stale table" not in text
