@@ -27,6 +27,7 @@ COMMANDS = {
     "convert": "convert",
     "inspect": "inspect",
     "fetch-demo": "fetch_demo",
+    "serve": "serve",
 }
 
 
@@ -56,6 +57,8 @@ EXTRAS = {
     "onnx_ir": "onnx",
     "accelerate": "train",
     "gguf": "demo",
+    "starlette": "serve",
+    "uvicorn": "serve",
 }
 
 

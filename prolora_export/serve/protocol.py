@@ -1,0 +1,211 @@
+"""The OpenAI wire format: request bodies checked and turned into engine requests, results and
+stream events turned into completion objects and chunks, errors as ``{"error": {...}}``.
+
+Pure functions over dicts (no HTTP), so the rules are testable alone and the app stays thin.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..engine import Event, Request, Result
+
+#: OpenAI's limit on stop sequences
+MAX_STOP = 4
+#: parameters we accept only at their neutral value (anything else would be silently ignored)
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "echo": False, "logprobs": None,
+           "top_logprobs": None, "logit_bias": None, "suffix": None, "tools": None, "functions": None}
+
+
+class APIError(Exception):
+    """A refused request: its HTTP status and the OpenAI error object."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+@dataclass
+class Call:
+    """A checked completion request: the engine request, the public model name, how to answer."""
+
+    request: Request
+    model: str
+    chat: bool
+    stream: bool
+    include_usage: bool
+    id: str
+    created: int
+    started: bool = False  # has its first token (holds a row)
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"{key} must be a number, got {value!r}", key)
+    if not (low < value if low_open else low <= value) or value > high:
+        raise bad(f"{key} must be in {'(' if low_open else '['}{low}, {high}], got {value!r}", key)
+    return float(value)
+
+
+def _integer(body: dict, key: str, default: int | None, low: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise bad(f"{key} must be an integer ≥ {low}, got {value!r}", key)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    return stops
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad(f"messages[{i}] must be an object with a string role", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text can be rendered by a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad(f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad(f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _prompt(body: dict) -> dict:
+    """The completions ``prompt`` as the engine's ``prompt`` or ``prompt_ids`` (one prompt: n=1)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad("prompt is empty", "prompt")
+        return {"prompt": prompt}
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return {"prompt_ids": prompt}
+    raise bad("prompt must be one non-empty string or one list of token ids (several prompts per request are "
+              "not supported: send one request each)", "prompt")
+
+
+def parse_call(body, *, chat: bool, models: list[str], base: str, default_max_tokens: int) -> Call:
+    """Check an OpenAI completions / chat completions body; raises :class:`APIError` (400, 404)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model is required: the base model's name or a loaded adapter's", "model")
+    if model not in models:
+        raise APIError(404, f"the model {model!r} does not exist (loaded: {', '.join(models)})",
+                       param="model", code="model_not_found")
+    if _integer(body, "n", 1, 1) != 1:
+        raise bad("only n=1 is supported: send one request per completion", "n")
+    for key, neutral in NEUTRAL.items():
+        if body.get(key) not in (None, neutral):
+            raise bad(f"{key} is not supported by this server", key)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options must be an object", "stream_options")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad("stream must be true or false", "stream")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate max_tokens whatever comes
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos must be true or false", "ignore_eos")
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    source = {"messages": _messages(body)} if chat else _prompt(body)
+    request = Request(
+        **source,
+        adapter=None if model == base else model,
+        max_new_tokens=_integer(body, key, default_max_tokens, 1),
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        seed=_integer(body, "seed", None, 0),
+        stop=_stop(body),
+        ignore_eos=ignore_eos,
+    )
+    prefix = "chatcmpl" if chat else "cmpl"
+    return Call(request, model, chat, stream, bool((options or {}).get("include_usage")),
+                f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+
+def usage(result: Result) -> dict:
+    completion = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion}
+
+
+def finish_reason(result: Result) -> str:
+    """The OpenAI finish reason: ``stop`` (end of sequence or a stop string) or ``length``."""
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def completion(call: Call, result: Result) -> dict:
+    """The whole answer of a non-streamed request."""
+    if call.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
+                  "finish_reason": finish_reason(result)}
+    else:
+        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish_reason(result)}
+    return {"id": call.id, "object": "chat.completion" if call.chat else "text_completion", "created": call.created,
+            "model": call.model, "choices": [choice], "usage": usage(result)}
+
+
+def chunk(call: Call, text: str | None, reason: str | None = None, *, role: bool = False) -> dict:
+    """One streamed chunk: new text (None: no text field), and the finish reason on the last."""
+    if call.chat:
+        delta = {"role": "assistant"} if role else {}
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    out = {"id": call.id, "object": "chat.completion.chunk" if call.chat else "text_completion",
+           "created": call.created, "model": call.model, "choices": [choice]}
+    if call.include_usage:
+        out["usage"] = None
+    return out
+
+
+def chunks(call: Call, event: Event, first: bool) -> list[dict]:
+    """The chunks one engine event becomes (a chat stream opens with the assistant role)."""
+    out = [chunk(call, "", role=True)] if first and call.chat else []
+    if event.text:
+        out.append(chunk(call, event.text))
+    if event.finished:
+        out.append(chunk(call, None if call.chat else "", finish_reason(event.result)))
+        if call.include_usage:
+            out.append({**chunk(call, None), "choices": [], "usage": usage(event.result)})
+    return out
