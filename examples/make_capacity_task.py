@@ -78,7 +78,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m", help="whose tokenizer picks the words")
-    parser.add_argument("--words", type=int, default=300, help="entries of the cipher table")
+    parser.add_argument("--words", type=int, default=100, help="entries of the cipher table")
     parser.add_argument("--per-example", type=int, default=4)
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--valid", type=int, default=200)
