@@ -439,3 +439,17 @@ def test_fp16_adapter_file_refuses_values_beyond_its_range(llama: dict[str, Path
     with pytest.raises(PRoLoRAError, match=re.escape(message)):
         export_onnx_adapter(tmp_path / "big", tmp_path / "f.onnx_adapter", dtype="fp16")
     assert not (tmp_path / "f.onnx_adapter").exists()
+
+
+def test_merge_of_a_remote_code_model_needs_the_flag_to_know_its_layers(llama: dict[str, Path], tmp_path: Path) -> None:
+    """Orientation comes from the model's classes, so a folder whose classes are its own Python code
+    is merged only with --trust-remote-code (before, its layers were guessed from shapes)."""
+    from test_bad_input import _remote_code_model
+
+    remote = _remote_code_model(tmp_path / "remote", llama["base"])
+    args = ["merge", "--base", str(remote), "--adapter", str(llama["ad"]), "--quiet"]
+    line = one_line_error(CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")]))
+    assert "--trust-remote-code" in line and not (remote / "remote-code-ran").exists()
+    done = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--trust-remote-code"])
+    assert done.exit_code == 0, done.output
+    assert "merged 14 tensors" in done.output

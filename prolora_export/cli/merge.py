@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import PRoLoRAError
+from . import trust_remote_code_option
 from .options import adapter_read_options
 from .types import FINITE_FLOAT
 
@@ -40,6 +41,7 @@ from .types import FINITE_FLOAT
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @adapter_read_options
+@trust_remote_code_option
 def command(
     base: str,
     adapters: tuple[Path, ...],
