@@ -15,6 +15,9 @@ provided each file fits what the graph's nodes bake in (γ, rotation tables): se
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,8 +162,6 @@ FINGERPRINT_KEY = "prolora.fingerprint"
 LEGACY_VERSION = 1
 #: record keys that must be equal for a file or adapter to fit (scaling and dtype are checked apart)
 GEOMETRY_KEYS = ("r", "unshared_r", "sharing_rate_a", "sharing_rate_b", "stride_a", "stride_b", "modules")
-#: numpy dtype -> record name
-DTYPE_NAMES = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16"}
 
 
 def _float32(value: float) -> float:
@@ -193,30 +194,22 @@ def geometry_record(config, dtype: str = "fp32", defaults: str = "adapter") -> d
 
 def geometry_fingerprint(record: dict) -> int:
     """A 31-bit fingerprint of the record's geometry (scaling and dtype excluded), never 0 or 1."""
-    import hashlib
-    import json
-
     text = json.dumps({k: record[k] for k in GEOMETRY_KEYS}, sort_keys=True, separators=(",", ":"))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") % (2**31 - 2) + 2
 
 
 def scaling_version(scaling: float) -> int:
     """γ as float32 bits in a signed int32 (``adapter_version`` of a file): exact and readable back."""
-    import struct
-
     return struct.unpack("<i", struct.pack("<f", scaling))[0]
 
 
 def version_scaling(version: int) -> float:
-    import struct
-
+    """The γ a file's ``adapter_version`` holds (:func:`scaling_version` inverted)."""
     return struct.unpack("<f", struct.pack("<i", version))[0]
 
 
 def record_geometry(model, record: dict) -> None:
     """Write the record and its fingerprint into an ONNX ModelProto's metadata_props (replacing old ones)."""
-    import json
-
     kept = [p for p in model.metadata_props if p.key not in (RECORD_KEY, FINGERPRINT_KEY)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -230,8 +223,6 @@ def read_record(graph) -> dict:
     """The geometry record of a compact graph: ``graph`` is an InferenceSession, an onnx ModelProto,
     its ``metadata_props`` as a dict (``session.get_modelmeta().custom_metadata_map``), a ``.onnx``
     file, an exported folder, or a record already read."""
-    import json
-
     where = None
     if hasattr(graph, "get_modelmeta"):
         meta = dict(graph.get_modelmeta().custom_metadata_map)
