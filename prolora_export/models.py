@@ -256,15 +256,9 @@ def meta_model(name_or_path: str, trust_remote_code: bool | None = None, checkpo
     ``checkpoint_layout`` the one the checkpoint was saved from (:func:`checkpoint_class`).
     """
     import torch
-    from transformers import AutoConfig
 
-    source = resolve_model(name_or_path)
-    trust_remote_code = checked_remote_code(source, trust_remote_code)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PRoLoRAError(f"cannot read the model config: {first_line}", name_or_path) from None
+    trust_remote_code = checked_remote_code(resolve_model(name_or_path), trust_remote_code)
+    config = load_config(name_or_path, trust_remote_code)
     cls = checkpoint_class(config) if checkpoint_layout else model_class_for(config)
     try:
         with torch.device("meta"):
