@@ -74,6 +74,9 @@ class ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.log = open(self.log_path, "w")  # closed in stop
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def ready(self) -> ServerProcess:
+        """Wait (bounded) until it answers /health."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,7 +84,7 @@ class ServerProcess:
                 raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.log_text()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
+                    return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
@@ -89,21 +92,35 @@ class ServerProcess:
         raise AssertionError(f"the server did not answer /health within {START_TIMEOUT} s:\n{self.log_text()}")
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    proc = ServerProcess(tiny, "--api-key", KEY, "--max-batch", "8", "--max-queue", "32")
-    yield proc
-    proc.stop()
+def servers(tiny):
+    """Both servers of the module, started together (their start-up overlaps): the main one (API
+    key, room for every test), and one with one row and no queue (the last test stops it)."""
+    started = [ServerProcess(tiny, "--api-key", KEY, "--max-batch", "8", "--max-queue", "32"),
+               ServerProcess(tiny, "--max-batch", "1", "--max-queue", "0", "--shutdown-timeout", "3",
+                             adapters=("a1",))]
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0].ready()
 
 
 def client(server, **kwargs) -> openai.OpenAI:
@@ -309,11 +326,11 @@ def test_client_leaving_mid_stream_frees_its_row(tiny, server):
     assert left >= 1
 
 
-def test_full_queue_then_sigterm_during_a_request(tiny):
+def test_full_queue_then_sigterm_during_a_request(servers):
     """One row and no queue: a second request gets 429 with Retry-After. SIGTERM while a stream runs:
     the port stops accepting, the stream ends (finished or cut within the shutdown bound) and the
     process exits 0."""
-    proc = ServerProcess(tiny, "--max-batch", "1", "--max-queue", "0", "--shutdown-timeout", "3", adapters=("a1",))
+    proc = servers[1].ready()
     try:
         with httpx.Client(base_url=proc.url, timeout=60) as raw:
             body = {"model": "a1", "prompt": "hold", "max_tokens": 250, "temperature": 0, "stream": True,
