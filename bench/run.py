@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "quant": ("bench_quant.py", ["--quick"], [], "QUANT.md", "quant.json"),
     "kernel": ("bench_kernel.py", ["--quick"], [], "KERNEL.md", "kernel.json"),
     "engine": ("bench_engine.py", ["--quick"], [], "ENGINE.md", "engine.json"),
+    "serve": ("bench_serve.py", ["--quick"], [], "SERVE.md", "serve.json"),
 }
 
 
@@ -201,6 +202,16 @@ def _kernel_goals(r: dict) -> list[Goal]:
             for key, g in r["goals"].items()]
 
 
+def _serve_goals(r: dict) -> list[Goal]:
+    """Issue 18: HTTP + streaming overhead at 32 clients, and no errors below the queue bound."""
+    return [
+        ("#18", f"server throughput at 32 clients ≥ {r['goal']}× the engine offline (worst of 1/4/16 adapters)",
+         f"{r['ratio_at_32_clients_min']:.2f}×", r["ratio_at_32_clients_min"] >= r["goal"]),
+        ("#18", "no errors below the queue bound (1/8/32 clients)", f"{r['errors_total']} errors",
+         r["errors_total"] == 0),
+    ]
+
+
 GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "size": _size_goals,
     "forward": _forward_goals,
@@ -210,6 +221,7 @@ GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "quant": _quant_goals,
     "kernel": _kernel_goals,
     "engine": _engine_goals,
+    "serve": _serve_goals,
 }
 
 
