@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import PRoLoRAError
+from .types import FINITE_FLOAT
 
 
 def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
@@ -38,7 +39,7 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
               help="max_tokens of a chat request that gives none (completions: 16, as OpenAI).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
-@click.option("--shutdown-timeout", default=10.0, show_default=True, type=click.FloatRange(0),
+@click.option("--shutdown-timeout", default=10.0, show_default=True, type=FINITE_FLOAT,
               help="Seconds in-flight requests may finish after SIGTERM before they are cancelled.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))

@@ -36,8 +36,8 @@ def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = N
     SIGTERM or SIGINT. ``base_name`` is the model name of the base (default: the folder's name)."""
     import uvicorn
 
-    if max_queue < 0:
-        raise PRoLoRAError(f"--max-queue must be ≥ 0, got {max_queue}")
+    if max_queue < 0 or shutdown_timeout < 0:
+        raise PRoLoRAError(f"--max-queue and --shutdown-timeout must be ≥ 0, got {max_queue}, {shutdown_timeout}")
     base_name = base_name or Path(onnx_dir).resolve().name
     if base_name in (adapters or {}):
         raise PRoLoRAError(f"an adapter may not take the base model's name {base_name!r}")
