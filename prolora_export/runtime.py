@@ -32,7 +32,7 @@ ERRORS_ONLY = 3
 #: how ``ai.prolora::RotatedShardLoRA`` runs: native kernel when built, native kernel or an error, function body
 KERNELS = ("auto", "native", "function")
 #: the ``ai.prolora`` op types the native library implements (others keep their function body)
-NATIVE_OPS = ("RotatedShardLoRA",)
+NATIVE_OPS = ("RotatedShardLoRA", "RotatedShardLoRASlots")
 
 
 def require_provider(provider: str) -> str:

@@ -27,7 +27,7 @@ from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
 from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
 from prolora_export.onnx.export import export_onnx
-from prolora_export.onnx.op import BODIES, OP_TYPE, OpSpec, add_function, make_node
+from prolora_export.onnx.op import ADAPTER_INDEX, BODIES, OP_TYPE, SLOT_OP_TYPE, OpSpec, add_function, make_node
 from prolora_export.runtime import inference_session, register_kernel, session_options
 from prolora_export.shards import ShardGeometry
 
@@ -212,6 +212,59 @@ def test_bad_shard_shape_is_a_clear_error():
         session.run(["Y"], {"X": np.ones((1, 72), np.float32), "layer.prolora_A_shard": wrong})
 
 
+# ------------------------------------------------------------------ the slot variant (SPEC §5)
+
+
+def slot_model(g: ShardGeometry, scaling: float, rank: int = 3, fp16: bool = False) -> bytes:
+    """One RotatedShardLoRASlots node: X (batch, …, d_in), adapter_index (batch,), shards (K, …) fed at run time."""
+    spec = OpSpec.for_layers([g], upcast=fp16, slots=True, rank=rank)
+    elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    lead = ["batch", *(f"d{i}" for i in range(rank - 2))]
+    graph = helper.make_graph(
+        [make_node("X", "Y", "layer", spec, g, scaling)], "slots",
+        [helper.make_tensor_value_info("X", elem, [*lead, g.in_features]),
+         helper.make_tensor_value_info(ADAPTER_INDEX, TensorProto.INT64, ["batch"])]
+        + [helper.make_tensor_value_info(f"layer.{k}", elem, ["slots", *s]) for k, s in g.tensor_shapes().items()],
+        [helper.make_tensor_value_info("Y", elem, [*lead, g.out_features])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return add_function(model, spec).SerializeToString()
+
+
+@pytest.mark.parametrize("geom", [(72, 100, 8, 1, 2, 3, True), (37, 53, 6, 6, 5, 3, True), (64, 64, 4, 0, 4, 4, False)],
+                         ids=["shared+unshared", "u=r", "u=0-rotation-off"])
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_slot_kernel_serves_each_row_its_adapter(geom, fp16, tmp_path):
+    g = ShardGeometry.build(*geom)
+    dtype = np.float16 if fp16 else np.float32
+    rng = np.random.default_rng(9)
+    slots = {k: rng.standard_normal((3, *s)).astype(dtype) for k, s in g.tensor_shapes().items()}
+    index = np.array([2, -1, 0, 2, 1], dtype=np.int64)  # a repeated slot, the base model, every slot
+    x = rng.standard_normal((5, 4, g.in_features)).astype(dtype)
+    feeds = {"X": x, ADAPTER_INDEX: index, **{f"layer.{k}": v for k, v in slots.items()}}
+    model = slot_model(g, 0.75, fp16=fp16)
+    assert ops_run(model, feeds, "native", tmp_path).get(SLOT_OP_TYPE) == 1  # the kernel, not the body
+    got = inference_session(model, kernel="native").run(["Y"], feeds)[0]
+    body_out = inference_session(model, kernel="function").run(["Y"], feeds)[0].astype(np.float64)
+    assert got.dtype == dtype and got.shape == (5, 4, g.out_features)
+    assert np.all(got[1] == 0)  # adapter_index −1: exactly the base model
+    for row, slot in enumerate(index):
+        if slot < 0:
+            continue
+        want = reference_delta(x[row], {k: v[slot] for k, v in slots.items()}, *geom[:2], g.sharing_rate_a,
+                               g.sharing_rate_b, g.stride_a, g.stride_b, 0.75)
+        tol = 2e-3 if fp16 else 1e-5
+        assert rel_err(got[row], want) <= tol
+        assert rel_err(got[row], body_out[row]) <= (1e-3 if fp16 else 1e-6)
+
+
+def test_slot_kernel_refuses_an_index_outside_the_slots():
+    g = ShardGeometry.build(72, 100, 8, 1, 2, 3, True)
+    feeds = {"X": np.ones((2, 1, 72), np.float32), ADAPTER_INDEX: np.array([0, 2], np.int64),
+             **{f"layer.{k}": np.zeros((2, *s), np.float32) for k, s in g.tensor_shapes().items()}}
+    with pytest.raises(Exception, match=r"adapter_index\[1\] = 2 is neither -1 nor one of 2 slots"):
+        inference_session(slot_model(g, 1.0), kernel="native").run(["Y"], feeds)
+
+
 # ------------------------------------------------------------------ sessions: choice, CUDA, adapters
 
 
@@ -247,6 +300,14 @@ def compact(tmp_path_factory) -> dict[str, Path]:
     for i, file in enumerate(files):
         export_onnx_adapter(root / f"a{i}", file)
     return {"root": root, "model": Path(out) / "model.onnx", "files": files}
+
+
+def test_export_leaves_no_traced_shapes_on_adapter_outputs(compact):
+    """The tracer's invented dims on our nodes' outputs would stay when the kernel runs them (the Add after
+    each node would lose the batch and sequence dims): the export drops them."""
+    graph = onnx.load(str(compact["model"]), load_external_data=False).graph
+    outputs = {o for n in graph.node if n.domain == "ai.prolora" for o in n.output}
+    assert outputs and not outputs & {v.name for v in graph.value_info}
 
 
 def test_adapters_switch_shards_with_the_kernel(compact, tmp_path):

@@ -1,4 +1,5 @@
-// A native CPU kernel for ai.prolora::RotatedShardLoRA (SPEC §4), loaded by ONNX Runtime through
+// A native CPU kernel for ai.prolora::RotatedShardLoRA (SPEC §4) and its slot variant
+// RotatedShardLoRASlots (SPEC §5: a different adapter per batch row), loaded by ONNX Runtime through
 // SessionOptions.register_custom_ops_library. When a model carries the op's FunctionProto and this
 // library is registered, ONNX Runtime runs this kernel instead of inlining the function; without the
 // library the function body runs. Both compute the same Y (fp32 rounding apart).
@@ -50,6 +51,7 @@ namespace {
 
 constexpr const char* kDomain = "ai.prolora";
 constexpr const char* kOpType = "RotatedShardLoRA";
+constexpr const char* kSlotOpType = "RotatedShardLoRASlots";  // SPEC §5: a different adapter per batch row
 // oldest OrtApi this library can work with (KernelContext_ParallelFor, shape inference: ORT 1.17)
 constexpr uint32_t kMinApiVersion = 17;
 // below this many multiply-adds a call stays on the calling thread (a pool dispatch costs a few µs)
@@ -283,16 +285,24 @@ inline float to_float<float>(float v) { return v; }
 template <>
 inline float to_float<Ort::Float16_t>(Ort::Float16_t v) { return v.ToFloat(); }
 
-// (rows, cols) → (cols, rows) in fp32: B0 and B_u for the output loops, which then run over contiguous
-// memory. On one decoded token it costs about as much as the products, and still beats reading B0 in place
-// (r_s-long dot products per output): 2.1 µs against 0.9 µs for both at 576 → 576, r = 8 (thread CPU time).
+// count values in fp32: the source itself for fp32, else widened into dst
 template <typename T>
-const float* as_float(const T* src, int64_t count, std::vector<float>& buffer);
+const float* widened(const T* src, int64_t count, float* dst) {
+  if constexpr (std::is_same<T, float>::value) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < count; ++i) dst[i] = src[i].ToFloat();
+    return dst;
+  }
+}
 
+// (rows, cols) → (cols, rows) in fp32, into dst: B0 and B_u for the output loops, which then run over
+// contiguous memory. On one decoded token it costs about as much as the products, and still beats reading
+// B0 in place (r_s-long dot products per output): 2.1 µs against 0.9 µs for both at 576 → 576, r = 8
+// (thread CPU time).
 template <typename T>
-PROLORA_HOT const float* transposed(const T* src, int64_t rows, int64_t cols, std::vector<float>& buffer) {
-  if (rows == 1 || cols == 1) return as_float(src, rows * cols, buffer);  // same layout either way
-  float* dst = scratch(buffer, static_cast<size_t>(rows * cols));
+PROLORA_HOT const float* transposed(const T* src, int64_t rows, int64_t cols, float* dst) {
+  if (rows == 1 || cols == 1) return widened(src, rows * cols, dst);  // same layout either way
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8) {  // 8 source rows → one 8-wide store per column (twice as fast as scalar)
     const T* s = src + r * cols;
@@ -308,17 +318,6 @@ PROLORA_HOT const float* transposed(const T* src, int64_t rows, int64_t cols, st
   return dst;
 }
 
-template <typename T>
-const float* as_float(const T* src, int64_t count, std::vector<float>& buffer) {
-  if constexpr (std::is_same<T, float>::value) {
-    return src;
-  } else {
-    float* dst = scratch(buffer, static_cast<size_t>(count));
-    for (int64_t i = 0; i < count; ++i) dst[i] = src[i].ToFloat();
-    return dst;
-  }
-}
-
 // a tensor's dimensions without allocating (rank ≤ 8 here: the op's tensors have rank 2, X any rank ≤ 8)
 struct Dims {
   int64_t d[8] = {};
@@ -327,7 +326,7 @@ struct Dims {
     Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
     rank = info.GetDimensionsCount();
     if (rank > 8) throw Ort::Exception("RotatedShardLoRA: inputs of rank > 8 are not supported", ORT_INVALID_ARGUMENT);
-    info.GetDimensions(d, rank);
+    Ort::ThrowOnError(Ort::GetApi().GetDimensions(info, d, rank));
   }
   std::string str() const {
     std::string s = "(";
@@ -342,8 +341,35 @@ struct Dims {
   }
 };
 
-template <typename T>
+// The parallel policy for one Problem: rows split over ONNX Runtime's intra-op pool when there is
+// enough work, inline otherwise (one decoded token never touches the pool).
+void run_problem(const Ort::KernelContext& ctx, const Problem& p) {
+  if (p.rows == 0) return;
+  const int64_t work_per_row = (p.rs + p.u) * (p.d_in + p.d_out);
+  if (p.rows < 2 * kMinRowsPerTask || p.rows * work_per_row < kParallelMinWork) {
+    compute_rows(p, 0, p.rows);
+    return;
+  }
+  // enough tasks for the pool to balance, each at least kParallelMinWork / 4 multiply-adds
+  const int64_t by_work = std::max<int64_t>(kMinRowsPerTask, (kParallelMinWork / 4) / std::max<int64_t>(work_per_row, 1));
+  Task task{&p, std::min(by_work, p.rows)};
+  const size_t tasks = static_cast<size_t>((p.rows + task.rows_per_task - 1) / task.rows_per_task);
+  ctx.ParallelFor(run_task, tasks, 0, &task);
+}
+
+// one slot's shards, ready for compute_rows (fp32; B0 and B_u transposed)
+struct Prepared {
+  const float *a0 = nullptr, *b0t = nullptr, *au = nullptr, *but = nullptr;
+};
+
+// Kernel of RotatedShardLoRA (Slots = false: X, A_shard, B_shard, A_unshared, B_unshared) and of
+// RotatedShardLoRASlots (SPEC §5; Slots = true: X (batch, …, d_in), adapter_index (batch,), then the
+// shards with a leading slot axis K). Row b of a slot graph uses slot adapter_index[b]; −1 gives an exact
+// zero delta (the base model). Each slot some row uses is prepared (B transposed, fp16 widened) once.
+template <typename T, bool Slots>
 struct Kernel {
+  static constexpr size_t kFirstShard = Slots ? 2 : 1;
+  static constexpr size_t kShardRank = Slots ? 3 : 2;
   Attributes attrs;
 
   explicit Kernel(const OrtKernelInfo* info) {
@@ -356,8 +382,11 @@ struct Kernel {
     attrs.s_b = ki.GetAttribute<int64_t>("stride_b");
     attrs.scaling = ki.GetAttribute<float>("scaling");
     if (attrs.d_in < 1 || attrs.d_out < 1 || attrs.m < 1 || attrs.n < 1)
-      throw Ort::Exception("RotatedShardLoRA: in_features, out_features, sharing_rate_a and sharing_rate_b must be >= 1",
-                           ORT_INVALID_ARGUMENT);
+      fail("in_features, out_features, sharing_rate_a and sharing_rate_b must be >= 1");
+  }
+
+  [[noreturn]] static void fail(const std::string& what) {
+    throw Ort::Exception(std::string(Slots ? kSlotOpType : kOpType) + ": " + what, ORT_INVALID_ARGUMENT);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -371,15 +400,30 @@ struct Kernel {
     }
   }
 
+  // a shard's shape: (rows, cols), after the slot axis for a slot graph (K must agree between shards)
+  static void expect(const Dims& dims, const char* name, int64_t rows, int64_t cols, int64_t& slots) {
+    const bool ok = dims.rank == kShardRank && dims.d[kShardRank - 2] == rows && dims.d[kShardRank - 1] == cols &&
+                    (!Slots || slots < 0 || dims.d[0] == slots);
+    if (!ok)
+      fail(std::string(name) + " has shape " + dims.str() + ", expected (" +
+           (Slots ? (slots < 0 ? std::string("slots, ") : std::to_string(slots) + ", ") : std::string()) +
+           std::to_string(rows) + ", " + std::to_string(cols) + ")");
+    slots = Slots ? dims.d[0] : 1;
+  }
+
+  static int64_t leading(const Dims& dims) { return dims.rank == kShardRank ? dims.d[kShardRank - 2] : -1; }
+
   void Compute(OrtKernelContext* context) {
-    thread_local std::vector<float> b0_buf, bu_buf, a0_buf, au_buf;
+    thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf;
+    thread_local std::vector<int64_t> position_buf;
+    thread_local std::vector<Prepared> prepared_buf;
     Ort::KernelContext ctx(context);
     const size_t count = ctx.GetInputCount();
     auto input = [&](size_t i) { return i < count ? ctx.GetInput(i) : Ort::ConstValue{nullptr}; };
-    Ort::ConstValue x = input(0), a0 = input(1), b0 = input(2), au = input(3), bu = input(4);
+    Ort::ConstValue x = input(0), a0 = input(kFirstShard), b0 = input(kFirstShard + 1),
+                    au = input(kFirstShard + 2), bu = input(kFirstShard + 3);
     if ((a0 == nullptr) != (b0 == nullptr) || (au == nullptr) != (bu == nullptr))
-      throw Ort::Exception("RotatedShardLoRA: A_shard/B_shard and A_unshared/B_unshared come in pairs",
-                           ORT_INVALID_ARGUMENT);
+      fail("A_shard/B_shard and A_unshared/B_unshared come in pairs");
 
     Problem p;
     p.d_in = attrs.d_in;
@@ -391,58 +435,99 @@ struct Kernel {
     p.scaling = attrs.scaling;
 
     const Dims x_dims(x);
-    if (x_dims.rank == 0 || x_dims.d[x_dims.rank - 1] != p.d_in)
-      throw Ort::Exception("RotatedShardLoRA: X has shape " + x_dims.str() + ", its last dimension must be " +
-                               "in_features = " + std::to_string(p.d_in),
-                           ORT_INVALID_ARGUMENT);
-    p.rows = 1;
-    for (size_t i = 0; i + 1 < x_dims.rank; ++i) p.rows *= x_dims.d[i];
+    if (x_dims.rank < (Slots ? 2u : 1u) || x_dims.d[x_dims.rank - 1] != p.d_in)
+      fail("X has shape " + x_dims.str() + ", expected (" + (Slots ? "batch, …, " : "…, ") +
+           std::to_string(p.d_in) + ")");
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < x_dims.rank; ++i) rows *= x_dims.d[i];
+    const int64_t batch = Slots ? x_dims.d[0] : 1;
 
+    int64_t slots = -1;
     if (a0 != nullptr) {
       const Dims a_dims(a0);
-      p.rs = a_dims.rank == 2 ? a_dims.d[0] : -1;
-      a_dims.expect("A_shard", p.rs, p.c_a);
-      Dims(b0).expect("B_shard", p.c_b, p.rs);
+      p.rs = leading(a_dims);
+      expect(a_dims, "A_shard", p.rs, p.c_a, slots);
+      expect(Dims(b0), "B_shard", p.c_b, p.rs, slots);
     }
     if (au != nullptr) {
       const Dims a_dims(au);
-      p.u = a_dims.rank == 2 ? a_dims.d[0] : -1;
-      a_dims.expect("A_unshared", p.u, p.d_in);
-      Dims(bu).expect("B_unshared", p.d_out, p.u);
+      p.u = leading(a_dims);
+      expect(a_dims, "A_unshared", p.u, p.d_in, slots);
+      expect(Dims(bu), "B_unshared", p.d_out, p.u, slots);
     }
+    if (slots < 0) slots = Slots ? 0 : 1;
     if (p.rs > 0) {
       p.off_a_step = positive_mod(attrs.s_a, p.rs);
       p.off_b_step = positive_mod(attrs.s_b, p.rs);
-      p.a0 = as_float(a0.GetTensorData<T>(), p.rs * p.c_a, a0_buf);
-      p.b0t = transposed(b0.GetTensorData<T>(), p.c_b, p.rs, b0_buf);
     }
-    if (p.u > 0) {
-      p.au = as_float(au.GetTensorData<T>(), p.u * p.d_in, au_buf);
-      p.but = transposed(bu.GetTensorData<T>(), p.d_out, p.u, bu_buf);
+
+    // the slot each batch row reads (single-adapter op: slot 0 for all), and where each used slot is prepared
+    const int64_t* index = nullptr;
+    if (slots > static_cast<int64_t>(position_buf.size())) position_buf.resize(static_cast<size_t>(slots));
+    int64_t* position = position_buf.data();
+    std::fill(position, position + slots, -1);
+    int64_t used = 0;
+    if constexpr (Slots) {
+      Ort::ConstValue index_value = ctx.GetInput(1);
+      const Dims index_dims(index_value);
+      if (index_dims.rank != 1 || index_dims.d[0] != batch)
+        fail("adapter_index has shape " + index_dims.str() + ", expected (" + std::to_string(batch) + ",)");
+      index = index_value.GetTensorData<int64_t>();
+      for (int64_t b = 0; b < batch; ++b) {
+        if (index[b] < -1 || index[b] >= slots)
+          fail("adapter_index[" + std::to_string(b) + "] = " + std::to_string(index[b]) + " is neither -1 nor one of " +
+               std::to_string(slots) + " slots");
+        if (index[b] >= 0 && position[index[b]] < 0) position[index[b]] = used++;
+      }
+    } else {
+      position[0] = used++;
+    }
+    const int64_t a0_size = p.rs * p.c_a, b0_size = p.c_b * p.rs, au_size = p.u * p.d_in, bu_size = p.d_out * p.u;
+    if (used > static_cast<int64_t>(prepared_buf.size())) prepared_buf.resize(static_cast<size_t>(used));
+    float* a0_dst = scratch(a0_buf, static_cast<size_t>(std::is_same<T, float>::value ? 0 : used * a0_size));
+    float* b0_dst = scratch(b0_buf, static_cast<size_t>(used * b0_size));
+    float* au_dst = scratch(au_buf, static_cast<size_t>(std::is_same<T, float>::value ? 0 : used * au_size));
+    float* bu_dst = scratch(bu_buf, static_cast<size_t>(used * bu_size));
+    for (int64_t s = 0; s < slots; ++s) {
+      const int64_t at = position[s];
+      if (at < 0) continue;
+      Prepared& ready = prepared_buf[static_cast<size_t>(at)];
+      if (p.rs > 0) {
+        ready.a0 = widened(a0.GetTensorData<T>() + s * a0_size, a0_size, a0_dst + at * a0_size);
+        ready.b0t = transposed(b0.GetTensorData<T>() + s * b0_size, p.c_b, p.rs, b0_dst + at * b0_size);
+      }
+      if (p.u > 0) {
+        ready.au = widened(au.GetTensorData<T>() + s * au_size, au_size, au_dst + at * au_size);
+        ready.but = transposed(bu.GetTensorData<T>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size);
+      }
     }
 
     Dims y_dims = x_dims;
     y_dims.d[y_dims.rank - 1] = p.d_out;
     Ort::UnownedValue y = ctx.GetOutput(0, y_dims.d, y_dims.rank);
-    if constexpr (std::is_same<T, float>::value) {
-      p.x32 = x.GetTensorData<float>();
-      p.y32 = y.GetTensorMutableData<float>();
-    } else {
-      p.x16 = x.GetTensorData<Ort::Float16_t>();
-      p.y16 = y.GetTensorMutableData<Ort::Float16_t>();
+    const T* x_data = x.GetTensorData<T>();
+    T* y_data = y.GetTensorMutableData<T>();
+    if (rows == 0) return;
+    const int64_t per_batch = rows / batch;
+    for (int64_t b = 0; b < batch; ++b) {
+      T* yb = y_data + b * per_batch * p.d_out;
+      const int64_t slot = Slots ? index[b] : 0;
+      if (slot < 0) {  // the base model: an exact zero delta
+        std::fill(yb, yb + per_batch * p.d_out, T(0.0f));
+        continue;
+      }
+      const Prepared& ready = prepared_buf[static_cast<size_t>(position[slot])];
+      Problem q = p;
+      q.a0 = ready.a0, q.b0t = ready.b0t, q.au = ready.au, q.but = ready.but;
+      q.rows = per_batch;
+      const T* xb = x_data + b * per_batch * p.d_in;
+      if constexpr (std::is_same<T, float>::value) {
+        q.x32 = xb, q.y32 = yb;
+      } else {
+        q.x16 = xb, q.y16 = yb;
+      }
+      run_problem(ctx, q);
     }
-    if (p.rows == 0) return;
-
-    const int64_t work_per_row = (p.rs + p.u) * (p.d_in + p.d_out);
-    if (p.rows < 2 * kMinRowsPerTask || p.rows * work_per_row < kParallelMinWork) {
-      compute_rows(p, 0, p.rows);
-      return;
-    }
-    // enough tasks for the pool to balance, each at least kParallelMinWork / 4 multiply-adds
-    const int64_t by_work = std::max<int64_t>(kMinRowsPerTask, (kParallelMinWork / 4) / std::max<int64_t>(work_per_row, 1));
-    Task task{&p, std::min(by_work, p.rows)};
-    const size_t tasks = static_cast<size_t>((p.rows + task.rows_per_task - 1) / task.rows_per_task);
-    ctx.ParallelFor(run_task, tasks, 0, &task);
   }
 };
 
@@ -487,12 +572,12 @@ OrtStatusPtr infer_output(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out_info);
 }
 
-template <typename T, ONNXTensorElementDataType Elem>
-struct Op : Ort::CustomOpBase<Op<T, Elem>, Kernel<T>, true> {
+template <typename T, ONNXTensorElementDataType Elem, bool Slots>
+struct Op : Ort::CustomOpBase<Op<T, Elem, Slots>, Kernel<T, Slots>, true> {
   Op() { this->InferOutputShapeFn = infer_output; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     try {
-      *kernel = new Kernel<T>(info);
+      *kernel = new Kernel<T, Slots>(info);
       return nullptr;
     } catch (const Ort::Exception& err) {
       return Ort::Status(err).release();
@@ -500,12 +585,14 @@ struct Op : Ort::CustomOpBase<Op<T, Elem>, Kernel<T>, true> {
       return Ort::Status(err).release();
     }
   }
-  const char* GetName() const { return kOpType; }
+  const char* GetName() const { return Slots ? kSlotOpType : kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return Elem; }
+  size_t GetInputTypeCount() const { return Slots ? 6 : 5; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return Slots && index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : Elem;  // adapter_index
+  }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return index < (Slots ? 2u : 1u) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return Elem; }
@@ -522,15 +609,17 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   for (uint32_t v = ORT_API_VERSION; v >= kMinApiVersion && api == nullptr; --v) api = api_base->GetApi(v);
   if (api == nullptr) return nullptr;  // cannot even report: an ONNX Runtime older than 1.17
   Ort::InitApi(api);
-  static Op<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> fp32_op;
-  static Op<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> fp16_op;
+  static Op<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false> fp32_op;
+  static Op<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false> fp16_op;
+  static Op<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true> fp32_slot_op;
+  static Op<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> fp16_slot_op;
   static std::mutex mutex;
   static std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // alive as long as the process
   try {
     std::lock_guard<std::mutex> lock(mutex);
     auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-    domain->Add(&fp32_op);
-    domain->Add(&fp16_op);
+    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&fp32_op, &fp16_op, &fp32_slot_op, &fp16_slot_op})
+      domain->Add(op);
     Ort::UnownedSessionOptions(options).Add(*domain);
     domains.push_back(std::move(domain));
   } catch (const std::exception& err) {

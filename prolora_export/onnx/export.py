@@ -413,6 +413,7 @@ def finish_compact(path: Path, spec: op.OpSpec, adapter: Adapter, zero_default: 
     model = _load(path)
     op.add_function(model, spec)
     graph = model.graph
+    op.drop_traced_output_shapes(graph)
     expected = set(adapter.tensors)
     check_wiring(graph, expected, str(path))
     traced = {i.name: i for i in graph.initializer if i.name in expected}

@@ -224,6 +224,7 @@ def finish_slots(path: Path, spec: op.OpSpec, adapter: Adapter, dtype: str) -> i
     model = onnx.load(str(path), load_external_data=False)
     op.add_function(model, spec)
     graph = model.graph
+    op.drop_traced_output_shapes(graph)
     expected = set(adapter.tensors)
     nodes = [n for n in graph.node if n.domain == op.DOMAIN]
     wired = {name for n in nodes for name in n.input[2:] if name}
