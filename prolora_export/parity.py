@@ -841,14 +841,18 @@ def check_parity(
     if not prompts:
         raise PRoLoRAError("no prompts given")
 
-    task = onnx_task(outputs, _folder_config(folder))
+    # everything about the inputs is checked before a model is loaded
+    onnx_config, base_config = _folder_config(folder), load_config(base)
+    check_comparable(base_config, onnx_config, base, folder)
+    task = onnx_task(outputs, onnx_config)
+    decoder = task.startswith("text-generation")
+    generate = task == "text-generation-with-past" and max_new_tokens > 0
+    encoded, tokenizer = encode_prompts(prompts, [folder, resolve_model(base)], decoder, graph_inputs)
+    check_prompt_lengths(encoded, [base_config, onnx_config], max_new_tokens if generate else 0)
     reference = _reference_model(base, adapter, task, REFERENCE_DTYPES[reference_dtype], read_options,
                                  onnx_path if compact else None)
     candidate = _ort_model(folder, task, provider, kernel)
-    tokenizer = _load_tokenizer(folder, base)
-    decoder = task.startswith("text-generation")
-    generate = task == "text-generation-with-past" and max_new_tokens > 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = _pad_id(tokenizer, base_config)
     output_name = "last_hidden_state" if task == "feature-extraction" else "logits"
 
     results: list[PromptResult] = []
