@@ -55,6 +55,7 @@ EXTRAS = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "onnx_ir": "onnx",
+    "onnxruntime_genai": "genai",
     "accelerate": "train",
     "gguf": "demo",
     "starlette": "serve",
