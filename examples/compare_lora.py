@@ -330,6 +330,8 @@ def plan(stage: str, results: list[dict], lrs: Sequence[float], seeds: Sequence[
             if lr is not None:
                 out += [Spec(m, targets, lr, s, "seeds", b) for s in seeds[1:]]
         return out
+    if kind == "lrcheck":  # LoRA at every swept lr on every seed: is the seed-0 choice of lr robust?
+        return [Spec("lora", targets, lr, s, "lrcheck", b) for _, b in METHODS[1:] for lr in lrs for s in seeds]
     if kind == "ablations":
         lr = best_lr(results, "prolora", targets, "", lrs)
         if lr is None:
@@ -341,8 +343,9 @@ def plan(stage: str, results: list[dict], lrs: Sequence[float], seeds: Sequence[
 
 #: the order of work: q/v first (there the task discriminates capacity, see RESULTS.md), then all seven
 STAGES = {"qv": ["qv_sweep", "qv_seeds", "qv_ablations"], "all7": ["all7_sweep", "all7_seeds"]}
-#: ``--stage qv-main``: the q/v comparison without its ablations
-STAGES_EXTRA = {"qv-main": ["qv_sweep", "qv_seeds"]}
+#: ``--stage qv-main``: the q/v comparison without its ablations; ``qv-lrcheck``: LoRA at every
+#: swept learning rate on every seed (the sweep picks on seed 0 only)
+STAGES_EXTRA = {"qv-main": ["qv_sweep", "qv_seeds"], "qv-lrcheck": ["qv_lrcheck"]}
 
 
 def claim(folder: Path, spec: Spec) -> bool:
@@ -426,9 +429,10 @@ def row_md(row: dict, budget: int | None) -> str:
     keys = ("valid_loss_half", "valid_loss_three_quarters", "valid_loss_end")
     valid_path = " → ".join(f"{statistics.fmean(r[k] for r in runs):.3f}" for k in keys if all(k in r for r in runs))
     accuracy = [100 * r.get("test_token_acc", math.nan) for r in runs]
+    per_seed = ", ".join(f"{r['test_loss']:.3f}" for r in runs)
     ratio = f"{params / budget:.2f}×" if budget else "—"
     return (f"| {name} | {params:,} | {ratio} | {row['lr']:g} | {len(runs)} | "
-            f"{fmt([r['test_loss'] for r in runs])} | {fmt(accuracy, 1)} | "
+            f"{fmt([r['test_loss'] for r in runs])} | {per_seed} | {fmt(accuracy, 1)} | "
             f"{fmt([100 * r['test_exact'] for r in runs], 1)} | "
             f"{fmt([r['valid_loss'] for r in runs])} | {valid_path} | {flat} |")  # fmt: skip
 
@@ -450,36 +454,62 @@ def sweep_md(results: list[dict], lrs: Sequence[float]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], results: list[dict], lrs: Sequence[float], path: Path, title: str) -> None:
+    """Test loss against trainable parameters: PRoLoRA and its ablations at PRoLoRA's learning rate,
+    LoRA 1×–2× as one line per swept learning rate; big markers are means, small dots single seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = {"all7": "tab:blue", "qv": "tab:orange"}
+    styles = ["o-", "s--", "^:"]
     for targets in TARGET_SETS:
-        lora = [r for r in rows if r["targets"] == targets and r["label"].startswith("LoRA")]
-        pro = [r for r in rows if r["targets"] == targets and r["label"] == "PRoLoRA"]
-        for kind, subset, marker in (("LoRA", lora, "o-"), ("PRoLoRA", pro, "*")):
-            if not subset:
+        for lr, style in zip(lrs, styles, strict=False):
+            series = []
+            for budget in ("1x", "2x"):
+                wanted = ("lora", targets, budget, lr)
+                runs = [r for r in results if (r["method"], r["targets"], r["budget"], r["lr"]) == wanted
+                        and not r["diverged"] and r["stage"] != "ablations"]  # fmt: skip
+                if runs:
+                    series.append((runs[0]["params"], [r["test_loss"] for r in runs], runs[0]["rank"]))
+            if not series:
                 continue
-            xs = [r["runs"][0]["params"] for r in subset]
-            stats = [mean_std([run["test_loss"] for run in r["runs"]]) for r in subset]
-            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=marker, color=colors[targets],
-                        markersize=12 if kind == "PRoLoRA" else 6, capsize=3, label=f"{kind}, {targets}")  # fmt: skip
+            xs, means = [x for x, _, _ in series], [statistics.fmean(v) for _, v, _ in series]
+            seeds = "/".join(str(len(v)) for _, v, _ in series)
+            ax.plot(xs, means, style, color=colors[targets], label=f"LoRA {targets}, lr {lr:g} ({seeds} seeds)")
+            for x, values, rank in series:
+                ax.plot([x] * len(values), values, ".", color=colors[targets], alpha=0.5)
+                ax.annotate(f"r={rank}", (x, statistics.fmean(values)), fontsize=7, xytext=(6, 4),
+                            textcoords="offset points")  # fmt: skip
+    ablation_markers = iter("xPD")
     for r in rows:
-        if r.get("ablation"):
-            m, sd = mean_std([run["test_loss"] for run in r["runs"]])
-            ax.errorbar([r["runs"][0]["params"]], [m], yerr=[sd], fmt="x", color="gray", capsize=3)
-            ax.annotate(r["label"].removeprefix("PRoLoRA "), (r["runs"][0]["params"], m), fontsize=7,
-                        color="gray", xytext=(6, 0), textcoords="offset points")  # fmt: skip
+        if r["label"] != "PRoLoRA" and not r.get("ablation"):
+            continue
+        values = [run["test_loss"] for run in r["runs"]]
+        x, color = r["runs"][0]["params"], colors[r["targets"]] if not r.get("ablation") else "gray"
+        ax.plot([x], [statistics.fmean(values)], next(ablation_markers, "x") if r.get("ablation") else "*",
+                color=color, markersize=14 if not r.get("ablation") else 7, fillstyle="none",
+                label=f"{r['label']} {r['targets']}, lr {r['lr']:g} ({len(values)} seeds)")  # fmt: skip
+        ax.plot([x] * len(values), values, ".", color=color, alpha=0.5)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("held-out (test) loss per completion token")
-    ax.set_title(f"{title}: held-out loss vs adapter size (mean ± std over seeds)", fontsize=10)
+    ax.set_yscale("log")
+    thousands = FuncFormatter(lambda x, _: f"{x / 1000:g}k")
+    ax.xaxis.set_major_formatter(thousands)
+    ax.xaxis.set_minor_formatter(thousands)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(labelsize=8)
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel("held-out (test) loss per code word (log)")
+    ax.set_title(f"{title}: held-out loss vs adapter size (markers: means; dots: seeds)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -502,10 +532,11 @@ def regime_md(regime: Regime, md: Path) -> list[str]:
     if not rows:
         return [f"## {regime.title}", "", "No finished runs yet.", ""]
     regime.png.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, regime.png, regime.title)
-    header = ("| adapter | trainable params | vs PRoLoRA | lr | seeds | test loss | test token acc % | test exact % "
+    plot(rows, regime.results, regime.lrs, regime.png, regime.title)
+    header = ("| adapter | trainable params | vs PRoLoRA | lr | seeds | test loss | per seed | test token acc % "
+              "| test exact % "
               "| valid loss | valid loss ½ → ¾ → end | train loss, 9th → 10th tenth |")  # fmt: skip
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     first = regime.results[0]
     lines = [f"## {regime.title}", "", f"Command: `{regime.command}`. {first['steps']} steps of batch "
              f"{first['batch']}.", ""]  # fmt: skip
@@ -524,6 +555,21 @@ def regime_md(regime: Regime, md: Path) -> list[str]:
         lines += [row_md(r, budget) for r in reference + ablations] + [""]
     lines += ["### Learning-rate sweep (seed 0, validation loss; bold = chosen)", "",
               *sweep_md(regime.results, regime.lrs), ""]  # fmt: skip
+    by_lr: dict[tuple, list[dict]] = {}
+    for r in regime.results:
+        if r["stage"] != "ablations" and not r["diverged"] and r["lr"] in regime.lrs:
+            by_lr.setdefault((r["targets"], r["label"], r["lr"]), []).append(r)
+    if any(len(runs) > 1 and key[1] != "PRoLoRA" for key, runs in by_lr.items()):
+        lines += ["### Each learning rate over the seeds run at it (test loss)", "",
+                  "| targets | adapter | lr | seeds | test loss | per seed | test token acc % |",
+                  "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for (targets, label, lr), runs in sorted(by_lr.items()):
+            runs = sorted(runs, key=lambda r: r["seed"])
+            per_seed = ", ".join(f"{r['test_loss']:.3f}" for r in runs)
+            accuracy = fmt([100 * r.get("test_token_acc", math.nan) for r in runs], 1)
+            lines.append(f"| {targets} | {label} | {lr:g} | {len(runs)} | {fmt([r['test_loss'] for r in runs])} "
+                         f"| {per_seed} | {accuracy} |")  # fmt: skip
+        lines.append("")
     lines += [f"![held-out loss vs trainable parameters, {regime.title}]({regime.png.relative_to(md.parent)})", ""]
     return lines
 
@@ -536,9 +582,12 @@ def write_report(regimes: Sequence[Regime], md: Path) -> None:
     lines = [
         "# PRoLoRA vs LoRA: a study that can tell",
         "",
-        "Data: `python examples/make_capacity_task.py --words N --out DIR` (deterministic). Several workers may run "
-        "each command at once (two did here); they share the results file. This page and the plots: "
-        "`python examples/compare_lora.py --report`.",
+        "**The reading, the pilots and what was cut are at the end of this page.**",
+        "",
+        "Data: `python examples/make_capacity_task.py` (100 words → `examples/capacity`) and "
+        "`python examples/make_capacity_task.py --words 300 --out examples/capacity300` (deterministic, no "
+        "downloads). Two workers ran each command below at once (they share the results file and claim runs). "
+        "This page and the plots: `python examples/compare_lora.py --report`.",
         "",
         f"Base: {first['base']} cut to its first and last decoder block ({first['layers']} of 30), output "
         "layer cut to the code words (see below why). Every run: AdamW, linear warmup (10%) and decay to 0, "
@@ -578,8 +627,9 @@ def main() -> None:
         worker = "OMP_NUM_THREADS=1 python examples/compare_lora.py"
         regimes = [
             Regime("100-word cipher", read_results(HERE / "study" / "results.jsonl", setup), lrs,
-                   HERE / "study" / "loss_vs_params.png", f"{worker} --stage qv"),
-            Regime("300-word cipher", read_results(HERE / "study" / "k300" / "results.jsonl", setup), [1e-2],
+                   HERE / "study" / "loss_vs_params.png", f"{worker} --stage qv` and `{worker} --stage qv-lrcheck"),
+            Regime("300-word cipher (pilots; not converged on q/v)",
+                   read_results(HERE / "study" / "k300" / "results.jsonl", setup), [1e-2],
                    HERE / "study" / "k300" / "loss_vs_params.png",
                    f"{worker} --stage qv-main --lrs 1e-2 --data examples/capacity300 "
                    "--results examples/study/k300/results.jsonl"),
