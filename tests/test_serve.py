@@ -109,7 +109,7 @@ def servers(tiny):
     """Both servers of the module, started together (their start-up overlaps): the main one (API
     key, room for every test), and one with one row and no queue (the last test stops it)."""
     started = [ServerProcess(tiny, "--api-key", KEY, "--max-batch", "8", "--max-queue", "32"),
-               ServerProcess(tiny, "--max-batch", "1", "--max-queue", "0", "--shutdown-timeout", "3",
+               ServerProcess(tiny, "--max-batch", "1", "--max-queue", "0", "--shutdown-timeout", "0",
                              adapters=("a1",))]
     try:
         yield started
@@ -327,9 +327,10 @@ def test_client_leaving_mid_stream_frees_its_row(tiny, server):
 
 
 def test_full_queue_then_sigterm_during_a_request(servers):
-    """One row and no queue: a second request gets 429 with Retry-After. SIGTERM while a stream runs:
-    the port stops accepting, the stream ends (finished or cut within the shutdown bound) and the
-    process exits 0."""
+    """One row and no queue: a second request gets 429 with Retry-After. SIGTERM while a stream runs,
+    with no time granted to finish (--shutdown-timeout 0): the port stops accepting, the request is
+    cancelled and its stream ends cleanly (an error chunk, then [DONE]; no traceback), and the process
+    exits 0."""
     proc = servers[1].ready()
     try:
         with httpx.Client(base_url=proc.url, timeout=60) as raw:
@@ -342,13 +343,17 @@ def test_full_queue_then_sigterm_during_a_request(servers):
                 assert error_of(busy, 429)["type"] == "rate_limit_error" and busy.headers["Retry-After"] == "1"
                 proc.proc.send_signal(signal.SIGTERM)
                 started = time.monotonic()
-                try:
-                    for _ in lines:
-                        assert time.monotonic() - started < 30
-                except httpx.HTTPError:
-                    pass  # cut at the shutdown bound
+                rest = []
+                for line in lines:
+                    if line:
+                        rest.append(line)
+                    assert time.monotonic() - started < 30
+        assert rest[-1] == "data: [DONE]"
+        ends = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+        assert ends[-1]["error"]["code"] == "shutting_down", "cancelled at the bound, told so"
         assert proc.proc.wait(timeout=30) == 0, proc.log_text()
         assert time.monotonic() - started < 30
+        assert "Traceback" not in proc.log_text(), proc.log_text()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{proc.url}/health", timeout=2)
     finally:

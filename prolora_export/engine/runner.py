@@ -11,6 +11,7 @@ If a step fails unexpectedly, every pending request finishes with that error and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -92,7 +93,12 @@ class EngineRunner:
         """The request's events in an asyncio loop (the loop is never blocked by a step)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        self.submit(request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+        def deliver(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is left to read it
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        self.submit(request, deliver)
         finished = False
         try:
             while not finished:

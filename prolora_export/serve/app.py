@@ -10,6 +10,7 @@ its row at the next step. An adapter is unloaded only while no request uses it (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -29,7 +30,10 @@ from .protocol import APIError, Call, chunks, completion, error_body, parse_call
 
 #: the window over which /metrics reports tokens per second
 RATE_WINDOW = 10.0
+#: at shutdown, how long the engine may take to drop the requests still in it
+DRAIN_TIMEOUT = 30.0
 STEP_FAILED = "engine step failed"
+SHUTDOWN = "the server is shutting down: the request was cancelled"
 
 
 class Metrics:
@@ -82,6 +86,8 @@ class Server:
         self.base_name, self.api_key = base_name, api_key
         self.max_queue, self.default_max_tokens = max_queue, default_max_tokens
         self.in_flight = 0
+        self.request_ids: set[str] = set()  # in the engine on behalf of a client
+        self.closing = False
         self.started = 0  # in-flight requests that have their first token (they hold a row)
         self.using: Counter[str] = Counter()  # adapter -> in-flight requests
         self.unloading: set[str] = set()
@@ -159,7 +165,7 @@ class Server:
             first = await first_event(events, http)
             if first is None:  # the client left while the request waited
                 return Response(status_code=status)
-            if first.finish_reason == "error":
+            if first.finish_reason in ("error", "cancelled"):
                 raise engine_error(first.error)
             call.started = True
             self.started += 1
@@ -171,7 +177,7 @@ class Server:
             result = first.result if first.finished else await rest(events, http, self._on_event)
             if result is None:
                 return Response(status_code=status)
-            if result.finish_reason == "error":
+            if result.finish_reason in ("error", "cancelled"):
                 raise engine_error(result.error)
             status = 200
             return JSONResponse(completion(call, result))
@@ -184,22 +190,45 @@ class Server:
                 self._release(call)
 
     def _admit(self, call: Call) -> None:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
+                           headers={"Retry-After": "1"})
         if self.in_flight >= self.engine.max_batch + self.max_queue:
             self.metrics.requests[(call.model, 429)] += 1
             raise APIError(429, f"the server is at capacity ({self.in_flight} requests in flight); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         self.in_flight += 1
+        self.request_ids.add(call.request.request_id)
         if call.request.adapter is not None:
             self.using[call.request.adapter] += 1
 
     def _release(self, call: Call) -> None:
         self.in_flight -= 1
+        self.request_ids.discard(call.request.request_id)
         if call.started:
             self.started -= 1
         if call.request.adapter is not None:
             self.using[call.request.adapter] -= 1
             if not self.using[call.request.adapter]:
                 del self.using[call.request.adapter]
+
+    def close(self, grace: float) -> None:
+        """Shutting down: refuse new requests (503); in ``grace`` seconds, cancel those still running,
+        whose clients then get a clean end (an error chunk and ``[DONE]``, or a 503)."""
+        self.closing = True
+        asyncio.get_running_loop().call_later(grace, self._cancel_all)
+
+    def _cancel_all(self) -> None:
+        for request_id in list(self.request_ids):
+            self.engine.cancel(request_id)
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """Cancel what the engine still holds for clients and wait (bounded) until it is empty, while
+        this loop still runs: the engine's last events must find it open."""
+        self._cancel_all()
+        deadline = time.monotonic() + timeout
+        while self.engine.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def _on_event(self, event: Event) -> None:
         if event.token_id is not None:
@@ -213,9 +242,11 @@ class Server:
         try:
             event, opening = first, True
             while True:
-                if event.finish_reason == "error":
-                    status = 500
-                    yield f"data: {json.dumps(error_body(event.error, 'server_error'))}\n\n"
+                if event.finish_reason in ("error", "cancelled"):
+                    status = 500 if event.error else 503
+                    code = None if event.error else "shutting_down"
+                    body = error_body(event.error or SHUTDOWN, "server_error", code=code)
+                    yield f"data: {json.dumps(body)}\n\n"
                     break
                 for part in chunks(call, event, opening):
                     yield f"data: {json.dumps(part)}\n\n"
@@ -242,8 +273,9 @@ async def read_json(http: HTTPRequest):
 
 def engine_error(message: str | None) -> APIError:
     """An engine's refusal as an API error: its checks of the prompt are the client's (400), a failed
-    step is ours (500)."""
-    message = message or "the request failed"
+    step is ours (500), a request cancelled by a shutdown (no message) is 503."""
+    if message is None:
+        return APIError(503, SHUTDOWN, type="server_error", code="shutting_down", headers={"Retry-After": "1"})
     if message.startswith(STEP_FAILED):
         return APIError(500, message, type="server_error")
     code = "context_length_exceeded" if "context" in message else None
@@ -318,7 +350,12 @@ def create_app(runner: EngineRunner, *, base_name: str, api_key: str | None = No
         return JSONResponse(error_body(f"{http.method} {http.url.path}: {err.detail}", kind),
                             status_code=err.status_code, headers=getattr(err, "headers", None))
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await server.drain()  # after uvicorn's graceful wait: whatever is left is cancelled
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.server = server
     return app
 

@@ -1,7 +1,8 @@
 """Run the app with uvicorn: build the engine, step it on a background thread, serve until a signal.
 
-SIGTERM (and Ctrl-C) stop accepting connections at once; in-flight requests may finish for
-``shutdown_timeout`` seconds, then the rest are cancelled (their rows freed) and the process exits 0.
+SIGTERM (and Ctrl-C) stop accepting connections at once and refuse new requests on open ones (503);
+in-flight requests may finish for ``shutdown_timeout`` seconds, then the app cancels the rest (their
+clients get a clean end: an error chunk and ``[DONE]``, or a 503) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..errors import PRoLoRAError
 from .app import create_app
 
 log = logging.getLogger("prolora_export.serve")
+#: seconds after the shutdown bound before uvicorn cancels whatever still runs (a backstop only)
+BACKSTOP = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -25,6 +28,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def uvicorn_server(config, app_server, grace: float):
+    """uvicorn's server, telling the app when shutdown starts (it refuses new requests and cancels
+    the running ones after ``grace`` seconds)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app_server.close(grace)
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = None, *, host: str = "127.0.0.1",
@@ -48,9 +64,9 @@ def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = N
     with EngineRunner(engine) as runner:
         app = create_app(runner, base_name=base_name, api_key=api_key, max_queue=max_queue,
                          default_max_tokens=default_max_tokens)
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                                timeout_graceful_shutdown=shutdown_timeout)
-        server = uvicorn.Server(config)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=shutdown_timeout + BACKSTOP)
+        server = uvicorn_server(config, app.state.server, shutdown_timeout)
         # uvicorn re-raises the signal it stopped on once it has shut down; with SIGTERM's default
         # action the process would die by the signal, so a graceful stop ends with exit 0 instead
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
