@@ -28,7 +28,7 @@ from prolora_export.onnx.adapters import (
 from prolora_export.onnx.export import export_onnx
 from prolora_export.onnx.op import ADAPTER_INDEX, DOMAIN, MIN_OPSET, SLOT_OP_TYPE, OpSpec, add_function, make_node
 from prolora_export.onnx.slots import SLOT_DIM, slot_record
-from prolora_export.runtime import inference_session
+from prolora_export.runtime import inference_session, session_options
 from prolora_export.shards import ShardGeometry, compact_forward
 
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
@@ -64,17 +64,18 @@ def test_slot_body_matches_float64_reference(d_in, d_out, r, data, m, n, rotate,
     shards = {name: rng.standard_normal((slots, *shape)).astype(np.float32) for name, shape in shapes.items()}
     x = rng.standard_normal((batch, tokens, d_in)).astype(np.float32)
     index = rng.integers(-1, slots, size=batch).astype(np.int64)
-    sess = inference_session(one_node_model(g, 0.7, 3 if known_rank else None).SerializeToString())
+    model = one_node_model(g, 0.7, 3 if known_rank else None).SerializeToString()
     feeds = {"X": x, ADAPTER_INDEX: index, **{f"layer.{k}": v for k, v in shards.items()}}
-    got = sess.run(["Y"], feeds)[0]
     names = ("prolora_A_shard", "prolora_B_shard", "prolora_A_unshared", "prolora_B_unshared")
-    for b, k in enumerate(index):
-        if k < 0:
-            assert not got[b].any(), "a row with adapter_index -1 must get an exact zero delta"
-            continue
-        ref = compact_forward(g, 0.7, torch.from_numpy(x[b]).double(),
-                              *(torch.from_numpy(shards[n_][k]).double() if n_ in shards else None for n_ in names))
-        np.testing.assert_allclose(got[b], ref.numpy(), rtol=1e-4, atol=1e-5)
+    for kernel in ("function", "auto"):  # the function body, and the native kernel where it is built
+        got = inference_session(model, options=session_options("cpu", kernel=kernel)).run(["Y"], feeds)[0]
+        for b, k in enumerate(index):
+            if k < 0:
+                assert not got[b].any(), "a row with adapter_index -1 must get an exact zero delta"
+                continue
+            shard = (torch.from_numpy(shards[n_][k]).double() if n_ in shards else None for n_ in names)
+            ref = compact_forward(g, 0.7, torch.from_numpy(x[b]).double(), *shard)
+            np.testing.assert_allclose(got[b], ref.numpy(), rtol=1e-4, atol=1e-5, err_msg=kernel)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +161,22 @@ def test_slots_cli_refuses_mismatched_geometry_and_merged_mode(tiny, tmp_path):
     result = CliRunner().invoke(cli, two)
     assert result.exit_code == 2 and "several only with --slots" in result.output
     assert not any((tmp_path / name).exists() for name in "xyz")
+
+
+def test_fp16_slot_graph_runs_each_row_close_to_fp32(tiny, tmp_path):
+    """An fp16 slot graph (exported on the CPU, run by ORT CPU): fp16 slots, per-row logits close to
+    the fp32 slot graph's (fp16 rounding of the base weights dominates)."""
+    out = export_onnx(str(tiny["base"]), tiny["adapters"][:1], tmp_path / "fp16", mode="compact", slots=True,
+                      dtype="fp16").out
+    assert slot_record(out)["dtype"] == "fp16"
+    # the function body: the native slot kernel refused fp16 nodes when this test was written
+    sess = inference_session(out, options=session_options("cpu", kernel="function"))
+    index = [1, -1, 2]
+    ids = np.repeat(IDS, len(index), axis=0)
+    feeds = stacked_feeds(sess, ids, tiny["adapters"], index)
+    feeds = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    got = sess.run(["logits"], feeds)[0].astype(np.float32)
+    ref = inference_session(tiny["slots"])
+    want = ref.run(["logits"], stacked_feeds(ref, ids, tiny["adapters"], index))[0]
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err <= 2e-2, f"fp16 slot graph relative difference {err:.2e}"
