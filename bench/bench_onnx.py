@@ -121,7 +121,8 @@ def feeds(sess: ort.InferenceSession, new: int, past: int) -> dict[str, np.ndarr
     }
     for inp in sess.get_inputs():
         if inp.name.startswith("past_key_values"):
-            out[inp.name] = rng.standard_normal((1, inp.shape[1], past, inp.shape[3])).astype(np.float32)
+            dtype = np.float16 if "float16" in inp.type else np.float32  # an fp16 graph (GPU) has an fp16 cache
+            out[inp.name] = rng.standard_normal((1, inp.shape[1], past, inp.shape[3])).astype(dtype)
     return out
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Run ON the GPU machine (bare, no network), in the repository root of the carried working tree,
+# with the parts made by tools/gpu_carry.sh (bench/GPU.md). Files outside $OUT survive between
+# calls only while the machine stays warm, so the parts are stashed under $STASH call by call.
+#
+#   bash tools/gpu_remote.sh stash gpu-carry/parts/ort.tar.00   # one call per part: copy + verify
+#   bash tools/gpu_remote.sh install                           # reassemble, verify, venv, pip install
+#   bash tools/gpu_remote.sh check [gpu_check.py args]         # the check; report under $OUT/gpu-check
+set -euo pipefail
+
+STASH="${STASH:-/tmp/prolora-carry}"
+VENV="$STASH/venv"
+SUMS=gpu-carry/SHA256SUMS.parts
+mkdir -p "$STASH/parts"
+
+case "${1:-}" in
+  stash)
+    shift
+    for part in "$@"; do
+      name=$(basename "$part")
+      want=$(awk -v p="parts/$name" '$2 == p { print $1 }' "$SUMS")
+      got=$(sha256sum "$part" | cut -d' ' -f1)
+      [ -n "$want" ] && [ "$want" = "$got" ] || { echo "checksum mismatch for $name" >&2; exit 3; }
+      cp "$part" "$STASH/parts/$name"
+      echo "stashed $name ($(stat -c %s "$part") bytes, sha256 ok)"
+    done
+    ls -l "$STASH/parts"
+    ;;
+  install)
+    sums="$PWD/$SUMS"
+    (cd "$STASH" && sha256sum -c --quiet "$sums")  # every part present and intact
+    cp gpu-carry/SHA256SUMS.bundles "$STASH/"
+    for parts in "$STASH"/parts/*.tar.00; do
+      name=$(basename "$parts" .tar.00)
+      cat "$STASH/parts/$name".tar.* >"$STASH/$name.tar"
+    done
+    (cd "$STASH" && sha256sum -c SHA256SUMS.bundles)
+    mkdir -p "$STASH/wheels"
+    for b in small ort; do [ -f "$STASH/$b.tar" ] && tar -xf "$STASH/$b.tar" -C "$STASH/wheels"; done
+    if [ -f "$STASH/model.tar" ]; then
+      mkdir -p "$HOME/.cache/prolora-export"
+      tar -xf "$STASH/model.tar" -C "$HOME/.cache/prolora-export"
+    fi
+    rm -f "$STASH"/*.tar
+    # the machine's torch (CUDA 13) and its nvidia libraries stay; the carried wheels override the rest
+    python3 -m venv --system-site-packages "$VENV"
+    "$VENV/bin/pip" install -q --no-index --no-deps "$STASH"/wheels/*/*.whl
+    # onnxruntime ≥ 1.21: preload_dlls() loads the CUDA/cuDNN libraries torch's nvidia packages installed
+    # (tools/gpu_check.py calls it before any session)
+    "$VENV/bin/python" -c "import torch, onnxruntime as ort; ort.preload_dlls(); \
+print(ort.__version__, ort.__file__, ort.get_available_providers(), torch.cuda.get_device_name(0))"
+    ;;
+  check)
+    shift
+    "$VENV/bin/python" tools/gpu_check.py --out "${OUT:-/tmp/out}/gpu-check" "$@"
+    ;;
+  *)
+    sed -n '2,9p' "$0"
+    exit 2
+    ;;
+esac
