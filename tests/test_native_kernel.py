@@ -180,6 +180,27 @@ def test_fp16_computed_in_float32_like_the_body(geom):
     assert np.mean(got == body_out) > 0.99  # and almost always the very same fp16 value
 
 
+def test_fp32_input_with_fp16_shards(tmp_path):
+    """An fp16 export can feed some node an fp32 X (its function body casts everything): the kernel takes
+    each input in its own type instead of failing the session at load."""
+    g = ShardGeometry.build(72, 100, 8, 1, 2, 3, True)
+    tensors = random_tensors(g, 10, np.float16)
+    spec = OpSpec.for_layers([g], upcast=True)
+    inits = [onnx.numpy_helper.from_array(v, f"layer.{k}") for k, v in tensors.items()]
+    graph = helper.make_graph([make_node("X", "Y", "layer", spec, g, 0.5)], "mixed",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", 72])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", 100])], inits)
+    model = add_function(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+                         spec).SerializeToString()
+    x = np.random.default_rng(11).standard_normal((3, 72)).astype(np.float32)
+    assert ops_run(model, {"X": x}, "native", tmp_path).get(OP_TYPE) == 1
+    got = run(model, x, "native")
+    assert got.dtype == np.float32
+    assert rel_err(got, run(model, x, "function").astype(np.float64)) <= 1e-6
+    want = reference_delta(x, tensors, 72, 100, 2, 3, g.stride_a, g.stride_b, 0.5)
+    assert rel_err(got, want) <= 1e-5
+
+
 def test_thread_counts_give_identical_numbers():
     g = ShardGeometry.build(256, 320, 8, 2, 2, 4, True)  # enough rows × work for the pool split
     tensors = random_tensors(g, 5)

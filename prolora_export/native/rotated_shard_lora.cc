@@ -357,6 +357,14 @@ void run_problem(const Ort::KernelContext& ctx, const Problem& p) {
   ctx.ParallelFor(run_task, tasks, 0, &task);
 }
 
+// true for an fp16 tensor, false for fp32; any other type is refused
+inline bool half(const Ort::ConstValue& value) {
+  const ONNXTensorElementDataType type = value.GetTensorTypeAndShapeInfo().GetElementType();
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    throw Ort::Exception("RotatedShardLoRA: shards must be float32 or float16", ORT_INVALID_ARGUMENT);
+  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+}
+
 // one slot's shards, ready for compute_rows (fp32; B0 and B_u transposed)
 struct Prepared {
   const float *a0 = nullptr, *b0t = nullptr, *au = nullptr, *but = nullptr;
@@ -484,21 +492,28 @@ struct Kernel {
     }
     const int64_t a0_size = p.rs * p.c_a, b0_size = p.c_b * p.rs, au_size = p.u * p.d_in, bu_size = p.d_out * p.u;
     if (used > static_cast<int64_t>(prepared_buf.size())) prepared_buf.resize(static_cast<size_t>(used));
-    float* a0_dst = scratch(a0_buf, static_cast<size_t>(std::is_same<T, float>::value ? 0 : used * a0_size));
+    // each shard in its own type (fp32 or fp16; an fp16 graph may feed fp32 X or shards to some node)
+    const bool a0_16 = p.rs > 0 && half(a0), b0_16 = p.rs > 0 && half(b0), au_16 = p.u > 0 && half(au),
+               bu_16 = p.u > 0 && half(bu);
+    float* a0_dst = scratch(a0_buf, static_cast<size_t>(a0_16 ? used * a0_size : 0));
     float* b0_dst = scratch(b0_buf, static_cast<size_t>(used * b0_size));
-    float* au_dst = scratch(au_buf, static_cast<size_t>(std::is_same<T, float>::value ? 0 : used * au_size));
+    float* au_dst = scratch(au_buf, static_cast<size_t>(au_16 ? used * au_size : 0));
     float* bu_dst = scratch(bu_buf, static_cast<size_t>(used * bu_size));
     for (int64_t s = 0; s < slots; ++s) {
       const int64_t at = position[s];
       if (at < 0) continue;
       Prepared& ready = prepared_buf[static_cast<size_t>(at)];
       if (p.rs > 0) {
-        ready.a0 = widened(a0.GetTensorData<T>() + s * a0_size, a0_size, a0_dst + at * a0_size);
-        ready.b0t = transposed(b0.GetTensorData<T>() + s * b0_size, p.c_b, p.rs, b0_dst + at * b0_size);
+        ready.a0 = a0_16 ? widened(a0.GetTensorData<Ort::Float16_t>() + s * a0_size, a0_size, a0_dst + at * a0_size)
+                         : a0.GetTensorData<float>() + s * a0_size;
+        ready.b0t = b0_16 ? transposed(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, p.c_b, p.rs, b0_dst + at * b0_size)
+                          : transposed(b0.GetTensorData<float>() + s * b0_size, p.c_b, p.rs, b0_dst + at * b0_size);
       }
       if (p.u > 0) {
-        ready.au = widened(au.GetTensorData<T>() + s * au_size, au_size, au_dst + at * au_size);
-        ready.but = transposed(bu.GetTensorData<T>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size);
+        ready.au = au_16 ? widened(au.GetTensorData<Ort::Float16_t>() + s * au_size, au_size, au_dst + at * au_size)
+                         : au.GetTensorData<float>() + s * au_size;
+        ready.but = bu_16 ? transposed(bu.GetTensorData<Ort::Float16_t>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size)
+                          : transposed(bu.GetTensorData<float>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size);
       }
     }
 
@@ -588,8 +603,12 @@ struct Op : Ort::CustomOpBase<Op<T, Elem, Slots>, Kernel<T, Slots>, true> {
   const char* GetName() const { return Slots ? kSlotOpType : kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return Slots ? 6 : 5; }
+  // X is Elem; adapter_index int64; the shards fp32 or fp16 independently of X (an fp16 export may give some
+  // node an fp32 X, as its function body's Casts allow), checked by the kernel
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return Slots && index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : Elem;  // adapter_index
+    if (index == 0) return Elem;
+    if (Slots && index == 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index < (Slots ? 2u : 1u) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
