@@ -897,3 +897,85 @@ def check_parity(
 
 __all__ = ["PRESETS", "ParityReport", "PromptResult", "Tolerance", "check_parity", "compare", "parse_tolerance",
            "read_prompts"]
+
+@dataclass
+class GenaiParityReport:
+    """Greedy tokens of onnxruntime-genai against PyTorch base + adapter, per prompt and run:
+    the graph's own shards ("graph defaults") and, for a compact graph, the adapter switched in
+    through ``og.Adapters`` from an ``.onnx_adapter`` file."""
+
+    onnx_dir: str
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.runs) and all(p["identical"] for run in self.runs.values() for p in run)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runtime": "onnxruntime-genai", "onnx_dir": self.onnx_dir, "passed": self.passed, "runs": self.runs}
+
+    def table(self) -> str:
+        lines = [f"onnxruntime-genai vs PyTorch base + adapter, greedy tokens ({self.onnx_dir})"]
+        for name, run in self.runs.items():
+            same = sum(p["identical"] for p in run)
+            lines.append(f"  {name:<16} {same}/{len(run)} prompts identical"
+                         + "".join(f"; prompt {i} differs at token {p['first_divergence']}"
+                                   for i, p in enumerate(run, 1) if not p["identical"]))
+        lines.append("PASS" if self.passed else "FAIL")
+        return "\n".join(lines)
+
+
+def check_genai_parity(base: str, adapter: str | Path, onnx_dir: str | Path, prompts: list[Prompt] | None = None,
+                       max_new_tokens: int = 16, read_options: ReadOptions | None = None) -> GenaiParityReport:
+    """Generate greedily in onnxruntime-genai and in PyTorch, and compare the tokens (up to the first eos,
+    where genai stops). A compact graph is also run with the adapter made an ``.onnx_adapter`` file and
+    activated through ``og.Adapters``; a zero-default graph without it must give the base model."""
+    import onnxruntime_genai as og
+
+    from .onnx.adapters import export_onnx_adapter, read_record
+    from .onnx.genai import genai_greedy
+
+    folder = Path(onnx_dir)
+    if not (folder / "genai_config.json").is_file():
+        raise PRoLoRAError("no genai_config.json: export it again with this version (decoders with their KV cache)",
+                           str(folder))
+    try:
+        defaults = read_record(folder).get("defaults")
+    except PRoLoRAError:
+        defaults = None  # merged: nothing to switch
+    if defaults == "slots":
+        raise PRoLoRAError("a slot graph needs adapter_index, which onnxruntime-genai does not feed", str(folder))
+    prompts = prompts or DEFAULT_PROMPTS
+    encoded, tokenizer = encode_prompts(prompts, [folder, resolve_model(base)], True, {"input_ids", "attention_mask"})
+    reference = _reference_model(base, adapter, "text-generation", torch.float32, read_options)
+    eos = getattr(reference.generation_config, "eos_token_id", None)
+    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
+    pad = _pad_id(tokenizer, reference.config)
+
+    def expected(inputs: dict[str, torch.Tensor], base_only: bool) -> list[int]:
+        with torch.no_grad(), _zero_adapter(reference) if base_only else contextlib.nullcontext():
+            tokens = _greedy(reference, inputs, max_new_tokens, pad)
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+        return tokens[:cut]
+
+    model = og.Model(str(folder))
+    runs: dict[str, tuple[Any, bool]] = {"graph defaults": (None, defaults == "zero")}
+    with tempfile.TemporaryDirectory(prefix="prolora-genai-") as scratch:
+        if defaults is not None:
+            file = export_onnx_adapter(adapter, Path(scratch) / "adapter.onnx_adapter", read_options=read_options,
+                                       graph=folder).out
+            adapters = og.Adapters(model)
+            adapters.load(str(file), "adapter")
+            runs["og.Adapters"] = ((adapters, "adapter"), False)
+        report = GenaiParityReport(str(folder))
+        for name, (active, base_only) in runs.items():
+            results = []
+            for inputs in encoded:
+                ids = inputs["input_ids"][0].tolist()
+                want, got = expected(inputs, base_only), genai_greedy(model, ids, max_new_tokens, active)
+                diverge = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b),
+                               None if len(want) == len(got) else min(len(want), len(got)))
+                results.append({"expected": want, "genai": got, "identical": diverge is None,
+                                "first_divergence": diverge})
+            report.runs[name] = results
+    return report

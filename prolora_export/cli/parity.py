@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 from ..outputs import atomic_output_file, check_destination
-from ..parity import DEFAULT_PROMPTS, PRESETS, check_parity, read_prompts
+from ..parity import DEFAULT_PROMPTS, PRESETS, check_genai_parity, check_parity, read_prompts
 from ..runtime import KERNELS
 from . import trust_remote_code_option
 from .options import adapter_read_options
+from .types import refuse_inapplicable
 
 PRESET_HELP = "; ".join(
     f"{name}: rel≤{t.max_rel:g} cos≥{t.min_cos:g} top1≥{t.min_top1:g} top5≥{t.min_top5:g} KL≤{t.max_kl:g} "
@@ -44,12 +45,16 @@ PRESET_HELP = "; ".join(
 @click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True,
               help="How the compact op runs on the CPU: native (the C++ kernel, an error if not built), function "
                    "(the graph's ONNX function body), auto (native when built). CUDA always runs the body.")
+@click.option("--runtime", type=click.Choice(["ort", "genai"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime through optimum, every logit gated. genai: greedy tokens from "
+                   "onnxruntime-genai (the folder's genai_config.json), with the graph's own shards and, for a "
+                   "compact graph, with the adapter switched in through og.Adapters.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Also write the full report as JSON here.")
 @adapter_read_options
 @trust_remote_code_option
 def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tolerance, reference_dtype,
-            kernel, report_path, read_options) -> None:
+            kernel, runtime, report_path, read_options) -> None:
     """Prove that an ONNX export computes what PyTorch base + adapter (unmerged) computes.
 
     Runs every prompt through both, compares logits at every position (relative error,
@@ -63,9 +68,15 @@ def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tol
     if report_path is not None:  # a report that cannot be written fails now, not after the whole run
         check_destination(report_path, force=True, kind="file", inputs={
             "base model": base, "adapter folder": adapter, "ONNX folder": onnx_dir, "prompts file": prompts_file})
-    report = check_parity(base, adapter, onnx_dir, provider=provider, prompts=read_prompts(prompts_file),
-                          max_new_tokens=max_new_tokens, tolerance=tolerance, reference_dtype=reference_dtype,
-                          read_options=read_options, kernel=kernel)
+    if runtime == "genai":
+        refuse_inapplicable({name: (False, "--runtime ort") for name in
+                             ("provider", "tolerance", "reference_dtype", "kernel")})
+        report = check_genai_parity(base, adapter, onnx_dir, prompts=read_prompts(prompts_file),
+                                    max_new_tokens=max_new_tokens, read_options=read_options)
+    else:
+        report = check_parity(base, adapter, onnx_dir, provider=provider, prompts=read_prompts(prompts_file),
+                              max_new_tokens=max_new_tokens, tolerance=tolerance, reference_dtype=reference_dtype,
+                              read_options=read_options, kernel=kernel)
     click.echo(report.table())
     if report_path is not None:
         with atomic_output_file(report_path, force=True) as tmp:

@@ -65,6 +65,7 @@ from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES, compact_forward
 from . import op
 from .adapters import geometry_record, record_geometry
+from .genai import write_genai_files
 
 MODES = ("merged", "compact")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -85,6 +86,7 @@ class ExportReport:
     seconds: float
     files: list[str] = field(default_factory=list)
     op_body: str | None = None  # compact only: which function body the graph carries
+    genai: str | None = None  # decoders: what was written for onnxruntime-genai
 
     @property
     def onnx_bytes(self) -> int:
@@ -95,6 +97,7 @@ class ExportReport:
             f"{self.mode} ONNX export ({self.task}, opset {self.opset or 'default'}, "
             f"{self.adapted_layers} adapted layers{f', {self.op_body} op body' if self.op_body else ''}) "
             f"written to {self.out} in {self.seconds:.1f} s ({self.onnx_bytes / 2**20:.1f} MiB of ONNX)"
+            + (f"; {self.genai}" if self.genai else "")
         )
 
 
@@ -583,5 +586,6 @@ def export_onnx(
                     finish_compact(path, spec(), loaded, default_adapter == "zero")
         if Path(source).is_dir():  # tokenizer, chat template …; never overwrite what optimum wrote
             copy_model_side_files(Path(source), tmp, overwrite=False)
+        genai_note = write_genai_files(tmp, model.config) if full_task == "text-generation-with-past" else None
         files = sorted(p.name for p in tmp.iterdir())
-    return ExportReport(mode, out, full_task, opset, adapted, time.perf_counter() - started, files, body)
+    return ExportReport(mode, out, full_task, opset, adapted, time.perf_counter() - started, files, body, genai_note)
