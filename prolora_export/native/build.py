@@ -133,6 +133,8 @@ def build(out: Path = HERE, cache: Path | None = None, force: bool = False) -> t
         if os.environ.get("PROLORA_NO_NATIVE"):
             raise Fallback("PROLORA_NO_NATIVE is set")
         cxx = compiler()
+        if not SOURCE.is_file():  # an install that did not ship the C++ source (package data)
+            raise Fallback(f"the kernel source {SOURCE.name} is not installed")
         key = fingerprint(cxx)
         previous = _status(out)
         if not force and library.is_file() and previous.get("built") and previous.get("fingerprint") == key:
