@@ -99,10 +99,14 @@ def synthetic(work: Path, quick: bool) -> tuple[Path, Path]:
     return base, adapter
 
 
-def build(base: Path, adapter: Path, work: Path) -> dict[str, dict]:
-    """Every graph of one model: fp32 exports of both modes, each quantized to int8 and int4."""
+def build(base: Path, adapter: Path, work: Path, reuse: bool) -> dict[str, dict]:
+    """Every graph of one model: fp32 exports of both modes, each quantized to int8 and int4
+    (``reuse``: the folders a previous run left in ``work`` are measured again as they are)."""
     out: dict[str, dict] = {}
     for mode in MODES:
+        if reuse and all((work / f"{p}_{mode}" / "model.onnx").is_file() for p in PRECISIONS):
+            out.update({f"{p}_{mode}": {"seconds": None, "reused": True} for p in PRECISIONS})
+            continue
         started = time.perf_counter()
         export_onnx(str(base), adapter, work / f"fp32_{mode}", mode=mode, force=True)
         out[f"fp32_{mode}"] = {"seconds": time.perf_counter() - started}
@@ -156,43 +160,62 @@ def goals(r: dict) -> dict:
             for key, v in values.items()}
 
 
-def run_model(name: str, base: Path, adapter: Path, work: Path, quick: bool, demo: bool) -> dict:
-    """Everything measured on one model; the demo model also gets held-out loss and parity of every graph
-    (the synthetic model's random logits are flat, so its parity is shown for the compact graphs, as figures)."""
+def run_model(name: str, base: Path, adapter: Path, work: Path, quick: bool, demo: bool, reuse: bool) -> dict:
+    """Everything measured on one model; the demo model also gets parity and held-out loss of every graph
+    (the synthetic model's random weights give flat logits, on which top-k agreement means nothing, and
+    its parity would double this benchmark's time: its graphs are measured for size and speed)."""
     started = time.perf_counter()
     print(f"{name}: exports and quantization …", flush=True)
-    result: dict = {"graphs": build(base, adapter, work)}
+    result: dict = {"graphs": build(base, adapter, work, reuse)}
     print(f"{name}: latency …", flush=True)
     result["latency_ms"] = measure_latency(work, quick)
-    print(f"{name}: parity …", flush=True)
-    graphs = GRAPHS if demo else [g for g in GRAPHS if g.endswith("compact")]
-    result["parity"] = parity_all(base, adapter, work, quick if demo else True, graphs)
     if demo:
+        print(f"{name}: parity …", flush=True)
+        result["parity"] = parity_all(base, adapter, work, quick, GRAPHS)
         print(f"{name}: held-out loss …", flush=True)
         result["heldout_loss"] = {g: heldout_loss(work / g, DATA / "eval.jsonl", max_length=256, threads=THREADS)
                                   for g in GRAPHS}
     result["goals"] = goals(result)
     result["seconds"] = time.perf_counter() - started
-    for graph in GRAPHS:  # the next model's graphs need the disk
-        shutil.rmtree(work / graph, ignore_errors=True)
+    if not reuse:  # the next model's graphs need the disk
+        for graph in GRAPHS:
+            shutil.rmtree(work / graph, ignore_errors=True)
     return result
 
 
-def run(work: Path, quick: bool, adapter: Path | None) -> dict:
+def save(results: dict) -> None:
+    """quant.json with this run's models replacing the stored ones (a subset run refreshes only its own),
+    written after each model so that a long run keeps what it finished."""
+    import fcntl
+
+    path = HERE / "quant.json"
+    with open(Path(tempfile.gettempdir()) / "prolora-bench-quant.lock", "w") as lock:  # two runs may finish together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stored = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+        stored["models"].update(results["models"])
+        stored["settings"] = {**stored.get("settings", {}), **results["settings"]}
+        path.write_text(json.dumps(stored, indent=2) + "\n")
+
+
+def run(work: Path, quick: bool, adapter: Path | None, models: list[str], reuse: bool) -> dict:
     started = time.perf_counter()
     demo = ensure_demo_model(quiet=True)
-    adapter_path, adapter_note = demo_adapter(work, adapter, quick)
-    results = {"models": {}, "settings": {"quick": quick, "threads": THREADS, "lengths": list(LENGTHS),
-                                          "headline_length": HEADLINE, "block_size": 32, "accuracy_level": 4,
-                                          "demo_adapter": adapter_note,
-                                          "synthetic_layers": SYNTHETIC_LAYERS[quick]}}
-    (work / "demo").mkdir(parents=True, exist_ok=True)
-    results["models"]["demo"] = run_model("demo", demo, adapter_path, work / "demo", quick, demo=True)
-    base, synthetic_adapter = synthetic(work, quick)
-    (work / "synth").mkdir(parents=True, exist_ok=True)
-    results["models"]["synthetic"] = run_model("synthetic", base, synthetic_adapter, work / "synth", quick, demo=False)
+    results: dict = {"models": {}, "settings": {"quick": quick, "threads": THREADS, "lengths": list(LENGTHS),
+                                                "headline_length": HEADLINE, "block_size": 32, "accuracy_level": 4,
+                                                "synthetic_layers": SYNTHETIC_LAYERS[quick]}}
+    if "demo" in models:
+        adapter_path, results["settings"]["demo_adapter"] = demo_adapter(work, adapter, quick)
+        (work / "demo").mkdir(parents=True, exist_ok=True)
+        results["models"]["demo"] = run_model("demo", demo, adapter_path, work / "demo", quick, True, reuse)
+        save(results)
+    if "synthetic" in models:
+        base, synthetic_adapter = synthetic(work, quick)
+        (work / "synth").mkdir(parents=True, exist_ok=True)
+        results["models"]["synthetic"] = run_model("synthetic", base, synthetic_adapter, work / "synth", quick,
+                                                   False, reuse)
     results["settings"]["wall_s"] = time.perf_counter() - started
-    return results
+    save(results)
+    return json.loads((HERE / "quant.json").read_text())
 
 
 # ---------------------------------------------------------------------- report
@@ -201,7 +224,7 @@ MODEL_LABELS = {"demo": "SmolLM2-135M-Instruct + demo adapter", "synthetic": "ra
 
 
 def model_section(name: str, r: dict, s: dict) -> str:
-    g, lat, par = r["graphs"], r["latency_ms"], r["parity"]
+    g, lat, par = r["graphs"], r["latency_ms"], r.get("parity")
     fp32 = {m: g[f"fp32_{m}"]["bytes"] for m in MODES}
     size_rows = "\n".join(
         f"| {graph} | {g[graph]['bytes'] / 2**20:.1f} | {g[graph]['bytes'] / fp32[graph.split('_')[1]]:.3f} |"
@@ -213,14 +236,20 @@ def model_section(name: str, r: dict, s: dict) -> str:
         for phase in PHASES for n in lat[phase]
     )
     par_rows = []
-    for graph in GRAPHS:
-        if graph not in par:
-            continue
+    for graph in GRAPHS if par else []:
         p = par[graph]
         m = p["metrics"]
         iso = (f"{m['effect_rel']:.3g} | {m['op_rel']:.2g}" if "effect_rel" in m else "– | –")
         par_rows.append(f"| {graph} | {p['preset']} | {m['rel']:.3g} | {m['max_kl']:.3g} | {m['top1']:.3f} | "
                         f"{m.get('greedy', float('nan')):.2f} | {iso} | {'pass ✅' if p['passed'] else 'fail ❌'} |")
+    parity_table = "" if not par else f"""
+Parity against PyTorch fp32 base + adapter ({par['prompts']} prompts, {par['max_new_tokens']} greedy tokens; effect and
+op: the adapter isolation check, compact graphs only):
+
+| graph | preset | rel error | max KL | top-1 | greedy | effect rel | op rel | gate |
+|---|---|---:|---:|---:|---:|---:|---:|:---:|
+{chr(10).join(par_rows)}
+"""
     loss = r.get("heldout_loss")
     loss_rows = ""
     if loss:
@@ -246,22 +275,16 @@ Median ms per call (decode: one token after n past tokens; prefill: n tokens):
 | phase | n | {heads} |
 |---|---:|{"---:|" * len(GRAPHS)}
 {lat_rows}
-
-Parity against PyTorch fp32 base + adapter ({par['prompts']} prompts, {par['max_new_tokens']} greedy tokens; effect and
-op: the adapter isolation check, compact graphs only):
-
-| graph | preset | rel error | max KL | top-1 | greedy | effect rel | op rel | gate |
-|---|---|---:|---:|---:|---:|---:|---:|:---:|
-{chr(10).join(par_rows)}
-{loss_rows}"""
+{parity_table}{loss_rows}"""
 
 
 def markdown(r: dict, command: str) -> str:
     s = r["settings"]
     sections = "\n".join(model_section(name, m, s) for name, m in r["models"].items())
+    times = ", ".join(f"{name} {m['seconds'] / 60:.1f} min" for name, m in r["models"].items())
     return f"""## Quantized base, float adapters: int8 / int4 with ONNX Runtime's quantizers
 
-Command: `{command}` ({s['wall_s'] / 60:.1f} min). ONNX Runtime CPU, intra_op_num_threads={s['threads']},
+Command: `{command}` ({times}). ONNX Runtime CPU, intra_op_num_threads={s['threads']},
 graphs interleaved round by round in one process, medians. int4: MatMulNBits block {s['block_size']},
 accuracy level {s['accuracy_level']} (int8 activations), int4 GatherBlockQuantized embedding; int8:
 quantize_dynamic (MatMulInteger, per-column int8 weights), fp32 embedding. The adapter path stays fp32 and
@@ -282,17 +305,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer calls, 2 synthetic layers, 5 training steps")
     parser.add_argument("--adapter", type=Path, default=None, help="the demo adapter (default: see above)")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--models", default="demo,synthetic", help="comma list among demo, synthetic")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure the graph folders a previous run left in --work instead of exporting again")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite QUANT.md from the last quant.json")
     args = parser.parse_args()
     if args.markdown_only:
         render(json.loads((HERE / "quant.json").read_text()))
         return
+    models = [m for m in args.models.split(",") if m]
+    if not models or set(models) - set(MODEL_LABELS):
+        parser.error(f"--models: choose among {', '.join(MODEL_LABELS)}")
     if args.work is not None:
-        results = run(args.work, args.quick, args.adapter)
+        results = run(args.work, args.quick, args.adapter, models, args.reuse)
     else:  # the synthetic model's exports take several GB: never leave them behind
         with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
-            results = run(Path(tmp), args.quick, args.adapter)
-    (HERE / "quant.json").write_text(json.dumps(results, indent=2) + "\n")
+            results = run(Path(tmp), args.quick, args.adapter, models, args.reuse)
     render(results)
     print((HERE / "QUANT.md").read_text())
 
