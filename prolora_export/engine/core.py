@@ -46,7 +46,7 @@ PREFILL_PADDING = 1.15
 Listener = Callable[[Event], None]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the engine finds and removes sequences by object
 class _Sequence:
     """A request inside the engine: its prompt, decoding state and what it has produced."""
 
@@ -128,6 +128,7 @@ class Engine:
         self._unloading: set[str] = set()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._joining: list[_Sequence] = []  # taken from the queue, being prefilled in this step
         self._cache: KVBatch | None = None
         for name, source in (adapters or {}).items():
             self.load_adapter(name, source)
@@ -237,9 +238,9 @@ class Engine:
             events: list[Event] = []
             with self._inbox_lock:
                 submitted, self._inbox = list(self._inbox), deque()
-            seqs = [*self._running, *self._waiting]
+            seqs = [*self._running, *(s for s in self._joining if s not in self._running), *self._waiting]
             seqs += [_Sequence(r, [], 0, Sampler(), frozenset(), listener, t) for r, listener, t in submitted]
-            self._running, self._waiting, self._cache = [], deque(), None
+            self._running, self._joining, self._waiting, self._cache = [], [], deque(), None
             for seq in seqs:
                 self._finish(seq, "error", events, error=message)
             self._finish_unloads()
@@ -261,8 +262,9 @@ class Engine:
             before = self._moved()
             decoded = bool(self._running)
             keep = self._decode(events) if decoded else []  # cache rows still running after this token
-            joiners = self._pick_joiners(events)
-            joined = self._prefill(joiners, events) if joiners else []
+            self._joining = self._pick_joiners(events)
+            joined = self._prefill(self._joining, events) if self._joining else []
+            self._joining = []
             self._rebuild(keep, joined)
             if decoded:
                 self.stats.per_step.append(self._moved() - before)
