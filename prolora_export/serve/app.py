@@ -156,8 +156,14 @@ class Server:
 
     async def _complete(self, http: HTTPRequest, chat: bool) -> Response:
         body = await read_json(http)
-        call = parse_call(body, chat=chat, models=self.models(), base=self.base_name,
-                          default_max_tokens=self.default_max_tokens if chat else 16)
+        try:
+            call = parse_call(body, chat=chat, models=self.models(), base=self.base_name,
+                              default_max_tokens=self.default_max_tokens if chat else 16)
+        except APIError as err:
+            model = body.get("model") if isinstance(body, dict) else None
+            if model in self.models():  # counted under served names only (no unbounded label values)
+                self.metrics.requests[(model, err.status)] += 1
+            raise
         self._admit(call)
         events = self.runner.astream(call.request)
         status, streaming = 499, False
