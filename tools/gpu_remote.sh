@@ -3,7 +3,7 @@
 # with the parts made by tools/gpu_carry.sh (bench/GPU.md). Files outside $OUT survive between
 # calls only while the machine stays warm, so the parts are stashed under $STASH call by call.
 #
-#   bash tools/gpu_remote.sh stash gpu-carry/parts/ort.tar.00   # one call per part: copy + verify
+#   bash tools/gpu_remote.sh stash gpu-carry/parts/carry.tar.00 # one call per part: copy + verify
 #   bash tools/gpu_remote.sh install                           # reassemble, verify, venv, pip install
 #   bash tools/gpu_remote.sh check [gpu_check.py args]         # the check; report under $OUT/gpu-check
 set -euo pipefail
@@ -30,21 +30,18 @@ case "${1:-}" in
     sums="$PWD/$SUMS"
     (cd "$STASH" && sha256sum -c --quiet "$sums")  # every part present and intact
     cp gpu-carry/SHA256SUMS.bundles "$STASH/"
-    for parts in "$STASH"/parts/*.tar.00; do
-      name=$(basename "$parts" .tar.00)
-      cat "$STASH/parts/$name".tar.* >"$STASH/$name.tar"
-    done
+    cat "$STASH"/parts/carry.tar.* >"$STASH/carry.tar"
     (cd "$STASH" && sha256sum -c SHA256SUMS.bundles)
-    mkdir -p "$STASH/wheels"
-    for b in small ort; do [ -f "$STASH/$b.tar" ] && tar -xf "$STASH/$b.tar" -C "$STASH/wheels"; done
-    if [ -f "$STASH/model.tar" ]; then
+    mkdir -p "$STASH/carry"
+    tar -xf "$STASH/carry.tar" -C "$STASH/carry"
+    rm -f "$STASH/carry.tar"
+    if [ -d "$STASH/carry/model" ]; then
       mkdir -p "$HOME/.cache/prolora-export"
-      tar -xf "$STASH/model.tar" -C "$HOME/.cache/prolora-export"
+      cp -a "$STASH"/carry/model/. "$HOME/.cache/prolora-export/"
     fi
-    rm -f "$STASH"/*.tar
     # the machine's torch (CUDA 13) and its nvidia libraries stay; the carried wheels override the rest
     python3 -m venv --system-site-packages "$VENV"
-    "$VENV/bin/pip" install -q --no-index --no-deps "$STASH"/wheels/*/*.whl
+    "$VENV/bin/pip" install -q --no-index --no-deps "$STASH"/carry/wheels/*/*.whl
     # onnxruntime ≥ 1.21: preload_dlls() loads the CUDA/cuDNN libraries torch's nvidia packages installed
     # (tools/gpu_check.py calls it before any session)
     "$VENV/bin/python" -c "import torch, onnxruntime as ort; ort.preload_dlls(); \
