@@ -9,7 +9,8 @@
 set -euo pipefail
 
 STASH="${STASH:-/tmp/prolora-carry}"
-VENV="$STASH/venv"
+SITE="$STASH/site"  # the carried wheels, first on PYTHONPATH: they override the machine's own versions
+PY="${PY:-python3}"
 SUMS=gpu-carry/SHA256SUMS.parts
 mkdir -p "$STASH/parts"
 
@@ -39,17 +40,18 @@ case "${1:-}" in
       mkdir -p "$HOME/.cache/prolora-export"
       cp -a "$STASH"/carry/model/. "$HOME/.cache/prolora-export/"
     fi
-    # the machine's torch (CUDA 13) and its nvidia libraries stay; the carried wheels override the rest
-    python3 -m venv --system-site-packages "$VENV"
-    "$VENV/bin/pip" install -q --no-index --no-deps "$STASH"/carry/wheels/*/*.whl
+    # the machine's torch (CUDA 13) and its nvidia libraries stay; the carried wheels go to a --target
+    # folder put first on PYTHONPATH (no venv: that would need ensurepip, which a bare image may lack)
+    rm -rf "$SITE"
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$STASH"/carry/wheels/*/*.whl
     # onnxruntime ≥ 1.21: preload_dlls() loads the CUDA/cuDNN libraries torch's nvidia packages installed
     # (tools/gpu_check.py calls it before any session)
-    "$VENV/bin/python" -c "import torch, onnxruntime as ort; ort.preload_dlls(); \
+    PYTHONPATH="$SITE" "$PY" -c "import torch, onnxruntime as ort; ort.preload_dlls(); \
 print(ort.__version__, ort.__file__, ort.get_available_providers(), torch.cuda.get_device_name(0))"
     ;;
   check)
     shift
-    "$VENV/bin/python" tools/gpu_check.py --out "${OUT:-/tmp/out}/gpu-check" "$@"
+    PYTHONPATH="$SITE" "$PY" tools/gpu_check.py --out "${OUT:-/tmp/out}/gpu-check" "$@"
     ;;
   *)
     sed -n '2,9p' "$0"
