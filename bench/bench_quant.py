@@ -288,7 +288,7 @@ Command: `{command}` ({times}). ONNX Runtime CPU, intra_op_num_threads={s['threa
 graphs interleaved round by round in one process, medians. int4: MatMulNBits block {s['block_size']},
 accuracy level {s['accuracy_level']} (int8 activations), int4 GatherBlockQuantized embedding; int8:
 quantize_dynamic (MatMulInteger, per-column int8 weights), fp32 embedding. The adapter path stays fp32 and
-overridable in every compact graph. Demo adapter: {s['demo_adapter']}. Synthetic model:
+overridable in every compact graph. Demo adapter: {s.get('demo_adapter', 'not measured in this run')}. Synthetic model:
 {s['synthetic_layers']} layers, hidden 2048, intermediate 5632, vocab 49152, random adapter r=16. The
 machine's 2 cores were shared with other jobs: absolute times are noisy, ratios are back to back.
 

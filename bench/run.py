@@ -186,7 +186,7 @@ def _quant_goals(r: dict) -> list[Goal]:
         for goal in m["goals"].values():
             out.append(("#16", f"{model}: {goal['label']} ≤ {goal['bound']:.2f}", f"{goal['value']:.3f}",
                         goal["met"]))
-    for graph, check in r["models"]["demo"]["parity"].items():
+    for graph, check in r["models"].get("demo", {}).get("parity", {}).items():
         if isinstance(check, dict) and not graph.startswith("fp32"):
             metrics = check["metrics"]
             detail = f"rel err {metrics['rel']:.2g}, max KL {metrics['max_kl']:.2g}" + (
