@@ -49,6 +49,7 @@ output tensor added as a graph output and comparing with PyTorch forward hooks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -895,8 +896,9 @@ def check_parity(
     return report
 
 
-__all__ = ["PRESETS", "ParityReport", "PromptResult", "Tolerance", "check_parity", "compare", "parse_tolerance",
-           "read_prompts"]
+__all__ = ["PRESETS", "AdapterIsolation", "ParityReport", "PromptResult", "Tolerance", "check_parity", "compare",
+           "heldout_loss", "parse_tolerance", "read_prompts"]
+
 
 @dataclass
 class GenaiParityReport:
@@ -953,10 +955,15 @@ def check_genai_parity(base: str, adapter: str | Path, onnx_dir: str | Path, pro
     pad = _pad_id(tokenizer, reference.config)
 
     def expected(inputs: dict[str, torch.Tensor], base_only: bool) -> list[int]:
+        """PyTorch's greedy tokens, stopping at eos as genai does (``_greedy`` forbids eos to make
+        exactly n tokens); the eos itself is dropped, since genai's sequence ends before it."""
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_beams=1, pad_token_id=pad,
+                                  eos_token_id=sorted(stops) or None)
         with torch.no_grad(), _zero_adapter(reference) if base_only else contextlib.nullcontext():
-            tokens = _greedy(reference, inputs, max_new_tokens, pad)
-        cut = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
-        return tokens[:cut]
+            tokens = reference.generate(**inputs, generation_config=config)[0, inputs["input_ids"].shape[1]:].tolist()
+        return list(itertools.takewhile(lambda t: t not in stops, tokens))
 
     model = og.Model(str(folder))
     runs: dict[str, tuple[Any, bool]] = {"graph defaults": (None, defaults == "zero")}

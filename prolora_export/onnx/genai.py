@@ -195,7 +195,8 @@ def write_genai_files(folder: Path, config) -> str:
 def genai_greedy(model, prompt_ids: list[int], max_new_tokens: int,
                  adapter: tuple[Any, str] | None = None) -> list[int]:
     """Greedy continuation of ``prompt_ids`` by an ``onnxruntime_genai.Model``, with ``adapter``
-    (an ``og.Adapters`` and the name it was loaded under) active when given; stops at eos."""
+    (an ``og.Adapters`` and the name it was loaded under) active when given; it stops at eos, which
+    the sequence does not include."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
