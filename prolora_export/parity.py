@@ -120,7 +120,7 @@ PRESETS = {
                            max_op_rel=None),
     "fp16-cuda": Tolerance(2e-2, 0.999, 0.95, 0.9, 1e-2, 0.25, layer_noise=2e-3, max_effect_rel=None,
                            max_op_rel=None),
-    # quantized bases (measured on the demo model, see the table in the module doc)
+    # quantized bases: provisional, not calibrated (see the module doc)
     "int8-cpu": Tolerance(0.1, 0.99, 0.9, 0.8, 0.05, 0.25, layer_noise=2e-2, max_effect_rel=0.1, max_op_rel=1e-4),
     "int4-cpu": Tolerance(0.3, 0.95, 0.7, 0.6, 0.3, 0.0, layer_noise=5e-2, max_effect_rel=0.3, max_op_rel=1e-4),
 }
