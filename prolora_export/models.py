@@ -28,7 +28,8 @@ DEMO_DIRNAME = "SmolLM2-135M-Instruct"
 #: what :func:`ensure_demo_model` writes; a cache marked otherwise (or unmarked) is upgraded on next use.
 #: 2: the tokenizer's eos and pad are <|im_end|>, as in the model's config (1 said <|im_start|>, no pad).
 #: 3: its tokenizer_config.json names a class transformers 4 and 5 both read.
-DEMO_VERSION = "3"
+#: 4: and says the model takes input_ids and attention_mask only (no token_type_ids).
+DEMO_VERSION = "4"
 DEMO_MARKER = ".prolora-demo-version"
 #: the tokenizer's files in the demo folder (what an upgrade rewrites)
 DEMO_TOKENIZER_FILES = {
@@ -141,6 +142,8 @@ def _save_demo_tokenizer(tokenizer, folder: str | Path) -> list[str]:
     if config_file.is_file():
         data = read_json(config_file)
         data["tokenizer_class"] = "PreTrainedTokenizerFast"  # tokenizer.json holds the whole tokenizer
+        # that class returns token_type_ids by default, which a Llama takes nowhere (generate refuses them)
+        data["model_input_names"] = ["input_ids", "attention_mask"]
         config_file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return written
 
