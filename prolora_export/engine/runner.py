@@ -52,7 +52,8 @@ class EngineRunner:
                 try:
                     self.engine.step()
                 except Exception as err:  # a failed run must not strand the waiting callers
-                    self.engine.fail_all(f"engine step failed: {type(err).__name__}: {err}")
+                    with contextlib.suppress(Exception):  # nor may failing them stop the thread
+                        self.engine.fail_all(f"engine step failed: {type(err).__name__}: {err}")
             else:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
@@ -63,6 +64,15 @@ class EngineRunner:
         self._wake.set()
         return request_id
 
+    def _get(self, events: queue.SimpleQueue) -> Event:
+        """The next event; a caller never waits on a stepping thread that is gone."""
+        while True:
+            try:
+                return events.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the engine runner's thread has stopped") from None
+
     def stream(self, request: Request) -> Iterator[Event]:
         """The request's events, blocking the calling thread between them."""
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -70,7 +80,7 @@ class EngineRunner:
         finished = False
         try:
             while not finished:
-                event = events.get()
+                event = self._get(events)
                 finished = event.finished
                 yield event
         finally:
@@ -85,7 +95,7 @@ class EngineRunner:
             self.submit(request, lambda e: done.put(e) if e.finished else None)
         results = {}
         while len(results) < len(requests):
-            event = done.get()
+            event = self._get(done)
             results[event.request_id] = event.result
         return [results[r.request_id] for r in requests]
 
