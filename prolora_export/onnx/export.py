@@ -273,23 +273,30 @@ class _RotatedShardLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
-        from torch.onnx import symbolic_helper
+        return emit_op(g, op.OP_TYPE, x, [], (a_shard, b_shard, a_unshared, b_unshared), layer_id)
 
-        layer = _EXPORTING[layer_id]
-        spec = op.OpSpec.from_geometry(layer.geometry)
-        absent = symbolic_helper._optional_input_placeholder_tensor
-        shards = [a_shard, b_shard] if spec.shared_r else [absent(g), absent(g)]
-        unshared = [a_unshared, b_unshared] if spec.unshared_r else []
-        attrs = {
-            f"{k}_{'f' if isinstance(v, float) else 'i'}": v
-            for k, v in op.node_attributes(layer.geometry, layer.scaling).items()
-        }
-        out = g.op(f"{op.DOMAIN}::{op.OP_TYPE}", x, *shards, *unshared, **attrs)
-        sizes = symbolic_helper._get_tensor_sizes(x)
-        _INPUT_RANKS.add(len(sizes) if sizes else None)
-        if sizes:  # same leading dims as X, d_out features
-            out.setType(x.type().with_sizes([*sizes[:-1], layer.geometry.out_features]))
-        return out
+
+def emit_op(g, op_type: str, x, extra: list, tensors: tuple, layer_id: int):
+    """One ``ai.prolora`` node for the layer being exported (both ops: ``extra`` inputs follow X):
+    absent shard pairs as empty optional inputs, the layer's attributes, X's leading dims kept."""
+    from torch.onnx import symbolic_helper
+
+    a_shard, b_shard, a_unshared, b_unshared = tensors
+    layer = _EXPORTING[layer_id]
+    spec = op.OpSpec.from_geometry(layer.geometry)
+    absent = symbolic_helper._optional_input_placeholder_tensor
+    shards = [a_shard, b_shard] if spec.shared_r else [absent(g), absent(g)]
+    unshared = [a_unshared, b_unshared] if spec.unshared_r else []
+    attrs = {
+        f"{k}_{'f' if isinstance(v, float) else 'i'}": v
+        for k, v in op.node_attributes(layer.geometry, layer.scaling).items()
+    }
+    out = g.op(f"{op.DOMAIN}::{op_type}", x, *extra, *shards, *unshared, **attrs)
+    sizes = symbolic_helper._get_tensor_sizes(x)
+    _INPUT_RANKS.add(len(sizes) if sizes else None)
+    if sizes:  # same leading dims as X, d_out features
+        out.setType(x.type().with_sizes([*sizes[:-1], layer.geometry.out_features]))
+    return out
 
 
 #: layers being exported, by id: an autograd Function takes tensors and plain scalars only

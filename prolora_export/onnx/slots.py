@@ -85,25 +85,9 @@ class _SlotFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, index, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
-        from torch.onnx import symbolic_helper
+        from .export import emit_op
 
-        from .export import _EXPORTING, _INPUT_RANKS
-
-        layer = _EXPORTING[layer_id]
-        spec = op.OpSpec.from_geometry(layer.geometry)
-        absent = symbolic_helper._optional_input_placeholder_tensor
-        shards = [a_shard, b_shard] if spec.shared_r else [absent(g), absent(g)]
-        unshared = [a_unshared, b_unshared] if spec.unshared_r else []
-        attrs = {
-            f"{k}_{'f' if isinstance(v, float) else 'i'}": v
-            for k, v in op.node_attributes(layer.geometry, layer.scaling).items()
-        }
-        out = g.op(f"{op.DOMAIN}::{op.SLOT_OP_TYPE}", x, index, *shards, *unshared, **attrs)
-        sizes = symbolic_helper._get_tensor_sizes(x)
-        _INPUT_RANKS.add(len(sizes) if sizes else None)
-        if sizes:
-            out.setType(x.type().with_sizes([*sizes[:-1], layer.geometry.out_features]))
-        return out
+        return emit_op(g, op.SLOT_OP_TYPE, x, [index], (a_shard, b_shard, a_unshared, b_unshared), layer_id)
 
 
 @contextlib.contextmanager
