@@ -190,18 +190,17 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     scale = b.attr("scaling", "value_float", onnx.AttributeProto.FLOAT)
     body = _expand_body if spec.body == "expand" else _route_body
     out = body(b, spec, scale, x, a0, b0, au, bu)
+    return _function(b, spec, out, OP_TYPE, INPUTS, opset)
+
+
+def _function(b, spec: OpSpec, out: str, op_type: str, inputs, opset: int) -> onnx.FunctionProto:
+    """The FunctionProto of either op: the body's output (cast back to X's type when the body
+    computed in fp32) as Y."""
     if spec.upcast:
-        out = b.op("CastLike", out, INPUTS[0])
+        out = b.op("CastLike", out, inputs[0])
     b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
-    return helper.make_function(
-        DOMAIN,
-        OP_TYPE,
-        list(INPUTS),
-        ["Y"],
-        b.nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(ATTRIBUTES),
-    )
+    return helper.make_function(DOMAIN, op_type, list(inputs), ["Y"], b.nodes,
+                                opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))
 
 
 def _route_body(b: _Body, spec: OpSpec, scale: str, x: str, a0: str, b0: str, au: str, bu: str) -> str:
@@ -334,18 +333,7 @@ def _slot_function(spec: OpSpec, opset: int) -> onnx.FunctionProto:
     out = parts[0] if len(parts) == 1 else b.op("Add", *parts)
     if not three:  # back to X's leading dims
         out = b.op("Reshape", out, b.op("Concat", b.op("Shape", x, end=-1), b.const([-1]), axis=0))
-    if spec.upcast:
-        out = b.op("CastLike", out, SLOT_INPUTS[0])
-    b.nodes.append(helper.make_node("Identity", [out], ["Y"]))
-    return helper.make_function(
-        DOMAIN,
-        SLOT_OP_TYPE,
-        list(SLOT_INPUTS),
-        ["Y"],
-        b.nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(ATTRIBUTES),
-    )
+    return _function(b, spec, out, SLOT_OP_TYPE, SLOT_INPUTS, opset)
 
 
 def make_node(x: str, y: str, prefix: str, spec: OpSpec, g: ShardGeometry, scaling: float) -> onnx.NodeProto:
