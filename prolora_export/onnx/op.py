@@ -180,17 +180,21 @@ def build_function(spec: OpSpec, opset: int = MIN_OPSET) -> onnx.FunctionProto:
     if spec.slots:
         return _slot_function(spec, opset)
     b = _Body()
-    x, a0, b0, au, bu = INPUTS
-    if spec.upcast:
-        present = (True, spec.shared_r, spec.shared_r, spec.unshared_r, spec.unshared_r)
-        x, a0, b0, au, bu = (
-            b.op("Cast", name, to=TensorProto.FLOAT) if used else name
-            for name, used in zip(INPUTS, present, strict=True)
-        )
+    x, a0, b0, au, bu = _computed_inputs(b, spec)
     scale = b.attr("scaling", "value_float", onnx.AttributeProto.FLOAT)
     body = _expand_body if spec.body == "expand" else _route_body
     out = body(b, spec, scale, x, a0, b0, au, bu)
     return _function(b, spec, out, OP_TYPE, INPUTS, opset)
+
+
+def _computed_inputs(b, spec: OpSpec) -> tuple[str, ...]:
+    """X and the shard inputs as the body computes with them: cast to fp32 for an fp16 graph
+    (absent shard pairs stay empty names)."""
+    if not spec.upcast:
+        return INPUTS
+    present = (True, spec.shared_r, spec.shared_r, spec.unshared_r, spec.unshared_r)
+    return tuple(b.op("Cast", name, to=TensorProto.FLOAT) if used else name
+                 for name, used in zip(INPUTS, present, strict=True))
 
 
 def _function(b, spec: OpSpec, out: str, op_type: str, inputs, opset: int) -> onnx.FunctionProto:
@@ -286,13 +290,8 @@ def _slot_function(spec: OpSpec, opset: int) -> onnx.FunctionProto:
     slots zeroed. Batched MatMuls then do what the single-adapter body does per row.
     """
     b = _Body()
-    x, index, a0, b0, au, bu = SLOT_INPUTS
-    if spec.upcast:
-        present = (True, spec.shared_r, spec.shared_r, spec.unshared_r, spec.unshared_r)
-        x, a0, b0, au, bu = (
-            b.op("Cast", name, to=TensorProto.FLOAT) if used else name
-            for name, used in zip(INPUTS, present, strict=True)
-        )
+    index = SLOT_INPUTS[1]
+    x, a0, b0, au, bu = _computed_inputs(b, spec)
     scale = b.attr("scaling", "value_float", onnx.AttributeProto.FLOAT)
     slot = b.op("Max", index, b.const(0))  # −1 reads slot 0, then gets weight 0
     live = b.op("CastLike", b.op("GreaterOrEqual", index, b.const(0)), x)
