@@ -110,3 +110,13 @@ def truncate(name: str) -> Callable[[Path], None]:
         (folder / name).write_bytes(raw[: len(raw) // 2])
 
     return edit
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared machine: torch's thread pool oversubscribed makes them many times
+    slower, so a module can run on one thread (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
