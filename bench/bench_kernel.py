@@ -9,13 +9,18 @@ Models: the demo model (SmolLM2-135M, hidden 576, 30 blocks) in fp32 and with an
 Adapters as in bench_onnx: PRoLoRA r=8, u=1, m=n=2 on all seven linear layers of every block, and for
 plain LoRA a u = r = 8 adapter exported compact (every layer x·A_uᵀ·B_uᵀ, run by its function body).
 Graphs: ``kernel`` = the compact export with the native kernel registered, ``function`` = the same file
-without it (its function body runs), ``merged``, ``plain_lora``.
+without it (its function body runs), ``merged``, ``plain_lora``, and ``null``: the compact export with a
+variant of the library built with ``PROLORA_NULL_KERNEL`` (Y = 0, shards never read), which prices the node
+itself (ONNX Runtime dispatching one more node and its Add, allocating Y) apart from the kernel's work.
 
 Method: one process; every session has intra_op_num_threads=1, so ONNX Runtime computes on the calling
 thread and each call is timed by that thread's CPU time (``time.thread_time``): on this shared 2-core
 machine wall time mostly measures the other jobs. Graphs alternate call by call within each round
-(bench_onnx.latency); medians. Decode is one new token after 32/128/512 past tokens, prefill a prompt of
-32/128/512 tokens; goals are stated at 128 (bench_onnx's headline length).
+(bench_onnx.latency). Where a session's weights land in memory moves its speed by several % (measured:
+the first of two identical sessions created is 3–9 % slower than the second, whatever the graph), so the
+sessions are made in rotated orders, each graph taking each creation position once; a graph's figure is
+the mean over the rotations of its median. Decode is one new token after 32/128/512 past tokens, prefill a
+prompt of 32/128/512 tokens; goals are stated at 128 (bench_onnx's headline length).
 
 Arithmetic floor: an adapted layer's extra work is r·(d_in + d_out) multiply-adds per token against
 d_in·d_out for its base; ``floor`` = 1 + adapter MACs / base MACs (all linear layers, lm_head and the
@@ -29,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,15 +51,16 @@ from bench_onnx import PHASES, latency, random_adapter  # noqa: E402
 
 from prolora_export import native  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
+from prolora_export.native.build import build as build_library  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.runtime import inference_session  # noqa: E402
+from prolora_export.runtime import inference_session, session_options  # noqa: E402
 
 HEADLINE = 128
 LENGTHS = {False: (32, 128, 512), True: (32, 128)}
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 2}
-#: session name -> (export folder, kernel choice)
+#: session name -> (export folder, kernel choice; "null": the PROLORA_NULL_KERNEL library)
 GRAPHS = {"kernel": ("compact", "native"), "function": ("compact", "function"), "merged": ("merged", "function"),
-          "plain_lora": ("plain_lora", "function")}
+          "plain_lora": ("plain_lora", "function"), "null": ("compact", "null")}
 SYNTHETIC = ["--hidden", "2048", "--intermediate", "5632", "--heads", "16", "--kv-heads", "4", "--layers", "2",
              "--vocab", "4096", "--dtype", "fp32"]
 #: (model, phase, peer) -> issue 19's bound on kernel / peer at HEADLINE tokens
@@ -114,21 +121,34 @@ def call_plan(phase: str, length: int, quick: bool) -> tuple[int, int]:
     return max(3, min(20, (384 if quick else 1536) // length)), 1
 
 
-def measure(folders: dict[str, Path], suffix: str, quick: bool) -> dict:
-    """CPU ms of the four graphs (medians), per phase and length."""
-    sessions = {name: inference_session(folders[folder + suffix], threads=1, kernel=kernel)
-                for name, (folder, kernel) in GRAPHS.items()}
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for phase, (_, _, tokens) in PHASES.items():
-        out[phase] = {}
-        for n in LENGTHS[quick]:
-            rounds, per_round = call_plan(phase, n, quick)
-            print(f"    {phase} at {n} ({rounds * per_round} calls each) …", flush=True)
-            medians = latency(sessions, *tokens(n), rounds, per_round, clock=time.thread_time)
-            out[phase][str(n)] = {name: v * 1e3 for name, v in medians.items()}
-    del sessions
-    gc.collect()
-    return out
+def make_session(folder: Path, kernel: str, null_library: Path):
+    if kernel != "null":
+        return inference_session(folder, threads=1, kernel=kernel)
+    options = session_options("cpu", threads=1, kernel="function")
+    options.register_custom_ops_library(str(null_library))
+    return inference_session(folder, options=options)
+
+
+def measure(folders: dict[str, Path], suffix: str, quick: bool, null_library: Path) -> dict:
+    """CPU ms of the graphs per phase and length: each rotation of the creation order measured in turn
+    (a share of the calls each), the mean over rotations of each graph's median."""
+    names = list(GRAPHS)
+    medians: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for shift in range(len(names)):
+        order = names[shift:] + names[:shift]
+        print(f"    sessions in the order {', '.join(order)} …", flush=True)
+        sessions = {name: make_session(folders[GRAPHS[name][0] + suffix], GRAPHS[name][1], null_library)
+                    for name in order}
+        for phase, (_, _, tokens) in PHASES.items():
+            for n in LENGTHS[quick]:
+                rounds, per_round = call_plan(phase, n, quick)
+                rounds = -(-rounds // len(names))
+                got = latency(sessions, *tokens(n), rounds, per_round, clock=time.thread_time)
+                medians.setdefault(phase, {}).setdefault(str(n), []).append(got)
+        del sessions
+        gc.collect()
+    return {phase: {n: {name: 1e3 * statistics.fmean(m[name] for m in runs) for name in names}
+                    for n, runs in by_length.items()} for phase, by_length in medians.items()}
 
 
 def derived(ms: dict, cfg: dict) -> dict:
@@ -144,6 +164,7 @@ def derived(ms: dict, cfg: dict) -> dict:
                 "kernel_vs_merged": row["kernel"] / row["merged"],
                 "kernel_vs_plain_lora": row["kernel"] / row["plain_lora"],
                 "kernel_vs_function": row["kernel"] / row["function"],
+                "null_vs_merged": row["null"] / row["merged"],
                 "function_vs_merged": row["function"] / row["merged"],
                 "floor": 1 + share,
                 "excess_over_floor": (row["kernel"] - row["merged"]) / (row["merged"] * share),
@@ -156,6 +177,9 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     status = native.build_status() or {}
     if native.library_path() is None:
         raise SystemExit(f"no native kernel to measure: {native.unavailable_reason()}")
+    null_library, line = build_library(work / "null-kernel", defines=("PROLORA_NULL_KERNEL",))
+    if null_library is None:
+        raise SystemExit(line)
     synthetic = work / "synthetic-2048"
     if not (reuse and (synthetic / "config.json").is_file()):
         print("synthetic checkpoint …", flush=True)
@@ -164,14 +188,15 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     models = {"demo": (ensure_demo_model(quiet=True), True), "synthetic-2048": (synthetic, False)}
     results: dict = {"models": {}, "settings": {"quick": quick, "lengths": list(LENGTHS[quick]), "threads": 1,
                                                  "clock": "thread CPU time", "headline_length": HEADLINE,
-                                                 "adapter": HYPER, "library": status}}
+                                                 "adapter": HYPER, "library": status,
+                                                 "load_average_at_start": os.getloadavg()[0]}}
     for name, (base, int4) in models.items():
         print(f"{name} …", flush=True)
         cfg = config_of(base)
         folders = prepare(work, name, base, int4, reuse)
         for suffix, dtype in (("", "fp32"), ("_int4", "int4")) if int4 else (("", "fp32"),):
             print(f"  latency {name} {dtype} …", flush=True)
-            ms = measure(folders, suffix, quick)
+            ms = measure(folders, suffix, quick, null_library)
             results["models"][f"{name} {dtype}"] = {
                 "model": name, "dtype": dtype, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
                 "ms": ms, "ratios": derived(ms, cfg),
@@ -185,6 +210,7 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     for goal in results["goals"].values():
         goal["met"] = goal["measured"] <= goal["bound"]
     results["settings"]["wall_s"] = time.perf_counter() - started
+    results["settings"]["load_average_at_end"] = os.getloadavg()[0]
     return results
 
 
@@ -192,34 +218,37 @@ def markdown(r: dict, command: str) -> str:
     lines = [
         "# Native RotatedShardLoRA kernel (issue 19)", "",
         f"`{command}`: ONNX Runtime CPU, one intra-op thread, thread CPU time per call, medians of calls "
-        "interleaved across the four graphs in one process (bench/bench_kernel.py's docstring has the method). "
-        "kernel = compact export + native kernel; function = the same file, function body; merged; plain LoRA "
-        "= a u = r compact export (MatMul·MatMul). PRoLoRA r=8, u=1, m=n=2 on all seven projections.", "",
+        "interleaved across the graphs in one process, sessions created in every rotated order "
+        "(bench/bench_kernel.py's docstring has the method). kernel = compact export + native kernel; "
+        "function = the same file, function body; merged; plain LoRA = a u = r compact export (MatMul·MatMul); "
+        "null = the compact export with a kernel that only writes Y = 0 (the node's own cost). PRoLoRA r=8, "
+        "u=1, m=n=2 on all seven projections.", "",
         "## Goals (at 128 tokens)", "", "| goal | bound | measured | met |", "|---|---|---|---|",
     ]
     for key, g in r["goals"].items():
         lines.append(f"| {key} | ≤ {g['bound']:.2f}× | {g['measured']:.3f}× | {'yes' if g['met'] else 'no'} |")
     for key, m in r["models"].items():
         lines += ["", f"## {key} (hidden {m['hidden']}, {m['layers']} blocks)", "",
-                  "| phase | tokens | kernel ms | function ms | merged ms | plain LoRA ms | kernel/merged | "
-                  "kernel/plain | kernel/function | floor | excess over floor |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| phase | tokens | kernel ms | function ms | merged ms | plain LoRA ms | null ms | kernel/merged | "
+                  "null/merged | kernel/plain | kernel/function | floor | excess over floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for phase, by_length in m["ms"].items():
             for n, row in by_length.items():
                 q = m["ratios"][phase][n]
                 lines.append(
                     f"| {phase} | {n} | {row['kernel']:.2f} | {row['function']:.2f} | {row['merged']:.2f} | "
-                    f"{row['plain_lora']:.2f} | {q['kernel_vs_merged']:.3f}× | {q['kernel_vs_plain_lora']:.3f}× | "
+                    f"{row['plain_lora']:.2f} | {row['null']:.2f} | {q['kernel_vs_merged']:.3f}× | "
+                    f"{q['null_vs_merged']:.3f}× | {q['kernel_vs_plain_lora']:.3f}× | "
                     f"{q['kernel_vs_function']:.3f}× | {q['floor']:.4f}× | {q['excess_over_floor']:.1f}× |")
     s = r["settings"]
     lines += ["", f"Lengths {s['lengths']}; run took {s['wall_s'] / 60:.1f} min. Decode tokens = past length, "
               "prefill tokens = prompt length. floor = 1 + adapter MACs / base MACs; excess over floor = "
               "(kernel − merged) / (merged × adapter MACs / base MACs).", "",
-              "Reading the numbers: the machine was shared with other jobs (load average ≈ 12 on 2 cores). CPU "
-              "time removes the waiting but not the cache and memory-bandwidth contention, so ratios carry a few "
-              "% of noise; a ratio below 1.0 against merged (the compact graph does strictly more work) or a "
-              "plain-LoRA graph faster than merged measures that noise, not the graphs. Decoding at hidden 2048 "
-              "reads 0.4 GB of weights per token and is the most exposed; a 1 % goal cannot be resolved there.",
+              f"Reading the numbers: load average {s['load_average_at_start']:.1f} at the start and "
+              f"{s['load_average_at_end']:.1f} at the end (2 cores). CPU time removes the waiting but not the cache "
+              "and memory-bandwidth contention, so ratios carry a few % of noise; a ratio below 1.0 against merged "
+              "(the compact graph does strictly more work) measures that noise, not the graphs. Decoding at hidden "
+              "2048 reads 0.4 GB of weights per token and is the most exposed; a 1 % goal cannot be resolved there.",
               ""]
     return "\n".join(lines)
 

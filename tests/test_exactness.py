@@ -123,8 +123,9 @@ def test_default_adapter_zero_refused_for_merged_export(llama: dict[str, Path], 
 @pytest.mark.parametrize(
     "extra, fragment",
     [
-        (["--block-size", "64"], "--block-size applies only to --quantize int4"),
-        (["--quantize", "int8", "--accuracy-level", "4"], "--accuracy-level applies only to --quantize int4"),
+        (["--block-size", "64"], "--block-size applies only to --quantize int4 or int8"),
+        (["--accuracy-level", "4"], "--accuracy-level applies only to --quantize int4 or int8"),
+        (["--quantize", "int8", "--int8-modules", "v_proj"], "--int8-modules applies only to --quantize int4"),
         (["--mode", "compact", "--slots", "--default-adapter", "zero"], "--default-adapter applies only to --mode "
                                                                         "compact without --slots"),
         (["--default-adapter", "adapter"], "--default-adapter applies only to --mode compact"),
@@ -138,8 +139,8 @@ def test_onnx_options_of_another_mode_are_refused(llama: dict[str, Path], tmp_pa
 
 
 def test_quantize_int4_options_are_refused_with_int8(tmp_path: Path) -> None:
-    args = ["quantize", str(tmp_path), "--out", str(tmp_path / "q"), "--bits", "8", "--block-size", "64"]
-    assert "--block-size applies only to --bits 4" in one_line_error(CliRunner().invoke(main, args))
+    args = ["quantize", str(tmp_path), "--out", str(tmp_path / "q"), "--bits", "8", "--int8-modules", "v_proj"]
+    assert "--int8-modules applies only to --bits 4" in one_line_error(CliRunner().invoke(main, args))
 
 
 def test_slot_export_refuses_zero_defaults(llama: dict[str, Path], tmp_path: Path) -> None:

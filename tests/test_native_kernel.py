@@ -400,11 +400,12 @@ def test_build_refuses_a_tarball_with_the_wrong_hash(tmp_path):
 
 def test_the_package_library_matches_its_source():
     """The library in the package was built from the current source (the build's fingerprint)."""
-    from prolora_export.native.build import compiler, fingerprint
+    from prolora_export.native.build import FLAGS, compiler, fingerprint
 
     status = native.build_status()
     assert status is not None and status["built"] is True
-    assert status["fingerprint"] == fingerprint(compiler()), "stale library: run python -m prolora_export.native.build"
+    stale = "stale library: run python -m prolora_export.native.build"
+    assert status["fingerprint"] == fingerprint(compiler(), FLAGS), stale
 
 
 def test_parity_checks_either_kernel(compact):

@@ -100,7 +100,7 @@ def test_cli_quantizes_both_modes(tiny, command, mode, bits):
     out = tiny["root"] / f"cli-{command}-{mode}-{bits}"
     if command == "onnx":
         args = ["onnx", "--base", str(tiny["base"]), "--adapter", str(tiny["a0"]), "--mode", mode, "--out", str(out),
-                "--quantize", f"int{bits}", *(["--block-size", "32", "--accuracy-level", "4"] if bits == 4 else [])]
+                "--quantize", f"int{bits}", "--block-size", "32", "--accuracy-level", "4"]
     else:
         args = ["quantize", str(tiny[mode]), "--out", str(out), "--bits", str(bits)]
     result = CliRunner().invoke(cli, args)
@@ -136,6 +136,32 @@ def test_two_adapters_switch_on_an_int4_graph(tiny):
     for mine, other in ((0, 1), (1, 0)):
         assert rel(effects[mine], wanted[mine]) < 0.35
         assert rel(effects[mine], wanted[other]) > 1.0
+
+
+def test_int8_modules_stay_at_eight_bits_in_an_int4_graph(tiny):
+    """A mixed graph: exactly the named projections' MatMuls are 8-bit MatMulNBits, every other base MatMul 4-bit,
+    the adapter untouched; the 8-bit layers bring the logits closer to PyTorch than pure int4."""
+    modules = ("v_proj", "down_proj")
+    folder = quantize_onnx(tiny["compact"], tiny["root"] / "mixed", bits=4, int8_modules=modules).out
+    check_quantized_folder(folder, 4, True, tiny["a0"])
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    named = {name for name in bits if set(modules) & set(name.split("/"))}
+    assert len(named) == 2 * 2  # two layers of the tiny Llama
+    assert all(bits[name] == (8 if name in named else 4) for name in bits)
+    pure = quantize_onnx(tiny["compact"], tiny["root"] / "pure", bits=4).out
+    want = torch_logits(tiny["base"], tiny["a0"])
+    errors = []
+    for path in (folder, pure):
+        sess = inference_session(path)
+        errors.append(rel(sess.run(["logits"], decoder_feeds(sess, IDS))[0], want))
+    assert errors[0] < errors[1]
+
+
+def test_an_unknown_int8_module_is_refused(tiny, tmp_path):
+    with pytest.raises(PRoLoRAError, match="no MatMul of module 'v_prj'"):
+        quantize_onnx(tiny["merged"], tmp_path / "typo", bits=4, int8_modules=("v_proj", "v_prj"))
+    assert not (tmp_path / "typo").exists()
 
 
 def parity(tiny, folder: Path, *extra: str) -> tuple[int, str, dict]:

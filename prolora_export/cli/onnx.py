@@ -4,9 +4,9 @@ import click
 
 from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES
 from ..onnx.op import BODIES
-from ..onnx.quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, export_quantized
+from ..onnx.quantize import QUANTIZE, export_quantized
 from . import trust_remote_code_option
-from .options import adapter_read_options
+from .options import adapter_read_options, quantization_options
 from .types import refuse_inapplicable
 
 
@@ -42,17 +42,15 @@ from .types import refuse_inapplicable
                    "(-1: none); served by prolora_export.engine.")
 @click.option("--quantize", type=click.Choice(list(QUANTIZE)), default="none", show_default=True,
               help="Quantize the base weights with ONNX Runtime's quantizers (as `prolora-export quantize`): "
-                   "int4 MatMulNBits + int4 embedding, or int8 dynamic MatMul; the adapter stays fp32 and switchable.")
-@click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
-              help="int4: weights per scale along K (a power of two ≥ 16).")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=DEFAULT_ACCURACY_LEVEL, show_default=True,
-              help="int4: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
+                   "int4 (MatMulNBits + int4 embedding) or int8 (8-bit MatMulNBits); the adapter stays fp32 and "
+                   "switchable.")
+@quantization_options
 @click.option("--validate", is_flag=True, help="Also run optimum's output check (atol 1e-5, strict for fp32).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @adapter_read_options
 @trust_remote_code_option
 def command(base, adapter, mode, out, task, dtype, device, opset, default_adapter, op_body, slots, quantize,
-            block_size, accuracy_level, validate, force, read_options) -> None:
+            block_size, accuracy_level, int8_modules, validate, force, read_options) -> None:
     """Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).
 
     The folder loads with optimum.onnxruntime.ORTModelForCausalLM (decoders, exported
@@ -60,14 +58,15 @@ def command(base, adapter, mode, out, task, dtype, device, opset, default_adapte
     ORTModelForSequenceClassification (encoders).
     """
     refuse_inapplicable({
-        "block_size": (quantize == "int4", "--quantize int4"),
-        "accuracy_level": (quantize == "int4", "--quantize int4"),
+        "block_size": (quantize != "none", "--quantize int4 or int8"),
+        "accuracy_level": (quantize != "none", "--quantize int4 or int8"),
+        "int8_modules": (quantize == "int4", "--quantize int4"),
         "default_adapter": (mode == "compact" and not slots, "--mode compact without --slots"),
     })
     report, quantized = export_quantized(
-        base, list(adapter), out, quantize, block_size, accuracy_level, force=force, mode=mode, task=task,
-        dtype=dtype, device=device, opset=opset, default_adapter=default_adapter, validate=validate,
-        op_body=op_body, slots=slots, read_options=read_options)
+        base, list(adapter), out, quantize, block_size, accuracy_level, force=force, int8_modules=int8_modules,
+        mode=mode, task=task, dtype=dtype, device=device, opset=opset, default_adapter=default_adapter,
+        validate=validate, op_body=op_body, slots=slots, read_options=read_options)
     click.echo(report.summary())
     if quantized is not None:
         click.echo(quantized.summary())

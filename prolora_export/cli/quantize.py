@@ -2,7 +2,8 @@
 
 import click
 
-from ..onnx.quantize import ACCURACY_LEVELS, BITS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, quantize_onnx
+from ..onnx.quantize import BITS, quantize_onnx
+from .options import quantization_options
 from .types import refuse_inapplicable
 
 
@@ -11,16 +12,10 @@ from .types import refuse_inapplicable
 @click.option("--out", required=True, type=click.Path(), help="Output folder (config and tokenizer copied).")
 @click.option("--bits", type=click.Choice([str(b) for b in BITS]), default="4", show_default=True,
               help="4: MatMulNBits (blockwise int4 weights) and an int4 GatherBlockQuantized embedding. "
-                   "8: quantize_dynamic (int8 weights per column, activations quantized per call); "
-                   "the embedding stays fp32.")
-@click.option("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, show_default=True,
-              help="int4: weights per scale along K (a power of two ≥ 16); smaller is more accurate and larger.")
-@click.option("--accuracy-level", type=click.IntRange(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)),
-              default=DEFAULT_ACCURACY_LEVEL, show_default=True,
-              help="int4: compute type of MatMulNBits' activations: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
-                   "(fastest on CPU).")
+                   "8: MatMulNBits with 8-bit blocks; the embedding stays fp32.")
+@quantization_options
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def command(onnx_dir, out, bits, block_size, accuracy_level, force) -> None:
+def command(onnx_dir, out, bits, block_size, accuracy_level, int8_modules, force) -> None:
     """Quantize the base weights of ONNX_DIR (a merged or compact export) with ONNX Runtime's own quantizers.
 
     \b
@@ -30,7 +25,7 @@ def command(onnx_dir, out, bits, block_size, accuracy_level, force) -> None:
     excluded by name and checked byte for byte afterwards), norms, attention.
     onnx-adapter files made for the fp32 compact export apply to the result unchanged.
     """
-    refuse_inapplicable({"block_size": (bits == "4", "--bits 4"), "accuracy_level": (bits == "4", "--bits 4")})
+    refuse_inapplicable({"int8_modules": (bits == "4", "--bits 4")})
     report = quantize_onnx(onnx_dir, out, bits=int(bits), block_size=block_size, accuracy_level=accuracy_level,
-                           force=force)
+                           int8_modules=int8_modules, force=force)
     click.echo(report.summary())

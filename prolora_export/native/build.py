@@ -114,9 +114,9 @@ def compiler() -> str:
     return path
 
 
-def fingerprint(cxx: str) -> str:
+def fingerprint(cxx: str, flags: list[str]) -> str:
     """What the library depends on: source, flags, compiler and headers version."""
-    return hashlib.sha256("\n".join([sha256(SOURCE), " ".join(FLAGS), cxx, HEADERS_VERSION]).encode()).hexdigest()
+    return hashlib.sha256("\n".join([sha256(SOURCE), " ".join(flags), cxx, HEADERS_VERSION]).encode()).hexdigest()
 
 
 def write_status(out: Path, status: dict) -> None:
@@ -125,8 +125,11 @@ def write_status(out: Path, status: dict) -> None:
     os.replace(tmp, out / STATUS_NAME)
 
 
-def build(out: Path = HERE, cache: Path | None = None, force: bool = False) -> tuple[Path | None, str]:
-    """Build the library into ``out``: (its path, one line) or (None, the reason it fell back)."""
+def build(out: Path = HERE, cache: Path | None = None, force: bool = False,
+          defines: tuple[str, ...] = ()) -> tuple[Path | None, str]:
+    """Build the library into ``out``: (its path, one line) or (None, the reason it fell back).
+    ``defines``: preprocessor symbols of a measurement variant (bench/bench_kernel.py's null kernel)."""
+    flags = [*FLAGS, *(f"-D{d}" for d in defines)]
     out.mkdir(parents=True, exist_ok=True)
     library = out / LIBRARY_NAME
     try:
@@ -135,13 +138,13 @@ def build(out: Path = HERE, cache: Path | None = None, force: bool = False) -> t
         cxx = compiler()
         if not SOURCE.is_file():  # an install that did not ship the C++ source (package data)
             raise Fallback(f"the kernel source {SOURCE.name} is not installed")
-        key = fingerprint(cxx)
+        key = fingerprint(cxx, flags)
         previous = _status(out)
         if not force and library.is_file() and previous.get("built") and previous.get("fingerprint") == key:
             return library, f"native kernel up to date: {library}"
         include = headers(cache or default_cache())
         tmp = out / f".{LIBRARY_NAME}.tmp"
-        cmd = [cxx, *FLAGS, "-I", str(include), str(SOURCE), "-o", str(tmp)]
+        cmd = [cxx, *flags, "-I", str(include), str(SOURCE), "-o", str(tmp)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -156,7 +159,7 @@ def build(out: Path = HERE, cache: Path | None = None, force: bool = False) -> t
         write_status(out, {"built": False, "reason": str(why)})
         return None, f"native kernel not built, the ONNX function body will be used: {why}"
     write_status(out, {"built": True, "library": library.name, "fingerprint": key, "compiler": cxx,
-                       "headers": f"{HEADERS_PACKAGE}@{HEADERS_VERSION} (sha256 {HEADERS_SHA256})", "flags": FLAGS})
+                       "headers": f"{HEADERS_PACKAGE}@{HEADERS_VERSION} (sha256 {HEADERS_SHA256})", "flags": flags})
     return library, f"native kernel built: {library}"
 
 

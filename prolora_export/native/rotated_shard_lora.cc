@@ -408,6 +408,16 @@ struct Kernel {
     }
   }
 
+  // Y = 0 in X's shape with the last dimension out_features (the null kernel's output)
+  void write_zeros(Ort::KernelContext& ctx) const {
+    Dims dims(ctx.GetInput(0));
+    dims.d[dims.rank - 1] = attrs.d_out;
+    int64_t size = 1;
+    for (size_t i = 0; i < dims.rank; ++i) size *= dims.d[i];
+    T* y = ctx.GetOutput(0, dims.d, dims.rank).GetTensorMutableData<T>();
+    std::fill(y, y + size, T(0.0f));
+  }
+
   // a shard's shape: (rows, cols), after the slot axis for a slot graph (K must agree between shards)
   static void expect(const Dims& dims, const char* name, int64_t rows, int64_t cols, int64_t& slots) {
     const bool ok = dims.rank == kShardRank && dims.d[kShardRank - 2] == rows && dims.d[kShardRank - 1] == cols &&
@@ -426,6 +436,11 @@ struct Kernel {
     thread_local std::vector<int64_t> position_buf;
     thread_local std::vector<Prepared> prepared_buf;
     Ort::KernelContext ctx(context);
+#ifdef PROLORA_NULL_KERNEL
+    // a measurement variant (bench/bench_kernel.py): Y = 0 without reading the shards, so that the node's own
+    // cost (ONNX Runtime's dispatch of one more node, Y's allocation) can be told from the kernel's work
+    return write_zeros(ctx);
+#endif
     const size_t count = ctx.GetInputCount();
     auto input = [&](size_t i) { return i < count ? ctx.GetInput(i) : Ort::ConstValue{nullptr}; };
     Ort::ConstValue x = input(0), a0 = input(kFirstShard), b0 = input(kFirstShard + 1),

@@ -12,11 +12,17 @@ What is quantized, what stays float:
   token embedding ``Gather`` becomes ``com.microsoft::GatherBlockQuantized`` (4-bit, blocks along
   the hidden axis): otherwise the fp32 table alone keeps a 135M model's folder above 0.3× its
   fp32 size (SmolLM2's 49152×576 table is 113 MB of its 540 MB).
-* ``bits=8``: ``onnxruntime.quantization.quantize_dynamic`` (weights int8 per column, activations
-  quantized per call: ``DynamicQuantizeLinear`` + ``MatMulInteger``), for ``MatMul`` with a constant
-  weight only (``MatMulConstBOnly``: attention's activation × activation products stay float).
-  The embedding ``Gather`` stays fp32: ORT's dynamic Gather quantization is one scale for the
-  whole table (per tensor), too coarse for embeddings whose rows differ in scale.
+* ``bits=8``: the same quantizer with 8-bit blocks (``MatMulNBits`` with ``bits=8``: weights int8 in
+  blocks of ``block_size`` along K, activations as ``accuracy_level`` says). Not ``quantize_dynamic``
+  (``MatMulInteger``): its activations get ONE scale per call, which SmolLM2's few huge activations
+  ruin (demo model + demo adapter: held-out loss 3.9x fp32, against 1.01x for 8-bit blocks;
+  bench/QUANT-SENSITIVITY.md). The
+  embedding ``Gather`` stays fp32 (ORT's block quantizer does Gather in 4 bits only).
+* mixed (``bits=4`` with ``int8_modules``): the projections named there (a path component of the
+  MatMul's node name: ``v_proj`` matches ``/model/layers.3/self_attn/v_proj/MatMul``) get 8-bit blocks,
+  the rest 4-bit, as llama.cpp's Q4_K_M keeps some tensors at more bits. :data:`SENSITIVE_MODULES` were
+  picked with a random adapter (v_proj, down_proj, o_proj cost most there); with the trained demo adapter
+  the costliest at 4 bits alone are v_proj, down_proj, up_proj, q_proj (bench/QUANT-SENSITIVITY.md).
 * Float, always: norms, rotary tables, attention products, and every tensor of the adapter path.
   The adapter path is protected by name, not by how the quantizer walks the graph: every
   initializer that is also a graph input (that is what makes it overridable by an ONNX Runtime
@@ -54,12 +60,15 @@ from . import op
 #: CLI spelling -> bits (None: no quantization)
 QUANTIZE = {"none": None, "int8": 8, "int4": 4}
 BITS = (4, 8)
+#: projections an int4 graph keeps at int8 with --int8-modules (module doc): on the demo model 0.245x the fp32
+#: folder instead of 0.207x, held-out loss 1.76x fp32 instead of 2.27x (bench/QUANT.md)
+SENSITIVE_MODULES = ("v_proj", "o_proj", "down_proj")
 DEFAULT_BLOCK_SIZE = 32
 #: MatMulNBits ``accuracy_level``: 0 unset (= fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 4
-#: ops the quantizers leave behind, by bits: how a quantized folder is recognised
-QUANTIZED_OPS = {4: ("MatMulNBits", "GatherBlockQuantized"), 8: ("MatMulInteger", "DynamicQuantizeLinear")}
+#: ops a quantized graph holds (MatMulInteger: int8 graphs of earlier versions, quantize_dynamic)
+QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger")
 DATA_FILE = "model.onnx_data"
 TWO_GB = 2**31
 
@@ -70,9 +79,10 @@ class QuantizeReport:
 
     out: Path
     bits: int
-    block_size: int | None
-    accuracy_level: int | None
-    quantized: dict[str, int]  # op type written -> count
+    block_size: int
+    accuracy_level: int
+    int8_modules: tuple[str, ...]
+    quantized: dict[str, int]  # op type written (MatMulNBits by bits) -> count
     protected_tensors: int
     protected_nodes: int
     bytes_before: int
@@ -83,7 +93,9 @@ class QuantizeReport:
 
     def summary(self) -> str:
         ops = ", ".join(f"{n} {k}" for k, n in sorted(self.quantized.items()))
-        settings = f"block {self.block_size}, accuracy level {self.accuracy_level}" if self.bits == 4 else "dynamic"
+        settings = f"block {self.block_size}, accuracy level {self.accuracy_level}"
+        if self.int8_modules:
+            settings += f", int8: {', '.join(self.int8_modules)}"
         return (
             f"int{self.bits} ({settings}): {ops}; embeddings {self.embeddings}; {self.protected_tensors} adapter "
             f"tensors kept float and overridable ({self.protected_nodes} nodes excluded); "
@@ -92,13 +104,15 @@ class QuantizeReport:
         )
 
 
+def _nbits(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "bits"), 4)
+
+
 def quantized_bits(graph: onnx.GraphProto) -> int | None:
-    """4 or 8 when the graph holds the ops our quantizers write, else None (a float graph)."""
-    ops = {n.op_type for n in graph.node}
-    for node in graph.node:
-        if node.op_type == "MatMulNBits":
-            return next((a.i for a in node.attribute if a.name == "bits"), 4)
-    return 8 if ops & set(QUANTIZED_OPS[8]) else None
+    """The fewest bits of the graph's quantized weights (4 for a mixed int4/int8 graph), None for a float graph."""
+    bits = {_nbits(n) if n.op_type == "MatMulNBits" else 4 if n.op_type == "GatherBlockQuantized" else 8
+            for n in graph.node if n.op_type in QUANTIZED_OPS}
+    return min(bits, default=None)
 
 
 def adapter_tensor_names(graph: onnx.GraphProto) -> set[str]:
@@ -141,19 +155,8 @@ def _fingerprint(model: onnx.ModelProto, names: set[str]) -> dict:
     nodes = sorted(n.SerializeToString(deterministic=True) for n in graph.node if n.domain == op.DOMAIN)
     # what the adapter files are checked against (onnx.adapters: the geometry record and its fingerprint)
     metadata = sorted((p.key, p.value) for p in model.metadata_props if p.key.startswith("prolora."))
-    return {"tensors": tensors, "nodes": nodes, "functions": sorted(_canonical(f) for f in model.functions),
-            "metadata": metadata}
-
-
-def _canonical(function: onnx.FunctionProto) -> bytes:
-    """A function's bytes without the storage flag of its constants (``data_location: DEFAULT``, which
-    quantize_dynamic's external-data round trip sets explicitly; same values)."""
-    function = onnx.FunctionProto.FromString(function.SerializeToString())
-    for node in function.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                attr.t.ClearField("data_location")
-    return function.SerializeToString(deterministic=True)
+    functions = sorted(f.SerializeToString(deterministic=True) for f in model.functions)
+    return {"tensors": tensors, "nodes": nodes, "functions": functions, "metadata": metadata}
 
 
 def check_adapter_path(before: dict, after: dict, where: str) -> None:
@@ -229,15 +232,17 @@ def _quiet_ort_logging() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _int4(model: onnx.ModelProto, exclude: list[str], block_size: int, accuracy_level: int) -> onnx.ModelProto:
+def _block_quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_size: int, accuracy_level: int,
+                    gathers: list[str]) -> onnx.ModelProto:
+    """One pass of ORT's MatMulNBitsQuantizer: every main-graph MatMul with a constant weight not in
+    ``exclude`` to ``bits``-bit blocks along K, and the ``gathers`` (embeddings, 4 bits) along the hidden axis."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    gathers = embedding_gathers(model.graph, set(exclude))
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level or None,
         quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
-        quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4,
+        quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits,
     )
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, nodes_to_include=gathers or None,
                                      algo_config=config)
@@ -245,15 +250,32 @@ def _int4(model: onnx.ModelProto, exclude: list[str], block_size: int, accuracy_
     return quantizer.model.model
 
 
-def _int8(model: onnx.ModelProto, exclude: list[str], scratch: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def module_matmuls(graph: onnx.GraphProto, modules: tuple[str, ...], where: str) -> tuple[list[str], list[str]]:
+    """(names of the MatMul nodes of ``modules``, of all other MatMul nodes); a module that names no MatMul
+    is refused (a typo would otherwise quantize everything to int4)."""
+    matched, others, seen = [], [], set()
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        hits = set(modules) & set(node.name.split("/"))
+        (matched if hits else others).append(node.name)
+        seen |= hits
+    missing = [m for m in modules if m not in seen]
+    if missing:
+        raise PRoLoRAError(f"no MatMul of module {missing[0]!r} in this graph (node names look like "
+                           f"{others[0] if others else 'nothing'})", where)
+    return matched, others
 
-    source, target = scratch / "float.onnx", scratch / "int8.onnx"
-    onnx.save(model, str(source), save_as_external_data=True, location="float.onnx_data")
-    quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=exclude, use_external_data_format=True,
-                     extra_options={"MatMulConstBOnly": True})
-    return onnx.load(str(target))
+
+def _quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_size: int, accuracy_level: int,
+              int8_modules: tuple[str, ...], where: str) -> onnx.ModelProto:
+    """int8, int4, or int4 with ``int8_modules`` at 8 bits (an 8-bit pass on those first: the 4-bit pass then
+    sees MatMulNBits, not MatMul, there)."""
+    if int8_modules:
+        _, others = module_matmuls(model.graph, int8_modules, where)
+        model = _block_quantize(model, exclude + others, 8, block_size, accuracy_level, [])
+    gathers = embedding_gathers(model.graph, set(exclude)) if bits == 4 else []
+    return _block_quantize(model, exclude, bits, block_size, accuracy_level, gathers)
 
 
 def _onnx_file(folder: Path) -> Path:
@@ -273,7 +295,8 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and "onnx" in p.name)
 
 
-def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int) -> QuantizeReport:
+def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int,
+                    int8_modules: tuple[str, ...] = ()) -> QuantizeReport:
     """Quantize ``src/model.onnx`` into the existing folder ``dst`` (no atomicity: see :func:`quantize_onnx`)."""
     started = time.perf_counter()
     path = _onnx_file(src)
@@ -297,18 +320,14 @@ def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     embeddings = "int4 GatherBlockQuantized" if bits == 4 and embedding_gathers(graph, set(exclude)) else "fp32 Gather"
     if untied:
         embeddings += f", tied lm_head quantized from its own transposed copy ({untied[0]})"
-    with _quiet_ort_logging(), tempfile.TemporaryDirectory(prefix=".prolora-quantize-", dir=dst) as scratch:
-        if bits == 4:
-            quantized = _int4(model, exclude, block_size, accuracy_level)
-        else:
-            quantized = _int8(model, exclude, Path(scratch))
-        # quantize_dynamic's model still points at its scratch data file: read it in before it goes
-        onnx.external_data_helper.load_external_data_for_model(quantized, scratch)
+    with _quiet_ort_logging():
+        quantized = _quantize(model, exclude, bits, block_size, accuracy_level, int8_modules, str(path))
     check_adapter_path(before, _fingerprint(quantized, names), str(path))
     counts: dict[str, int] = {}
     for node in quantized.graph.node:
-        if node.op_type in QUANTIZED_OPS[bits] and node.op_type != "DynamicQuantizeLinear":
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        if node.op_type in QUANTIZED_OPS:
+            kind = f"{node.op_type} int{_nbits(node)}" if node.op_type == "MatMulNBits" else node.op_type
+            counts[kind] = counts.get(kind, 0) + 1
     if not counts:
         raise PRoLoRAError("no MatMul with a constant weight to quantize in this graph", str(path))
     target = dst / "model.onnx"
@@ -319,18 +338,24 @@ def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
         onnx.save(quantized, str(target))
     copy_model_side_files(src, dst, overwrite=False)
     return QuantizeReport(
-        out=dst, bits=bits, block_size=block_size if bits == 4 else None,
-        accuracy_level=accuracy_level if bits == 4 else None, quantized=counts,
+        out=dst, bits=bits, block_size=block_size, accuracy_level=accuracy_level, int8_modules=int8_modules,
+        quantized=counts,
         protected_tensors=len(names), protected_nodes=len(exclude), bytes_before=_folder_bytes(src),
         bytes_after=_folder_bytes(dst), seconds=time.perf_counter() - started, embeddings=embeddings,
         files=sorted(p.name for p in dst.iterdir()),
     )
 
 
-def check_settings(bits: int, block_size: int, accuracy_level: int) -> None:
+def check_settings(bits: int, block_size: int, accuracy_level: int, int8_modules: tuple[str, ...] = ()) -> None:
     """One clear line for settings ONNX Runtime would reject (or assert on) later."""
     if bits not in BITS:
         raise PRoLoRAError(f"unsupported bits {bits} (expected 4 or 8)", "--bits")
+    if int8_modules and bits != 4:
+        raise PRoLoRAError("only an int4 graph keeps some modules at int8 (every MatMul of an int8 graph is int8)",
+                           "--int8-modules")
+    if any(not m or "/" in m for m in int8_modules):
+        raise PRoLoRAError(f"module names like v_proj,down_proj expected (got {','.join(int8_modules)!r})",
+                           "--int8-modules")
     if block_size < 16 or block_size & (block_size - 1):
         raise PRoLoRAError(f"must be a power of two ≥ 16 (got {block_size})", "--block-size")
     if accuracy_level not in ACCURACY_LEVELS:
@@ -345,22 +370,25 @@ def quantize_onnx(
     block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
     force: bool = False,
+    int8_modules: tuple[str, ...] = (),
 ) -> QuantizeReport:
     """Quantize the base weights of an exported folder (merged or compact) into ``out_dir``, atomically,
-    with the folder's side files (config, tokenizer …); the adapter path stays float (module doc)."""
-    check_settings(bits, block_size, accuracy_level)
+    with the folder's side files (config, tokenizer …); the adapter path stays float (module doc).
+    ``int8_modules`` (int4 only): projections kept at 8 bits, e.g. :data:`SENSITIVE_MODULES`."""
+    int8_modules = tuple(int8_modules)
+    check_settings(bits, block_size, accuracy_level, int8_modules)
     src, out = Path(src_dir), Path(out_dir)
     _onnx_file(src)
     check_destination(out, force, inputs={"source ONNX folder": src})
     check_free_space(out.absolute(), _folder_bytes(src) + (64 << 20))
     with atomic_output_dir(out, force=force) as tmp:
-        report = write_quantized(src, tmp, bits, block_size, accuracy_level)
+        report = write_quantized(src, tmp, bits, block_size, accuracy_level, int8_modules)
     report.out = out
     return report
 
 
 def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: str, block_size: int,
-                     accuracy_level: int, force: bool = False, **export_kwargs):
+                     accuracy_level: int, force: bool = False, int8_modules: tuple[str, ...] = (), **export_kwargs):
     """``export_onnx`` to a scratch folder beside ``out``, then :func:`quantize_onnx` into ``out``.
     Returns (export report, quantize report)."""
     from .export import export_onnx
@@ -371,7 +399,8 @@ def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: 
     out = Path(out)
     if bits is None:
         return export_onnx(base, adapter, out, force=force, **export_kwargs), None
-    check_settings(bits, block_size, accuracy_level)
+    int8_modules = tuple(int8_modules)
+    check_settings(bits, block_size, accuracy_level, int8_modules)
     if export_kwargs.get("dtype", "fp32") != "fp32":
         raise PRoLoRAError("--quantize needs --dtype fp32 (the quantizers take a float32 graph)")
     adapters = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
@@ -382,12 +411,13 @@ def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: 
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32-", dir=out.absolute().parent))
     try:
         exported = export_onnx(base, adapter, scratch / "fp32", **export_kwargs)
-        report = quantize_onnx(scratch / "fp32", out, bits, block_size, accuracy_level, force=force)
+        report = quantize_onnx(scratch / "fp32", out, bits, block_size, accuracy_level, force=force,
+                               int8_modules=int8_modules)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     exported.out = out
     return exported, report
 
 
-__all__ = ["QUANTIZE", "QuantizeReport", "adapter_tensor_names", "check_adapter_path", "export_quantized",
-           "protected_nodes", "quantize_onnx", "quantized_bits"]
+__all__ = ["QUANTIZE", "SENSITIVE_MODULES", "QuantizeReport", "adapter_tensor_names", "check_adapter_path",
+           "export_quantized", "module_matmuls", "protected_nodes", "quantize_onnx", "quantized_bits"]
