@@ -33,7 +33,7 @@ int8-cpu      0.1       0.99      0.9     0.8     0.05      0.25         2e-2
 int4-cpu      0.3       0.95      0.7     0.6     0.3       0.0          5e-2
 ============  ========  ========  ======  ======  ========  ===========  ===========
 
-A quantized folder (``MatMulNBits`` → int4, ``MatMulInteger`` → int8) gets its preset whatever the
+A quantized folder (``MatMulNBits``: int4 when any weight has 4 bits, else int8) gets its preset whatever the
 provider. The quantized presets are NOT calibrated yet: they are what block-wise int4 / per-column int8
 weights cost a well-behaved model (the tiny test Llama: logits rel 0.18 int4, 0.02 int8), and the demo
 model's quantized exports fail them by far (bench/QUANT.md: rel 0.47–0.60, max KL 4.6–7.2, greedy
