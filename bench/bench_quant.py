@@ -10,9 +10,9 @@ with fewer steps), and a random Llama of hidden size 2048 (``tools/make_syntheti
 few layers so it fits the time; its random adapter, r=16). Every model is exported fp32 in both modes
 (``export_onnx``), then quantized by ``prolora_export.onnx.quantize.quantize_onnx`` to int8, int4, and
 int4 with the sensitive projections (``SENSITIVE_MODULES``: v_proj, o_proj, down_proj) at int8
-(``int4mix``); MatMulNBits blocks of 32, accuracy level 4. Latency: bench_onnx's sessions, feeds and interleaved medians
-(intra_op_num_threads=2), decode one token after 32/128/512 past tokens and prefill 32/128/512 tokens
-(``--quick``: fewer calls, 2 synthetic layers, 5 training steps); the goals are stated at 128. Parity: the
+(``int4mix``); MatMulNBits blocks of 32, accuracy level 4. Latency: bench_onnx's sessions, feeds and
+interleaved medians (intra_op_num_threads=2), decode one token after 32/128/512 past tokens and prefill
+32/128/512 tokens (``--quick``: fewer calls, 2 synthetic layers, 5 training steps); goals at 128. Parity: the
 gate with the preset each folder picks (``fp32-cpu``, ``int8-cpu``, ``int4-cpu``). Held-out loss:
 ``prolora_export.parity.heldout_loss`` on examples/data/eval.jsonl through ONNX Runtime (demo model;
 the synthetic model has random weights and no tokenizer).

@@ -39,7 +39,7 @@ import onnx  # noqa: E402
 
 from prolora_export.models import copy_model_side_files, ensure_demo_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.onnx.quantize import SENSITIVE_MODULES, quantize_onnx  # noqa: E402
+from prolora_export.onnx.quantize import SENSITIVE_MODULES, block_quantize, quantize_onnx  # noqa: E402
 from prolora_export.parity import heldout_loss  # noqa: E402
 
 DATA = ROOT / "examples" / "data" / "eval.jsonl"
@@ -49,20 +49,12 @@ LAYER_RANGES = ((0, 3), (3, 27), (27, 30))
 
 def ort_blocks(src: Path, dst: Path, bits: int, accuracy_level: int, block_size: int = 32,
                only: str | None = None) -> None:
-    """ORT's MatMulNBitsQuantizer straight on a merged graph; ``only``: a regex on node names, every other
-    MatMul stays fp32."""
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
+    """ORT's MatMulNBitsQuantizer straight on a merged graph (``block_quantize``, no embedding); ``only``: a
+    regex on node names, every other MatMul stays fp32."""
     model = onnx.load(str(src / "model.onnx"))
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and only and not re.search(only, n.name)]
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False,
-                                          accuracy_level=accuracy_level or None, quant_format=QuantFormat.QOperator,
-                                          op_types_to_quantize=("MatMul",), bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
-    quantizer.process()
     dst.mkdir()
-    onnx.save(quantizer.model.model, str(dst / "model.onnx"))
+    onnx.save(block_quantize(model, others, bits, block_size, accuracy_level, []), str(dst / "model.onnx"))
     copy_model_side_files(src, dst, overwrite=False)
 
 

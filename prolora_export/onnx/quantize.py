@@ -232,7 +232,7 @@ def _quiet_ort_logging() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _block_quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_size: int, accuracy_level: int,
+def block_quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_size: int, accuracy_level: int,
                     gathers: list[str]) -> onnx.ModelProto:
     """One pass of ORT's MatMulNBitsQuantizer: every main-graph MatMul with a constant weight not in
     ``exclude`` to ``bits``-bit blocks along K, and the ``gathers`` (embeddings, 4 bits) along the hidden axis."""
@@ -250,21 +250,22 @@ def _block_quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block
     return quantizer.model.model
 
 
-def module_matmuls(graph: onnx.GraphProto, modules: tuple[str, ...], where: str) -> tuple[list[str], list[str]]:
-    """(names of the MatMul nodes of ``modules``, of all other MatMul nodes); a module that names no MatMul
-    is refused (a typo would otherwise quantize everything to int4)."""
-    matched, others, seen = [], [], set()
+def matmuls_outside(graph: onnx.GraphProto, modules: tuple[str, ...], where: str) -> list[str]:
+    """Names of the MatMul nodes of no module in ``modules``; a module that names no MatMul is refused (a
+    typo would otherwise quantize everything to int4)."""
+    others, seen = [], set()
     for node in graph.node:
         if node.op_type != "MatMul":
             continue
         hits = set(modules) & set(node.name.split("/"))
-        (matched if hits else others).append(node.name)
+        if not hits:
+            others.append(node.name)
         seen |= hits
     missing = [m for m in modules if m not in seen]
     if missing:
         raise PRoLoRAError(f"no MatMul of module {missing[0]!r} in this graph (node names look like "
                            f"{others[0] if others else 'nothing'})", where)
-    return matched, others
+    return others
 
 
 def _quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_size: int, accuracy_level: int,
@@ -272,10 +273,10 @@ def _quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_size:
     """int8, int4, or int4 with ``int8_modules`` at 8 bits (an 8-bit pass on those first: the 4-bit pass then
     sees MatMulNBits, not MatMul, there)."""
     if int8_modules:
-        _, others = module_matmuls(model.graph, int8_modules, where)
-        model = _block_quantize(model, exclude + others, 8, block_size, accuracy_level, [])
+        others = matmuls_outside(model.graph, int8_modules, where)
+        model = block_quantize(model, exclude + others, 8, block_size, accuracy_level, [])
     gathers = embedding_gathers(model.graph, set(exclude)) if bits == 4 else []
-    return _block_quantize(model, exclude, bits, block_size, accuracy_level, gathers)
+    return block_quantize(model, exclude, bits, block_size, accuracy_level, gathers)
 
 
 def _onnx_file(folder: Path) -> Path:
@@ -419,5 +420,16 @@ def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: 
     return exported, report
 
 
-__all__ = ["QUANTIZE", "SENSITIVE_MODULES", "QuantizeReport", "adapter_tensor_names", "check_adapter_path",
-           "export_quantized", "module_matmuls", "protected_nodes", "quantize_onnx", "quantized_bits"]
+__all__ = [
+    "QUANTIZE",
+    "SENSITIVE_MODULES",
+    "QuantizeReport",
+    "adapter_tensor_names",
+    "block_quantize",
+    "check_adapter_path",
+    "export_quantized",
+    "matmuls_outside",
+    "protected_nodes",
+    "quantize_onnx",
+    "quantized_bits",
+]
