@@ -178,7 +178,8 @@ def test_parity_gate_on_int4_passes_faithful_and_fails_a_two_percent_shard(tiny)
     assert code == 0, output
     assert data["preset"] == "int4-cpu+custom"
     assert data["checks"]["op_rel"]["ok"] and data["metrics"]["op_rel"] < 1e-5
-    assert data["checks"]["effect_rel"]["ok"] and data["metrics"]["rel"] > 1e-2  # the base really is int4
+    assert data["checks"]["effect_rel"]["ok"] is None  # int4: reported, not gated (the base's error swamps it)
+    assert data["metrics"]["rel"] > 1e-2  # the base really is int4
 
     bad = tiny["root"] / "parity-int4-bad"
     shutil.copytree(folder, bad)

@@ -14,15 +14,19 @@ from . import trust_remote_code_option
 from .options import adapter_read_options
 from .types import refuse_inapplicable
 
+#: the preset gates --help shows: (label, Tolerance field, comparison)
+HELP_GATES = (("rel", "max_rel", "≤"), ("cos", "min_cos", "≥"), ("top1", "min_top1", "≥"), ("top5", "min_top5", "≥"),
+              ("KL", "max_kl", "≤"), ("greedy", "min_greedy", "≥"))
 PRESET_HELP = "; ".join(
-    f"{name}: rel≤{t.max_rel:g} cos≥{t.min_cos:g} top1≥{t.min_top1:g} top5≥{t.min_top5:g} KL≤{t.max_kl:g} "
-    f"greedy≥{t.min_greedy:g}"
+    f"{name}: " + " ".join(f"{label}{cmp}{getattr(t, key):g}" if getattr(t, key) is not None else f"{label} –"
+                           for label, key, cmp in HELP_GATES)
     for name, t in PRESETS.items()
     if name != "fp16-cpu"
 )
 
 
-@click.command("parity", epilog="\b\nPresets (default: from the ONNX logits dtype and --provider):\n" + "\n".join(
+@click.command("parity", epilog="\b\nPresets (default: from the ONNX logits dtype and --provider; – reported, not "
+                                "gated):\n" + "\n".join(
     f"  {line}" for line in PRESET_HELP.split("; ")
 ))
 @click.option("--base", required=True, help="Base model: local HF folder, hub id or smollm2-135m.")
