@@ -35,9 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+from bench_quant import demo_adapter  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from prolora_export.models import ensure_demo_model  # noqa: E402
@@ -107,7 +109,7 @@ def gate_run(base: Path, adapter: Path, folder: Path, preset: str, sample: list[
     started = time.perf_counter()
     report = check_parity(str(base), adapter, folder, prompts=sample, max_new_tokens=NEW_TOKENS, tolerance=preset,
                           progress=False)
-    return {"preset": preset, "passed_current": report.passed, "seconds": time.perf_counter() - started,
+    return {"preset": preset, "seconds": time.perf_counter() - started,
             "worst": report.metrics,
             "prompts": [{key: r.metrics[key] for key in BOUNDED if key in r.metrics} for r in report.prompts]}
 
@@ -175,6 +177,10 @@ def _round_up(x: float) -> float:
 
 def _round_down(x: float) -> float:
     return math.floor(x * 100 + 1e-9) / 100
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is b if a is None or b is None else math.isclose(a, b, rel_tol=1e-9)
 
 
 def judged(run: dict, bounds: dict[str, float | None]) -> tuple[bool, list[str]]:
@@ -252,18 +258,27 @@ Spread over prompts of the faithful graphs (median and worst):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, default=ROOT / "runs" / "demo" / "adapter",
-                        help="the demo adapter (default: runs/demo/adapter from make demo)")
+    parser.add_argument("--adapter", type=Path, default=None,
+                        help="the demo adapter (default: runs/demo/adapter from make demo, else one trained here "
+                             "as bench_quant does)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite QUANT-PARITY.md from the json")
     args = parser.parse_args()
     path = HERE / "quant_parity.json"
     if not args.markdown_only:
-        if not (args.adapter / "adapter_model.safetensors").is_file():
-            parser.error(f"no adapter at {args.adapter}: run `make demo` or pass --adapter")
         with tempfile.TemporaryDirectory(prefix="bench-quant-parity-") as tmp:
-            results = measure(Path(tmp), args.adapter)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(json.loads(path.read_text()))
+            adapter, _ = demo_adapter(Path(tmp), args.adapter, quick=False)
+            path.write_text(json.dumps(measure(Path(tmp), adapter), indent=2) + "\n")
+    results = json.loads(path.read_text())
+    results["bounds"] = proposed(results)
+    results["judged"] = {}
+    for name, run in results["runs"].items():
+        ok, failed = judged(run, results["bounds"][run["preset"]])
+        results["judged"][name] = {"fault": ":" in name, "passed": ok, "failed": failed}
+    results["bounds_are_the_presets"] = all(
+        _same(getattr(PRESETS[preset], GATES[key][0]), bound) for preset, b in results["bounds"].items()
+        for key, bound in b.items())
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
     (HERE / "QUANT-PARITY.md").write_text(text)
     print(text)
 

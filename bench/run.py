@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "merge": ("bench_merge.py", ["--quick"], [], "MERGE.md", "merge.json"),
     "onnx": ("bench_onnx.py", ["--quick"], [], "ONNX.md", "onnx.json"),
     "quant": ("bench_quant.py", ["--quick"], [], "QUANT.md", "quant.json"),
+    "quant-parity": ("quant_parity.py", [], [], "QUANT-PARITY.md", "quant_parity.json"),
     "kernel": ("bench_kernel.py", ["--quick"], [], "KERNEL.md", "kernel.json"),
     "engine": ("bench_engine.py", ["--quick"], [], "ENGINE.md", "engine.json"),
     "serve": ("bench_serve.py", ["--quick"], [], "SERVE.md", "serve.json"),
@@ -196,6 +197,23 @@ def _quant_goals(r: dict) -> list[Goal]:
     return out
 
 
+def _quant_parity_goals(r: dict) -> list[Goal]:
+    """Issue 16: the measured quantized presets pass every faithful demo export and fail every fault."""
+    out: list[Goal] = [("#16", "int8-cpu / int4-cpu presets are the bounds bench/quant_parity.py measured",
+                        "yes" if r["bounds_are_the_presets"] else "no", r["bounds_are_the_presets"])]
+    for name, verdict in r["judged"].items():
+        preset = r["runs"][name]["preset"]
+        if verdict["fault"]:
+            out.append(("#16", f"parity gate ({preset}) fails demo {name}",
+                        "fails: " + ", ".join(verdict["failed"]) if verdict["failed"] else "passes",
+                        not verdict["passed"]))
+        else:
+            out.append(("#16", f"parity gate ({preset}) passes faithful demo {name} ({r['prompts']} prompts)",
+                        "passes" if verdict["passed"] else "fails: " + ", ".join(verdict["failed"]),
+                        verdict["passed"]))
+    return out
+
+
 def _kernel_goals(r: dict) -> list[Goal]:
     """Issue 19: the native kernel against the merged and the plain-LoRA graph (fp32, at 128 tokens)."""
     return [("#19", f"native kernel: {key} ≤ {g['bound']:.2f}×", f"{g['measured']:.3f}×", g["met"])
@@ -219,6 +237,7 @@ GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "merge": _merge_goals,
     "onnx": _onnx_goals,
     "quant": _quant_goals,
+    "quant-parity": _quant_parity_goals,
     "kernel": _kernel_goals,
     "engine": _engine_goals,
     "serve": _serve_goals,
