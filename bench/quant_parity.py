@@ -197,7 +197,8 @@ def judged(run: dict, bounds: dict[str, float | None]) -> tuple[bool, list[str]]
 
 
 def markdown(results: dict) -> str:
-    bounds = proposed(results)
+    """The page, from a results dict that carries its ``bounds`` and ``judged`` (see main)."""
+    bounds = results["bounds"]
     keys = [k for k in BOUNDED if any(k in r["worst"] for r in results["runs"].values())]
     labels = {k: GATES[k][1] for k in keys}
     preset_rows = []
@@ -211,9 +212,9 @@ def markdown(results: dict) -> str:
         preset_rows.append(f"| {preset} | " + " | ".join(cells) + " |")
     run_rows = []
     for name, r in results["runs"].items():
-        ok, failed = judged(r, bounds[r["preset"]])
+        judgement = results["judged"][name]
         values = " | ".join(f"{r['worst'][k]:.3g}" if k in r["worst"] else "–" for k in keys)
-        verdict = "pass ✅" if ok else "fail: " + ", ".join(failed)
+        verdict = "pass ✅" if judgement["passed"] else "fail: " + ", ".join(judgement["failed"])
         run_rows.append(f"| {name} | {r['preset']} | {values} | {verdict} |")
     spread_rows = []
     for name, r in results["runs"].items():
