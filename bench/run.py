@@ -315,7 +315,7 @@ def write_pages(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 10 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     parser.add_argument("--only", default="", help=f"comma list among {', '.join(BENCHMARKS)}")
     parser.add_argument("--render-only", action="store_true", help="rebuild RESULTS.md and README from the JSON")
     args = parser.parse_args()
