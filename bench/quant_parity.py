@@ -42,6 +42,7 @@ import onnx  # noqa: E402
 from bench_quant import demo_adapter  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
+from prolora_export.data import read_jsonl  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
 from prolora_export.onnx.quantize import SENSITIVE_MODULES, quantize_onnx  # noqa: E402
@@ -86,12 +87,9 @@ BOUNDED = {key: kind for key, (_, _, kind) in GATES.items() if key != "max_abs"}
 
 def prompts() -> list[str]:
     """The default prompts and the first user questions of the eval set."""
-    questions = []
-    for line in EVAL.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        text = record["messages"][0]["content"] if "messages" in record else record["prompt"]
-        questions.append(text)
-    return list(DEFAULT_PROMPTS) + questions[:EVAL_PROMPTS]
+    questions = [record["messages"][0]["content"] if "messages" in record else record["prompt"]
+                 for record in read_jsonl(EVAL)[:EVAL_PROMPTS]]
+    return list(DEFAULT_PROMPTS) + questions
 
 
 def faulty_copy(folder: Path, out: Path, fault: Callable[[onnx.ModelProto], None]) -> Path:
@@ -190,8 +188,7 @@ def judged(run: dict, bounds: dict[str, float | None]) -> tuple[bool, list[str]]
         value = run["worst"].get(key)
         if bound is None or value is None:
             continue
-        ok = value <= bound if BOUNDED[key] == "max" else value >= bound
-        if not ok or (isinstance(value, float) and math.isnan(value)):
+        if not (value <= bound if BOUNDED[key] == "max" else value >= bound):  # NaN compares False: fails
             failed.append(key)
     return not failed, failed
 
