@@ -403,6 +403,25 @@ def test_build_refuses_a_tarball_with_the_wrong_hash(tmp_path):
     assert not (tmp_path / "cache" / TARBALL).exists()
 
 
+@pytest.mark.parametrize("define", ["PROLORA_NULL_KERNEL", "PROLORA_TOUCH_KERNEL"])
+def test_measurement_variants_give_a_zero_delta(define, tmp_path):
+    """bench_kernel's null and touch libraries build, run the node, and write Y = 0 (u = r included)."""
+    import onnxruntime as ort
+
+    from prolora_export.native.build import build
+
+    variant, line = build(tmp_path / "variant", defines=(define,))
+    assert variant is not None, line
+    for geom in [(72, 100, 8, 1, 2, 3, True), (64, 64, 4, 4, 1, 1, False)]:
+        g = ShardGeometry.build(*geom)
+        model, x = node_model(g, 1.0, random_tensors(g, 3), 3), np.ones((2, 3, g.in_features), np.float32)
+        options = session_options("cpu", kernel="function")
+        options.register_custom_ops_library(str(variant))
+        y = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(["Y"], {"X": x})[0]
+        assert y.shape == (2, 3, g.out_features) and not y.any()
+        assert run(model, x, "native").any()  # the real kernel's delta is not zero
+
+
 def test_the_package_library_matches_its_source():
     """The library in the package was built from the current source (the build's fingerprint)."""
     from prolora_export.native.build import FLAGS, compiler, fingerprint
