@@ -9,9 +9,12 @@ Models: the demo model (SmolLM2-135M, hidden 576, 30 blocks) in fp32 and with an
 Adapters as in bench_onnx: PRoLoRA r=8, u=1, m=n=2 on all seven linear layers of every block, and for
 plain LoRA a u = r = 8 adapter exported compact (every layer x·A_uᵀ·B_uᵀ, run by its function body).
 Graphs: ``kernel`` = the compact export with the native kernel registered, ``function`` = the same file
-without it (its function body runs), ``merged``, ``plain_lora``, and ``null``: the compact export with a
-variant of the library built with ``PROLORA_NULL_KERNEL`` (Y = 0, shards never read), which prices the node
-itself (ONNX Runtime dispatching one more node and its Add, allocating Y) apart from the kernel's work.
+without it (its function body runs), ``merged``, ``plain_lora``, and two measurement variants of the
+library on the compact export: ``null`` (built with ``PROLORA_NULL_KERNEL``: Y = 0, shards never read) prices
+the node itself (ONNX Runtime dispatching one more node and its Add, allocating Y), and ``touch``
+(``PROLORA_TOUCH_KERNEL``: reads one value per cache line of every shard, then Y = 0) adds the price of
+bringing the shards into cache, so kernel − merged splits into node (null − merged), shard reads
+(touch − null) and arithmetic (kernel − touch).
 
 Method: one process; every session has intra_op_num_threads=1, so ONNX Runtime computes on the calling
 thread and each call is timed by that thread's CPU time (``time.thread_time``): on this shared 2-core
@@ -47,20 +50,23 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_onnx import PHASES, latency, random_adapter  # noqa: E402
+from bench_onnx import PHASES, feeds, latency, random_adapter  # noqa: E402
 
 from prolora_export import native  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
 from prolora_export.native.build import build as build_library  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
+from prolora_export.onnx.op import OP_TYPE  # noqa: E402
 from prolora_export.runtime import inference_session, session_options  # noqa: E402
 
 HEADLINE = 128
 LENGTHS = {False: (32, 128, 512), True: (32, 128)}
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 2}
-#: session name -> (export folder, kernel choice; "null": the PROLORA_NULL_KERNEL library)
+#: session name -> (export folder, kernel choice; a key of VARIANTS: that measurement library)
 GRAPHS = {"kernel": ("compact", "native"), "function": ("compact", "function"), "merged": ("merged", "function"),
-          "plain_lora": ("plain_lora", "function"), "null": ("compact", "null")}
+          "plain_lora": ("plain_lora", "function"), "null": ("compact", "null"), "touch": ("compact", "touch")}
+#: measurement variants of the library: kernel choice -> preprocessor symbol
+VARIANTS = {"null": "PROLORA_NULL_KERNEL", "touch": "PROLORA_TOUCH_KERNEL"}
 SYNTHETIC = ["--hidden", "2048", "--intermediate", "5632", "--heads", "16", "--kv-heads", "4", "--layers", "2",
              "--vocab", "4096", "--dtype", "fp32"]
 #: (model, phase, peer) -> issue 19's bound on kernel / peer at HEADLINE tokens
@@ -121,15 +127,47 @@ def call_plan(phase: str, length: int, quick: bool) -> tuple[int, int]:
     return max(3, min(20, (384 if quick else 1536) // length)), 1
 
 
-def make_session(folder: Path, kernel: str, null_library: Path):
-    if kernel != "null":
-        return inference_session(folder, threads=1, kernel=kernel)
-    options = session_options("cpu", threads=1, kernel="function")
-    options.register_custom_ops_library(str(null_library))
+def make_session(folder: Path, kernel: str, variants: dict[str, Path], profile: Path | None = None):
+    """One thread; ``kernel`` a key of ``variants`` registers that library; ``profile``: ORT's profiler on,
+    writing under that prefix."""
+    options = session_options("cpu", threads=1, kernel="function" if kernel in variants else kernel)
+    if kernel in variants:
+        options.register_custom_ops_library(str(variants[kernel]))
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     return inference_session(folder, options=options)
 
 
-def measure(folders: dict[str, Path], suffix: str, quick: bool, null_library: Path) -> dict:
+def node_profile(folder: Path, variants: dict[str, Path], work: Path, calls: int, rounds: int = 2) -> dict:
+    """µs per adapter node in decode at HEADLINE past tokens, from ONNX Runtime's profiler (each node's own
+    kernel time, dispatch between nodes excluded): the kernel, touch and null libraries, one session at a time,
+    ``rounds`` sessions each in turn (a session's memory placement moves its figures by a few µs); the mean
+    of the sessions' medians. The end-to-end differences of the tables are too noisy on this machine to split
+    a few % three ways; a node's own time is not diluted by the rest of the graph. The profiler adds its own
+    few µs to every node alike."""
+    medians: dict[str, list[float]] = {name: [] for name in ("kernel", "touch", "null")}
+    totals: dict[str, list[float]] = {name: [] for name in medians}
+    per_call = 0
+    for turn in range(rounds):
+        for name in medians:
+            session = make_session(folder, GRAPHS[name][1], variants, profile=work / f"profile-{name}-{turn}")
+            inputs = feeds(session, *PHASES["decode"][2](HEADLINE))
+            for _ in range(calls + 1):  # the first call warms up
+                session.run(["logits"], inputs)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            nodes = [e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                     and e.get("args", {}).get("op_name") == OP_TYPE]
+            per_call = len(nodes) // (calls + 1)
+            medians[name].append(statistics.median(nodes[per_call:]))
+            totals[name].append(sum(nodes[per_call:]) / calls / 1e3)
+            del session
+            gc.collect()
+    return {name: {"median_us": statistics.fmean(medians[name]), "ms_per_call": statistics.fmean(totals[name]),
+                   "nodes_per_call": per_call} for name in medians}
+
+
+def measure(folders: dict[str, Path], suffix: str, quick: bool, variants: dict[str, Path]) -> dict:
     """CPU ms of the graphs per phase and length: each rotation of the creation order measured in turn
     (a share of the calls each), the mean over rotations of each graph's median."""
     names = list(GRAPHS)
@@ -137,7 +175,7 @@ def measure(folders: dict[str, Path], suffix: str, quick: bool, null_library: Pa
     for shift in range(len(names)):
         order = names[shift:] + names[:shift]
         print(f"    sessions in the order {', '.join(order)} …", flush=True)
-        sessions = {name: make_session(folders[GRAPHS[name][0] + suffix], GRAPHS[name][1], null_library)
+        sessions = {name: make_session(folders[GRAPHS[name][0] + suffix], GRAPHS[name][1], variants)
                     for name in order}
         for phase, (_, _, tokens) in PHASES.items():
             for n in LENGTHS[quick]:
@@ -165,6 +203,7 @@ def derived(ms: dict, cfg: dict) -> dict:
                 "kernel_vs_plain_lora": row["kernel"] / row["plain_lora"],
                 "kernel_vs_function": row["kernel"] / row["function"],
                 "null_vs_merged": row["null"] / row["merged"],
+                "touch_vs_merged": row["touch"] / row["merged"],
                 "function_vs_merged": row["function"] / row["merged"],
                 "floor": 1 + share,
                 "excess_over_floor": (row["kernel"] - row["merged"]) / (row["merged"] * share),
@@ -177,9 +216,11 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     status = native.build_status() or {}
     if native.library_path() is None:
         raise SystemExit(f"no native kernel to measure: {native.unavailable_reason()}")
-    null_library, line = build_library(work / "null-kernel", defines=("PROLORA_NULL_KERNEL",))
-    if null_library is None:
-        raise SystemExit(line)
+    variants = {}
+    for kernel, define in VARIANTS.items():
+        variants[kernel], line = build_library(work / f"{kernel}-kernel", defines=(define,))
+        if variants[kernel] is None:
+            raise SystemExit(line)
     synthetic = work / "synthetic-2048"
     if not (reuse and (synthetic / "config.json").is_file()):
         print("synthetic checkpoint …", flush=True)
@@ -196,10 +237,12 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
         folders = prepare(work, name, base, int4, reuse)
         for suffix, dtype in (("", "fp32"), ("_int4", "int4")) if int4 else (("", "fp32"),):
             print(f"  latency {name} {dtype} …", flush=True)
-            ms = measure(folders, suffix, quick, null_library)
+            ms = measure(folders, suffix, quick, variants)
+            print(f"  adapter nodes profiled {name} {dtype} …", flush=True)
             results["models"][f"{name} {dtype}"] = {
                 "model": name, "dtype": dtype, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
                 "ms": ms, "ratios": derived(ms, cfg),
+                "node_profile": node_profile(folders["compact" + suffix], variants, work, 10 if quick else 30),
             }
     at = str(HEADLINE)
     results["goals"] = {
@@ -221,25 +264,39 @@ def markdown(r: dict, command: str) -> str:
         "interleaved across the graphs in one process, sessions created in every rotated order "
         "(bench/bench_kernel.py's docstring has the method). kernel = compact export + native kernel; "
         "function = the same file, function body; merged; plain LoRA = a u = r compact export (MatMul·MatMul); "
-        "null = the compact export with a kernel that only writes Y = 0 (the node's own cost). PRoLoRA r=8, "
-        "u=1, m=n=2 on all seven projections.", "",
+        "null = the compact export with a kernel that only writes Y = 0 (the node's own cost); touch = a kernel "
+        "that reads every shard's cache lines, then writes Y = 0 (adds the cost of bringing the shards into "
+        "cache). PRoLoRA r=8, u=1, m=n=2 on all seven projections.", "",
         "## Goals (at 128 tokens)", "", "| goal | bound | measured | met |", "|---|---|---|---|",
     ]
     for key, g in r["goals"].items():
         lines.append(f"| {key} | ≤ {g['bound']:.2f}× | {g['measured']:.3f}× | {'yes' if g['met'] else 'no'} |")
     for key, m in r["models"].items():
         lines += ["", f"## {key} (hidden {m['hidden']}, {m['layers']} blocks)", "",
-                  "| phase | tokens | kernel ms | function ms | merged ms | plain LoRA ms | null ms | kernel/merged | "
-                  "null/merged | kernel/plain | kernel/function | floor | excess over floor |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| phase | tokens | kernel ms | function ms | merged ms | plain LoRA ms | null ms | touch ms | "
+                  "kernel/merged | null/merged | touch/merged | kernel/plain | kernel/function | floor | "
+                  "excess over floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for phase, by_length in m["ms"].items():
             for n, row in by_length.items():
                 q = m["ratios"][phase][n]
                 lines.append(
                     f"| {phase} | {n} | {row['kernel']:.2f} | {row['function']:.2f} | {row['merged']:.2f} | "
-                    f"{row['plain_lora']:.2f} | {row['null']:.2f} | {q['kernel_vs_merged']:.3f}× | "
-                    f"{q['null_vs_merged']:.3f}× | {q['kernel_vs_plain_lora']:.3f}× | "
+                    f"{row['plain_lora']:.2f} | {row['null']:.2f} | {row['touch']:.2f} | "
+                    f"{q['kernel_vs_merged']:.3f}× | {q['null_vs_merged']:.3f}× | {q['touch_vs_merged']:.3f}× | "
+                    f"{q['kernel_vs_plain_lora']:.3f}× | "
                     f"{q['kernel_vs_function']:.3f}× | {q['floor']:.4f}× | {q['excess_over_floor']:.1f}× |")
+    lines += ["", f"## Inside the adapter node (decode at {HEADLINE}, ONNX Runtime's profiler)", "",
+              "Each adapter node's own time (µs, median over the nodes of every profiled call; dispatch between "
+              "nodes and the Add after it excluded): null = the node doing nothing, touch − null = reading its "
+              "shards, kernel − touch = the arithmetic.", "",
+              "| model | null µs | touch µs | kernel µs | nodes per call | kernel ms per call in these nodes |",
+              "|---|---|---|---|---|---|"]
+    for key, m in r["models"].items():
+        p = m["node_profile"]
+        lines.append(f"| {key} | {p['null']['median_us']:.1f} | {p['touch']['median_us']:.1f} | "
+                     f"{p['kernel']['median_us']:.1f} | {p['kernel']['nodes_per_call']} | "
+                     f"{p['kernel']['ms_per_call']:.2f} |")
     s = r["settings"]
     lines += ["", f"Lengths {s['lengths']}; run took {s['wall_s'] / 60:.1f} min. Decode tokens = past length, "
               "prefill tokens = prompt length. floor = 1 + adapter MACs / base MACs; excess over floor = "

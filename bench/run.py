@@ -1,7 +1,7 @@
 """Run the benchmarks on this machine and write bench/RESULTS.md, bench/results.json and the
 README's results table.
 
-    python bench/run.py              # everything (over an hour on 2 cores; kernel alone 22 min)
+    python bench/run.py              # everything (over an hour on 2 cores; kernel alone 27 min)
     python bench/run.py --quick      # small sizes and few repeats
     python bench/run.py --only merge,onnx
     python bench/run.py --render-only   # rebuild the pages from the JSON files, run nothing
