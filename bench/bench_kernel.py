@@ -13,8 +13,10 @@ without it (its function body runs), ``merged``, ``plain_lora``, and two measure
 library on the compact export: ``null`` (built with ``PROLORA_NULL_KERNEL``: Y = 0, shards never read) prices
 the node itself (ONNX Runtime dispatching one more node and its Add, allocating Y), and ``touch``
 (``PROLORA_TOUCH_KERNEL``: reads one value per cache line of every shard, then Y = 0) adds the price of
-bringing the shards into cache, so kernel − merged splits into node (null − merged), shard reads
-(touch − null) and arithmetic (kernel − touch).
+bringing the shards into cache. End to end those differences are a few % and as noisy as they are
+large here, so the split is taken inside the node too: ONNX Runtime's profiler times each adapter node
+of the kernel, touch and null sessions (decode at 128; :func:`node_profile`): null = dispatch,
+touch − null = shard reads, kernel − touch = arithmetic.
 
 Method: one process; every session has intra_op_num_threads=1, so ONNX Runtime computes on the calling
 thread and each call is timed by that thread's CPU time (``time.thread_time``): on this shared 2-core
