@@ -15,7 +15,7 @@ the node itself (ONNX Runtime dispatching one more node and its Add, allocating 
 (``PROLORA_TOUCH_KERNEL``: reads one value per cache line of every shard, then Y = 0) adds the price of
 bringing the shards into cache. End to end those differences are a few % and as noisy as they are
 large here, so the split is taken inside the node too: ONNX Runtime's profiler times each adapter node
-of the kernel, touch and null sessions (decode at 128; :func:`node_profile`): null = dispatch,
+of the kernel, touch and null sessions (decode at 128; :func:`node_profile`): null = the node's fixed cost,
 touch − null = shard reads, kernel − touch = arithmetic.
 
 Method: one process; every session has intra_op_num_threads=1, so ONNX Runtime computes on the calling
