@@ -406,8 +406,6 @@ def test_build_refuses_a_tarball_with_the_wrong_hash(tmp_path):
 @pytest.mark.parametrize("define", ["PROLORA_NULL_KERNEL", "PROLORA_TOUCH_KERNEL"])
 def test_measurement_variants_give_a_zero_delta(define, tmp_path):
     """bench_kernel's null and touch libraries build, run the node, and write Y = 0 (u = r included)."""
-    import onnxruntime as ort
-
     from prolora_export.native.build import build
 
     variant, line = build(tmp_path / "variant", defines=(define,))
@@ -417,7 +415,7 @@ def test_measurement_variants_give_a_zero_delta(define, tmp_path):
         model, x = node_model(g, 1.0, random_tensors(g, 3), 3), np.ones((2, 3, g.in_features), np.float32)
         options = session_options("cpu", kernel="function")
         options.register_custom_ops_library(str(variant))
-        y = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(["Y"], {"X": x})[0]
+        y = inference_session(model, options=options).run(["Y"], {"X": x})[0]
         assert y.shape == (2, 3, g.out_features) and not y.any()
         assert run(model, x, "native").any()  # the real kernel's delta is not zero
 
