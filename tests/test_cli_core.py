@@ -139,3 +139,33 @@ def test_missing_onnx_extra_is_one_line_naming_the_extra() -> None:
     assert len(lines) == 1 and "pip install 'prolora-export[onnx]'" in lines[0], done.stderr
     assert "[onnx]" in missing_extra(ModuleNotFoundError(name="optimum.exporters.onnx"))
     assert missing_extra(ModuleNotFoundError(name="no_such_package")) is None
+
+
+def test_top_level_help_lists_commands_without_importing_them() -> None:
+    """``prolora-export --help`` (issue 28 item 21) imports no command module, so none of torch,
+    transformers or onnx: listing the commands costs what one subcommand's --help does."""
+    code = (
+        "import sys\n"
+        "from prolora_export.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('torch', 'transformers', 'onnx', 'onnxruntime', 'optimum', 'numpy', 'prolora_export.cli.train')\n"
+        "print('IMPORTED', sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "IMPORTED []" in done.stdout, done.stdout
+    assert "merge  " in done.stdout and "Write a drop-in copy of MODEL" in done.stdout
+
+
+def test_command_list_summaries_are_the_commands_own_first_sentences() -> None:
+    """The summaries the top-level help shows without importing the commands stay their docstrings'."""
+    import importlib
+
+    from prolora_export.cli import COMMANDS, SUMMARIES
+
+    assert SUMMARIES.keys() == COMMANDS.keys()
+    for name, module in COMMANDS.items():
+        command = importlib.import_module(f"prolora_export.cli.{module}").command
+        assert command.get_short_help_str(limit=10_000) == SUMMARIES[name], name

