@@ -1,8 +1,8 @@
 """Writing outputs safely: into a temporary folder beside the destination, renamed at the end.
 
 An interrupted command therefore leaves either nothing or the previous complete
-version at the destination, and a lock beside it makes a second concurrent writer
-fail cleanly instead of mixing two outputs.
+version at the destination, and a lock beside it (there only while a writer runs) makes a
+second concurrent writer fail cleanly instead of mixing two outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import IO
 
 from .errors import PRoLoRAError
 
@@ -133,7 +134,8 @@ _HELD_LOCKS: set[Path] = set()
 
 @contextmanager
 def output_lock(dest: str | Path) -> Iterator[None]:
-    """Hold the writer lock of ``dest`` (a ``.DEST.lock`` file beside it) while the block runs.
+    """Hold the writer lock of ``dest`` (a ``.DEST.lock`` file beside it, removed when done) while
+    the block runs.
 
     Any other writer of ``dest`` (another process, or another ``atomic_output_dir`` not
     told it is inside this block) gets a one-line error at once. A long job (training)
@@ -142,17 +144,40 @@ def output_lock(dest: str | Path) -> Iterator[None]:
     """
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # The lock file stays afterwards: unlinking it would let two later writers lock different inodes.
-    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+    path = dest.parent / f".{dest.name}.lock"
+    lock = _locked_file(path, dest)
+    _HELD_LOCKS.add(dest)
+    try:
+        yield
+    finally:
+        _HELD_LOCKS.discard(dest)
+        # removed while still held: a writer that opened this file meanwhile finds it unlinked and retries
+        path.unlink(missing_ok=True)
+        lock.close()
+
+
+def _locked_file(path: Path, dest: Path) -> IO[str]:
+    """Open and lock ``path``, the lock file that is at ``path`` once locked.
+
+    The holder unlinks the file before releasing it, so a file locked after its holder let go may be
+    one that no longer has this name (or whose name now belongs to a newer file): such a lock guards
+    nothing and is taken again on the current file.
+    """
+    while True:
+        lock = open(path, "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            lock.close()
             raise PRoLoRAError("another prolora-export command is writing here right now", str(dest)) from None
-        _HELD_LOCKS.add(dest)
         try:
-            yield
-        finally:
-            _HELD_LOCKS.discard(dest)
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(lock.fileno())
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            return lock
+        lock.close()
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -11,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from prolora_export import outputs
 from prolora_export.errors import PRoLoRAError
-from prolora_export.outputs import atomic_output_dir, atomic_output_file, check_destination, check_free_space
+from prolora_export.outputs import (
+    atomic_output_dir,
+    atomic_output_file,
+    check_destination,
+    check_free_space,
+    output_lock,
+)
 
 
 def write(dest: Path, text: str, force: bool = True) -> None:
@@ -29,6 +37,44 @@ def test_second_concurrent_writer_fails_cleanly_and_output_is_never_mixed(tmp_pa
         assert not dest.exists()
     assert (dest / "file").read_text() == "first"
     assert sorted(p.name for p in dest.iterdir()) == ["file"]
+
+
+def test_nothing_but_the_output_is_left_beside_it(tmp_path: Path) -> None:
+    """No hidden ``.NAME.lock`` stays after a write (issue 28 item 17), failed writes included;
+    a lock file left by a killed writer is taken over and removed too."""
+    write(tmp_path / "out", "x")
+    with atomic_output_file(tmp_path / "report.json") as tmp:
+        tmp.write_text("{}")
+    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "failed"):
+        raise RuntimeError("crash while writing")
+    (tmp_path / ".killed.lock").write_text("")  # what a SIGKILLed writer leaves
+    with output_lock(tmp_path / "killed"):
+        with pytest.raises(PRoLoRAError, match="another prolora-export command is writing here"):
+            write(tmp_path / "killed", "second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "report.json"]
+
+
+def test_a_lock_file_unlinked_by_its_finishing_holder_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
+    """A writer that opened the lock file just before its holder finished (and unlinked it) locks a
+    file that no longer has the name, which guards nothing: it locks the current file instead, so two
+    writers never both hold ``dest``."""
+    lock_path = tmp_path / ".out.lock"
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_holder_finished(fd, operation):
+        real_flock(fd, operation)
+        if not calls:  # the holder unlinks its file, and a third writer's newer file takes the name
+            lock_path.unlink()
+            lock_path.write_text("")
+        calls.append(os.fstat(fd if isinstance(fd, int) else fd.fileno()).st_ino)
+
+    monkeypatch.setattr(outputs.fcntl, "flock", flock_after_the_holder_finished)
+    with output_lock(tmp_path / "out"):
+        assert len(calls) == 2 and calls[1] == lock_path.stat().st_ino  # locked again, on the current file
+        monkeypatch.setattr(outputs.fcntl, "flock", real_flock)
+        with pytest.raises(PRoLoRAError, match="another prolora-export command is writing here"):
+            write(tmp_path / "out", "second")
+    assert not lock_path.exists()
 
 
 def test_existing_destination_needs_force_and_is_replaced_whole(tmp_path: Path) -> None:

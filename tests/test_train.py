@@ -141,7 +141,7 @@ def test_bad_data_fails_before_anything_is_written(tiny_base, tmp_path):
     with pytest.raises(PRoLoRAError) as info:
         train(str(tiny_base / "model"), bad, out, max_steps=1, **FAST)
     assert f"{bad}:2" in str(info.value) and f"{bad}:3" in str(info.value)
-    assert not out.exists() and [p.name for p in tmp_path.glob(".run*")] == [".run.lock"]  # the lock file stays
+    assert not out.exists() and [p.name for p in tmp_path.glob(".run*")] == []  # no lock file either
 
 
 def test_cli_trains_and_exits_2_on_bad_input(tiny_base, tmp_path):
