@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import PRoLoRAConfig, read_json
-from .data import Example, collate, load_dataset
+from .data import IGNORE_INDEX, Example, collate, load_dataset
 from .errors import PRoLoRAError
 from .formats.prolora import Adapter, load_adapter, read_safetensors, write_adapter_files
 from .inject import ALL_LINEAR, adapter_state_dict, inject_adapter, load_adapter_weights, plan_adapter
@@ -291,7 +291,7 @@ def evaluate_loss(model, examples: Sequence[Example], batch: int, pad_id: int, d
     with torch.no_grad():
         for i in range(0, len(examples), batch):
             inputs = {k: v.to(device) for k, v in collate(list(examples[i : i + batch]), pad_id).items()}
-            n = int((inputs["labels"][:, 1:] != -100).sum())
+            n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(model(**inputs).loss) * n
             count += n
     model.train(was_training)
@@ -331,7 +331,8 @@ def train(
     """Train a PRoLoRA adapter on ``data`` (JSONL, see :mod:`prolora_export.data`); return ``out``.
 
     ``max_steps`` (optimizer steps) overrides ``epochs``. ``batch_size`` is per process;
-    the effective batch is ``batch_size × grad_accum × processes``. ``max_length`` None is
+    the effective batch is ``batch_size × grad_accum × processes``, and it is that batch: each step's
+    loss is the mean over all its target tokens, however they fall into micro-batches. ``max_length`` None is
     256 tokens, or the model's position limit when smaller. ``target_modules`` ``all-linear``
     adapts every Linear/Conv1D layer but the output head. ``out`` must not exist unless
     ``force`` (start over) or ``resume`` (continue from its last save, with every setting as
@@ -518,20 +519,27 @@ def _train_locked(
         torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # dropout RNG: a function of (seed, step, rank)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, lr)
-        losses, tokens = [], 0
-        for k in range(grad_accum):
-            batch = collate(micro_batch(examples, step * grad_accum + k, batch_size, world, rank, seed), pad_id)
-            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-            tokens += int(batch["attention_mask"].sum())
+        batches = [
+            {key: value.to(accelerator.device) for key, value in collate(micro_batch(
+                examples, step * grad_accum + k, batch_size, world, rank, seed), pad_id).items()}
+            for k in range(grad_accum)
+        ]  # fmt: skip
+        targets = [int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batches]  # ≥ 1 each (data.py)
+        step_targets = int(accelerator.reduce(torch.tensor(sum(targets), device=accelerator.device), reduction="sum"))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for k, batch in enumerate(batches):
             with accelerator.no_sync(model) if k < grad_accum - 1 else nullcontext():
                 with accelerator.autocast():
                     loss = model(**batch).loss
-                accelerator.backward(loss / grad_accum)
-            losses.append(loss.detach())
+                # the model's loss is the mean over this micro-batch's targets; the step's loss is the mean
+                # over all its targets, on every rank (DDP averages the gradients over the ranks, hence × world)
+                accelerator.backward(loss * (targets[k] * world / step_targets))
+            loss_sum += loss.detach().float() * targets[k]
         accelerator.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
+        step_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / step_targets
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
         tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), reduction="sum"))
         if not math.isfinite(step_loss):
             raise PRoLoRAError(f"the loss became {step_loss} at step {step + 1} (try a lower --lr)")

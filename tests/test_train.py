@@ -387,3 +387,23 @@ def test_gradient_checkpointing_on_a_model_without_it_is_refused_before_any_work
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     with pytest.raises(PRoLoRAError, match="LlamaForCausalLM does not support --gradient-checkpointing"):
         train(*base_args(tiny_base), tmp_path / "run", max_steps=1, gradient_checkpointing=True, **FAST)
+
+
+def test_gradient_accumulation_is_the_larger_batch(tiny_base, tmp_path):
+    """batch 2 and batch 1 × --grad-accum 2 take the same steps (issue 28 item 4): the step's loss is the
+    mean over all its target tokens, not the mean of the micro-batches' means (which weighs the tokens of
+    a short example more)."""
+    rows = [
+        {"prompt": "what is 1 plus 2 ?", "completion": "3"},
+        {"prompt": "what is", "completion": "1 plus 2 equals 3 and 2 plus 3 equals 5 and 4 plus 4 equals 8"},
+    ]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    opts = {**FAST, "lr": 2e-2, "max_steps": 3, "dropout": 0.0}
+    model = str(tiny_base / "model")
+    whole = train(model, data, tmp_path / "whole", **{**opts, "batch_size": 2})
+    accumulated = train(model, data, tmp_path / "accumulated", **{**opts, "batch_size": 1, "grad_accum": 2})
+    losses = [e["loss"] for e in read_log(whole)]
+    torch.testing.assert_close([e["loss"] for e in read_log(accumulated)], losses, rtol=1e-5, atol=0)
+    expected = load_adapter(whole).tensors
+    for key, tensor in load_adapter(accumulated).tensors.items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-4, atol=1e-6, msg=key)
