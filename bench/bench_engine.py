@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import quiet  # noqa: E402
 from bench_onnx import random_adapter  # noqa: E402
 
 from prolora_export.engine import Engine, Request  # noqa: E402
@@ -270,7 +271,8 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
         for key, sess, batch, opts in (("slots_b4", engine.session, 4, None), ("slots_b16", engine.session, 16, None),
                                        ("compact_b4", compact.session, 4, run_options(loras[0])),
                                        ("compact_function_b4", function_body, 4, run_options(loras[0]))):
-            steps.setdefault(key, []).append(decode_step_ms(sess, batch, 48, 3, ADAPTERS, opts))
+            with quiet.measure(f"decode step {key}"):
+                steps.setdefault(key, []).append(decode_step_ms(sess, batch, 48, 3, ADAPTERS, opts))
     step_ms = {k: statistics.median(v) for k, v in steps.items()}
     del function_body
     library = kernel_library("cpu", "auto")
@@ -280,10 +282,14 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
     runs: dict[str, list[dict]] = {"mixed": [], "one_adapter": [], "per_run": [], "merged": []}
     run_engine(engine, work[:4], mixed[:4])  # warm-up
     for r in range(rounds):
-        runs["mixed"].append(run_engine(engine, work, mixed))
-        runs["one_adapter"].append(run_engine(engine, work, single))
-        runs["per_run"].append(run_grouped(compact, work, lambda k: run_options(loras[k])))
-        runs["merged"].append(run_grouped(merged, work, lambda k: None))
+        with quiet.measure(f"round {r + 1} mixed"):
+            runs["mixed"].append(run_engine(engine, work, mixed))
+        with quiet.measure(f"round {r + 1} one_adapter"):
+            runs["one_adapter"].append(run_engine(engine, work, single))
+        with quiet.measure(f"round {r + 1} per_run"):
+            runs["per_run"].append(run_grouped(compact, work, lambda k: run_options(loras[k])))
+        with quiet.measure(f"round {r + 1} merged"):
+            runs["merged"].append(run_grouped(merged, work, lambda k: None))
         speeds = ", ".join(f"{k} {v[-1]['tokens_per_s']:.1f} tok/s" for k, v in runs.items())
         print(f"round {r + 1}/{rounds}: {speeds}", flush=True)
     summary = {}
@@ -324,17 +330,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep the exports in this folder")
     parser.add_argument("--reuse", action="store_true", help="with --work: reuse its exports (same adapters)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite ENGINE.md from the last engine.json")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.markdown_only:
         results = json.loads((HERE / "engine.json").read_text())
-    elif args.work is not None:
-        results = run(args.work, args.quick, args.reuse)
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-            results = run(Path(tmp), args.quick)
-    if not args.markdown_only:
-        (HERE / "engine.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "ENGINE.md").write_text(markdown(results))
+        guard = quiet.LoadGuard("engine", THREADS, allow_load=args.allow_load)
+        guard.start()
+        if args.work is not None:
+            results = run(args.work, args.quick, args.reuse)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+                results = run(Path(tmp), args.quick)
+        guard.save(results, HERE / "engine.json")
+    quiet.write_page(HERE / "ENGINE.md", markdown(results), results)
     print((HERE / "ENGINE.md").read_text())
 
 

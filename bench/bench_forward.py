@@ -12,11 +12,11 @@ and bench/forward.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
+import quiet
 import torch
 from torch import nn
 
@@ -43,7 +43,7 @@ decode forward and 1.07–1.15× batch forward+backward. Forward+backward of a s
 training workload: training batches tokens) stays slower, because at that size the autograd
 nodes of the stacking cost more than the matmuls.
 
-Caveat: a shared 2-core machine; pair ratios are the robust number, absolute µs are not."""
+Caveat: pair ratios are the robust number; absolute µs move between runs even on a quiet machine."""
 
 
 class _Holder(nn.Module):
@@ -110,8 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    guard = quiet.LoadGuard("forward", args.threads, allow_load=args.allow_load)
+    guard.start()
     repeats = 15 if args.quick else 41
     rows = []
     for d_in, d_out in SHAPES:
@@ -120,13 +123,15 @@ def main() -> None:
             x = torch.randn(batch, seq, d_in)
             inner = 50 if batch * seq == 1 else 3
             for backward in (False, True):
-                result = measure(ours, peft, x, backward, repeats, inner)
+                pass_ = "fwd+bwd" if backward else "fwd"
+                with quiet.measure(f"{d_in}→{d_out} {label} {pass_}"):
+                    result = measure(ours, peft, x, backward, repeats, inner)
                 rows.append({"shape": f"{d_in}→{d_out}", "input": label,
-                             "pass": "fwd+bwd" if backward else "fwd", **result})  # fmt: skip
+                             "pass": pass_, **result})  # fmt: skip
                 print(rows[-1], flush=True)
     command = "python bench/bench_forward.py" + (" --quick" if args.quick else "") + f" --threads {args.threads}"
     meta = {"command": command, "threads": args.threads, "repeats": repeats, "torch": torch.__version__, **HP}
-    (HERE / "forward.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    results = guard.save({"meta": meta, "rows": rows}, HERE / "forward.json")
     lines = [
         "# Forward time: PRoLoRALinear vs PEFT LoRA (same rank)",
         "",
@@ -147,7 +152,7 @@ def main() -> None:
             f"{r['ratio']:.2f}× | {r['prolora_min_us']:.1f} | {r['peft_min_us']:.1f} | {r['ratio_min']:.3f}× |"
         )
     lines += ["", NOTES]
-    (HERE / "FORWARD.md").write_text("\n".join(lines) + "\n")
+    quiet.write_page(HERE / "FORWARD.md", "\n".join(lines) + "\n", results)
     print(f"wrote {HERE / 'FORWARD.md'}")
 
 

@@ -52,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import quiet  # noqa: E402
 from bench_onnx import PHASES, feeds, latency, random_adapter  # noqa: E402
 
 from prolora_export import native  # noqa: E402
@@ -183,7 +184,8 @@ def measure(folders: dict[str, Path], suffix: str, quick: bool, variants: dict[s
             for n in LENGTHS[quick]:
                 rounds, per_round = call_plan(phase, n, quick)
                 rounds = -(-rounds // len(names))
-                got = latency(sessions, *tokens(n), rounds, per_round, clock=time.thread_time)
+                with quiet.measure(f"{folders['merged' + suffix].name} order {shift + 1} {phase} at {n}"):
+                    got = latency(sessions, *tokens(n), rounds, per_round, clock=time.thread_time)
                 medians.setdefault(phase, {}).setdefault(str(n), []).append(got)
         del sessions
         gc.collect()
@@ -231,8 +233,7 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     models = {"demo": (ensure_demo_model(quiet=True), True), "synthetic-2048": (synthetic, False)}
     results: dict = {"models": {}, "settings": {"quick": quick, "lengths": list(LENGTHS[quick]), "threads": 1,
                                                  "clock": "thread CPU time", "headline_length": HEADLINE,
-                                                 "adapter": HYPER, "library": status,
-                                                 "load_average_at_start": os.getloadavg()[0]}}
+                                                 "adapter": HYPER, "library": status}}
     for name, (base, int4) in models.items():
         print(f"{name} …", flush=True)
         cfg = config_of(base)
@@ -241,10 +242,11 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
             print(f"  latency {name} {dtype} …", flush=True)
             ms = measure(folders, suffix, quick, variants)
             print(f"  adapter nodes profiled {name} {dtype} …", flush=True)
+            with quiet.measure(f"{name} {dtype} node profile"):
+                profile = node_profile(folders["compact" + suffix], variants, work, 10 if quick else 30)
             results["models"][f"{name} {dtype}"] = {
                 "model": name, "dtype": dtype, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
-                "ms": ms, "ratios": derived(ms, cfg),
-                "node_profile": node_profile(folders["compact" + suffix], variants, work, 10 if quick else 30),
+                "ms": ms, "ratios": derived(ms, cfg), "node_profile": profile,
             }
     at = str(HEADLINE)
     results["goals"] = {
@@ -255,7 +257,6 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     for goal in results["goals"].values():
         goal["met"] = goal["measured"] <= goal["bound"]
     results["settings"]["wall_s"] = time.perf_counter() - started
-    results["settings"]["load_average_at_end"] = os.getloadavg()[0]
     return results
 
 
@@ -303,8 +304,7 @@ def markdown(r: dict, command: str) -> str:
     lines += ["", f"Lengths {s['lengths']}; run took {s['wall_s'] / 60:.1f} min. Decode tokens = past length, "
               "prefill tokens = prompt length. floor = 1 + adapter MACs / base MACs; excess over floor = "
               "(kernel − merged) / (merged × adapter MACs / base MACs).", "",
-              f"Reading the numbers: load average {s['load_average_at_start']:.1f} at the start and "
-              f"{s['load_average_at_end']:.1f} at the end (2 cores). CPU time removes the waiting but not the cache "
+              "Reading the numbers: CPU time removes the waiting but not the cache "
               "and memory-bandwidth contention, so ratios carry a few % of noise; a ratio below 1.0 against merged "
               "(the compact graph does strictly more work) measures that noise, not the graphs. Decoding at hidden "
               "2048 reads 0.4 GB of weights per token and is the most exposed; a 1 % goal cannot be resolved there.",
@@ -314,7 +314,7 @@ def markdown(r: dict, command: str) -> str:
 
 def render(results: dict) -> None:
     command = "python bench/bench_kernel.py" + (" --quick" if results["settings"]["quick"] else "")
-    (HERE / "KERNEL.md").write_text(markdown(results, command))
+    quiet.write_page(HERE / "KERNEL.md", markdown(results, command), results)
 
 
 def main() -> None:
@@ -323,17 +323,19 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the exports here and reuse those already there (default: a temp folder)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite KERNEL.md from the last kernel.json")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.markdown_only:
         render(json.loads((HERE / "kernel.json").read_text()))
         return
+    guard = quiet.LoadGuard("kernel", 1, allow_load=args.allow_load)  # every session: intra_op_num_threads=1
+    guard.start()
     if args.work is not None:
         results = run(args.work, args.quick, reuse=True)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-kernel-") as tmp:
             results = run(Path(tmp), args.quick)
-    (HERE / "kernel.json").write_text(json.dumps(results, indent=2) + "\n")
-    render(results)
+    render(guard.save(results, HERE / "kernel.json"))
     print((HERE / "KERNEL.md").read_text())
 
 

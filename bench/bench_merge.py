@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import quiet
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BIN = Path(sys.executable).parent
@@ -171,7 +173,8 @@ def bench_model(model: dict, runs: int, work: Path) -> dict:
             out = work / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            samples[method].append(timed(commands(model, out)[method]))
+            with quiet.measure(f"{model['name']} run {run + 1} {method}"):
+                samples[method].append(timed(commands(model, out)[method]))
             print(
                 f"  {model['name']} run {run + 1}/{runs} {method}: {samples[method][-1][0]:.1f} s, "
                 f"{samples[method][-1][1]:.0f} MiB",
@@ -220,12 +223,13 @@ NOTES = """Why the goals come out as they do:
   dominates below a few GB; "(ours − startup)/cp" is the per-byte cost.
 - `cp -r` (coreutils on ext4) copies with `copy_file_range` inside the kernel from a warm page cache:
   no user-space pass over the bytes at all, and no interpreter to start.
-- The machine (2 cores) is shared, so absolute times are noisy; the interleaved order keeps the
-  comparison fair and the medians keep it stable."""
+- Absolute times move by about ±20 % between runs even on a quiet machine; the interleaved order
+  keeps the comparison fair and the medians keep it stable."""
 
 
-def write_outputs(results: list[dict], command: str, runs: int) -> None:
-    (HERE / "merge.json").write_text(json.dumps({"command": command, "runs": runs, "models": results}, indent=2) + "\n")
+def write_outputs(payload: dict) -> None:
+    """MERGE.md and merge.png from merge.json's contents."""
+    results, command, runs = payload["models"], payload["command"], payload["runs"]
     lines = [
         f"Made by `{command}` ({runs} runs per method and model, medians; interleaved back to back; "
         f"each run a fresh process, peak RSS by `/usr/bin/time -f %M`; base read from a warm page cache, "
@@ -254,7 +258,7 @@ def write_outputs(results: list[dict], command: str, runs: int) -> None:
             f"| {r['name']} | " + " | ".join(("✅ " if ok else "❌ ") + v for ok, v in goals(r).values()) + " |"
         )
     lines += ["", NOTES, "", "![time and RSS vs model size](merge.png)", ""]
-    (HERE / "MERGE.md").write_text("\n".join(lines) + "\n")
+    quiet.write_page(HERE / "MERGE.md", "\n".join(lines) + "\n", payload)
     plot(results)
 
 
@@ -289,16 +293,18 @@ def main() -> None:
     parser.add_argument("--no-demo", action="store_true", help="skip the demo model")
     parser.add_argument("--render-only", action="store_true", help="rewrite MERGE.md/merge.png from merge.json")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-merge")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.render_only:
-        saved = json.loads((HERE / "merge.json").read_text())
-        write_outputs(saved["models"], saved["command"], saved["runs"])
+        write_outputs(json.loads((HERE / "merge.json").read_text()))
         return
     if not Path(TIME).exists():
         sys.exit("/usr/bin/time is missing: apt-get install -y time")
     sizes = (args.sizes or ("0.2GB,0.5GB" if args.quick else "0.5GB,1GB,2.5GB")).split(",")
     command = "python bench/bench_merge.py " + " ".join(sys.argv[1:])
     args.work.mkdir(parents=True, exist_ok=True)
+    guard = quiet.LoadGuard("merge", os.cpu_count() or 1, allow_load=args.allow_load)  # torch: every core
+    guard.start()
     results = []
     try:
         models = ([] if args.no_demo else [("smollm2-135m (fp32)", None)]) + [(f"llama-{s} (bf16)", s) for s in sizes]
@@ -307,7 +313,8 @@ def main() -> None:
             model = prepare(name.split()[0], args.work, size)
             results.append(bench_model(model, args.runs, args.work))
             results[-1]["name"] = name
-            write_outputs(results, command.strip(), args.runs)  # partial results survive a later failure
+            payload = {"command": command.strip(), "runs": args.runs, "models": results}
+            write_outputs(guard.save(payload, HERE / "merge.json"))  # partial results survive a later failure
             if size is not None:
                 shutil.rmtree(model["base"], ignore_errors=True)
     finally:

@@ -48,6 +48,7 @@ from prolora_export.parity import DEFAULT_PROMPTS, GATES, ParityReport, check_pa
 from prolora_export.runtime import inference_session  # noqa: E402
 
 sys.path.insert(0, str(HERE))
+import quiet  # noqa: E402
 from bench_size import lora_size  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -161,7 +162,8 @@ def measure(sessions: dict[str, ort.InferenceSession], quick: bool) -> tuple[dic
         for n in LENGTHS[quick]:
             rounds, per_round = call_plan(phase, n, quick)
             print(f"  {phase} at {n} ({rounds * per_round} calls) …", flush=True)
-            medians = latency(sessions, *tokens(n), rounds, per_round)
+            with quiet.measure(f"{phase} at {n}"):
+                medians = latency(sessions, *tokens(n), rounds, per_round)
             ms[phase][str(n)] = {name: v * 1e3 for name, v in medians.items()}
             calls[phase][str(n)] = rounds * per_round
     return ms, calls
@@ -239,8 +241,10 @@ def run(work: Path, quick: bool) -> dict:
     ours = [python, "-m", "prolora_export", "onnx", "--mode", "merged", "--force", "--adapter", str(work / "prolora")]
     t_optimum, t_merged = [], []
     for _ in range(exports):  # back to back, alternating
-        t_optimum.append(timed_cli([*optimum, "--model", str(base), str(work / "base")]))
-        t_merged.append(timed_cli([*ours, "--base", str(base), "--out", str(work / "merged")]))
+        with quiet.measure("export optimum-cli"):
+            t_optimum.append(timed_cli([*optimum, "--model", str(base), str(work / "base")]))
+        with quiet.measure("export merged"):
+            t_merged.append(timed_cli([*ours, "--base", str(base), "--out", str(work / "merged")]))
     for name, body in COMPACTS.items():
         export_onnx(str(base), work / "prolora", work / name, mode="compact", force=True, op_body=body)
     export_onnx(str(base), work / "lora", work / "plain_lora", mode="compact", force=True)
@@ -308,17 +312,19 @@ def main() -> None:
     parser.add_argument(
         "--markdown-only", action="store_true", help="rewrite ONNX.md and onnx_latency.png from the last onnx.json"
     )
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.markdown_only:
         render(json.loads((HERE / "onnx.json").read_text()))
         return
+    guard = quiet.LoadGuard("onnx", THREADS, allow_load=args.allow_load)
+    guard.start()
     if args.work is not None:
         results = run(args.work, args.quick)
     else:  # exports of the demo model take ~2 GB: never leave them behind
         with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
             results = run(Path(tmp), args.quick)
-    (HERE / "onnx.json").write_text(json.dumps(results, indent=2) + "\n")
-    render(results)
+    render(guard.save(results, HERE / "onnx.json"))
     print((HERE / "ONNX.md").read_text())
 
 
@@ -326,7 +332,7 @@ def render(results: dict) -> None:
     """ONNX.md and onnx_latency.png from one results dict (a fresh run or the stored onnx.json)."""
     plot(results, HERE / "onnx_latency.png")
     command = "python bench/bench_onnx.py" + (" --quick" if results["settings"]["quick"] else "")
-    (HERE / "ONNX.md").write_text(markdown(results, command))
+    quiet.write_page(HERE / "ONNX.md", markdown(results, command), results)
 
 
 def plot(r: dict, path: Path) -> None:

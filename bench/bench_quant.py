@@ -37,6 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import quiet  # noqa: E402
 from bench_onnx import call_plan, latency, parity_figures, parity_sample, session  # noqa: E402
 
 from prolora_export.models import ensure_demo_model  # noqa: E402
@@ -134,7 +135,8 @@ def measure_latency(work: Path, quick: bool) -> dict:
             rounds, per_round = call_plan(phase, n, quick)
             rounds = max(3, rounds // 2)  # eight graphs per model instead of bench_onnx's five: fewer rounds
             print(f"    {phase} at {n} ({rounds * per_round} calls per graph) …", flush=True)
-            medians = latency(sessions, *tokens(n), rounds, per_round)
+            with quiet.measure(f"{work.name} {phase} at {n}"):
+                medians = latency(sessions, *tokens(n), rounds, per_round)
             ms[phase][str(n)] = {name: v * 1e3 for name, v in medians.items()}
     return ms
 
@@ -192,10 +194,15 @@ def run_model(name: str, base: Path, adapter: Path, work: Path, quick: bool, dem
     return result
 
 
-def save(results: dict) -> None:
+def save(results: dict, guard: quiet.LoadGuard) -> None:
     """quant.json with this run's models replacing the stored ones (a subset run refreshes only its own),
-    written after each model so that a long run keeps what it finished."""
+    written after each model so that a long run keeps what it finished. Each model keeps its run's load
+    record; the file's own is the worst of them (it judges the page)."""
     import fcntl
+
+    record = guard.check(results)
+    for model in results["models"].values():
+        model["load"] = record
 
     path = HERE / "quant.json"
     with open(Path(tempfile.gettempdir()) / "prolora-bench-quant.lock", "w") as lock:  # two runs may finish together
@@ -203,10 +210,12 @@ def save(results: dict) -> None:
         stored = json.loads(path.read_text()) if path.is_file() else {"models": {}}
         stored["models"].update(results["models"])
         stored["settings"] = {**stored.get("settings", {}), **results["settings"]}
+        stored["load"] = quiet.worst([model.get("load") for model in stored["models"].values()])
         path.write_text(json.dumps(stored, indent=2) + "\n")
 
 
-def run(work: Path, quick: bool, adapter: Path | None, models: list[str], reuse: bool) -> dict:
+def run(work: Path, quick: bool, adapter: Path | None, models: list[str], reuse: bool,
+        guard: quiet.LoadGuard) -> dict:
     started = time.perf_counter()
     demo = ensure_demo_model(quiet=True)
     results: dict = {"models": {}, "settings": {"quick": quick, "threads": THREADS, "lengths": list(LENGTHS),
@@ -216,14 +225,14 @@ def run(work: Path, quick: bool, adapter: Path | None, models: list[str], reuse:
         adapter_path, results["settings"]["demo_adapter"] = demo_adapter(work, adapter, quick)
         (work / "demo").mkdir(parents=True, exist_ok=True)
         results["models"]["demo"] = run_model("demo", demo, adapter_path, work / "demo", quick, True, reuse)
-        save(results)
+        save(results, guard)
     if "synthetic" in models:
         base, synthetic_adapter = synthetic(work, quick)
         (work / "synth").mkdir(parents=True, exist_ok=True)
         results["models"]["synthetic"] = run_model("synthetic", base, synthetic_adapter, work / "synth", quick,
                                                    False, reuse)
     results["settings"]["wall_s"] = time.perf_counter() - started
-    save(results)
+    save(results, guard)
     return json.loads((HERE / "quant.json").read_text())
 
 
@@ -302,8 +311,8 @@ def markdown(r: dict, command: str) -> str:
     return f"""## Quantized base, float adapters: int8 / int4 with ONNX Runtime's quantizers
 
 Command: `{command}` ({times}). ONNX Runtime CPU, intra_op_num_threads={s['threads']},
-graphs interleaved round by round in one process, medians of wall time on a shared 2-core machine (ratios
-between runs have moved by tens of %: demo int4 compact / fp32 merged decode was 0.44 in an earlier run
+graphs interleaved round by round in one process, medians of wall time (ratios between
+runs on a busy machine have moved by tens of %: demo int4 compact / fp32 merged decode was 0.44 in an earlier run
 whose fp32 graph ran slower). All quantized graphs: MatMulNBits blocks of
 {s['block_size']}, accuracy level {s['accuracy_level']}; int4: int4 GatherBlockQuantized embedding; int8: 8-bit
 blocks, fp32 embedding; int4mix: int4 with v_proj, o_proj, down_proj at int8. The adapter path stays fp32 and
@@ -328,7 +337,7 @@ weight traffic, does.
 
 def render(results: dict) -> None:
     command = "python bench/bench_quant.py" + (" --quick" if results["settings"]["quick"] else "")
-    (HERE / "QUANT.md").write_text(markdown(results, command))
+    quiet.write_page(HERE / "QUANT.md", markdown(results, command), results)
 
 
 def main() -> None:
@@ -340,6 +349,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="measure the graph folders a previous run left in --work instead of exporting again")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite QUANT.md from the last quant.json")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.markdown_only:
         render(json.loads((HERE / "quant.json").read_text()))
@@ -347,11 +357,13 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     if not models or set(models) - set(MODEL_LABELS):
         parser.error(f"--models: choose among {', '.join(MODEL_LABELS)}")
+    guard = quiet.LoadGuard("quant", THREADS, allow_load=args.allow_load)
+    guard.start()
     if args.work is not None:
-        results = run(args.work, args.quick, args.adapter, models, args.reuse)
+        results = run(args.work, args.quick, args.adapter, models, args.reuse, guard)
     else:  # the synthetic model's exports take several GB: never leave them behind
         with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
-            results = run(Path(tmp), args.quick, args.adapter, models, args.reuse)
+            results = run(Path(tmp), args.quick, args.adapter, models, args.reuse, guard)
     render(results)
     print((HERE / "QUANT.md").read_text())
 

@@ -40,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import quiet  # noqa: E402
 from bench_engine import HYPER, THREADS, TOPICS, percentile, variant  # noqa: E402
 from bench_onnx import random_adapter  # noqa: E402
 
@@ -228,8 +229,10 @@ def run(work: Path, quick: bool, reuse: bool) -> dict:
         for clients in CLIENTS:
             for adapters in ADAPTER_COUNTS:
                 bodies = plan(clients, adapters, per_client[clients], max_tokens)
-                http = summarize(asyncio.run(load(server.url, bodies)))
-                ref = offline(engine, bodies)
+                with quiet.measure(f"{clients} clients {adapters} adapters HTTP"):
+                    http = summarize(asyncio.run(load(server.url, bodies)))
+                with quiet.measure(f"{clients} clients {adapters} adapters offline"):
+                    ref = offline(engine, bodies)
                 row = {"clients": clients, "adapters": adapters, "requests": clients * per_client[clients],
                        "http": http, "offline": ref,
                        "ratio": http["tokens_per_s"] / ref["tokens_per_s"]}
@@ -268,8 +271,7 @@ def markdown(r: dict) -> str:
         f"completions, greedy, {s['max_tokens']} tokens each",
         "(`ignore_eos`), adapters round-robin over A. Offline: the same requests, the same C closed-loop clients, "
         "to an",
-        "in-process engine (same graph, threads and max_batch), run right after each HTTP run. One run each, on a "
-        "shared, busy machine.",
+        "in-process engine (same graph, threads and max_batch), run right after each HTTP run. One run each.",
         "",
         "| clients | adapters | requests | HTTP tokens/s | offline tokens/s | HTTP / offline | TTFT p50 (ms) | "
         "TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) | errors |",
@@ -292,8 +294,8 @@ def markdown(r: dict) -> str:
         "",
         "TTFT counts from the request being sent (for 32 clients it includes waiting for the prefill of the",
         "requests ahead). ITL is the gap between content chunks; a chunk carries one token unless the tokenizer",
-        "held characters back. The load generator shares the machine's cores with the server. Single runs on a",
-        "shared machine: the differences between 1, 4 and 16 adapters are not monotone, i.e. within run-to-run noise.",
+        "held characters back. The load generator shares the machine's cores with the server. Single runs: read",
+        "differences of a few % between 1, 4 and 16 adapters as run-to-run noise.",
         "",
     ]
     return "\n".join(lines)
@@ -305,18 +307,21 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep the exports in this folder")
     parser.add_argument("--reuse", action="store_true", help="with --work: reuse its exports and adapters")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite SERVE.md from the last serve.json")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.markdown_only:
         results = json.loads((HERE / "serve.json").read_text())
-    elif args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-        results = run(args.work, args.quick, args.reuse)
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-            results = run(Path(tmp), args.quick, False)
-    if not args.markdown_only:
-        (HERE / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
-    (HERE / "SERVE.md").write_text(markdown(results))
+        guard = quiet.LoadGuard("serve", THREADS + 1, allow_load=args.allow_load)  # + the load generator
+        guard.start()
+        if args.work is not None:
+            args.work.mkdir(parents=True, exist_ok=True)
+            results = run(args.work, args.quick, args.reuse)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+                results = run(Path(tmp), args.quick, False)
+        guard.save(results, HERE / "serve.json")
+    quiet.write_page(HERE / "SERVE.md", markdown(results), results)
     print((HERE / "SERVE.md").read_text())
 
 

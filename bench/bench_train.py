@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import quiet
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--profile", choices=VARIANTS, help="profile one step of this variant instead")
     parser.add_argument("--out", default=str(Path(__file__).parent / "TRAIN.md"))
+    quiet.add_argument(parser)
     args = parser.parse_args()
     if args.worker:
         args.profile = args.profile == args.worker
@@ -115,10 +118,13 @@ def main() -> None:
         args.profile = True
         return worker(args)
 
+    guard = quiet.LoadGuard("train", args.threads, allow_load=args.allow_load)
+    guard.start()
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for variant in VARIANTS:
-            results[variant].append(run_variant(variant, args))
+            with quiet.measure(f"round {round_ + 1} {variant}"):
+                results[variant].append(run_variant(variant, args))
             print(variant, json.dumps(results[variant][-1]), flush=True)
     summary = {}
     for variant, runs in results.items():
@@ -159,10 +165,10 @@ def main() -> None:
         "training_rss": p["train_mb"] / max(q["train_mb"], 1),
     }
     payload = {"command": command.strip(), "summary": summary, "ratios": ratios}
-    (Path(__file__).parent / "train.json").write_text(json.dumps(payload, indent=2) + "\n")
+    guard.save(payload, Path(__file__).parent / "train.json")
     out = Path(args.out)
     notes = out.read_text().partition(NOTES)[2] if out.is_file() and NOTES in out.read_text() else ""
-    out.write_text(text + "\n" + (f"\n{NOTES}{notes}" if notes else ""))
+    quiet.write_page(out, text + "\n" + (f"\n{NOTES}{notes}" if notes else ""), payload)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ README's results table.
     python bench/run.py --quick      # small sizes and few repeats
     python bench/run.py --only merge,onnx
     python bench/run.py --render-only   # rebuild the pages from the JSON files, run nothing
+    python bench/run.py --allow-load    # measure on a busy machine; pages stamped "taken under load"
 
 Each benchmark is a script beside this file that measures itself against its peer (PEFT,
 optimum-cli, plain LoRA, `cp`) back to back and writes a markdown section and a JSON file.
@@ -12,6 +13,10 @@ This runner adds the machine and versions, runs them in turn, and assembles one 
 the latest result of every benchmark (a subset run refreshes only its own sections), with
 one table of every goal the feature issues set beside the measured ratio. Numbers are
 never typed by hand: the README's table between its `results` markers is generated too.
+
+It shows `uptime` first and waits (bounded) for a quiet machine; every timed benchmark records the
+load average around each measurement and refuses to write its page from a run under load (bench/quiet.py)
+unless ``--allow-load`` is given, which stamps the page "taken under load".
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import quiet
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -53,6 +59,10 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "engine": ("bench_engine.py", ["--quick"], [], "ENGINE.md", "engine.json"),
     "serve": ("bench_serve.py", ["--quick"], [], "SERVE.md", "serve.json"),
 }
+#: benchmarks that count bytes or judge accuracy: no time is measured, so load cannot move their figures
+UNTIMED = {"size", "quant-parity"}
+#: the most threads any benchmark keeps busy (a server's 2 plus its load generator), for the check at the start
+BENCH_THREADS = 3
 
 
 def machine() -> dict:
@@ -253,10 +263,14 @@ def goals_table(names: list[str]) -> str:
             lines.append(f"| | {name}: not run yet | | |")
             continue
         try:
-            rows = GOALS[name](json.loads(path.read_text()))
+            results = json.loads(path.read_text())
+            rows = GOALS[name](results)
         except (KeyError, StopIteration, ValueError, TypeError) as err:
             rows = [("", f"{name}: results file lacks {err}", "", None)]
+            results = {}
+        loaded = " (taken under load)" if (results.get("load") or {}).get("under_load") else ""
         for issue, what, measured, met in rows:
+            measured += loaded
             mark = "—" if met is None else ("✅" if met else "❌")
             lines.append(f"| {issue} | {what} | {measured} | {mark} |")
     return "\n".join(lines)
@@ -297,7 +311,9 @@ def write_pages(results: dict) -> None:
         "each section says when it was last refreshed.\n\n"
         f"Machine: {machine_line(results['machine'])}.\n\n"
         "Every ratio is ours / the named peer, measured back to back in the same run (medians). "
-        "The machine's 2 cores are shared with other jobs, so absolute times are noisy; ratios are what to read.\n\n"
+        "Each section says first how loaded the machine was (1-minute load average around every measurement); "
+        "a run under load writes no page unless `--allow-load` is given, and then its page and figures say "
+        "'taken under load'.\n\n"
         f"## Goals from the issues\n\n{table}\n\n" + "\n".join(sections)
     )
     (HERE / "RESULTS.md").write_text(page)
@@ -313,11 +329,36 @@ def write_pages(results: dict) -> None:
         README.write_text(text[:start] + block + text[end:])
 
 
+def preflight(allow_load: bool) -> None:
+    """Show `uptime` and wait (bounded) for the machine to leave the benchmarks' cores free; refuse to start
+    on a busy machine unless loaded runs are allowed."""
+    try:
+        print(subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip(), flush=True)
+    except (OSError, subprocess.CalledProcessError):
+        print(f"load average: {quiet.fmt(os.getloadavg())}", flush=True)
+    cores = os.cpu_count() or 1
+    limit = quiet.start_limit(BENCH_THREADS, cores)
+    load = os.getloadavg()
+    if load[0] > limit and not allow_load:
+        print(f"the 1-minute load average {load[0]:.2f} is above {limit:.1f} ({cores} cores, benchmarks of up to "
+              f"{BENCH_THREADS} threads): waiting up to {quiet.WAIT_S:.0f} s for a quiet machine", flush=True)
+        load = quiet.wait_quiet(limit)
+    if load[0] <= limit:
+        print(f"quiet machine (1-minute load average {load[0]:.2f} ≤ {limit:.1f}): starting", flush=True)
+    elif allow_load:
+        print(f"busy machine (load average {load[0]:.2f} > {limit:.1f}): measuring anyway (--allow-load); "
+              "every page will say 'taken under load'", flush=True)
+    else:
+        sys.exit(f"busy machine: the 1-minute load average stayed at {load[0]:.2f} > {limit:.1f}; rerun on a quiet "
+                 "machine or pass --allow-load")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     parser.add_argument("--only", default="", help=f"comma list among {', '.join(BENCHMARKS)}")
     parser.add_argument("--render-only", action="store_true", help="rebuild RESULTS.md and README from the JSON")
+    quiet.add_argument(parser)
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -328,6 +369,7 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     results.setdefault("benchmarks", {})
     if not args.render_only:
+        preflight(args.allow_load)
         results["machine"] = machine()
         only = f" --only {args.only}" if args.only else ""
         results["command"] = "python bench/run.py" + " --quick" * args.quick + only
@@ -337,6 +379,8 @@ def main() -> None:
             print(f"=== {name}: {script}", flush=True)
             start = time.perf_counter()
             command = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
+            if args.allow_load and name not in UNTIMED:
+                command.append("--allow-load")
             done = subprocess.run(command, cwd=HERE.parent)
             results["benchmarks"][name] = {
                 "script": script,
