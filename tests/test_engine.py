@@ -1,7 +1,9 @@
 """The generation engine on an adapter-slot graph: every row of a mixed, continuously batched batch
 against the single-adapter compact graph run alone (fp32 logits) and PyTorch base + that adapter
 (greedy tokens); sampling under a seed, stop rules, bounds, bad input, loading while running, the
-background runner. A tiny Llama with a character tokenizer (fast); the demo model end to end (slow)."""
+background runner; chunked prefill, a failed run failing only its rows. A tiny Llama with a
+character tokenizer (fast); tiny Gemma, BLOOM and GPT-2 (graphs whose positions come another way);
+the demo model end to end (slow)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import load_adapter, save_adapter
 from prolora_export.inject import inject_adapter, load_adapter_weights
 from prolora_export.models import load_base_model
+from prolora_export.onnx import slots as slot_export
 from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
 from prolora_export.onnx.export import export_onnx
 from prolora_export.runtime import inference_session
@@ -362,3 +365,216 @@ def test_demo_model_mixed_adapters_generate_like_pytorch(demo_model, tmp_path):
 def test_engine_refuses_a_folder_without_slots(tiny, tmp_path: Path):
     with pytest.raises(PRoLoRAError, match="not an adapter-slot ONNX export"):
         Engine(tmp_path)
+
+
+# ---------------------------------------------------------------------- other architectures
+
+
+def _gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, vocab_size=128, max_position_embeddings=256)
+    return GemmaForCausalLM(config).eval(), ["q_proj", "v_proj", "up_proj"]
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(hidden_size=64, n_layer=2, n_head=2, vocab_size=128)).eval(), \
+        ["query_key_value", "dense_h_to_4h"]
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=32, vocab_size=128)
+    return GPT2LMHeadModel(config).eval(), ["c_attn", "c_fc"]
+
+
+ARCHS = {"gemma": _gemma, "bloom": _bloom, "gpt2": _gpt2}
+
+
+@pytest.fixture(scope="module")
+def archs(tmp_path_factory) -> dict:
+    """Per architecture: the base folder, one adapter and its slot export, made on first use.
+    Gemma takes positions from the cache length unless given position_ids; BLOOM (ALiBi) from the
+    attention mask; GPT-2 calls its context ``n_positions``."""
+    root = tmp_path_factory.mktemp("archs")
+    made: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in made:
+            torch.manual_seed(0)
+            model, targets = ARCHS[name]()
+            model.save_pretrained(root / name / "base", safe_serialization=True)
+            save_adapter(root / name / "a", make_adapter(model, seed=1, r=4, unshared_r=1, sharing_rate_a=2,
+                                                         sharing_rate_b=2, target_modules=targets))
+            slots = export_onnx(str(root / name / "base"), [root / name / "a"], root / name / "slots",
+                                mode="compact", slots=True).out
+            made[name] = {"base": root / name / "base", "adapter": root / name / "a", "slots": slots}
+        return made[name]
+
+    return get
+
+
+def torch_logits(arch: dict, adapter: str | None, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
+    """PyTorch base (+ the adapter) on the whole sequence, no cache, no padding: the logits each
+    generated token was chosen from."""
+    model = load_base_model(str(arch["base"]))
+    if adapter:
+        loaded = load_adapter(arch["adapter"])
+        inject_adapter(model, loaded.config)
+        load_adapter_weights(model, loaded.tensors)
+    ids = [*prompt_ids, *tokens]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+    return logits[len(prompt_ids) - 1: len(ids) - 1]
+
+
+def rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("chunk", [2048, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("name", ["gemma", "bloom", "gpt2"])
+def test_rows_prefilled_apart_decode_exactly_on_every_architecture(archs, name, chunk):
+    """Rows of different prompt lengths prefilled in different steps, then left-padded into one
+    batch: each row's logits equal PyTorch's for it alone, with positions fed (Gemma, GPT-2) or
+    taken from the mask (BLOOM), and prompts prefilled whole or in chunks of 5 tokens."""
+    arch = archs(name)
+    eng = Engine(arch["slots"], {"a": arch["adapter"]}, tokenizer=None, max_prefill_tokens=chunk)
+    requests = [Request(prompt_ids=[(5 * k + n) % 120 + 3 for k in range(n)], adapter=a, max_new_tokens=6,
+                        ignore_eos=True, return_logits=True) for n, a in ((17, "a"), (4, None), (9, "a"))]
+    results = {}
+    for request in requests:
+        eng.submit(request)
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    while eng.pending:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert eng.stats.prefills == 3 and eng.stats.prefill_runs == (3 if chunk > 17 else 4 + 1 + 2)
+    for request in requests:
+        result = results[request.request_id]
+        want = torch_logits(arch, request.adapter, list(request.prompt_ids), result.token_ids)
+        assert len(result.token_ids) == 6 and rel(result.logits, want) <= 1e-5, (request.request_id, name)
+
+
+def test_graph_taking_positions_from_the_cache_length_is_refused(archs, tmp_path, monkeypatch):
+    """A Gemma slot graph exported without position_ids (as before this fix) would decode batched
+    rows at wrong rotary positions: the engine refuses it at load, in one line."""
+    arch = archs("gemma")
+    original = slot_export.config_overrides
+    monkeypatch.setattr(slot_export, "config_overrides", lambda model: original(torch.nn.Identity()))
+    old = export_onnx(str(arch["base"]), [arch["adapter"]], tmp_path / "old", mode="compact", slots=True).out
+    with pytest.raises(PRoLoRAError, match=r"gemma slot graph has no position_ids input.*re-export"):
+        Engine(old, tokenizer=None)
+
+
+def test_context_comes_from_the_config_class(archs):
+    """GPT-2 names its context n_positions (32 here): a prompt that fills it is refused, and a long
+    generation stops at it; nothing crashes, the other row is exact."""
+    arch = archs("gpt2")
+    eng = Engine(arch["slots"], {"a": arch["adapter"]}, tokenizer=None)
+    assert eng.context == 32
+    long = Request(prompt_ids=[7] * 28, adapter="a", max_new_tokens=50, ignore_eos=True)
+    other = Request(prompt_ids=[9, 4, 11], max_new_tokens=5, ignore_eos=True, return_logits=True)
+    full, cut, exact = eng.generate([Request(prompt_ids=[5] * 32), long, other])
+    assert full.finish_reason == "error" and "context of 32" in full.error
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 32 - 28
+    assert rel(exact.logits, torch_logits(arch, None, [9, 4, 11], exact.token_ids)) <= 1e-5
+
+
+# ---------------------------------------------------------------------- chunked prefill, failures
+
+
+def recording(eng: Engine, monkeypatch) -> list[tuple[int, int]]:
+    """Record the (rows, new tokens) of every graph run."""
+    runs: list[tuple[int, int]] = []
+    run = eng._run
+
+    def record(feeds, *args):
+        runs.append(feeds["input_ids"].shape)
+        return run(feeds, *args)
+
+    monkeypatch.setattr(eng, "_run", record)
+    return runs
+
+
+def test_long_prompt_prefills_in_chunks_while_running_rows_decode(tiny, monkeypatch):
+    """A 61-token prompt with max_prefill_tokens 8: no run takes more than 8 new tokens (the
+    prefill's activations are bounded by the chunk), a running row gets one token in every step
+    meanwhile, and both rows equal their adapter alone."""
+    eng = engine(tiny, max_batch=4, max_prefill_tokens=8)
+    runs = recording(eng, monkeypatch)
+    running = Request(prompt_ids=prompt(1), adapter="a1", max_new_tokens=20, ignore_eos=True, return_logits=True)
+    long = Request(prompt_ids=[1, *[(11 * k) % 120 + 3 for k in range(60)]], adapter="a2", max_new_tokens=4,
+                   return_logits=True)
+    eng.submit(running)
+    eng.step()
+    eng.submit(long)
+    results, tokens_per_step, steps, first = {}, [], 0, False
+    while not first:
+        events = eng.step()
+        steps += 1
+        tokens_per_step.append(sum(e.request_id == running.request_id and e.token_id is not None for e in events))
+        results.update({e.request_id: e.result for e in events if e.finished})
+        first = any(e.request_id == long.request_id for e in events)
+    assert steps == 8, "61 tokens in chunks of 8: the long prompt's first token comes in the 8th step"
+    assert tokens_per_step == [1] * steps, "the running row is never held by the prefill"
+    while eng.pending:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert max(rows * width for rows, width in runs) <= 8
+    assert eng.stats.prefill_runs == 1 + 8
+    for request in (running, long):
+        assert_row_exact(tiny, request, results[request.request_id])
+
+
+def test_chunked_prefill_equals_whole_prefill(tiny):
+    """The mixed batch of several adapters, prompts prefilled 3 tokens per run: every row still
+    equals its adapter alone (a prompt prefilled whole)."""
+    eng = engine(tiny, max_batch=8, max_prefill_tokens=3)
+    requests = [Request(prompt_ids=prompt(i), adapter=a, max_new_tokens=5, return_logits=True)
+                for i, a in enumerate([None, "a1", "a2", "a3", "a1"])]
+    results = eng.generate(requests)
+    assert eng.stats.prefill_runs > 2 * eng.stats.prefills
+    for request, result in zip(requests, results, strict=True):
+        assert_row_exact(tiny, request, result)
+
+
+def test_a_failed_run_fails_only_its_rows(tiny, monkeypatch):
+    """A prefill run that fails finishes only its own request with the error; a decode run that
+    fails finishes only the decoding rows, while a prompt being prefilled goes on; the survivors
+    are exact. Through the runner too."""
+    eng = engine(tiny, max_batch=4, max_prefill_tokens=4)
+    run = eng._run
+    poison = {"prefill": 99, "decode": False}
+
+    def flaky(feeds, *args):
+        ids = feeds["input_ids"]
+        if (ids == poison["prefill"]).any() or (poison["decode"] and ids.shape[1] == 1):
+            raise RuntimeError("device lost")
+        return run(feeds, *args)
+
+    monkeypatch.setattr(eng, "_run", flaky)
+    running = Request(prompt_ids=prompt(2), adapter="a3", max_new_tokens=8, return_logits=True)
+    doomed = Request(prompt_ids=[1, 5, 99, 7], adapter="a1")
+    with EngineRunner(eng) as runner:
+        survived, failed = runner.generate([running, doomed])
+    assert failed.finish_reason == "error" and "device lost" in failed.error
+    assert_row_exact(tiny, running, survived)
+
+    decoding = Request(prompt_ids=prompt(1), adapter="a1", max_new_tokens=30, ignore_eos=True)
+    prefilling = Request(prompt_ids=prompt(6), adapter="a2", max_new_tokens=6, return_logits=True)
+    eng.submit(decoding)
+    eng.step()
+    eng.submit(prefilling)
+    eng.step()  # the prefill's first chunk; the decoding row decodes
+    poison["decode"] = True
+    events = eng.step()
+    poison["decode"] = False
+    assert [e.result.error for e in events if e.finished] == ["engine run failed: RuntimeError: device lost"]
+    results = {}
+    while eng.pending:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert list(results) == [prefilling.request_id]
+    assert_row_exact(tiny, prefilling, results[prefilling.request_id])

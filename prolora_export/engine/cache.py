@@ -20,7 +20,8 @@ class CopyStats:
     """Bytes moved by the engine, by kind (the graph's own KV concatenation is counted apart)."""
 
     steps: int = 0  # decode steps
-    prefills: int = 0
+    prefills: int = 0  # prefill groups completed
+    prefill_runs: int = 0  # prefill chunks run (a group's prompt may take several)
     host_to_graph: int = 0  # ids, mask, positions, adapter_index fed per run
     graph_to_host: int = 0  # logits read back (0 on the CPU: a view of the output)
     cache_moved: int = 0  # KV bytes copied to merge joining rows or drop finished ones

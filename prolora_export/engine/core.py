@@ -2,11 +2,21 @@
 
 Step-driven: :meth:`Engine.step` does one scheduling step and returns its events. In a step,
 (1) submitted requests are checked (a bad one finishes at once with an error event, nothing else is
-touched), (2) every running row decodes one token, and rows that finish leave the batch, (3) queued
-requests join while the batch size and the cached-token bound allow: their prompts are prefilled
-in chunks of similar length (left-padded, each row with its own adapter), each samples its first
-token, and the running rows' and the joiners' caches are rebuilt into one batch, once per step.
-Rows never wait for each other to finish.
+touched), (2) every running row decodes one token, and rows that finish leave the batch, (3) when no
+prefill is under way, queued requests are taken while the batch size and the cached-token bound
+allow, and grouped by similar prompt length (left-padded, each row with its own adapter), (4) one
+prefill chunk runs: at most ``max_prefill_tokens`` tokens of the first group, the previous chunks'
+presents fed as its past. A group whose prompts are done samples its first tokens and its cache
+joins the running rows' in one rebuild. Rows never wait for each other to finish, and a running
+row waits at most one chunk for its next token, however long a prompt being prefilled.
+
+Positions: a row's positions count its real tokens, fed as ``position_ids``. A graph without that
+input is served only when it derives positions from the attention mask (:data:`MASK_POSITIONS`);
+one deriving them from the cache length (old Gemma slot exports) would decode rows left-padded
+after their own prefill at wrong positions, and is refused at load.
+
+Failures: a graph run that fails finishes only the rows in that run (the decoding rows, or one
+prefill group) with an error event; the other rows go on.
 
 Threads: ``step`` (and :meth:`generate` / :meth:`stream`, which call it) must run on one thread at
 a time; :meth:`submit`, :meth:`cancel`, :meth:`load_adapter` and :meth:`unload_adapter` may be called
@@ -14,9 +24,13 @@ from any thread (submits and cancels are applied at the next step boundary; load
 for the step in progress). :class:`~prolora_export.engine.runner.EngineRunner` runs the steps on a
 background thread and hands events to threads or to an asyncio loop.
 
-Bounds: at most ``max_batch`` rows run at once, and ``rows × longest possible row`` (prompt +
-max_new_tokens, padding included) stays within ``max_cached_tokens``; requests beyond wait in a
-FIFO queue. A prefill holds at most ``max_prefill_tokens`` padded tokens (one request at least).
+Bounds: at most ``max_batch`` rows run or prefill at once, and ``rows × longest possible row``
+(prompt + max_new_tokens, padding included) stays within ``max_cached_tokens``; requests beyond
+wait in a FIFO queue. A graph run takes at most ``max_prefill_tokens`` new tokens (a decode step:
+one per row), so a prefill's activations are bounded by the chunk (attention scores: chunk ×
+cached length) whatever the prompt; ONNX Runtime's arena is shrunk after a prefill's last chunk,
+so that memory goes back. Prompts and generation stop at the model's context (taken from its
+config class, so aliases such as GPT-2's ``n_positions`` count).
 """
 
 from __future__ import annotations
@@ -41,8 +55,16 @@ from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
 
 PAST, PRESENT = "past_key_values", "present"
-#: a prefill chunk's padded tokens stay within this factor of its real ones (else a new chunk)
+#: a prefill group's padded tokens stay within this factor of its real ones (else a new group)
 PREFILL_PADDING = 1.15
+#: model types whose graphs take no ``position_ids`` and derive positions from the attention mask
+#: (ALiBi from the mask's running count), so left padding leaves them exact
+MASK_POSITIONS = frozenset({"bloom"})
+#: config fields that hold a context length, in order, after ``max_position_embeddings`` (which the
+#: config classes' attribute maps already alias, e.g. GPT-2's ``n_positions``)
+CONTEXT_FIELDS = ("n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
+#: context assumed when the config names none (ALiBi models such as BLOOM have no position table)
+DEFAULT_CONTEXT = 2048
 Listener = Callable[[Event], None]
 
 
@@ -63,11 +85,72 @@ class _Sequence:
     emitted: int = 0
     first_token: float | None = None
     logits: list[np.ndarray] = field(default_factory=list)
+    finished: bool = False
 
     @property
     def final_length(self) -> int:
         """The most positions this row can ever cache."""
         return len(self.prompt_ids) + self.max_new
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """Joiners prefilled together: prompts left-padded to one width, run a chunk of columns per step,
+    each chunk's presents the next one's past."""
+
+    seqs: list[_Sequence]
+    ids: np.ndarray  # (rows, width) int64, left-padded
+    mask: np.ndarray  # (rows, width) int64, 1 real token
+    done: int = 0  # columns prefilled so far
+    past: dict | None = None  # presents of the columns done
+
+    @classmethod
+    def of(cls, seqs: list[_Sequence]) -> _Prefill:
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = np.zeros((len(seqs), width), np.int64)
+        mask = np.zeros((len(seqs), width), np.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt_ids):] = seq.prompt_ids
+            mask[row, width - len(seq.prompt_ids):] = 1
+        return cls(seqs, ids, mask)
+
+    @property
+    def width(self) -> int:
+        return self.ids.shape[1]
+
+
+def model_context(config) -> int:
+    """The most positions a model takes: ``max_position_embeddings`` as its config class reads it
+    (aliases included), else the first other context field, else :data:`DEFAULT_CONTEXT`."""
+    for name in ("max_position_embeddings", *CONTEXT_FIELDS):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_CONTEXT
+
+
+def _model_config(folder: Path):
+    """The export's transformers config (its class maps aliased fields); one line when unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as err:
+        raise PRoLoRAError(f"cannot read the model config: {_first_line(err)}", str(folder)) from None
+
+
+def _shrink_options(device: str):
+    """Run options that hand ONNX Runtime's arena memory back after the run: a prefill's last chunk,
+    so what its activations took is returned rather than kept at its peak for the decode steps."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0" if device == "cpu" else "cpu:0;gpu:0")
+    return options
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 class Engine:
@@ -111,13 +194,19 @@ class Engine:
         self.kv_shape = (past.shape[1], past.shape[3])  # heads, head_dim
         self.kv_dtype = np.float16 if "float16" in past.type else np.float32
         self.has_positions = "position_ids" in inputs
+        config = _model_config(self.folder)
+        text = config.get_text_config()
+        if not self.has_positions and config.model_type not in MASK_POSITIONS:
+            raise PRoLoRAError(f"this {config.model_type} slot graph has no position_ids input, so it takes positions "
+                               "from the cache length and rows batched after their own prefill would decode at "
+                               "wrong positions; re-export it with this version of `prolora-export onnx --mode "
+                               "compact --slots`, which adds position_ids", str(self.folder))
         shapes = {name: tuple(i.shape[1:]) for name, i in inputs.items() if i.shape and i.shape[0] == SLOT_DIM}
         self.slots = SlotTable(shapes, record, self.session, self.device)
-        config = json.loads((self.folder / "config.json").read_text())
-        self.context = int(config.get("max_position_embeddings") or 2048)
-        self.vocab_size = int(config["vocab_size"])
+        self.context = model_context(text)
+        self.vocab_size = int(text.vocab_size)
         self.tokenizer = self._tokenizer(tokenizer)
-        self.eos_ids = self._eos_ids(config)
+        self.eos_ids = self._eos_ids(getattr(text, "eos_token_id", None))
         self.max_batch, self.max_cached_tokens = max_batch, max_cached_tokens
         self.max_prefill_tokens = max_prefill_tokens
         self.stats = CopyStats()
@@ -128,7 +217,8 @@ class Engine:
         self._unloading: set[str] = set()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._joining: list[_Sequence] = []  # taken from the queue, being prefilled in this step
+        self._prefills: deque[_Prefill] = deque()  # taken from the queue, prefilled a chunk per step
+        self._shrink = _shrink_options(self.device)
         self._cache: KVBatch | None = None
         for name, source in (adapters or {}).items():
             self.load_adapter(name, source)
@@ -144,9 +234,9 @@ class Engine:
 
         return AutoTokenizer.from_pretrained(str(self.folder))
 
-    def _eos_ids(self, config: dict) -> frozenset[int]:
+    def _eos_ids(self, config_eos) -> frozenset[int]:
         ids: set[int] = set()
-        sources = [config.get("eos_token_id")]
+        sources = [config_eos]
         generation = self.folder / "generation_config.json"
         if generation.is_file():
             sources.append(json.loads(generation.read_text()).get("eos_token_id"))
@@ -205,8 +295,9 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        """Requests submitted, queued or running."""
-        return len(self._inbox) + len(self._waiting) + len(self._running)
+        """Requests submitted, queued, being prefilled or running."""
+        prefilling = sum(not s.finished for group in self._prefills for s in group.seqs)
+        return len(self._inbox) + len(self._waiting) + prefilling + len(self._running)
 
     def generate(self, requests: Iterable[Request]) -> list[Result]:
         """Run requests to the end (sharing the batch with anything else submitted); results in order."""
@@ -238,9 +329,10 @@ class Engine:
             events: list[Event] = []
             with self._inbox_lock:
                 submitted, self._inbox = list(self._inbox), deque()
-            seqs = [*self._running, *(s for s in self._joining if s not in self._running), *self._waiting]
+            prefilling = [s for group in self._prefills for s in group.seqs if not s.finished]
+            seqs = [*self._running, *(s for s in prefilling if s not in self._running), *self._waiting]
             seqs += [_Sequence(r, [], 0, Sampler(), frozenset(), listener, t) for r, listener, t in submitted]
-            self._running, self._joining, self._waiting, self._cache = [], [], deque(), None
+            self._running, self._prefills, self._waiting, self._cache = [], deque(), deque(), None
             for seq in seqs:
                 self._finish(seq, "error", events, error=message)
             self._finish_unloads()
@@ -262,9 +354,9 @@ class Engine:
             before = self._moved()
             decoded = bool(self._running)
             keep = self._decode(events) if decoded else []  # cache rows still running after this token
-            self._joining = self._pick_joiners(events)
-            joined = self._prefill(self._joining, events) if self._joining else []
-            self._joining = []
+            if not self._prefills:
+                self._prefills.extend(self._groups(self._pick_joiners(events)))
+            joined = self._prefill_chunk(events) if self._prefills else None
             self._rebuild(keep, joined)
             if decoded:
                 self.stats.per_step.append(self._moved() - before)
@@ -326,13 +418,17 @@ class Engine:
         for seq in [s for s in self._waiting if s.request.request_id in ids]:
             self._waiting.remove(seq)
             self._finish(seq, "cancelled", events)
+        for seq in [s for group in self._prefills for s in group.seqs if s.request.request_id in ids]:
+            if not seq.finished:  # its row is dropped when its group's prefill ends
+                self._finish(seq, "cancelled", events)
+        self._prefills = deque(g for g in self._prefills if not all(s.finished for s in g.seqs))
         rows = {i for i, s in enumerate(self._running) if s.request.request_id in ids}
         for i in sorted(rows):
             self._finish(self._running[i], "cancelled", events)
         if rows:
             keep = [i for i in range(len(self._running)) if i not in rows]
             self._running = [self._running[i] for i in keep]
-            self._rebuild(keep, [])
+            self._rebuild(keep, None)
 
     def _pick_joiners(self, events: list[Event]) -> list[_Sequence]:
         """Queued requests that fit now, in order (FIFO: the first that does not fit waits, and so do
@@ -348,9 +444,6 @@ class Engine:
             rows = len(self._running) + len(joiners) + 1
             if rows * max(longest, seq.final_length) > self.max_cached_tokens:
                 break
-            width = max([len(s.prompt_ids) for s in joiners] + [len(seq.prompt_ids)])
-            if joiners and (len(joiners) + 1) * width > self.max_prefill_tokens:
-                break
             longest = max(longest, seq.final_length)
             seq.slot = -1 if seq.request.adapter is None else self.slots.slot_of[seq.request.adapter]
             joiners.append(self._waiting.popleft())
@@ -358,7 +451,7 @@ class Engine:
 
     # ------------------------------------------------------------------ running the graph
 
-    def _run(self, feeds: dict[str, np.ndarray], past: dict) -> tuple[np.ndarray, dict]:
+    def _run(self, feeds: dict[str, np.ndarray], past: dict, options=None) -> tuple[np.ndarray, dict]:
         """One run through IOBinding: small inputs from the host, cache and slots as OrtValues,
         presents left where the graph wrote them; returns last-position logits (host) and presents."""
         binding = self.session.io_binding()
@@ -372,7 +465,7 @@ class Engine:
         binding.bind_output("logits", "cpu")
         for name in self.present_names:
             binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()[:, -1]
         if self.device != "cpu":
@@ -383,7 +476,8 @@ class Engine:
 
     def _decode(self, events: list[Event]) -> list[int]:
         """One token for every running row; finished rows leave ``_running`` at once and the cache
-        rows to keep are returned (the cache is rebuilt once per step, with the joiners)."""
+        rows to keep are returned (the cache is rebuilt once per step, with the joiners). A failed
+        run finishes every running row with its error (the prefilling and queued ones go on)."""
         cache = self._cache
         rows = self._running
         feeds = {
@@ -393,59 +487,81 @@ class Engine:
         }
         if self.has_positions:
             feeds["position_ids"] = cache.positions()
-        logits, presents = self._run(feeds, cache.values)
+        try:
+            logits, presents = self._run(feeds, cache.values)
+        except Exception as err:  # any failure of the run fails its rows, and only them
+            self._fail(rows, err, events)
+            self._running = []
+            return []
         cache.advance(presents)
         self.stats.steps += 1
         keep = [i for i, seq in enumerate(rows) if not self._emit(seq, logits[i], events)]
         self._running = [rows[i] for i in keep]
         return keep
 
-    def _prefill(self, joiners: list[_Sequence], events: list[Event]) -> list[tuple[KVBatch, list[int]]]:
-        """Prefill the joiners in chunks of similar prompt length (padding wastes compute); each
-        samples its first token; returns each chunk's cache with the rows that go on running."""
-        joiners = sorted(joiners, key=lambda s: -len(s.prompt_ids))
-        chunks: list[list[_Sequence]] = []
-        for seq in joiners:
-            chunk = chunks[-1] if chunks else None
-            padded = (len(chunk) + 1) * len(chunk[0].prompt_ids) if chunk else 0
-            real = sum(len(s.prompt_ids) for s in chunk or []) + len(seq.prompt_ids)
-            if chunk and padded <= self.max_prefill_tokens and padded <= PREFILL_PADDING * real:
-                chunk.append(seq)
+    def _groups(self, joiners: list[_Sequence]) -> list[_Prefill]:
+        """The joiners in prefill groups of similar prompt length (padding wastes compute), shortest
+        first (their first tokens come soonest); a group of several rows fits one run, and a group of
+        one may take several chunks."""
+        groups: list[list[_Sequence]] = []
+        for seq in sorted(joiners, key=lambda s: len(s.prompt_ids)):
+            group = groups[-1] if groups else None
+            padded = (len(group) + 1) * len(seq.prompt_ids) if group else 0
+            real = sum(len(s.prompt_ids) for s in group or []) + len(seq.prompt_ids)
+            if group and padded <= self.max_prefill_tokens and padded <= PREFILL_PADDING * real:
+                group.append(seq)
             else:
-                chunks.append([seq])
-        out = []
-        for chunk in chunks:
-            batch, alive = self._prefill_chunk(chunk, events)
-            if alive:
-                out.append((batch, alive))
-                self._running.extend(chunk[row] for row in alive)
-        return out
+                groups.append([seq])
+        return [_Prefill.of(group) for group in groups]
 
-    def _prefill_chunk(self, joiners: list[_Sequence], events: list[Event]) -> tuple[KVBatch, list[int]]:
-        width = max(len(s.prompt_ids) for s in joiners)
-        ids = np.zeros((len(joiners), width), np.int64)
-        mask = np.zeros((len(joiners), width), np.int64)
-        for row, seq in enumerate(joiners):
-            ids[row, width - len(seq.prompt_ids):] = seq.prompt_ids
-            mask[row, width - len(seq.prompt_ids):] = 1
-        heads, head_dim = self.kv_shape
-        empty = np.zeros((len(joiners), heads, 0, head_dim), self.kv_dtype)
-        feeds = {"input_ids": ids, "attention_mask": mask, ADAPTER_INDEX: np.array([s.slot for s in joiners], np.int64)}
+    def _prefill_chunk(self, events: list[Event]) -> tuple[KVBatch, list[int]] | None:
+        """One run of the first prefill group: its next columns, at most ``max_prefill_tokens`` tokens
+        in all, the columns done fed as past. When the prompts are done, each row samples its first
+        token and the group's cache with the rows that go on running is returned. A failed run
+        finishes the group's rows with its error."""
+        group = self._prefills[0]
+        rows = len(group.seqs)
+        start = group.done
+        stop = min(group.width, start + max(1, self.max_prefill_tokens // rows))
+        feeds = {"input_ids": group.ids[:, start:stop], "attention_mask": group.mask[:, :stop],
+                 ADAPTER_INDEX: np.array([s.slot for s in group.seqs], np.int64)}
         if self.has_positions:
-            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        logits, presents = self._run(feeds, {name: to_value(empty, self.device) for name in self.past_names})
+            feeds["position_ids"] = np.maximum(np.cumsum(group.mask, axis=1) - 1, 0)[:, start:stop]
+        if group.past is None:
+            heads, head_dim = self.kv_shape
+            empty = np.zeros((rows, heads, 0, head_dim), self.kv_dtype)
+            group.past = {name: to_value(empty, self.device) for name in self.past_names}
+        try:
+            logits, group.past = self._run(feeds, group.past, self._shrink if stop == group.width else None)
+        except Exception as err:  # any failure of the run fails its rows, and only them
+            self._prefills.popleft()
+            self._fail([s for s in group.seqs if not s.finished], err, events)
+            return None
+        group.done = stop
+        self.stats.prefill_runs += 1
+        if stop < group.width:
+            return None
+        self._prefills.popleft()
         self.stats.prefills += 1
-        batch = KVBatch(self.past_names, presents, mask, self.stats, self.device)
-        alive = [row for row, seq in enumerate(joiners) if not self._emit(seq, logits[row], events)]
-        return batch, alive
+        batch = KVBatch(self.past_names, group.past, group.mask, self.stats, self.device)
+        alive = [row for row, seq in enumerate(group.seqs)
+                 if not seq.finished and not self._emit(seq, logits[row], events)]
+        self._running.extend(group.seqs[row] for row in alive)
+        return (batch, alive) if alive else None
 
-    def _rebuild(self, keep: list[int], joined: list[tuple[KVBatch, list[int]]]) -> None:
-        """The batch's cache after rows left (``keep``: cache rows still running) and chunks joined,
-        in one copy; nothing is copied when nobody left or joined, or one whole chunk starts a batch."""
+    def _fail(self, seqs: list[_Sequence], err: Exception, events: list[Event]) -> None:
+        """Finish the rows of a failed run with its error."""
+        for seq in seqs:
+            self._finish(seq, "error", events, error=f"engine run failed: {_first_line(err)}")
+
+    def _rebuild(self, keep: list[int], joined: tuple[KVBatch, list[int]] | None) -> None:
+        """The batch's cache after rows left (``keep``: cache rows still running) and a group joined,
+        in one copy; nothing is copied when nobody left or joined, or a whole group starts a batch."""
         parts: list[tuple[KVBatch, list[int] | None]] = []
         if self._cache is not None and keep:
             parts.append((self._cache, None if len(keep) == self._cache.rows else keep))
-        for batch, alive in joined:
+        if joined is not None:
+            batch, alive = joined
             parts.append((batch, None if len(alive) == batch.rows else alive))
         if not parts:
             self._cache = None
@@ -510,6 +626,7 @@ class Engine:
 
     def _finish(self, seq: _Sequence, reason: str, events: list[Event], *, text: str = "", token: int | None = None,
                 error: str | None = None) -> None:
+        seq.finished = True
         if not text and seq.emitted < len(seq.text) and reason != "error":
             text = seq.text[seq.emitted:]  # anything held back is final now
         now = time.perf_counter()

@@ -582,7 +582,7 @@ def export_onnx(
                 device=device,
                 do_validation=validate,
                 custom_onnx_configs=_optimum_configs(
-                    model, full_task, dtype, spec, slot_export.config_overrides() if slots else None
+                    model, full_task, dtype, spec, slot_export.config_overrides(model) if slots else None
                 ),
             )
         if spec is not None:

@@ -122,14 +122,20 @@ def export_with_slots(model: nn.Module) -> Iterator[None]:
             _EXPORTING.pop(id(layer), None)
 
 
-def config_overrides() -> dict:
-    """Methods for optimum's export config class: ``adapter_index`` as one more input."""
+def config_overrides(model: nn.Module) -> dict:
+    """Methods for optimum's export config class: ``adapter_index`` as one more input, and
+    ``position_ids`` where the model takes them but optimum's config leaves them out (Gemma,
+    Gemma 2/3, GPT-OSS, Nemotron): such a graph derives positions from the past length, which
+    is wrong for a row that a batching engine left-pads after its prefill."""
+    positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def inputs(self) -> dict[str, dict[int, str]]:
         base = super(type(self), self).inputs
+        batch = next(iter(base.values())).get(0, "batch_size")
+        if positions and "position_ids" not in base and "input_ids" in base:
+            base = {**base, "position_ids": {0: batch, 1: base["input_ids"].get(1, "sequence_length")}}
         if getattr(self, "_without_index", False):  # while optimum's own dummy generators run
             return base
-        batch = next(iter(base.values())).get(0, "batch_size")
         return {**base, op.ADAPTER_INDEX: {0: batch}}
 
     def generate_dummy_inputs(self, framework: str = "pt", **shapes):
