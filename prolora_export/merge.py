@@ -29,8 +29,6 @@ from .errors import PRoLoRAError, raise_if
 from .formats.detect import read_adapter
 from .formats.prolora import MAX_DELTA, Adapter, factor_maxima
 from .formats.reference import ReadOptions
-from .inject import layer_problems, shared_weight_problems
-from .layer import stores_transposed
 from .models import check_model_dir, copy_model_side_files, meta_model, resolve_model
 from .outputs import atomic_output_dir, check_destination, check_free_space
 
@@ -52,6 +50,31 @@ SAFETENSORS_FLOATS: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
 }
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+_LLAMA_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+_NEOX_LINEARS = frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"})
+#: model_type -> (the class config.json's ``architectures`` must name, the names of its blocks' adaptable
+#: layers, whether those are transformers' Conv1D, which stores W as (d_in, d_out)). In these models no
+#: such layer shares its weight with another module, so with the checkpoint's own tensor shapes the
+#: merge's layout needs no modeling code: importing transformers and building the model on the meta
+#: device was most of a small merge's start-up. Anything else (lm_head, which may be tied; other names,
+#: types or classes; remote code; quantized checkpoints) is decided on the model, as before.
+#: tests/test_merge.py checks every entry against that model-based answer.
+KNOWN_LAYOUTS: dict[str, tuple[str, frozenset[str], bool]] = {
+    "llama": ("LlamaForCausalLM", _LLAMA_LINEARS, False),
+    "mistral": ("MistralForCausalLM", _LLAMA_LINEARS, False),
+    "qwen2": ("Qwen2ForCausalLM", _LLAMA_LINEARS, False),
+    "qwen3": ("Qwen3ForCausalLM", _LLAMA_LINEARS, False),
+    "gemma": ("GemmaForCausalLM", _LLAMA_LINEARS, False),
+    "gemma2": ("Gemma2ForCausalLM", _LLAMA_LINEARS, False),
+    "phi3": ("Phi3ForCausalLM", frozenset({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}), False),
+    "opt": ("OPTForCausalLM", frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}), False),
+    "gptj": ("GPTJForCausalLM", frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"}), False),
+    "gpt_neox": ("GPTNeoXForCausalLM", _NEOX_LINEARS, False),
+    "falcon": ("FalconForCausalLM", _NEOX_LINEARS, False),
+    "bloom": ("BloomForCausalLM", _NEOX_LINEARS, False),
+    "gpt2": ("GPT2LMHeadModel", frozenset({"c_attn", "c_proj", "c_fc"}), True),
+}
 
 
 @dataclass
@@ -153,6 +176,9 @@ def _module_problems(
     the weight's shape: a square weight fits both, and an adapter whose recorded sizes are swapped
     would fit the transpose. Sizes that contradict the layer are refused, naming it.
     """
+    from .inject import layer_problems, shared_weight_problems
+    from .layer import stores_transposed
+
     targets: dict[str, bool] = {}
     problems: list[str] = []
     where = f"adapter {adapter_dir}"
@@ -176,6 +202,37 @@ def _module_problems(
         else:
             targets[key] = stores_transposed(module)
     return targets, problems
+
+
+def _checkpoint_targets(
+    base: Path, loaded: list[tuple[str, Adapter, float]], tensors: dict[str, _TensorInfo]
+) -> dict[str, bool] | None:
+    """What :func:`_module_problems` finds (every adapted weight and whether it is stored transposed),
+    from config.json and the checkpoint's headers alone, for the architectures of :data:`KNOWN_LAYOUTS`;
+    None unless every module is one of their blocks' layers with a checkpoint weight of the adapter's
+    sizes (the model-based checks then decide, and say what is wrong)."""
+    try:
+        config = json.loads((base / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    known = KNOWN_LAYOUTS.get(config.get("model_type")) if isinstance(config, dict) else None
+    if known is None or config.get("architectures") != [known[0]] or {"auto_map", "quantization_config"} & set(config):
+        return None
+    _, layers, transposed = known
+    targets: dict[str, bool] = {}
+    for _, adapter, _ in loaded:
+        for path, sizes in adapter.config.modules.items():
+            info = tensors.get(f"{path}.weight")
+            d_in, d_out = sizes["in_features"], sizes["out_features"]
+            if (
+                path.rpartition(".")[2] not in layers
+                or info is None
+                or info.dtype not in SAFETENSORS_FLOATS
+                or info.shape != ((d_in, d_out) if transposed else (d_out, d_in))
+            ):
+                return None
+            targets[f"{path}.weight"] = transposed
+    return targets
 
 
 def _delta_bound_problems(loaded: list[tuple[str, Adapter, float]]) -> list[str]:
@@ -247,16 +304,18 @@ def _plan(
     shard_names, tensors, index, layout_problems = _read_layout(base_dir)
     problems += layout_problems
     problems += _delta_bound_problems(loaded)
-    targets: dict[str, bool] = {}
-    try:
-        model = meta_model(str(base_dir), checkpoint_layout=True)
-    except PRoLoRAError as err:
-        problems += err.problems
-    else:
-        for adapter_dir, adapter, _ in loaded:
-            found, bad = _module_problems(adapter_dir, adapter, tensors, model)
-            targets.update(found)
-            problems += bad
+    targets = _checkpoint_targets(base_dir, loaded, tensors)
+    if targets is None:
+        targets = {}
+        try:
+            model = meta_model(str(base_dir), checkpoint_layout=True)
+        except PRoLoRAError as err:
+            problems += err.problems
+        else:
+            for adapter_dir, adapter, _ in loaded:
+                found, bad = _module_problems(adapter_dir, adapter, tensors, model)
+                targets.update(found)
+                problems += bad
     raise_if(problems)
     return _Plan(base_dir, shard_names, tensors, targets, index), loaded
 

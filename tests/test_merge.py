@@ -319,3 +319,75 @@ def test_demo_model_greedy_tokens(tmp_path: Path, demo_model: Path) -> None:
         assert rel_err(base(prompt).logits, adapted(prompt).logits) > 1e-3
         assert rel_err(merged(prompt).logits, adapted(prompt).logits) <= 1e-4
     assert torch.equal(greedy(merged), greedy(adapted))
+
+
+# ------------------------------------------------ issue 28 item 20: the layout without modeling code
+
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, head_dim=16, vocab_size=64)  # fmt: skip
+TINY_CONFIGS = {
+    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE, "gemma2": _LLAMA_LIKE,
+    "phi3": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=64, pad_token_id=0),
+    "opt": dict(hidden_size=32, ffn_dim=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                word_embed_proj_dim=32, max_position_embeddings=64),
+    "gptj": dict(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64, rotary_dim=8),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
+    "falcon": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
+    "bloom": dict(hidden_size=32, n_layer=1, n_head=2, vocab_size=64),
+    "gpt2": dict(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_known_layouts_agree_with_the_model(tmp_path: Path, monkeypatch, model_type: str) -> None:
+    """For every architecture of KNOWN_LAYOUTS, the layout read from config.json and the checkpoint
+    (no modeling code) is exactly what the model-based checks find: the same weights, the same
+    orientation (GPT-2's Conv1D transposed), every block layer of the table adapted."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prolora_export import merge
+
+    assert sorted(TINY_CONFIGS) == sorted(merge.KNOWN_LAYOUTS)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])).eval()
+    base_dir = save_base(base, tmp_path / "base")
+    layers = sorted(merge.KNOWN_LAYOUTS[model_type][1])
+    adapter_dir, _ = adapter_on(base, tmp_path, "ad", seed=3, r=4, target_modules=layers)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built for a known layout")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merge, "meta_model", no_model)
+        fast, _ = merge._plan(base_dir, [(adapter_dir, 1.0)], tmp_path / "out", force=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(merge, "_checkpoint_targets", lambda *args: None)
+        by_model, _ = merge._plan(base_dir, [(adapter_dir, 1.0)], tmp_path / "out", force=False)
+    assert fast.targets == by_model.targets
+    assert {key.rsplit(".", 2)[-2] for key in fast.targets} == set(layers)
+    assert set(fast.targets.values()) == {model_type == "gpt2"}
+
+
+def test_a_merge_imports_no_modeling_code_and_leaves_only_its_output(tmp_path: Path) -> None:
+    """The merge's start-up is Python and torch (issue 28 item 20): transformers is not imported for a
+    known architecture. And nothing but the output is left beside it (item 17)."""
+    import subprocess
+    import sys
+
+    base = tiny_llama()
+    base_dir = save_base(base, tmp_path / "base")
+    adapter_dir, _ = adapter_on(base, tmp_path, "ad", seed=9)
+    out = tmp_path / "outputs" / "merged"
+    code = (
+        "import sys\n"
+        "from prolora_export.cli import main\n"
+        f"main(['merge', '--base', {str(base_dir)!r}, '--adapter', {str(adapter_dir)!r}, '--out', {str(out)!r},"
+        " '--quiet'], standalone_mode=False)\n"
+        "print('IMPORTED', sorted(m for m in ('transformers', 'peft', 'onnx') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "IMPORTED []" in done.stdout, done.stdout
+    assert [p.name for p in out.parent.iterdir()] == ["merged"]
