@@ -180,3 +180,60 @@ def test_fp16_slot_graph_runs_each_row_close_to_fp32(tiny, tmp_path):
     want = ref.run(["logits"], stacked_feeds(ref, ids, tiny["adapters"], index))[0]
     err = float(np.abs(got - want).max() / np.abs(want).max())
     assert err <= 2e-2, f"fp16 slot graph relative difference {err:.2e}"
+
+
+FLATTENING = {  # tiny random decoders; OPT feeds its MLP the tokens flattened to (batch·tokens, d)
+    "opt": (dict(hidden_size=32, ffn_dim=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=128,
+                 word_embed_proj_dim=32, max_position_embeddings=64),
+            ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+    "gptj": (dict(n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=64, rotary_dim=8),
+             ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(FLATTENING))
+def test_slot_export_of_layers_fed_flattened_tokens(tmp_path: Path, model_type: str) -> None:
+    """``onnx --mode compact --slots`` on OPT (issue 28 item 6) exports, and each row of a mixed batch
+    (another batch size and length than the trace's) is what PyTorch gives with that row's adapter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prolora_export.inject import load_injected
+
+    sizes, targets = FLATTENING[model_type]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).save_pretrained(tmp_path / "base")
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+
+    adapters = [save_adapter(tmp_path / f"a{seed}", make_adapter(base(), seed=seed, r=4, target_modules=targets))
+                for seed in (1, 2)]  # fmt: skip
+    out = export_onnx(str(tmp_path / "base"), adapters, tmp_path / "slots", mode="compact", slots=True).out
+    sess = inference_session(out)
+    index = [1, -1, 0]
+    ids = np.array([[5, 9, 33, 2, 77, 100, 64]] * len(index), dtype=np.int64)
+    got = sess.run(["logits"], stacked_feeds(sess, ids, adapters, index))[0]
+    for row, k in enumerate(index):
+        model = base() if k < 0 else load_injected(base(), adapters[k])
+        with torch.no_grad():
+            want = model(torch.from_numpy(ids[:1])).logits[0, -1].numpy()
+        err = float(np.abs(got[row, -1] - want).max() / np.abs(want).max())
+        assert err <= 1e-5, f"row {row} (slot {k}): relative difference {err:.2e}"
+    assert np.abs(got[0] - got[1]).max() > 1e-3, "adapters must change the logits (else the test is blind)"
+
+
+def test_rows_that_are_not_one_per_token_are_refused(tmp_path: Path) -> None:
+    """A layer fed a subset of the tokens (a mixture's expert) cannot have its rows matched with
+    adapter_index: one clear error, not a silently wrong graph."""
+    from prolora_export.onnx import slots
+
+    model = tiny_llama()
+    make_adapter(model, seed=1, r=4, target_modules=["up_proj"])
+    layer = model.get_submodule("model.layers.0.mlp.up_proj")
+    with slots.export_with_slots(model):
+        slots.CONTEXT.adapter_index, slots.CONTEXT.tokens = torch.tensor([0, -1]), 5
+        try:
+            with pytest.raises(PRoLoRAError, match=r"module 'model\.layers\.0\.mlp\.up_proj' takes 7 rows for 2×5"):
+                layer.adapter_output(torch.zeros(7, layer.geometry.in_features))
+        finally:
+            slots.CONTEXT.adapter_index = slots.CONTEXT.tokens = None

@@ -52,9 +52,11 @@ _TRACE_SLOTS = 2
 
 
 class _Context:
-    """The ``adapter_index`` tensor of the forward being traced, read by every adapted layer."""
+    """The ``adapter_index`` tensor of the forward being traced, read by every adapted layer, and the
+    number of tokens per row of its ``input_ids`` (for layers that see the tokens flattened)."""
 
     adapter_index: torch.Tensor | None = None
+    tokens: int | None = None
 
 
 CONTEXT = _Context()
@@ -95,11 +97,11 @@ def export_with_slots(model: nn.Module) -> Iterator[None]:
     """While active, every PRoLoRALinear holds slot-stacked shards and computes through the slot op."""
     from .export import _EXPORTING, _INPUT_RANKS
 
-    layers = [layer for _, layer in prolora_layers(model)]
+    layers = list(prolora_layers(model))
     saved: list[tuple[PRoLoRALinear, dict[str, nn.Parameter]]] = []
     _INPUT_RANKS.clear()
     try:
-        for layer in layers:
+        for path, layer in layers:
             key = id(layer)
             _EXPORTING[key] = layer
             own = layer.adapter_tensors()
@@ -107,11 +109,26 @@ def export_with_slots(model: nn.Module) -> Iterator[None]:
             for name, tensor in own.items():
                 layer._parameters[name] = nn.Parameter(torch.stack([tensor.detach(), -tensor.detach()]), False)
 
-            def adapter_output(x: torch.Tensor, layer: PRoLoRALinear = layer, key: int = key) -> torch.Tensor:
-                if CONTEXT.adapter_index is None:
+            def adapter_output(
+                x: torch.Tensor, layer: PRoLoRALinear = layer, key: int = key, path: str = path
+            ) -> torch.Tensor:
+                index = CONTEXT.adapter_index
+                if index is None:
                     raise RuntimeError("slot export traced without adapter_index")
                 t = layer.adapter_tensors()
-                return _SlotFunction.apply(x, CONTEXT.adapter_index, *(t.get(name) for name in TENSOR_NAMES), key)
+                shards = [t.get(name) for name in TENSOR_NAMES]
+                if x.dim() != 2:
+                    return _SlotFunction.apply(x, index, *shards, key)
+                # OPT (and others) flatten the tokens to (batch·tokens, d) before this layer: batch-major,
+                # so (batch, tokens, d) is the same rows, the shape the slot op takes (SPEC §5)
+                if CONTEXT.tokens is None or x.shape[0] != index.shape[0] * CONTEXT.tokens:
+                    raise PRoLoRAError(
+                        f"module '{path}' takes {x.shape[0]} rows for {index.shape[0]}×{CONTEXT.tokens} tokens, "
+                        "not one row per token (experts of a mixture?): its rows cannot be matched with "
+                        "adapter_index; export without --slots, or without this module"
+                    )
+                rows = x.reshape(index.shape[0], -1, x.shape[-1])
+                return _SlotFunction.apply(rows, index, *shards, key).flatten(0, 1)
 
             layer.adapter_output = adapter_output
         yield
@@ -179,11 +196,13 @@ def _with_adapter_index(patcher, model: nn.Module, inputs: set[str]) -> Iterator
         def forward(*args, **kwargs):
             arguments = dict(wrapped.bind(*args, **kwargs).arguments)
             CONTEXT.adapter_index = arguments.pop(op.ADAPTER_INDEX)
+            ids = arguments.get("input_ids")
+            CONTEXT.tokens = None if ids is None else int(ids.shape[-1])
             more = arguments.pop(var_kw, {}) if var_kw else {}
             try:
                 return inner(**arguments, **more)
             finally:
-                CONTEXT.adapter_index = None
+                CONTEXT.adapter_index = CONTEXT.tokens = None
 
         forward.__signature__ = wrapped
         model.forward = forward
