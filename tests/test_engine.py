@@ -307,15 +307,15 @@ def test_runner_serves_threads_and_asyncio(tiny):
 
 
 def test_runner_survives_a_failing_step(tiny, monkeypatch):
-    """A step that fails unexpectedly finishes every pending request with that error; the next
-    requests are served as usual."""
+    """A step that fails outside its graph runs (a bug) finishes every pending request with that
+    error; the next requests are served as usual."""
     eng = engine(tiny, max_batch=4)
 
     def broken(*args):
         raise RuntimeError("device lost")
 
     with EngineRunner(eng) as runner:
-        monkeypatch.setattr(eng, "_run", broken)
+        monkeypatch.setattr(eng, "_groups", broken)
         failed = runner.generate([Request(prompt_ids=prompt(0), adapter="a1"), Request(prompt_ids=prompt(1))])
         monkeypatch.undo()
         request = Request(prompt_ids=prompt(2), adapter="a3", max_new_tokens=4, return_logits=True)
@@ -392,14 +392,30 @@ def _gpt2():
     return GPT2LMHeadModel(config).eval(), ["c_attn", "c_fc"]
 
 
-ARCHS = {"gemma": _gemma, "bloom": _bloom, "gpt2": _gpt2}
+def _mpt():
+    from transformers import MptConfig, MptForCausalLM
+
+    config = MptConfig(d_model=64, n_heads=2, n_layers=2, vocab_size=128, max_seq_len=128)
+    return MptForCausalLM(config).eval(), ["Wqkv", "up_proj"]
+
+
+def _falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, vocab_size=128, alibi=True,
+                          new_decoder_architecture=False, multi_query=False)
+    return FalconForCausalLM(config).eval(), ["query_key_value", "dense_h_to_4h"]
+
+
+ARCHS = {"gemma": _gemma, "bloom": _bloom, "gpt2": _gpt2, "mpt": _mpt, "falcon": _falcon}
 
 
 @pytest.fixture(scope="module")
 def archs(tmp_path_factory) -> dict:
     """Per architecture: the base folder, one adapter and its slot export, made on first use.
-    Gemma takes positions from the cache length unless given position_ids; BLOOM (ALiBi) from the
-    attention mask; GPT-2 calls its context ``n_positions``."""
+    Gemma takes positions from the cache length unless given position_ids; BLOOM, MPT and Falcon
+    with ALiBi take no position_ids (their biases survive left padding); GPT-2 calls its context
+    ``n_positions``."""
     root = tmp_path_factory.mktemp("archs")
     made: dict = {}
 
@@ -437,11 +453,11 @@ def rel(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("chunk", [2048, 5], ids=["whole", "chunked"])
-@pytest.mark.parametrize("name", ["gemma", "bloom", "gpt2"])
+@pytest.mark.parametrize("name", list(ARCHS))
 def test_rows_prefilled_apart_decode_exactly_on_every_architecture(archs, name, chunk):
     """Rows of different prompt lengths prefilled in different steps, then left-padded into one
     batch: each row's logits equal PyTorch's for it alone, with positions fed (Gemma, GPT-2) or
-    taken from the mask (BLOOM), and prompts prefilled whole or in chunks of 5 tokens."""
+    none (ALiBi: BLOOM, MPT, Falcon), and prompts prefilled whole or in chunks of 5 tokens."""
     arch = archs(name)
     eng = Engine(arch["slots"], {"a": arch["adapter"]}, tokenizer=None, max_prefill_tokens=chunk)
     requests = [Request(prompt_ids=[(5 * k + n) % 120 + 3 for k in range(n)], adapter=a, max_new_tokens=6,
@@ -578,3 +594,24 @@ def test_a_failed_run_fails_only_its_rows(tiny, monkeypatch):
         results.update({e.request_id: e.result for e in eng.step() if e.finished})
     assert list(results) == [prefilling.request_id]
     assert_row_exact(tiny, prefilling, results[prefilling.request_id])
+
+
+def test_a_failing_row_fails_alone(tiny):
+    """A row whose next token cannot be chosen (its sampler raises) finishes with that error; the
+    row beside it in the same decode run goes on, exact."""
+    eng = engine(tiny, max_batch=4)
+    broken = Request(prompt_ids=prompt(3), adapter="a2", max_new_tokens=8, ignore_eos=True)
+    fine = Request(prompt_ids=prompt(4), adapter="a1", max_new_tokens=8, return_logits=True)
+    eng.submit(broken)
+    eng.submit(fine)
+    eng.step()
+
+    def fail(logits):
+        raise ValueError("bad logits")
+
+    next(s for s in eng._running if s.request is broken).sampler = fail
+    results = {}
+    while eng.pending:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert results[broken.request_id].error == "choosing the next token failed: ValueError: bad logits"
+    assert_row_exact(tiny, fine, results[fine.request_id])

@@ -11,7 +11,7 @@ joins the running rows' in one rebuild. Rows never wait for each other to finish
 row waits at most one chunk for its next token, however long a prompt being prefilled.
 
 Positions: a row's positions count its real tokens, fed as ``position_ids``. A graph without that
-input is served only when it derives positions from the attention mask (:data:`MASK_POSITIONS`);
+input is served only when its positions survive left padding (ALiBi, :data:`MASK_POSITIONS`);
 one deriving them from the cache length (old Gemma slot exports) would decode rows left-padded
 after their own prefill at wrong positions, and is refused at load.
 
@@ -57,9 +57,9 @@ from .slots import AdapterSource, SlotTable
 PAST, PRESENT = "past_key_values", "present"
 #: a prefill group's padded tokens stay within this factor of its real ones (else a new group)
 PREFILL_PADDING = 1.15
-#: model types whose graphs take no ``position_ids`` and derive positions from the attention mask
-#: (ALiBi from the mask's running count), so left padding leaves them exact
-MASK_POSITIONS = frozenset({"bloom"})
+#: model types whose graphs may take no ``position_ids`` and stay exact under left padding: ALiBi
+#: from the mask's running count (BLOOM, Falcon with ``alibi``) or from key-column distances (MPT)
+MASK_POSITIONS = frozenset({"bloom", "falcon", "mpt"})
 #: config fields that hold a context length, in order, after ``max_position_embeddings`` (which the
 #: config classes' attribute maps already alias, e.g. GPT-2's ``n_positions``)
 CONTEXT_FIELDS = ("n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx")
@@ -217,6 +217,7 @@ class Engine:
         self._unloading: set[str] = set()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._joining: list[_Sequence] = []  # taken from the queue, not yet in a prefill group
         self._prefills: deque[_Prefill] = deque()  # taken from the queue, prefilled a chunk per step
         self._shrink = _shrink_options(self.device)
         self._cache: KVBatch | None = None
@@ -323,16 +324,18 @@ class Engine:
                     return
 
     def fail_all(self, message: str) -> list[Event]:
-        """Finish every submitted, queued and running request with ``message`` as its error and drop
-        the batch (what a runner does when a step fails unexpectedly)."""
+        """Finish every submitted, queued, prefilling and running request with ``message`` as its error
+        and drop the batch (what a runner does when a step fails outside its graph runs)."""
         with self._lock:
             events: list[Event] = []
             with self._inbox_lock:
                 submitted, self._inbox = list(self._inbox), deque()
-            prefilling = [s for group in self._prefills for s in group.seqs if not s.finished]
-            seqs = [*self._running, *(s for s in prefilling if s not in self._running), *self._waiting]
+            prefilling = [s for group in self._prefills for s in group.seqs] + self._joining
+            seqs = [*self._running, *(s for s in prefilling if s not in self._running and not s.finished),
+                    *self._waiting]
             seqs += [_Sequence(r, [], 0, Sampler(), frozenset(), listener, t) for r, listener, t in submitted]
-            self._running, self._prefills, self._waiting, self._cache = [], deque(), deque(), None
+            self._running, self._joining, self._prefills, self._waiting = [], [], deque(), deque()
+            self._cache = None
             for seq in seqs:
                 self._finish(seq, "error", events, error=message)
             self._finish_unloads()
@@ -355,7 +358,9 @@ class Engine:
             decoded = bool(self._running)
             keep = self._decode(events) if decoded else []  # cache rows still running after this token
             if not self._prefills:
-                self._prefills.extend(self._groups(self._pick_joiners(events)))
+                self._pick_joiners(events)
+                self._prefills.extend(self._groups(self._joining))
+                self._joining = []
             joined = self._prefill_chunk(events) if self._prefills else None
             self._rebuild(keep, joined)
             if decoded:
@@ -430,10 +435,10 @@ class Engine:
             self._running = [self._running[i] for i in keep]
             self._rebuild(keep, None)
 
-    def _pick_joiners(self, events: list[Event]) -> list[_Sequence]:
-        """Queued requests that fit now, in order (FIFO: the first that does not fit waits, and so do
-        the ones behind it)."""
-        joiners: list[_Sequence] = []
+    def _pick_joiners(self, events: list[Event]) -> None:
+        """Move the queued requests that fit now to ``_joining``, in order (FIFO: the first that does
+        not fit waits, and so do the ones behind it)."""
+        joiners = self._joining
         longest = max((s.final_length for s in self._running), default=0)
         while self._waiting and len(self._running) + len(joiners) < self.max_batch:
             seq = self._waiting[0]
@@ -447,7 +452,6 @@ class Engine:
             longest = max(longest, seq.final_length)
             seq.slot = -1 if seq.request.adapter is None else self.slots.slot_of[seq.request.adapter]
             joiners.append(self._waiting.popleft())
-        return joiners
 
     # ------------------------------------------------------------------ running the graph
 
@@ -495,7 +499,7 @@ class Engine:
             return []
         cache.advance(presents)
         self.stats.steps += 1
-        keep = [i for i, seq in enumerate(rows) if not self._emit(seq, logits[i], events)]
+        keep = [i for i, seq in enumerate(rows) if not self._next(seq, logits[i], events)]
         self._running = [rows[i] for i in keep]
         return keep
 
@@ -545,7 +549,7 @@ class Engine:
         self.stats.prefills += 1
         batch = KVBatch(self.past_names, group.past, group.mask, self.stats, self.device)
         alive = [row for row, seq in enumerate(group.seqs)
-                 if not seq.finished and not self._emit(seq, logits[row], events)]
+                 if not seq.finished and not self._next(seq, logits[row], events)]
         self._running.extend(group.seqs[row] for row in alive)
         return (batch, alive) if alive else None
 
@@ -575,6 +579,15 @@ class Engine:
         return s.host_to_graph + s.graph_to_host + s.cache_moved
 
     # ------------------------------------------------------------------ tokens to events
+
+    def _next(self, seq: _Sequence, logits: np.ndarray, events: list[Event]) -> bool:
+        """:meth:`_emit`, a failure of which (its sampler, its stop rules) finishes that row only."""
+        try:
+            return self._emit(seq, logits, events)
+        except Exception as err:  # one row's failure must not stop the others
+            if not seq.finished:
+                self._finish(seq, "error", events, error=f"choosing the next token failed: {_first_line(err)}")
+            return True
 
     def _emit(self, seq: _Sequence, logits: np.ndarray, events: list[Event]) -> bool:
         """Choose the row's next token and report it; True when the request has finished."""

@@ -5,7 +5,8 @@ thread that steps it, as long as anything is pending, and sleeps otherwise. Call
 threads submit and read their request's events from a queue (:meth:`stream`); an asyncio server
 uses :meth:`astream`, whose events are handed to its loop with ``call_soon_threadsafe``, so the
 loop never blocks on a decode step. Leaving an ``astream``/``stream`` early cancels the request.
-If a step fails unexpectedly, every pending request finishes with that error and the runner goes on.
+A graph run that fails finishes only its own rows (the engine's step sees to that); should anything
+else in a step fail, every pending request finishes with that error and the runner goes on.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class EngineRunner:
             if self.engine.pending:
                 try:
                     self.engine.step()
-                except Exception as err:  # a failed run must not strand the waiting callers
+                except Exception as err:  # a step failing outside its runs must not strand the callers
                     with contextlib.suppress(Exception):  # nor may failing them stop the thread
                         self.engine.fail_all(f"engine step failed: {type(err).__name__}: {err}")
             else:
