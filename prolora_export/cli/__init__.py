@@ -37,7 +37,7 @@ COMMANDS = {
 SUMMARIES = {
     "train": "Fine-tune BASE with a PRoLoRA adapter on a JSONL file and write the adapter folder.",
     "merge": "Write a drop-in copy of MODEL with the adapters merged into its weights.",
-    "onnx": "Export BASE + ADAPTER to ONNX with optimum (tokenizer and config files copied).",
+    "onnx": "Export BASE + ADAPTER to ONNX with optimum or the model builder (tokenizer and config files copied).",
     "onnx-adapter": "Write ADAPTER's shards as an ONNX Runtime adapter file (onnxruntime.AdapterFormat).",
     "parity": "Prove that an ONNX export computes what PyTorch base + adapter (unmerged) computes.",
     "quantize": "Quantize the base weights of ONNX_DIR (a merged or compact export) with ONNX Runtime's own "

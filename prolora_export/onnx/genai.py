@@ -182,14 +182,43 @@ def write_genai_files(folder: Path, config) -> str:
     if content is None:
         return f"no genai_config.json: onnxruntime-genai does not run this graph ({config.model_type})"
     (folder / "genai_config.json").write_text(json.dumps(content, indent=2) + "\n")
+    return "; ".join(["genai_config.json written", *filter(None, [rewrite_tokenizer(folder)])])
+
+
+def rewrite_tokenizer(folder: Path) -> str | None:
+    """Respell the folder's ``tokenizer.json`` the way genai reads it (:func:`genai_tokenizer`), in place;
+    returns a note for the summary, None when there is nothing to rewrite."""
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
-        return "genai_config.json written (no tokenizer.json in the folder)"
+        return "no tokenizer.json in the folder"
     rewritten = genai_tokenizer(json.loads(tokenizer_file.read_text(encoding="utf-8")))
     if rewritten is None:
-        return "genai_config.json written"
+        return None
     tokenizer_file.write_text(json.dumps(rewritten, ensure_ascii=False), encoding="utf-8")
-    return "genai_config.json written; tokenizer.json spelled the way genai reads it (same ids in Hugging Face)"
+    return "tokenizer.json spelled the way genai reads it (same ids in Hugging Face)"
+
+
+#: why a slot graph's folder has no genai_config.json (the summary says it)
+NO_GENAI_FOR_SLOTS = ("no genai_config.json: onnxruntime-genai feeds only the decoder's standard inputs, not a slot "
+                      "graph's adapter_index and slot shards (serve it with prolora_export.engine)")
+
+
+def fit_builder_config(folder: Path, slots: bool) -> str:
+    """Fit the genai_config.json that ONNX Runtime GenAI's model builder wrote to the graph as spliced:
+    a compact graph keeps it (genai feeds the standard inputs, the shards keep their defaults and
+    ``og.Adapters`` replace them), with ORT's log level at errors, since every overridable shard
+    warns at load; a slot graph's is removed (:data:`NO_GENAI_FOR_SLOTS`). The tokenizer is
+    respelled for genai as in :func:`write_genai_files`. Returns a note for the summary."""
+    config_file = folder / "genai_config.json"
+    if not config_file.is_file():
+        return "no genai_config.json (the model builder wrote none)"
+    if slots:
+        config_file.unlink()
+        return NO_GENAI_FOR_SLOTS
+    config = json.loads(config_file.read_text())
+    config["model"]["decoder"].setdefault("session_options", {})["log_severity_level"] = 3
+    config_file.write_text(json.dumps(config, indent=4) + "\n")
+    return "; ".join(["genai_config.json from the model builder", *filter(None, [rewrite_tokenizer(folder)])])
 
 
 def genai_greedy(model, prompt_ids: list[int], max_new_tokens: int,

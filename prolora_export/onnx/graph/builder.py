@@ -13,21 +13,37 @@ ends. Its failures come back as one line (:func:`_last_error`).
 The splice (:mod:`.splice`) depends on the builder's node names, inputs and packing, so only
 the versions in :data:`BUILDER_VERSIONS` and the architectures in :data:`ARCHITECTURES` (those
 whose graphs the tests check) are accepted.
+
+Options passed to the builder (``--extra_options``): ``fuse_qkv=false`` for graphs to splice
+(:data:`UNPACKED_QKV`), and for ``-p int4``/``-p int8`` ``block_size`` and ``accuracy_level``
+(:func:`quantization_options`). Everything else is the builder's default: symmetric weight-only
+MatMulNBits (``algo_config=default``) of every MatMul, the embedding and norms float.
+
+Merged mode (:func:`build_merged`) is the builder on our streaming merge's output, and
+:func:`choose_graph` is ``onnx --graph``: which decoders take this route, which stay with optimum.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import PRoLoRAError
-from ...outputs import atomic_output_dir
+from ...models import copy_model_side_files
+from ...outputs import atomic_output_dir, check_destination
+
+if TYPE_CHECKING:  # onnx is imported where graphs are read, not for the CLI's route choice
+    import onnx
+
+    from ...formats.reference import ReadOptions
 
 BUILDER_PACKAGE = "onnxruntime-genai"
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
@@ -38,11 +54,14 @@ MIN_TRANSFORMERS = (5, 0)
 #: config.json ``architectures[0]`` values whose builder graphs name projections as the splice expects
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: precisions whose projections the builder writes as ``com.microsoft::MatMulNBits`` (weight-only, blockwise)
+QUANTIZED_PRECISIONS = {"int4": 4, "int8": 8}
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 #: files the builder's tokenizer step reads (it loads the tokenizer before anything else)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-#: the builder's extra option that keeps Q, K and V as three MatMuls (what the splice needs)
-UNPACKED_QKV = {"disable_qkv_fusion": "true"}
+#: the builder's extra option that keeps Q, K and V as three MatMuls (what the splice needs; 0.18 spells it
+#: ``fuse_qkv``, its older ``disable_qkv_fusion`` is a deprecated alias)
+UNPACKED_QKV = {"fuse_qkv": "false"}
 #: an adapted module path the builder's graph has a projection for (:func:`projection_node_name`)
 MODULE_PATH = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$")
 #: the builder's block names for the Hugging Face module names
@@ -50,12 +69,40 @@ BLOCKS = {"self_attn": "attn", "mlp": "mlp"}
 
 
 def projection_node_name(module_path: str) -> str | None:
-    """The builder's MatMul for a Hugging Face module path (None: not a projection it names)."""
+    """The builder's float MatMul for a Hugging Face module path (None: not a projection it names)."""
     match = MODULE_PATH.match(module_path)
     if match is None:
         return None
     layer, block, name = match.groups()
     return f"/model/layers.{layer}/{BLOCKS[block]}/{name}/MatMul"
+
+
+def projection_node(nodes: dict[str, onnx.NodeProto], module_path: str) -> onnx.NodeProto | None:
+    """The builder's projection node for a module path, by name: the float ``…/MatMul``, or the
+    ``…/MatMul_Q4`` / ``…/MatMul_Q8`` MatMulNBits that its weight-only quantizer makes of it
+    (ORT's ``MatMulNBitsQuantizer`` names a quantized node ``{name}_Q{bits}``)."""
+    name = projection_node_name(module_path)
+    if name is None:
+        return None
+    found = [nodes[n] for n in (name, *(f"{name}_Q{bits}" for bits in QUANTIZED_PRECISIONS.values())) if n in nodes]
+    return found[0] if len(found) == 1 else None
+
+
+def projection_sizes(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> tuple[int, int] | None:
+    """(in, out) features of a projection node: the float weight's shape, or MatMulNBits' K and N attributes
+    (its weight initializer is packed blocks); None for anything else."""
+    if node.op_type == "MatMul" and node.domain == "" and node.input[1] in weights:
+        dims = tuple(weights[node.input[1]].dims)
+        return (dims[0], dims[1]) if len(dims) == 2 else None
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        attrs = {a.name: a.i for a in node.attribute}
+        return (attrs["K"], attrs["N"]) if "K" in attrs and "N" in attrs else None
+    return None
+
+
+def projection_float_type(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> int:
+    """The float type a projection computes in: its weight's, or for MatMulNBits its scales' (input 2)."""
+    return weights[node.input[2 if node.op_type == "MatMulNBits" else 1]].data_type
 
 
 @dataclass
@@ -68,10 +115,16 @@ class BaseGraph:
     precision: str
     execution_provider: str
     seconds: float
+    genai: str | None = None  # set where the folder is finished for onnxruntime-genai (:func:`build_merged`)
 
     @property
     def model(self) -> Path:
         return self.folder / "model.onnx"
+
+    def summary(self) -> str:
+        return (f"model-builder graph ({self.architecture}, {self.precision}, {self.execution_provider}, "
+                f"onnxruntime-genai {self.builder_version}) written to {self.folder} in {self.seconds:.1f} s"
+                + (f"; {self.genai}" if self.genai else ""))
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -134,6 +187,62 @@ def model_architecture(hf_dir: Path) -> str:
     return name
 
 
+#: ``onnx --graph`` choices: who writes the decoder graph
+GRAPHS = ("auto", "builder", "optimum")
+#: the optimum tasks the builder's graph stands for (a decoder with its KV cache)
+BUILDER_TASKS = ("auto", "text-generation-with-past")
+
+
+def local_model_dir(base: str | Path) -> Path:
+    """A local folder for ``base`` (alias, folder, or a hub id in the HF cache): the builder reads folders."""
+    from ...merge import _local_base  # the one place that turns a hub id into a cached folder
+
+    return _local_base(base)
+
+
+def builder_route_problem(base: str | Path, task: str = "auto") -> str | None:
+    """Why ``base`` has no model-builder route in this environment (None: it has one): a task other than
+    a decoder with its KV cache, no builder of a tested version or no transformers 5 here, or an
+    architecture outside :data:`ARCHITECTURES`."""
+    if task not in BUILDER_TASKS:
+        return f"the model builder writes decoders with their KV cache (--task {task} is optimum's)"
+    try:
+        check_versions(installed_versions())
+        model_architecture(local_model_dir(base))
+    except PRoLoRAError as err:
+        return str(err)
+    return None
+
+
+def choose_graph(graph: str, base: str | Path, task: str = "auto") -> str:
+    """``builder`` or ``optimum`` for ``onnx --graph``: ``auto`` takes the builder wherever
+    :func:`builder_route_problem` finds none, else optimum; ``builder`` refuses in one line where it has one."""
+    if graph not in GRAPHS:
+        raise PRoLoRAError(f"unknown graph '{graph}' (expected one of: {', '.join(GRAPHS)})")
+    if graph == "optimum":
+        return graph
+    problem = builder_route_problem(base, task)
+    if problem is not None and graph == "builder":
+        raise PRoLoRAError(f"--graph builder: {problem}")
+    return "optimum" if problem else "builder"
+
+
+def quantization_options(precision: str, block_size: int | None, accuracy_level: int | None) -> dict[str, str]:
+    """The builder's MatMulNBits options (``block_size``, ``accuracy_level``: the names 0.18 reads for
+    int4 and int8) for a quantized precision, checked as ``prolora-export quantize`` checks them;
+    None keeps the builder's default (32; accuracy level 4 on the CPU, 0 on CUDA)."""
+    given = {k: v for k, v in (("block_size", block_size), ("accuracy_level", accuracy_level)) if v is not None}
+    if precision not in QUANTIZED_PRECISIONS:
+        if given:
+            raise PRoLoRAError(f"{' and '.join(given)} apply to the int4 and int8 precisions only (not {precision})")
+        return {}
+    from ..quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_settings
+
+    check_settings(QUANTIZED_PRECISIONS[precision], block_size or DEFAULT_BLOCK_SIZE,
+                   DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
+    return {k: str(v) for k, v in given.items()}
+
+
 def run_builder(
     hf_dir: str | Path,
     out: str | Path,
@@ -141,14 +250,18 @@ def run_builder(
     execution_provider: str = "cpu",
     *,
     packed: bool = False,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
     extra_options: dict[str, str] | None = None,
     cache_dir: str | Path | None = None,
     python: str | None = None,
 ) -> BaseGraph:
     """Build the base graph of ``hf_dir`` into the existing folder ``out`` (no atomicity: see
-    :func:`build_base_graph`). ``packed``: keep the builder's one Q/K/V MatMul (the splice needs
-    them apart); ``extra_options``: passed to the builder as ``KEY=VALUE``; ``python``: the
-    interpreter whose environment has the builder (default: this one)."""
+    :func:`build_base_graph`), with the model's side files (config.json, generation config …) that
+    the builder does not copy but the rest of the toolchain reads. ``packed``: keep the builder's one
+    Q/K/V MatMul (the splice needs them apart); ``block_size``/``accuracy_level``: int4/int8 only
+    (:func:`quantization_options`); ``extra_options``: passed to the builder as ``KEY=VALUE``;
+    ``python``: the interpreter whose environment has the builder (default: this one)."""
     hf_dir, out = Path(hf_dir), Path(out)
     problems = []
     if precision not in PRECISIONS:
@@ -158,12 +271,13 @@ def run_builder(
                         f"(expected one of: {', '.join(EXECUTION_PROVIDERS)})")
     if problems:
         raise PRoLoRAError(problems)
+    quantization = quantization_options(precision, block_size, accuracy_level)
     architecture = model_architecture(hf_dir)
     if not any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
         raise PRoLoRAError("the model builder needs the model's tokenizer files in the folder "
                            f"(one of {', '.join(TOKENIZER_FILES)})", str(hf_dir))
     version = check_versions(installed_versions(python), python)
-    options = {**({} if packed else UNPACKED_QKV), **(extra_options or {})}
+    options = {**({} if packed else UNPACKED_QKV), **quantization, **(extra_options or {})}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="builder-cache-") as scratch:
         command = [python or sys.executable, "-m", BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out),
@@ -175,6 +289,7 @@ def run_builder(
         raise PRoLoRAError(f"the model builder failed: {_last_error(done.stderr or done.stdout)}", str(hf_dir))
     if not (out / "model.onnx").is_file():
         raise PRoLoRAError("the model builder wrote no model.onnx", str(out))
+    copy_model_side_files(hf_dir, out, overwrite=False)  # the builder's tokenizer and genai_config stay
     return BaseGraph(out, architecture, version, precision, execution_provider, time.perf_counter() - start)
 
 
@@ -189,9 +304,42 @@ def build_base_graph(
 ) -> BaseGraph:
     """The builder's graph of the base model in ``hf_dir``, written atomically to ``out_dir``
     (``options``: those of :func:`run_builder`)."""
+    check_destination(out_dir, force, inputs=[("base model", hf_dir)])
     with atomic_output_dir(out_dir, force=force) as tmp:
         built = run_builder(hf_dir, tmp, precision, execution_provider, **options)
     built.folder = Path(out_dir)
+    return built
+
+
+def build_merged(
+    hf_base: str | Path,
+    adapter: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    execution_provider: str = "cpu",
+    *,
+    force: bool = False,
+    read_options: ReadOptions | None = None,
+    **options,
+) -> BaseGraph:
+    """The builder's graph of ``hf_base`` with ``adapter`` merged into its weights (``onnx --mode merged``):
+    :func:`prolora_export.merge.merge_adapters` writes the merged model (fp32, so ΔW is not rounded
+    to the base's dtype before the builder casts or quantizes) into a scratch folder inside the
+    output's temporary folder, with the base's tokenizer and config; the builder runs on it with its
+    own packing (Q/K/V in one MatMul: a plain model has nothing to splice). ``options``: those of
+    :func:`run_builder`."""
+    from ...merge import merge_adapters
+    from ..genai import fit_builder_config
+
+    check_destination(out_dir, force, inputs=[("base model", hf_base), ("adapter folder", adapter)])
+    start = time.perf_counter()
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        merged = tmp / ".merged-model"
+        merge_adapters(hf_base, [(adapter, 1.0)], merged, dtype="fp32", progress=False, read_options=read_options)
+        built = run_builder(merged, tmp, precision, execution_provider, packed=True, **options)
+        shutil.rmtree(merged)
+        built.genai = fit_builder_config(tmp, slots=False)
+    built.folder, built.seconds = Path(out_dir), time.perf_counter() - start
     return built
 
 

@@ -15,7 +15,7 @@ from ...errors import raise_if
 from ...formats.prolora import Adapter
 from .. import op
 from ..slots import SLOT_DIM
-from .builder import projection_node_name
+from .builder import projection_node
 
 
 def check_spliced(model: onnx.ModelProto, adapter: Adapter, *, slots: bool = False) -> None:
@@ -33,7 +33,7 @@ def check_spliced(model: onnx.ModelProto, adapter: Adapter, *, slots: bool = Fal
     initializers = {i.name for i in graph.initializer}
     problems = []
     for path in sorted(adapter.config.modules):
-        projection = nodes.get(projection_node_name(path) or "")
+        projection = projection_node(nodes, path)
         delta = nodes.get(f"{path}.{op_type}")
         if projection is None or delta is None or (delta.domain, delta.op_type) != (op.DOMAIN, op_type):
             problems.append(f"layer '{path}' has no {op_type} node beside its projection")

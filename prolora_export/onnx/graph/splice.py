@@ -8,8 +8,13 @@ one ``.onnx_adapter`` file maps 1:1 onto the graph), its function body and the g
 are exactly those of the optimum-based compact export: the graph is finished by the same
 :func:`..export.finish_compact` / :func:`..slots.finish_slots`.
 
+Quantized bases (``-p int4``/``int8``): the builder's projection is then a ``com.microsoft::MatMulNBits``
+(``…/MatMul_Q4`` or ``_Q8``, its in/out sizes in the K and N attributes) with the same input X
+and output name; the splice is the same, the op's shards stay float (the graph's activation type,
+read from the scales) and overridable, and the quantized weights are never touched.
+
 Why the unpacked route: the builder packs Q/K/V into one MatMul unless told not to
-(``disable_qkv_fusion``); with them apart every adapted projection has its own MatMul to splice
+(``fuse_qkv=false``); with them apart every adapted projection has its own MatMul to splice
 at, whatever subset of projections an adapter targets. The packed alternative would add the
 Concat of the Q/K/V deltas (with zeros for unadapted ones) to the packed output: one node more
 per layer and special cases, for the one MatMul launch per layer it saves.
@@ -25,11 +30,19 @@ from onnx import TensorProto, helper
 
 from ...errors import PRoLoRAError, raise_if
 from ...formats.prolora import Adapter, load_adapter
-from ...outputs import atomic_output_dir
+from ...outputs import atomic_output_dir, check_destination
 from .. import op
 from ..export import DEFAULT_ADAPTERS, finish_compact
+from ..genai import fit_builder_config
 from ..slots import finish_slots
-from .builder import BaseGraph, projection_node_name, run_builder
+from .builder import (
+    BaseGraph,
+    projection_float_type,
+    projection_node,
+    projection_node_name,
+    projection_sizes,
+    run_builder,
+)
 from .check import check_spliced
 
 #: rank of X at every projection of a builder graph: (batch_size, sequence_length, features)
@@ -47,35 +60,38 @@ class SplicedGraph:
     layers: int
     slots: bool
     base: BaseGraph | None = None
+    genai: str | None = None  # what the folder holds for onnxruntime-genai (:func:`..genai.fit_builder_config`)
 
     def summary(self) -> str:
         kind = "RotatedShardLoRASlots" if self.slots else "RotatedShardLoRA"
-        return f"spliced {self.layers} {kind} nodes into the builder graph in {self.folder}"
+        return "; ".join(filter(None, [self.base.summary() if self.base else None,
+                                       f"spliced {self.layers} {kind} nodes into the builder graph in {self.folder}",
+                                       self.genai]))
 
 
 def _projections(graph: onnx.GraphProto, adapter: Adapter) -> tuple[dict[str, onnx.NodeProto], int]:
-    """Each adapted module's MatMul, checked against the adapter's layer sizes; and the weights' type."""
+    """Each adapted module's projection (a float MatMul or a MatMulNBits), checked against the adapter's
+    layer sizes; and the float type the graph computes in (the weights', or a quantized graph's scales')."""
     nodes = {n.name: n for n in graph.node}
     weights = {i.name: i for i in graph.initializer}
     found, types, problems = {}, set(), []
     for path, sizes in sorted(adapter.config.modules.items()):
-        name = projection_node_name(path)
-        node = nodes.get(name) if name else None
-        if node is None or node.op_type != "MatMul" or node.input[1] not in weights:
-            where = f"its node {name} is missing or not a float MatMul" if name else "not a *_proj layer"
+        node = projection_node(nodes, path)
+        shape = projection_sizes(node, weights) if node is not None else None
+        if shape is None:
+            name = projection_node_name(path)
+            where = f"its node {name} is missing or not a MatMul or MatMulNBits" if name else "not a *_proj layer"
             problems.append(f"layer '{path}' has no projection to adapt in the builder graph ({where})")
             continue
-        weight = weights[node.input[1]]
-        shape = (sizes["in_features"], sizes["out_features"])
-        if tuple(weight.dims) != shape:
-            problems.append(f"layer '{path}' is {shape[0]}→{shape[1]} in the adapter but "
-                            f"{weight.dims[0]}→{weight.dims[1]} in the base graph")
+        if shape != (sizes["in_features"], sizes["out_features"]):
+            problems.append(f"layer '{path}' is {sizes['in_features']}→{sizes['out_features']} in the adapter but "
+                            f"{shape[0]}→{shape[1]} in the base graph")
         found[path] = node
-        types.add(weight.data_type)
+        types.add(projection_float_type(node, weights))
     raise_if(problems[:6], "adapter does not fit the base graph")
     if len(types) != 1 or next(iter(types)) not in FLOAT_TYPES:
-        raise PRoLoRAError("the splice needs a float32 or float16 base graph (quantized projections are not "
-                           "supported yet)")
+        raise PRoLoRAError("the splice needs a graph computing in float32 or float16 (found element types "
+                           f"{sorted(types)})")
     return found, types.pop()
 
 
@@ -92,7 +108,7 @@ def splice(model: onnx.ModelProto, adapter: Adapter, *, slots: bool = False, bod
     for path, node in projections.items():
         output = node.output[0]
         stem = node.name.rsplit("/", 1)[0]
-        node.output[0] = f"{stem}/MatMul/base_output_0"
+        node.output[0] = f"{stem}/MatMul/base_output_0"  # MatMulNBits' output too: one name whatever the precision
         delta = op.make_node(node.input[0], f"{stem}/prolora/output_0", path, spec, geometries[path],
                              adapter.config.scaling)
         add = helper.make_node("Add", [node.output[0], delta.output[0]], [output], name=f"{stem}/prolora/Add")
@@ -133,7 +149,7 @@ def splice_folder(
     else:
         finish_compact(path, spec, adapter, zero_default=default_adapter == "zero")
     check_spliced(onnx.load(str(path), load_external_data=False), adapter, slots=slots)
-    return SplicedGraph(Path(folder), len(adapter.config.modules), slots)
+    return SplicedGraph(Path(folder), len(adapter.config.modules), slots, genai=fit_builder_config(Path(folder), slots))
 
 
 def build_compact(
@@ -150,8 +166,11 @@ def build_compact(
     **builder_options,
 ) -> SplicedGraph:
     """The builder's graph of the base in ``hf_dir`` with ``adapter`` spliced in, written atomically to
-    ``out_dir`` (``builder_options``: those of :func:`.builder.run_builder`, Q/K/V always unpacked)."""
+    ``out_dir`` (``builder_options``: those of :func:`.builder.run_builder`, Q/K/V always unpacked). An
+    int4/int8 ``precision`` quantizes the base's projections only (MatMulNBits): the op reads the same X
+    and its shards stay float initializers, overridable as at fp32."""
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    check_destination(out_dir, force, inputs=[("base model", hf_dir)])
     with atomic_output_dir(out_dir, force=force) as tmp:
         base = run_builder(hf_dir, tmp, precision, execution_provider, packed=False, **builder_options)
         spliced = splice_folder(tmp, adapter, slots=slots, default_adapter=default_adapter, body=body)
