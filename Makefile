@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup native demo test test-all bench lint
+.PHONY: setup native demo test test-all bench llamacpp lint
 
 setup: $(VENV)/.installed native
 
@@ -52,6 +52,10 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python bench/run.py --quick
+
+# llama.cpp for bench/bench_llamacpp.py, built from the llama-cpp-python sdist into ~/.cache (~15 min on 2 cores)
+llamacpp: setup
+	$(BIN)/python bench/bench_llamacpp.py --build-only
 
 lint: setup
 	$(BIN)/ruff check .

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,10 +63,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build(work: Path, reuse: bool) -> tuple[Path, dict[str, Path]]:
-    """The slot export of the demo model and 16 adapter folders (reused from ``work`` if asked)."""
+def build(work: Path, reuse: bool, count: int = max(ADAPTER_COUNTS)) -> tuple[Path, dict[str, Path]]:
+    """The slot export of the demo model and ``count`` adapter folders (reused from ``work`` if asked)."""
     base = ensure_demo_model(quiet=True)
-    folders = {f"ad{k}": work / f"ad{k}" for k in range(max(ADAPTER_COUNTS))}
+    folders = {f"ad{k}": work / f"ad{k}" for k in range(count)}
     if not (reuse and all((f / "adapter_config.json").is_file() for f in folders.values())):
         first = random_adapter(base, folders["ad0"], seed=0, **HYPER)
         for k, folder in enumerate(folders.values()):
@@ -80,24 +81,30 @@ def build(work: Path, reuse: bool) -> tuple[Path, dict[str, Path]]:
 
 
 class Server:
-    """``prolora-export serve`` in a subprocess with every adapter loaded."""
+    """An HTTP server in a subprocess on a free loopback port: ``command(port)`` is its command line; ready
+    when ``/health`` answers 200 (within ``start_s``). A context manager: the process always ends."""
 
-    def __init__(self, slots: Path, folders: dict[str, Path], log: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        args = [sys.executable, "-m", "prolora_export", "serve", str(slots), "--port", self.url.rsplit(":", 1)[1],
-                "--threads", str(THREADS), "--max-batch", str(MAX_BATCH), "--max-queue", "64",
-                "--log-level", "warning", *(f"--adapter={n}={p}" for n, p in folders.items())]
+    def __init__(self, command: Callable[[int], list[str]], log: Path, start_s: float = 600):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
         self.log = open(log, "w")  # closed in close
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
+        self.proc = subprocess.Popen(command(port), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + start_s
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         self.close()
         raise SystemExit(f"the server did not start:\n{log.read_text()[-3000:]}")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -108,6 +115,14 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def prolora_server(slots: Path, folders: dict[str, Path], log: Path) -> Server:
+    """``prolora-export serve`` with every adapter loaded, named as in ``folders``."""
+    return Server(lambda port: [
+        sys.executable, "-m", "prolora_export", "serve", str(slots), "--port", str(port), "--threads", str(THREADS),
+        "--max-batch", str(MAX_BATCH), "--max-queue", "64", "--log-level", "warning",
+        *(f"--adapter={n}={p}" for n, p in folders.items())], log)
 
 
 def plan(clients: int, adapters: int, per_client: int, max_tokens: int) -> list[list[dict]]:
@@ -157,10 +172,12 @@ async def one(http: httpx.AsyncClient, body: dict, record: dict) -> None:
     record["itl"].extend(b - a for a, b in itertools.pairwise(stamps))
 
 
-async def load(url: str, bodies: list[list[dict]]) -> dict:
+async def load(url: str, bodies: list[list[dict]], timeout: float = 1800.0) -> dict:
+    """Each client of ``bodies`` sends its requests one after the other; a request fails after ``timeout``
+    seconds without a byte."""
     record: dict = {"tokens": 0, "ttft": [], "itl": [], "errors": []}
     limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(1800.0), limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(timeout), limits=limits) as http:
 
         async def client(mine: list[dict]) -> None:
             for body in mine:
@@ -208,10 +225,10 @@ def summarize(record: dict) -> dict:
     def pct(key: str, q: float) -> float | None:
         return percentile(record[key], q) if record[key] else None
 
+    percentiles = {f"{key}_p{q}_s": pct(key, q) for key in ("ttft", "itl") for q in (50, 90, 95)}
     return {"tokens": record["tokens"], "seconds": record["seconds"],
-            "tokens_per_s": record["tokens"] / record["seconds"], "ttft_p50_s": pct("ttft", 50),
-            "ttft_p95_s": pct("ttft", 95), "itl_p50_s": pct("itl", 50),
-            "itl_p95_s": pct("itl", 95), "errors": len(record["errors"]), "error_samples": record["errors"][:3]}
+            "tokens_per_s": record["tokens"] / record["seconds"], **percentiles,
+            "errors": len(record["errors"]), "error_samples": record["errors"][:3]}
 
 
 def run(work: Path, quick: bool, reuse: bool) -> dict:
@@ -219,7 +236,7 @@ def run(work: Path, quick: bool, reuse: bool) -> dict:
     slots, folders = build(work, reuse)
     max_tokens = 8 if quick else 24
     per_client = {1: 4, 8: 2, 32: 1} if quick else {1: 8, 8: 4, 32: 2}
-    server = Server(slots, folders, work / "server.log")
+    server = prolora_server(slots, folders, work / "server.log")
     try:
         engine = Engine(slots, folders, max_batch=MAX_BATCH, threads=THREADS)
         warm = plan(2, 2, 1, 4)

@@ -115,7 +115,7 @@ class LoadGuard:
         under = start[0] > self.start_limit or any(v > self.limit for v in loads)
         return {"cores": self.cores, "threads": self.threads, "margin": self.margin,
                 "start_limit": self.start_limit, "limit": self.limit, "start": _rounded(start),
-                "readings": self.readings, "max_load": max([start[0], *loads]), "under_load": under,
+                "readings": self.readings, "max_load": round(max([start[0], *loads]), 2), "under_load": under,
                 "allowed": self.allow_load}
 
     def check(self, results: dict) -> dict:

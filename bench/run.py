@@ -58,6 +58,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "kernel": ("bench_kernel.py", ["--quick"], [], "KERNEL.md", "kernel.json"),
     "engine": ("bench_engine.py", ["--quick"], [], "ENGINE.md", "engine.json"),
     "serve": ("bench_serve.py", ["--quick"], [], "SERVE.md", "serve.json"),
+    "llamacpp": ("bench_llamacpp.py", ["--quick"], [], "LLAMACPP.md", "llamacpp.json"),
 }
 #: benchmarks that count bytes or judge accuracy: no time is measured, so load cannot move their figures
 UNTIMED = {"size", "quant-parity"}
@@ -240,6 +241,15 @@ def _serve_goals(r: dict) -> list[Goal]:
     ]
 
 
+def _llamacpp_goals(r: dict) -> list[Goal]:
+    """Issue 28: beside llama.cpp's server on the same weights and adapters (informative, no goal)."""
+    adapters = r["settings"]["adapters"]
+    return [("#28", f"`prolora-export serve` vs `llama-server` tokens/s, {row['clients']} client(s), "
+             f"{adapters} adapters",
+             f"{row['ours']['tokens_per_s']:.1f} vs {row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×)",
+             None) for row in r["rows"]]
+
+
 GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "size": _size_goals,
     "forward": _forward_goals,
@@ -251,6 +261,7 @@ GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "kernel": _kernel_goals,
     "engine": _engine_goals,
     "serve": _serve_goals,
+    "llamacpp": _llamacpp_goals,
 }
 
 

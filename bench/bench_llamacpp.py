@@ -1,0 +1,384 @@
+"""`prolora-export serve` beside llama.cpp's `llama-server` on this machine: same weights, same adapters.
+Writes bench/LLAMACPP.md and bench/llamacpp.json.
+
+    python bench/bench_llamacpp.py [--quick] [--work DIR [--reuse]] [--markdown-only] [--allow-load]
+
+llama.cpp is built once from the llama-cpp-python sdist (its ``vendor/llama.cpp``; targets llama-server,
+llama-bench, llama-quantize) into a cache folder outside git (``--cache``, default
+~/.cache/prolora-export/llama.cpp; about 15 minutes on 2 free cores). The demo model (SmolLM2-135M, fp32)
+becomes a GGUF f32 by llama.cpp's ``convert_hf_to_gguf.py`` with the GPT-2 byte-level BPE vocabulary forced
+(it guesses SentencePiece for the demo folder, and every request then fails with ``unordered_map::at``),
+and a Q4_0 copy by ``llama-quantize``. Eight random PRoLoRA adapters (bench_serve's: r=8, u=1, m=n=2, seven
+projections, small random values) are converted to PEFT LoRA (``convert --to peft``, exact) and then by
+``convert_lora_to_gguf.py --base DEMO --outtype f32``. Ours: the ``--slots`` export of the same adapters.
+
+Served (both fp32, 2 threads each, both servers alive, loopback only): ``prolora-export serve`` with the
+eight adapters, and ``llama-server -m base.gguf --lora a0.gguf … --lora-init-without-apply -np 32``.
+The load generator (bench_serve's: asyncio + httpx, C closed-loop clients) sends streamed chat completions,
+greedy, ``ignore_eos``, a fixed max_tokens; request i uses adapter i mod 8: ours by name, llama.cpp by
+``"lora": [{"id": k, "scale": 1 if k == i mod 8 else 0} for all k]`` with ``"cache_prompt": false`` (its
+prompt cache is reused across LoRA settings). C = 1, 8, 32; the two servers' runs alternate (ours, theirs,
+ours, theirs, …); tokens/s is the median over the runs, TTFT and ITL percentiles are over every request of
+every run. Single stream: ``llama-bench`` (generation of N tokens from an empty context) of the f32 and Q4_0
+GGUF beside one decode call of our graphs at batch 1 after N/2 cached tokens (the mean past length of
+llama-bench's run): the served slot graph, and a merged graph of adapter 0 in fp32 and int4
+(``quantize_onnx``), the same work as llama-bench's base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import quiet  # noqa: E402
+from bench_engine import THREADS, decode_step_ms  # noqa: E402
+from bench_serve import Server, build, load, plan, prolora_server, summarize  # noqa: E402
+
+from prolora_export.formats.peft_lora import save_peft  # noqa: E402
+from prolora_export.formats.prolora import load_adapter  # noqa: E402
+from prolora_export.models import ensure_demo_model  # noqa: E402
+from prolora_export.onnx.export import export_onnx  # noqa: E402
+from prolora_export.onnx.quantize import quantize_onnx  # noqa: E402
+from prolora_export.runtime import inference_session  # noqa: E402
+
+#: the llama-cpp-python sdist whose vendor/llama.cpp is built (pinned: the conversion patch below needs it)
+VERSION = "0.3.36"
+CACHE = Path.home() / ".cache" / "prolora-export" / "llama.cpp"
+TOOLS = ("llama-server", "llama-bench", "llama-quantize")
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+BUILD_TIMEOUT_S = 3 * 3600
+STEP_TIMEOUT_S = 900  # one conversion, quantization or llama-bench run
+READ_TIMEOUT_S = 300  # a streamed request that sends nothing for this long counts as an error
+ADAPTERS = 8
+CLIENTS = (1, 8, 32)
+PARALLEL = 32  # llama-server slots: one per client at most
+CONTEXT_PER_SLOT = 512
+#: by --quick: tokens per request, requests per client, alternating runs per server, single-stream settings
+MAX_TOKENS = {False: 32, True: 8}
+PER_CLIENT = {False: {1: 8, 8: 4, 32: 2}, True: {1: 2, 8: 1, 32: 1}}
+REPEATS = {False: 3, True: 1}
+BENCH_REPEATS = {False: 5, True: 2}
+DECODE_ROUNDS = {False: 5, True: 2}
+
+#: convert_hf_to_gguf.py with the GPT-2 byte-level BPE vocabulary forced on the model's class (argv: llama.cpp
+#: folder, model folder, output file); llama.cpp's own files stay untouched
+CONVERT_BASE = """
+import sys
+from pathlib import Path
+
+src, model, out = sys.argv[1:4]
+sys.path[:0] = [src, src + "/gguf-py"]
+import convert_hf_to_gguf as convert
+
+hparams = convert.ModelBase.load_hparams(Path(model), False)
+model_class = convert.get_model_class(convert.get_model_architecture(hparams, convert.ModelType.TEXT))
+model_class.set_vocab = model_class._set_vocab_gpt2
+sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out]
+convert.main()
+"""
+
+
+def run_logged(command: list[str | Path], log: Path, timeout: float, cwd: Path | None = None) -> None:
+    """Run a build or conversion step, its output appended to ``log``; one line (and the log's tail) if it fails."""
+    with open(log, "a") as out:
+        out.write(f"\n$ {' '.join(map(str, command))}\n")
+        out.flush()
+        try:
+            done = subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"{Path(command[0]).name} took over {timeout:.0f} s; see {log}") from None
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, command[:3]))} … failed (exit {done.returncode}); the end of {log}:\n"
+                         + log.read_text()[-3000:])
+
+
+def source_dir(cache: Path) -> Path:
+    return cache / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+
+
+def tool(cache: Path, name: str) -> Path:
+    return source_dir(cache) / "build" / "bin" / name
+
+
+def ensure_llamacpp(cache: Path = CACHE) -> Path:
+    """llama.cpp's source folder with :data:`TOOLS` built in ``build/bin`` (cached: the sdist is fetched
+    with pip and built only when a tool is missing; one build at a time)."""
+    if all(tool(cache, name).is_file() for name in TOOLS):
+        return source_dir(cache)
+    for program in ("cmake", "c++"):
+        if shutil.which(program) is None:
+            raise SystemExit(f"building llama.cpp needs {program}: apt-get install -y cmake g++")
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache / "build.log"
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all(tool(cache, name).is_file() for name in TOOLS):  # built meanwhile by another run
+            return source_dir(cache)
+        sdist = cache / f"llama_cpp_python-{VERSION}.tar.gz"
+        if not sdist.is_file():
+            print(f"fetching the llama-cpp-python {VERSION} sdist …", flush=True)
+            run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={VERSION}", "-d", cache], log, STEP_TIMEOUT_S)
+        if not source_dir(cache).is_dir():
+            with tarfile.open(sdist) as archive:
+                archive.extractall(cache, filter="data")
+        started = time.perf_counter()
+        print(f"building llama.cpp ({', '.join(TOOLS)}; about 15 min on 2 cores; log: {log}) …", flush=True)
+        src = source_dir(cache)
+        run_logged(["cmake", "-B", "build", *CMAKE_FLAGS], log, BUILD_TIMEOUT_S, cwd=src)
+        run_logged(["cmake", "--build", "build", f"-j{os.cpu_count() or 1}", "--target", *TOOLS], log,
+                   BUILD_TIMEOUT_S, cwd=src)
+        missing = [name for name in TOOLS if not tool(cache, name).is_file()]
+        if missing:
+            raise SystemExit(f"the llama.cpp build finished without {missing}; see {log}")
+        print(f"built llama.cpp in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+    return source_dir(cache)
+
+
+def llamacpp_version(cache: Path) -> str:
+    done = subprocess.run([tool(cache, "llama-server"), "--version"], capture_output=True, text=True, timeout=60)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("version: ")]
+    return lines[0].removeprefix("version: ") if lines else "of unknown version"
+
+
+def convert(cache: Path, demo: Path, folders: dict[str, Path], work: Path, reuse: bool) -> dict:
+    """The GGUF files: base f32 and Q4_0, one f32 LoRA per adapter (reused from ``work`` if asked)."""
+    src, log = source_dir(cache), work / "convert.log"
+    out = {"f32": work / "base-f32.gguf", "q4_0": work / "base-q4_0.gguf",
+           "loras": [work / f"{name}.gguf" for name in folders]}
+    if not (reuse and out["f32"].is_file()):
+        print("converting the demo model to GGUF f32 …", flush=True)
+        run_logged([sys.executable, "-c", CONVERT_BASE, src, demo, out["f32"]], log, STEP_TIMEOUT_S)
+    if not (reuse and out["q4_0"].is_file()):
+        run_logged([tool(cache, "llama-quantize"), out["f32"], out["q4_0"], "Q4_0", str(THREADS)], log,
+                   STEP_TIMEOUT_S)
+    for (name, folder), gguf in zip(folders.items(), out["loras"], strict=True):
+        if reuse and gguf.is_file():
+            continue
+        print(f"converting adapter {name} to PEFT LoRA and GGUF …", flush=True)
+        peft = save_peft(work / f"{name}-peft", load_adapter(folder), force=True)
+        run_logged([sys.executable, src / "convert_lora_to_gguf.py", "--base", demo, "--outtype", "f32",
+                    "--outfile", gguf, peft], log, STEP_TIMEOUT_S)
+    return out
+
+
+def llama_server(cache: Path, ggufs: dict, log: Path) -> Server:
+    """``llama-server`` with every LoRA loaded at scale 0 (requests set their own scales)."""
+    loras = [arg for path in ggufs["loras"] for arg in ("--lora", str(path))]
+    return Server(lambda port: [
+        str(tool(cache, "llama-server")), "-m", str(ggufs["f32"]), *loras, "--lora-init-without-apply",
+        "-np", str(PARALLEL), "-c", str(PARALLEL * CONTEXT_PER_SLOT), "-t", str(THREADS), "-tb", str(THREADS),
+        "--host", "127.0.0.1", "--port", str(port), "--no-webui"], log)
+
+
+def for_llamacpp(body: dict) -> dict:
+    """The same request for llama-server: the adapter as per-request LoRA scales, no prompt cache."""
+    chosen = int(body["model"].removeprefix("ad"))
+    return {**body, "lora": [{"id": k, "scale": 1.0 if k == chosen else 0.0} for k in range(ADAPTERS)],
+            "cache_prompt": False}
+
+
+def pooled(records: list[dict]) -> dict:
+    """Runs of one server and client count: median tokens/s over runs, latency percentiles over all requests."""
+    merged = {"tokens": sum(r["tokens"] for r in records), "seconds": sum(r["seconds"] for r in records),
+              **{key: [v for r in records for v in r[key]] for key in ("ttft", "itl", "errors")}}
+    out = summarize(merged)
+    out["runs_tokens_per_s"] = [r["tokens"] / r["seconds"] for r in records]
+    out["tokens_per_s"] = statistics.median(out["runs_tokens_per_s"])
+    return out
+
+
+def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
+    rows = []
+    servers = {"ours": (ours.url, lambda b: b), "llamacpp": (theirs.url, for_llamacpp)}
+    for url, adapt in servers.values():  # warm-up, untimed
+        asyncio.run(load(url, [[adapt(b) for b in mine] for mine in plan(2, 2, 1, 4)], READ_TIMEOUT_S))
+    for clients in CLIENTS:
+        bodies = plan(clients, ADAPTERS, PER_CLIENT[quick][clients], MAX_TOKENS[quick])
+        records: dict[str, list[dict]] = {name: [] for name in servers}
+        for repeat in range(REPEATS[quick]):
+            for name, (url, adapt) in servers.items():
+                with quiet.measure(f"{clients} clients {name} run {repeat + 1}"):
+                    records[name].append(asyncio.run(load(url, [[adapt(b) for b in mine] for mine in bodies],
+                                                          READ_TIMEOUT_S)))
+        row = {"clients": clients, "requests": sum(len(mine) for mine in bodies),
+               **{name: pooled(runs) for name, runs in records.items()}}
+        row["ratio"] = row["ours"]["tokens_per_s"] / row["llamacpp"]["tokens_per_s"]
+        rows.append(row)
+        print(f"{clients:>2} clients: ours {row['ours']['tokens_per_s']:.1f} tok/s, llama.cpp "
+              f"{row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), errors {row['ours']['errors']} / "
+              f"{row['llamacpp']['errors']}", flush=True)
+    return rows
+
+
+def llama_bench(cache: Path, ggufs: dict, quick: bool) -> dict:
+    """llama-bench's generation rate of the f32 and Q4_0 GGUF (single stream, THREADS threads)."""
+    command = [tool(cache, "llama-bench"), "-m", ggufs["f32"], "-m", ggufs["q4_0"], "-t", str(THREADS),
+               "-p", "0", "-n", str(MAX_TOKENS[quick]), "-r", str(BENCH_REPEATS[quick]), "-o", "json"]
+    with quiet.measure("llama-bench"):
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
+    if done.returncode != 0:
+        raise SystemExit(f"llama-bench failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    out = {}
+    for entry in json.loads(done.stdout):
+        if entry["n_gen"]:
+            key = "q4_0" if Path(entry["model_filename"]).name == ggufs["q4_0"].name else "f32"
+            out[key] = {"tokens_per_s": entry["avg_ts"], "ms_per_token": 1000 / entry["avg_ts"],
+                        "stddev_tokens_per_s": entry["stddev_ts"], "n_gen": entry["n_gen"]}
+    return out
+
+
+def our_graphs(demo: Path, slots: Path, folder: Path, work: Path, quick: bool, reuse: bool) -> dict:
+    """ms of one decode call at batch 1 of the slot graph (8 adapters) and of adapter 0's merged graph in fp32
+    and int4, interleaved round by round (medians)."""
+    merged, int4 = work / "merged", work / "merged-int4"
+    if not (reuse and (merged / "model.onnx").is_file()):
+        print("merged export and its int4 quantization …", flush=True)
+        export_onnx(str(demo), folder, merged, mode="merged", force=True)
+        quantize_onnx(merged, int4, bits=4, force=True)
+    sessions = {name: inference_session(path, threads=THREADS)
+                for name, path in (("slots_fp32", slots), ("merged_fp32", merged), ("merged_int4", int4))}
+    past, calls = MAX_TOKENS[quick] // 2, 5 if quick else 20
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for round_ in range(DECODE_ROUNDS[quick]):
+        for name, session in sessions.items():
+            with quiet.measure(f"decode {name} round {round_ + 1}"):
+                times[name].append(decode_step_ms(session, 1, past, calls, ADAPTERS))
+    return {name: {"ms_per_token": statistics.median(t), "tokens_per_s": 1000 / statistics.median(t),
+                   "past": past} for name, t in times.items()}
+
+
+def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
+    started = time.perf_counter()
+    ensure_llamacpp(cache)
+    demo = ensure_demo_model(quiet=True)
+    slots, folders = build(work, reuse, ADAPTERS)
+    ggufs = convert(cache, demo, folders, work, reuse)
+    with prolora_server(slots, folders, work / "ours.log") as ours, \
+            llama_server(cache, ggufs, work / "llamacpp.log") as theirs:
+        rows = serve_side_by_side(ours, theirs, quick)
+    single = {"llamacpp": llama_bench(cache, ggufs, quick),
+              "ours": our_graphs(demo, slots, folders["ad0"], work, quick, reuse)}
+    return {"settings": {"quick": quick, "threads": THREADS, "adapters": ADAPTERS, "max_tokens": MAX_TOKENS[quick],
+                         "requests_per_client": PER_CLIENT[quick], "repeats": REPEATS[quick], "parallel": PARALLEL,
+                         "context_per_slot": CONTEXT_PER_SLOT, "llama_cpp_python_sdist": VERSION,
+                         "llama_cpp": llamacpp_version(cache)},
+            "rows": rows, "single_stream": single, "seconds": time.perf_counter() - started}
+
+
+def ms(value: float | None) -> str:
+    return "—" if value is None else f"{value * 1000:.0f}"
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    flag = " --quick" if s["quick"] else ""
+    per_client = ", ".join(f"{n} with {c} client{'s' * (c != 1)}" for c, n in s["requests_per_client"].items())
+    lines = [
+        "# Beside llama.cpp: `prolora-export serve` and `llama-server` (`bench_llamacpp.py`)",
+        "",
+        f"`python bench/bench_llamacpp.py{flag}`: the demo model (SmolLM2-135M) in fp32 on both sides, "
+        f"{s['adapters']} random PRoLoRA adapters (r=8, u=1, m=n=2, seven projections) loaded in both, "
+        f"{s['threads']} threads each; llama.cpp {s['llama_cpp']} (llama-cpp-python {s['llama_cpp_python_sdist']} "
+        "sdist). Ours: the `--slots` export, max_batch 32. llama.cpp: `convert_hf_to_gguf.py` (GPT-2 BPE vocabulary "
+        "forced), the adapters through `convert --to peft` and `convert_lora_to_gguf.py`, `llama-server "
+        f"--lora … --lora-init-without-apply -np {s['parallel']} -c {s['parallel'] * s['context_per_slot']}`.",
+        "",
+        f"Streamed chat completions, greedy, {s['max_tokens']} tokens each (`ignore_eos`), C closed-loop clients, "
+        f"requests per client {per_client}; request i on adapter i mod {s['adapters']} (llama.cpp: per-request "
+        "`lora` scales, `cache_prompt: false`). The servers' runs alternate, "
+        f"{s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL percentiles pool every request.",
+        "",
+        "| clients | requests | ours tokens/s | llama.cpp tokens/s | ours / llama.cpp | TTFT p50 / p90 ours (ms) | "
+        "TTFT p50 / p90 llama.cpp (ms) | ITL p50 / p90 ours (ms) | ITL p50 / p90 llama.cpp (ms) | errors ours / "
+        "llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        o, t = row["ours"], row["llamacpp"]
+        lines.append(
+            f"| {row['clients']} | {row['requests']} | {o['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
+            f"{row['ratio']:.2f}× | {ms(o['ttft_p50_s'])} / {ms(o['ttft_p90_s'])} | {ms(t['ttft_p50_s'])} / "
+            f"{ms(t['ttft_p90_s'])} | {ms(o['itl_p50_s'])} / {ms(o['itl_p90_s'])} | {ms(t['itl_p50_s'])} / "
+            f"{ms(t['itl_p90_s'])} | {o['errors']} / {t['errors']} |")
+    single = r["single_stream"]
+    lines += [
+        "",
+        "Single stream, batch 1, no server: `llama-bench` generating "
+        f"{s['max_tokens']} tokens from an empty context, and one decode call of our graphs (ONNX Runtime CPU) "
+        f"after {s['max_tokens'] // 2} cached tokens, the mean past length of that run.",
+        "",
+        "| graph | ms per token | tokens/s |",
+        "|---|---|---|",
+    ]
+    labels = {("llamacpp", "f32"): "llama.cpp, base f32 GGUF (llama-bench)",
+              ("llamacpp", "q4_0"): "llama.cpp, base Q4_0 GGUF (llama-bench)",
+              ("ours", "merged_fp32"): "ours, merged graph (adapter 0) fp32",
+              ("ours", "merged_int4"): "ours, merged graph (adapter 0) int4 (`quantize --bits 4`)",
+              ("ours", "slots_fp32"): "ours, slot graph fp32 (the served one, 8 adapters)"}
+    for (side, key), label in labels.items():
+        if key in single[side]:
+            g = single[side][key]
+            lines.append(f"| {label} | {g['ms_per_token']:.1f} | {g['tokens_per_s']:.1f} |")
+    lines += [
+        "",
+        "Both servers stay up for the whole run and share the machine's cores with the load generator. "
+        "llama-bench times a whole generation (its sampling and graph building included); our figures are one "
+        "ONNX Runtime call each.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter requests, one run each")
+    parser.add_argument("--work", type=Path, default=None, help="keep the exports and GGUF files in this folder")
+    parser.add_argument("--reuse", action="store_true", help="with --work: reuse its exports and GGUF files")
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"where llama.cpp is built (default {CACHE})")
+    parser.add_argument("--build-only", action="store_true", help="build llama.cpp into --cache and stop")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite LLAMACPP.md from llamacpp.json")
+    quiet.add_argument(parser)
+    args = parser.parse_args()
+    if args.build_only:
+        print(ensure_llamacpp(args.cache))
+        return
+    if args.markdown_only:
+        results = json.loads((HERE / "llamacpp.json").read_text())
+    else:
+        ensure_llamacpp(args.cache)  # before the guard: a build is no measurement
+        guard = quiet.LoadGuard("llamacpp", THREADS + 1, allow_load=args.allow_load)  # + the load generator
+        guard.start()
+        if args.work is not None:
+            args.work.mkdir(parents=True, exist_ok=True)
+            results = run(args.work, args.quick, args.reuse, args.cache)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
+                results = run(Path(tmp), args.quick, False, args.cache)
+        guard.save(results, HERE / "llamacpp.json")
+    quiet.write_page(HERE / "LLAMACPP.md", markdown(results), results)
+    print((HERE / "LLAMACPP.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
