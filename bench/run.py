@@ -1,5 +1,5 @@
 """Run the benchmarks on this machine and write bench/RESULTS.md, bench/results.json and the
-README's results table.
+README's results block.
 
     python bench/run.py              # everything (over an hour on 2 cores; kernel alone 27 min)
     python bench/run.py --quick      # small sizes and few repeats
@@ -10,9 +10,11 @@ README's results table.
 Each benchmark is a script beside this file that measures itself against its peer (PEFT,
 optimum-cli, plain LoRA, `cp`) back to back and writes a markdown section and a JSON file.
 This runner adds the machine and versions, runs them in turn, and assembles one page from
-the latest result of every benchmark (a subset run refreshes only its own sections), with
-one table of every goal the feature issues set beside the measured ratio. Numbers are
-never typed by hand: the README's table between its `results` markers is generated too.
+the latest result of every benchmark (a subset run refreshes only its own sections). The README's
+block between its `results` markers is generated too, as a user reads it: a few tables of ours
+beside what they would run instead (llama.cpp's server and llama-bench, PEFT, a merged graph), each
+captioned with the command, date and load of its run, figures taken under load marked; the goals
+the feature issues set stay in bench/RESULTS.md. Numbers are never typed by hand.
 
 It shows `uptime` first and waits (bounded) for a quiet machine; every timed benchmark records the
 load average around each measurement and refuses to write its page from a run under load (bench/quiet.py)
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -287,6 +290,310 @@ def goals_table(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- beside the peers
+# What the README shows: each table puts our figure beside the one of what a user would run instead
+# (llama.cpp, a merged graph, PEFT), with the command, date and load of the run it comes from.
+
+#: after every figure of a run taken under load
+UNDER_LOAD = " ⚠"
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """One benchmark's latest JSON and what a caption says about its run."""
+
+    name: str
+    data: dict
+    command: str
+    #: run.py's entry for this benchmark when it holds this very JSON (None: the script ran alone since)
+    run: dict | None
+
+    @property
+    def date(self) -> str | None:
+        return self.run["date"] if self.run else self.data.get("date")
+
+    @property
+    def under_load(self) -> bool:
+        return bool((self.data.get("load") or {}).get("under_load"))
+
+    def load_text(self) -> str:
+        load = self.data.get("load")
+        if load is None:
+            settings = self.data.get("settings") or {}
+            if "load_average_at_start" in settings:  # bench_kernel's readings before bench/quiet.py
+                return (f"load not recorded per measurement (1-min load average {settings['load_average_at_start']:.2f}"
+                        f" at the start, {settings.get('load_average_at_end', float('nan')):.2f} at the end)")
+            return "load not recorded"
+        if load["under_load"]:
+            return (f"**taken under load**: the 1-min load average reached {load['max_load']:.1f} on {load['cores']} "
+                    f"cores (quiet: ≤ {load['limit']:.1f}); figures marked{UNDER_LOAD} are slower and noisier than "
+                    "on a quiet machine")
+        return f"quiet machine (1-min load average ≤ {load['max_load']:.1f} on {load['cores']} cores)"
+
+    def caption(self) -> str:
+        load = "untimed" if self.name in UNTIMED else self.load_text()
+        return f"`{self.command}`, {self.date or 'date not recorded'}, {load}"
+
+
+def load_sources(results: dict) -> dict[str, Source]:
+    """Every benchmark JSON in bench/. Its date is that of run.py's entry when the entry holds this very JSON
+    (a script run alone since leaves no date); its command is the one the JSON names, else the script with
+    the arguments run.py gives it."""
+    sources = {}
+    for name, (script, quick_args, full_args, _, json_name) in BENCHMARKS.items():
+        path = HERE / json_name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        entry = results.get("benchmarks", {}).get(name) or {}
+        same = entry.get("results") == data
+        quick = entry["quick"] if same else bool((data.get("settings") or data.get("meta") or {}).get("quick"))
+        command = data.get("command") or (data.get("meta") or {}).get("command") or " ".join(
+            ["python", f"bench/{script}", *(quick_args if quick else full_args)])
+        sources[name] = Source(name, data, command, entry if same else None)
+    return sources
+
+
+@dataclass
+class Table:
+    """A markdown table whose rows each come from one source (so a loaded source marks its own rows)."""
+
+    title: str
+    header: list[str]
+    rows: list[tuple[Source, list[str]]] = field(default_factory=list)
+    note: str = ""
+
+    def render(self) -> str:
+        sources = list(dict.fromkeys(source for source, _ in self.rows))
+        lines = [f"**{self.title}**" + (f" — {self.note}" if self.note else ""), ""]
+        lines += [f"From {s.caption()}." + ("  " if i < len(sources) - 1 else "") for i, s in enumerate(sources)]
+        lines += ["", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        for source, cells in self.rows:
+            if source.under_load:
+                cells = [cells[0], *(c if c == "—" else c + UNDER_LOAD for c in cells[1:])]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _ratio(ours: float, peer: float) -> str:
+    return f"{ours / peer:.2f}×"
+
+
+def _serving_table(s: dict[str, Source]) -> Table | None:
+    if "llamacpp" not in s:
+        return None
+    src, r = s["llamacpp"], s["llamacpp"].data
+    st = r["settings"]
+    table = Table(f"Serving {st['adapters']} adapters: `prolora-export serve` vs llama.cpp's `llama-server`",
+                  ["clients", "ours tokens/s", "llama-server tokens/s", "ours / llama.cpp",
+                   "TTFT p50 ours / llama.cpp (ms)", "ITL p50 ours / llama.cpp (ms)", "errors ours / llama.cpp"],
+                  note=f"streamed chat, greedy, {st['max_tokens']} tokens a request, closed-loop clients, the same "
+                       f"fp32 weights and adapters, {st['threads']} threads each")
+    for row in r["rows"]:
+        o, t = row["ours"], row["llamacpp"]
+        table.rows.append((src, [str(row["clients"]), f"{o['tokens_per_s']:.1f}", f"{t['tokens_per_s']:.1f}",
+                                 _ratio(o["tokens_per_s"], t["tokens_per_s"]),
+                                 f"{_ms(o['ttft_p50_s'])} / {_ms(t['ttft_p50_s'])}",
+                                 f"{_ms(o['itl_p50_s'])} / {_ms(t['itl_p50_s'])}", f"{o['errors']} / {t['errors']}"]))
+    return table
+
+
+#: (our graph, llama-bench's GGUF, label) of the single-stream table
+SINGLE_STREAM = (("merged_fp32", "f32", "fp32: our merged graph (1 adapter) / base f32 GGUF"),
+                 ("merged_int4", "q4_0", "4-bit: our int4 merged graph / base Q4_0 GGUF"),
+                 ("slots_fp32", "f32", "fp32: our slot graph ({adapters} adapters) / base f32 GGUF"))
+
+
+def _single_stream_table(s: dict[str, Source]) -> Table | None:
+    if "llamacpp" not in s:
+        return None
+    src, single = s["llamacpp"], s["llamacpp"].data["single_stream"]
+    table = Table("Single-stream decode: our ONNX graphs vs `llama-bench`",
+                  ["weights", "ours ms/token", "llama.cpp ms/token", "ours / llama.cpp (time)"],
+                  note="batch 1, no server; llama-bench times a whole generation of the base without adapter, "
+                       "ours one ONNX Runtime decode call")
+    for ours, theirs, label in SINGLE_STREAM:
+        if ours in single["ours"] and theirs in single["llamacpp"]:
+            o, t = single["ours"][ours]["ms_per_token"], single["llamacpp"][theirs]["ms_per_token"]
+            label = label.format(adapters=s["llamacpp"].data["settings"]["adapters"])
+            table.rows.append((src, [label, f"{o:.1f}", f"{t:.1f}", _ratio(o, t)]))
+    return table
+
+
+def _engine_table(s: dict[str, Source]) -> Table | None:
+    if "engine" not in s:
+        return None
+    src, r = s["engine"], s["engine"].data
+    st, summary = r["settings"], r["summary"]
+    mixed = summary["mixed"]["tokens_per_s"]
+    table = Table(f"Serving {st['adapters']} adapters in one process: our engine vs one merged graph per adapter",
+                  ["how", "tokens/s", "TTFT p50 (s)", "ours / this (tokens/s)"],
+                  note=f"{st['requests']} requests arriving at once, greedy, offline (no HTTP), "
+                       f"{st['threads']} threads")
+    for key, label in (("mixed", "ours: the engine, adapters mixed in each batch (slot graph)"),
+                       ("merged", "one merged graph per adapter, requests grouped by adapter"),
+                       ("per_run", "one adapter at a time (compact graph, adapter file swapped)")):
+        if key in summary:
+            row = summary[key]
+            table.rows.append((src, [label, f"{row['tokens_per_s']:.1f}", f"{row['ttft_p50_s']:.1f}",
+                                     "—" if key == "mixed" else _ratio(mixed, row["tokens_per_s"])]))
+    return table
+
+
+def _merge_table(s: dict[str, Source]) -> Table | None:
+    if "merge" not in s:
+        return None
+    src, r = s["merge"], s["merge"].data
+    table = Table("Merging an adapter into its base: `prolora-export merge` vs PEFT",
+                  ["model (fp32)", "ours s", "PEFT s", "ours / PEFT", "ours peak RSS (MiB)", "PEFT peak RSS (MiB)",
+                   "ours / PEFT"],
+                  note="PEFT: load + `merge_and_unload` + `save_pretrained`; the whole process, medians of "
+                       f"{r['runs']} runs")
+    for m in r["models"]:
+        ours, peft = m["ours"], m["peft"]
+        table.rows.append((src, [f"{m['name'].split()[0]} ({m['bytes'] / 1e9:.2f} GB)",
+                                 f"{ours['median_seconds']:.1f}", f"{peft['median_seconds']:.1f}",
+                                 _ratio(ours["median_seconds"], peft["median_seconds"]),
+                                 f"{ours['median_rss_mib']:.0f}", f"{peft['median_rss_mib']:.0f}",
+                                 _ratio(ours["median_rss_mib"], peft["median_rss_mib"])]))
+    return table
+
+
+def _training_table(s: dict[str, Source]) -> Table | None:
+    if "train" not in s and "size" not in s:
+        return None
+    table = Table("Training and the adapter file: PRoLoRA vs PEFT LoRA of the same rank",
+                  ["", "ours (PRoLoRA r=8, u=1, m=n=2)", "PEFT LoRA r=8", "ours / PEFT"],
+                  note="demo model (SmolLM2-135M), the seven projections of every block, CPU")
+    if "train" in s:
+        ours, lora = s["train"].data["summary"]["prolora"], s["train"].data["summary"]["lora"]
+        table.rows += [(s["train"], ["training step (s)", f"{ours['step_s']:.2f}", f"{lora['step_s']:.2f}",
+                                     _ratio(ours["step_s"], lora["step_s"])]),
+                       (s["train"], ["training peak RSS (MiB)", f"{ours['peak_mb']:.0f}", f"{lora['peak_mb']:.0f}",
+                                     _ratio(ours["peak_mb"], lora["peak_mb"])])]
+    if "size" in s:
+        row = next(x for x in s["size"].data["rows"] if (x["r"], x["u"], x["m"], x["n"]) == (8, 1, 2, 2))
+        table.rows += [(s["size"], ["trainable parameters", f"{row['prolora_parameters']:,}",
+                                    f"{row['lora_parameters']:,}",
+                                    _ratio(row["prolora_parameters"], row["lora_parameters"])]),
+                       (s["size"], ["adapter file (MB)", f"{row['prolora_bytes'] / 1e6:.2f}",
+                                    f"{row['lora_bytes'] / 1e6:.2f}", _ratio(row["prolora_bytes"], row["lora_bytes"])])]
+    return table
+
+
+def _onnx_table(s: dict[str, Source]) -> Table | None:
+    if "onnx" not in s and "kernel" not in s:
+        return None
+    table = Table("ONNX Runtime CPU: our compact graph (adapter kept apart) vs the merged graph and a plain-LoRA graph",
+                  ["model, phase", "ours: compact (ms)", "merged graph (ms)", "plain-LoRA graph (ms)", "ours / merged",
+                   "ours / plain LoRA"],
+                  note="one call, medians; decode after, and prefill of, the headline number of tokens")
+
+    def add(source: Source, label: str, ms: dict, ours: str) -> None:
+        table.rows.append((source, [label, f"{ms[ours]:.1f}", f"{ms['merged']:.1f}", f"{ms['plain_lora']:.1f}",
+                                    _ratio(ms[ours], ms["merged"]), _ratio(ms[ours], ms["plain_lora"])]))
+
+    if "onnx" in s:
+        r = s["onnx"].data
+        n, threads = r["settings"]["headline_length"], r["settings"]["intra_op_num_threads"]
+        add(s["onnx"], f"demo fp32, decode at {n} ({threads} threads, wall time)", r["decode_ms"], "compact")
+        add(s["onnx"], f"demo fp32, prefill of {n} ({threads} threads, wall time)", r["prefill_ms"], "compact")
+    if "kernel" in s:
+        r = s["kernel"].data
+        n, threads = r["settings"]["headline_length"], r["settings"]["threads"]
+        for key, model in r["models"].items():
+            for phase, what in (("decode", "decode at"), ("prefill", "prefill of")):
+                add(s["kernel"], f"{key}, {what} {n}, native kernel ({threads} thread, CPU time)",
+                    model["ms"][phase][str(n)], "kernel")
+    return table
+
+
+#: the precisions of bench_quant's graphs, in the table's order
+PRECISIONS = ("fp32", "int8", "int4", "int4mix")
+
+
+def _quant_table(s: dict[str, Source]) -> Table | None:
+    if "quant" not in s:
+        return None
+    src, r = s["quant"], s["quant"].data
+    n = r["settings"]["headline_length"]
+    table = Table("Quantized bases (`quantize`): ours (compact, adapter in float) vs the merged graph quantized alike",
+                  ["model, weights", "ours: compact decode (ms)", "merged decode (ms)", "ours / merged",
+                   "ours: compact folder (MB)", "merged folder (MB)", "held-out loss ours / merged"],
+                  note=f"decode after {n} tokens, {r['settings']['threads']} threads, medians; int4mix: int8 for "
+                       "v/o/down projections")
+    for model, m in r["models"].items():
+        decode, loss = m["latency_ms"]["decode"][str(n)], m.get("heldout_loss") or {}
+        for p in PRECISIONS:
+            ours, merged = f"{p}_compact", f"{p}_merged"
+            if ours not in m["graphs"] or merged not in m["graphs"]:
+                continue
+            losses = f"{loss[ours]:.3f} / {loss[merged]:.3f}" if ours in loss and merged in loss else "—"
+            table.rows.append((src, [f"{model}, {p}", f"{decode[ours]:.1f}", f"{decode[merged]:.1f}",
+                                     _ratio(decode[ours], decode[merged]),
+                                     f"{m['graphs'][ours]['bytes'] / 1e6:.0f}",
+                                     f"{m['graphs'][merged]['bytes'] / 1e6:.0f}", losses]))
+    return table
+
+
+def _parity_lines(s: dict[str, Source]) -> list[str]:
+    """The gate's verdicts: faithful exports pass, deliberately broken ones fail (one bullet per source)."""
+    out = []
+    if "onnx" in s and s["onnx"].data.get("parity"):
+        parity = s["onnx"].data["parity"]
+        verdicts: dict[str, dict[bool, list[str]]] = {}
+        for mode, check in parity.items():
+            if isinstance(check, dict) and "passed" in check:
+                by_verdict = verdicts.setdefault(check.get("preset", parity["preset"]), {True: [], False: []})
+                by_verdict[check["passed"]].append(mode)
+        out.append("- Faithful ONNX exports beside PyTorch: " + "; ".join(
+            f"the `{preset}` gate" + "".join(f" {word} {', '.join(modes[ok])}" for ok, word in
+                                             ((True, "passes"), (False, "**FAILS**")) if modes[ok])
+            for preset, modes in verdicts.items()) + f". From {s['onnx'].caption()}.")
+    if "quant-parity" in s:
+        r = s["quant-parity"].data
+        faithful = {n: v["passed"] for n, v in r["judged"].items() if not v["fault"]}
+        broken = {n: v["failed"] for n, v in r["judged"].items() if v["fault"]}
+        passed = [n for n, ok in faithful.items() if ok]
+        caught = [f"{n} (caught by {', '.join(failed)})" for n, failed in broken.items() if failed]
+        missed = [n for n, ok in faithful.items() if not ok] + [n for n, failed in broken.items() if not failed]
+        out.append(f"- Quantized exports, {r['prompts']} prompts each: passes {len(passed)} of {len(faithful)} "
+                   f"faithful ones ({', '.join(passed)}); fails {len(caught)} of {len(broken)} broken ones: "
+                   + "; ".join(caught) + (f"; **wrong on {', '.join(missed)}**" if missed else "")
+                   + f". From {s['quant-parity'].caption()}.")
+    return out
+
+
+#: the README's tables, in order (a builder returns None when its benchmark has not run)
+PEER_TABLES: tuple[Callable[[dict[str, Source]], Table | None], ...] = (
+    _serving_table, _single_stream_table, _engine_table, _merge_table, _training_table, _onnx_table, _quant_table)
+
+
+def peer_tables(sources: dict[str, Source]) -> str:
+    """Every table of ours beside the peer, then the parity gate's verdicts (``sources``: load_sources)."""
+    blocks = []
+    for build in PEER_TABLES:
+        try:
+            table = build(sources)
+        except (KeyError, StopIteration, ValueError, TypeError, ZeroDivisionError) as err:
+            blocks.append(f"*{build.__name__.strip('_').replace('_', ' ')}: a results file lacks {err}; rerun it.*")
+            continue
+        if table is not None and table.rows:
+            blocks.append(table.render())
+    try:
+        parity = _parity_lines(sources)
+    except (KeyError, ValueError, TypeError) as err:
+        parity = [f"- *parity verdicts: a results file lacks {err}; rerun it.*"]
+    if parity:
+        blocks.append("**The parity gate** (`prolora-export parity`): what it passes and what it refuses\n\n"
+                      + "\n".join(parity))
+    return "\n\n".join(blocks)
+
+
 # ---------------------------------------------------------------------------------- pages
 
 
@@ -300,44 +607,54 @@ def machine_line(info: dict) -> str:
     )
 
 
-def write_pages(results: dict) -> None:
-    """RESULTS.md (goals, then every section) and the README table, from ``results``."""
-    names = list(BENCHMARKS)
-    table = goals_table(names)
+def results_page(results: dict, sources: dict[str, Source], peers: str) -> str:
+    """RESULTS.md: the tables beside the peers, the goals the issues set, then every benchmark's own page."""
     sections = []
-    for name in names:
-        entry = results["benchmarks"].get(name)
-        md_file = HERE / BENCHMARKS[name][3]
-        if entry is None or not md_file.is_file():
+    for name, (script, _, _, md_name, _) in BENCHMARKS.items():
+        entry, md_file = results["benchmarks"].get(name), HERE / md_name
+        if not md_file.is_file():
             continue
-        status = "" if entry["exit_code"] == 0 else f" — FAILED with exit code {entry['exit_code']}"
-        mode = "quick" if entry["quick"] else "full"
-        sections.append(
-            f"## {name} (`{BENCHMARKS[name][0]}`, {mode} run of {entry['date']}, {entry['seconds']:.0f} s){status}\n\n"
-            + re.sub(r"^(#+) ", r"##\1 ", md_file.read_text().strip(), flags=re.M)  # nest its headings
-            + "\n"
-        )
-    page = (
+        if entry is None or (name in sources and sources[name].run is None):
+            heading = f"## {name} (`{script}`, its latest run was not by run.py)"
+        else:
+            status = "" if entry["exit_code"] == 0 else f" — FAILED with exit code {entry['exit_code']}"
+            mode = "quick" if entry["quick"] else "full"
+            heading = f"## {name} (`{script}`, {mode} run of {entry['date']}, {entry['seconds']:.0f} s){status}"
+        nested = re.sub(r"^(#+) ", r"##\1 ", md_file.read_text().strip(), flags=re.M)  # nest its headings
+        sections.append(f"{heading}\n\n{nested}\n")
+    return (
         f"# Benchmark results\n\nMade by `{results['command']}` (last run {results['date']}); "
-        "each section says when it was last refreshed.\n\n"
+        "each table and section says which run it comes from.\n\n"
         f"Machine: {machine_line(results['machine'])}.\n\n"
         "Every ratio is ours / the named peer, measured back to back in the same run (medians). "
         "Each section says first how loaded the machine was (1-minute load average around every measurement); "
         "a run under load writes no page unless `--allow-load` is given, and then its page and figures say "
-        "'taken under load'.\n\n"
-        f"## Goals from the issues\n\n{table}\n\n" + "\n".join(sections)
+        f"'taken under load' (in the tables:{UNDER_LOAD}).\n\n"
+        f"## Beside the peers\n\n{peers}\n\n"
+        f"## Goals from the issues\n\n{goals_table(list(BENCHMARKS))}\n\n" + "\n".join(sections)
     )
-    (HERE / "RESULTS.md").write_text(page)
+
+
+def readme_block(results: dict, peers: str) -> str:
+    """What goes between the README's results markers: the machine, the tables beside the peers, the plots."""
+    plots = [f"![{alt}](bench/{name})" for name, alt in (("onnx_latency.png", "ONNX Runtime latency"),
+                                                          ("merge.png", "merge time and memory"))
+             if (HERE / name).is_file()]
+    return (f"\nMachine: {machine_line(results['machine'])}. Every table, the goals the issues set and each "
+            "benchmark's full page: [bench/RESULTS.md](bench/RESULTS.md).\n\n"
+            f"{peers}\n\n" + "".join(plot + "\n\n" for plot in plots).rstrip("\n") + "\n")
+
+
+def write_pages(results: dict) -> None:
+    """RESULTS.md, results.json and the README's results block, from ``results`` and the JSON files."""
+    sources = load_sources(results)
+    peers = peer_tables(sources)
+    (HERE / "RESULTS.md").write_text(results_page(results, sources, peers))
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if README.is_file() and all(m in README.read_text() for m in MARKERS):
         text = README.read_text()
         start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-        block = (
-            f"\n`{results['command']}` on {results['date']}: {machine_line(results['machine'])}. "
-            "Full tables and the commands of each script: [bench/RESULTS.md](bench/RESULTS.md).\n\n"
-            f"{table}\n\n![ONNX Runtime latency](bench/onnx_latency.png)\n\n![merge time and memory](bench/merge.png)\n"
-        )
-        README.write_text(text[:start] + block + text[end:])
+        README.write_text(text[:start] + readme_block(results, peers) + text[end:])
 
 
 def preflight(allow_load: bool) -> None:
@@ -404,7 +721,7 @@ def main() -> None:
     if "machine" not in results:
         sys.exit("nothing to render: run the benchmarks first")
     write_pages(results)
-    print(f"wrote {HERE / 'RESULTS.md'}, {saved} and the README table")
+    print(f"wrote {HERE / 'RESULTS.md'}, {saved} and the README's results block")
     failed = [n for n in names if results["benchmarks"].get(n, {}).get("exit_code") not in (0, None)]
     if failed and not args.render_only:
         sys.exit(f"benchmarks failed: {failed}")
