@@ -17,12 +17,13 @@ native: $(VENV)/.installed
 
 # Our own pin (the local CPU wheel), not a requirement of the package: users keep their torch.
 TORCH  := torch==2.13.0
-# The core commands also run on the newest transformers 5.x: a second venv without the ONNX
-# extra (optimum-onnx caps transformers below 4.58) runs the tests that don't export ONNX.
+# The core commands also run on the newest transformers 5.x: a second venv without optimum-onnx
+# (it caps transformers below 4.58) runs the tests that don't need it, and the builder-graph tests
+# (ONNX Runtime GenAI's model builder needs transformers 5).
 TF5    := .venv-tf5
 CORE_TESTS := tests/test_api.py tests/test_cli_core.py tests/test_convert.py tests/test_data.py \
 	tests/test_formats.py tests/test_interrupt.py tests/test_layer.py tests/test_merge.py \
-	tests/test_outputs.py tests/test_shards.py tests/test_train.py
+	tests/test_outputs.py tests/test_shards.py tests/test_train.py tests/test_graph_builder.py
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +36,7 @@ $(TF5)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(TF5)
 	$(TF5)/bin/python -m pip install -q --upgrade pip
 	$(TF5)/bin/python -m pip install -q $(TORCH)
-	$(TF5)/bin/python -m pip install -q -e '.[train,demo,test]' 'transformers>=5'
+	$(TF5)/bin/python -m pip install -q -e '.[train,demo,test,builder]' 'transformers>=5'
 	touch $@
 
 demo: setup
