@@ -254,15 +254,21 @@ class Engine:
         """Names of the loaded adapters (those being unloaded excluded)."""
         return [name for name in self.slots.slot_of if name not in self._unloading]
 
-    def load_adapter(self, name: str, source: AdapterSource) -> int:
+    def load_adapter(self, name: str, source: AdapterSource, *, deadline: float | None = None) -> int:
         """Load an adapter into a free slot (waits for the step in progress); returns its slot.
-        An adapter that does not fit the graph's slots is refused with a clear error; nothing changes."""
+        An adapter that does not fit the graph's slots is refused with a clear error; nothing changes.
+        Its files are read before the lock is taken (slow or hung storage must not stop the steps);
+        only the copy into the slot waits for the step. ``deadline`` (a :func:`time.monotonic` time):
+        refuse it if it is ready only after that (a caller that stopped waiting said it was not loaded)."""
+        arrays = self.slots.read(name, source)
         with self._lock:
+            if deadline is not None and time.monotonic() > deadline:
+                raise PRoLoRAError(f"adapter {name!r} was read too late (after its deadline); not loaded")
             self._finish_unloads()
             if name in self._unloading:
                 raise PRoLoRAError(f"adapter {name!r} is being unloaded while rows still use it; load it "
                                    "under another name or wait for them")
-            return self.slots.load(name, source)
+            return self.slots.place(name, arrays)
 
     def unload_adapter(self, name: str) -> None:
         """Unload an adapter: new requests for it are refused at once; rows running with it finish
@@ -383,15 +389,35 @@ class Engine:
         given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
         if sum(given) != 1:
             raise PRoLoRAError("give exactly one of prompt, messages or prompt_ids")
-        problem = sampling_problem(request.temperature, request.top_p)
+        problem = sampling_problem(request)
         if problem:
             raise PRoLoRAError(problem)
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
             raise PRoLoRAError(f"max_new_tokens must be an integer ≥ 1, got {request.max_new_tokens!r}")
         if self.tokenizer is None and (request.prompt is not None or request.messages is not None or request.stop):
             raise PRoLoRAError("this engine has no tokenizer: give prompt_ids, and no stop strings")
+        ids = self.prompt_ids(request)
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise PRoLoRAError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise PRoLoRAError(f"unknown adapter {request.adapter!r} (loaded: {', '.join(self.adapters) or 'none'})")
+        max_new = min(request.max_new_tokens, self.context - len(ids))
+        if len(ids) + max_new > self.max_cached_tokens:
+            raise PRoLoRAError(f"needs {len(ids) + max_new} cached tokens; this engine holds at most "
+                               f"{self.max_cached_tokens}")
+        stop_ids = frozenset(int(t) for t in request.stop_token_ids) | (frozenset() if request.ignore_eos
+                                                                           else self.eos_ids)
+        sampler = Sampler.for_request(request, ids, stop_ids)
+        return _Sequence(request, ids, max_new, sampler, stop_ids, listener, submitted)
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The request's prompt as token ids: ``prompt_ids`` as given, ``prompt`` tokenized, ``messages``
+        rendered with the chat template. Any thread may call it: a server tokenizes off the stepping
+        thread (a long prompt would stall every row) and submits the ids."""
         if request.prompt_ids is not None:
             ids = [int(t) for t in request.prompt_ids]
+        elif self.tokenizer is None:
+            raise PRoLoRAError("this engine has no tokenizer: give prompt_ids")
         elif request.messages is not None:
             if not request.messages:
                 raise PRoLoRAError("empty prompt: no chat messages")
@@ -404,20 +430,9 @@ class Engine:
             ids = list(self.tokenizer(request.prompt).input_ids) if request.prompt else []
         if not ids:
             raise PRoLoRAError("empty prompt")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise PRoLoRAError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.context:
             raise PRoLoRAError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.context}")
-        if request.adapter is not None and request.adapter not in self.adapters:
-            raise PRoLoRAError(f"unknown adapter {request.adapter!r} (loaded: {', '.join(self.adapters) or 'none'})")
-        max_new = min(request.max_new_tokens, self.context - len(ids))
-        if len(ids) + max_new > self.max_cached_tokens:
-            raise PRoLoRAError(f"needs {len(ids) + max_new} cached tokens; this engine holds at most "
-                               f"{self.max_cached_tokens}")
-        stop_ids = frozenset(int(t) for t in request.stop_token_ids) | (frozenset() if request.ignore_eos
-                                                                           else self.eos_ids)
-        sampler = Sampler(request.temperature, request.top_p, request.seed)
-        return _Sequence(request, ids, max_new, sampler, stop_ids, listener, submitted)
+        return ids
 
     def _cancel(self, ids: set[str], events: list[Event]) -> None:
         for seq in [s for s in self._waiting if s.request.request_id in ids]:

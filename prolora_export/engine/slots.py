@@ -1,6 +1,8 @@
 """Adapter slots of a session (SPEC §5): one array per shard input, (K, …), fed as OrtValues.
 
-Loading an adapter writes its shards into a free slot; unloading zeroes the slot (the graph gathers
+Loading an adapter reads and checks its files (:meth:`SlotTable.read`, no table state: a caller
+may do it outside its locks), then writes its shards into a free slot (:meth:`SlotTable.place`,
+quick); unloading zeroes the slot (the graph gathers
 slot 0 for base rows, so every slot must hold finite values) and frees it. The arrays grow by
 doubling when full (the old slots are copied once); on the CPU the OrtValues share the arrays'
 memory, so a slot write is seen by the next run with no copy, and untouched capacity is not
@@ -9,11 +11,14 @@ resident (zero pages). Resident cost of a loaded adapter: its shards' bytes.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from ..config import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import PRoLoRAError
 from ..formats.prolora import Adapter, load_adapter
 from ..onnx.adapters import NUMPY_DTYPES, check_adapter_fits, fitted_arrays
@@ -21,6 +26,32 @@ from ..onnx.adapters import NUMPY_DTYPES, check_adapter_fits, fitted_arrays
 ONNX_ADAPTER_SUFFIX = ".onnx_adapter"
 #: what an adapter can be given as: our folder, an ONNX Runtime adapter file, or one in memory
 AdapterSource = str | Path | Adapter
+#: the most bytes an adapter_config.json may have (it is a few hundred)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_files(source: str | Path, max_bytes: int) -> None:
+    """Refuse an adapter whose files are not regular files (a FIFO or a device would block or never
+    end a read) or an ``.onnx_adapter`` file larger than ``max_bytes``, before anything is opened."""
+    path = Path(source)
+    if str(source).endswith(ONNX_ADAPTER_SUFFIX):
+        files = {path: max_bytes}
+    elif path.is_dir():
+        files = {path / CONFIG_NAME: MAX_CONFIG_BYTES, path / WEIGHTS_NAME: None}  # the reader bounds the weights
+    else:
+        return  # the reader says what is missing
+    for file, limit in files.items():
+        try:
+            info = os.stat(file)
+        except FileNotFoundError:
+            continue  # the reader says it is missing
+        except OSError as err:
+            raise PRoLoRAError(f"cannot read: {err.strerror}", str(file)) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise PRoLoRAError("not a regular file", str(file))
+        if limit is not None and info.st_size > limit:
+            raise PRoLoRAError(f"is {info.st_size} bytes, more than an adapter of this graph can be ({limit})",
+                               str(file))
 
 
 def adapter_arrays(source: AdapterSource, record: dict, graph, dtype: np.dtype) -> dict[str, np.ndarray]:
@@ -73,14 +104,24 @@ class SlotTable:
 
     def load(self, name: str, source: AdapterSource) -> int:
         """Put an adapter in a free slot (growing the table if none is free); returns the slot."""
-        if name in self.slot_of:
-            raise PRoLoRAError(f"an adapter named {name!r} is loaded already (unload it first)")
+        return self.place(name, self.read(name, source))
+
+    def read(self, name: str, source: AdapterSource) -> dict[str, np.ndarray]:
+        """An adapter's slot arrays, checked against the graph (reads files; changes nothing)."""
         try:
+            if isinstance(source, (str, Path)):
+                check_files(source, 8 * sum(int(np.prod(s)) for s in self.shapes.values()) + (1 << 20))
             arrays = adapter_arrays(source, self.record, self.graph, self.dtype)
         except PRoLoRAError as err:
             raise PRoLoRAError(f"adapter {name!r} does not fit this graph's slots: {err}") from None
         if {k: v.shape for k, v in arrays.items()} != self.shapes:  # the record and the inputs agree
             raise PRoLoRAError(f"internal: adapter {name!r} passed the geometry check but not the slot shapes")
+        return arrays
+
+    def place(self, name: str, arrays: dict[str, np.ndarray]) -> int:
+        """Write arrays from :meth:`read` into a free slot (growing the table if none is free)."""
+        if name in self.slot_of:
+            raise PRoLoRAError(f"an adapter named {name!r} is loaded already (unload it first)")
         used = set(self.slot_of.values())
         slot = next((k for k in range(self.capacity) if k not in used), None)
         if slot is None:
