@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from ..errors import PRoLoRAError
 from .types import FINITE_FLOAT
+
+KEY_VARIABLE = "PROLORA_API_KEY"
 
 
 def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
@@ -28,7 +32,7 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
               help="Address to bind. Anything but loopback exposes the server: set --api-key, put TLS in front.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--base-name", default=None, help="Model name of the base model. [default: ONNX_DIR's name]")
-@click.option("--api-key", default=None, envvar="PROLORA_API_KEY",
+@click.option("--api-key", default=None, envvar=KEY_VARIABLE,
               help="Require 'Authorization: Bearer KEY' (also from $PROLORA_API_KEY).")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1), help="Rows decoded at once.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
@@ -41,6 +45,14 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--shutdown-timeout", default=10.0, show_default=True, type=FINITE_FLOAT,
               help="Seconds in-flight requests may finish after SIGTERM before they are cancelled.")
+@click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
+              help="Largest request body; beyond, 413.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=FINITE_FLOAT,
+              help="Seconds a request body may take to arrive; beyond, 408.")
+@click.option("--timeout-keep-alive", default=5.0, show_default=True, type=FINITE_FLOAT,
+              help="Seconds a connection may take to send a request's headers, or stay idle between requests.")
+@click.option("--max-connections", default=None, type=click.IntRange(1),
+              help="Open connections at most; beyond, 503. [default: max-batch + max-queue + 64]")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def command(onnx_dir: str, adapters: tuple[str, ...], **options) -> None:
@@ -52,4 +64,6 @@ def command(onnx_dir: str, adapters: tuple[str, ...], **options) -> None:
     """
     from ..serve import serve
 
+    if options["api_key"] is None and os.environ.get(KEY_VARIABLE) == "":
+        options["api_key"] = ""  # click skips an empty variable; serve refuses an empty key, as meant
     serve(onnx_dir, parse_adapters(adapters), **options)

@@ -5,14 +5,22 @@ no adapter), so requests for different adapters share the engine's batches. The 
 admits, translates and counts: requests wait in the engine's FIFO queue, at most ``max_queue`` beyond
 the batch (then 429 with ``Retry-After``); a client that goes away cancels its request, which frees
 its row at the next step. An adapter is unloaded only while no request uses it (else 409).
+
+Nothing a client sends can stall the engine's thread: a body is bounded in size (413), in the time
+it takes to arrive (408) and in nesting (400); prompts are tokenized and chat templates rendered in
+worker threads, and the engine gets token ids; an adapter's files are read on a thread of their own,
+outside the engine's lock, within ``adapter_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hmac
 import json
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,20 +28,33 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine import EngineRunner, Event
+from ..engine import EngineRunner, Event, Request
 from ..errors import PRoLoRAError
-from .protocol import APIError, Call, chunks, completion, error_body, parse_call
+from .protocol import APIError, Call, chunks, completion, error_body, name_problem, parse_call
 
 #: the window over which /metrics reports tokens per second
 RATE_WINDOW = 10.0
-#: at shutdown, how long the engine may take to drop the requests still in it
-DRAIN_TIMEOUT = 30.0
+#: at shutdown, how long the engine may take to drop the requests still in it (their clients have
+#: had their answer already; this only lets its last events find the loop open)
+DRAIN_TIMEOUT = 5.0
+#: how deep a request body's JSON may nest (a chat request with content parts needs 5)
+MAX_JSON_DEPTH = 32
+#: prompts tokenized at once, each on a worker thread (a long one holds memory while it runs)
+TOKENIZER_THREADS = 2
 STEP_FAILED = "engine step failed"
 SHUTDOWN = "the server is shutting down: the request was cancelled"
+#: what :meth:`Server._race` returns when the client left first / the shutdown bound passed first
+GONE, STOPPED = object(), object()
+
+
+def label(value: str) -> str:
+    """A Prometheus label value, escaped (a name must not be able to write metric lines)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Metrics:
@@ -63,7 +84,7 @@ class Metrics:
             lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
 
         metric("prolora_requests_total", "counter", "Completion requests answered, by model and HTTP status.",
-               [(f'{{model="{m}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())])
+               [(f'{{model="{label(m)}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())])
         metric("prolora_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
                [("", self.prompt_tokens)])
         metric("prolora_generation_tokens_total", "counter", "Tokens generated.", [("", self.generated_tokens)])
@@ -73,26 +94,71 @@ class Metrics:
         metric("prolora_queue_length", "gauge", "Requests waiting for a row.", [("", waiting)])
         metric("prolora_adapters_loaded", "gauge", "Adapters loaded.", [("", len(adapters))])
         metric("prolora_adapter_loaded", "gauge", "1 for each loaded adapter.",
-               [(f'{{adapter="{a}"}}', 1) for a in adapters])
+               [(f'{{adapter="{label(a)}"}}', 1) for a in adapters])
         return "\n".join(lines) + "\n"
 
 
 class Server:
-    """The app's state: the runner, admission and per-adapter use counts, metrics."""
+    """The app's state: the runner, admission and per-adapter use counts, limits, metrics."""
 
     def __init__(self, runner: EngineRunner, *, base_name: str, api_key: str | None = None, max_queue: int = 64,
-                 default_max_tokens: int = 256):
+                 default_max_tokens: int = 256, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
+                 adapter_timeout: float = 60.0):
         self.runner, self.engine = runner, runner.engine
         self.base_name, self.api_key = base_name, api_key
         self.max_queue, self.default_max_tokens = max_queue, default_max_tokens
+        self.max_body_bytes, self.body_timeout, self.adapter_timeout = max_body_bytes, body_timeout, adapter_timeout
         self.in_flight = 0
         self.request_ids: set[str] = set()  # in the engine on behalf of a client
         self.closing = False
+        self.stopping = asyncio.Event()  # set when the shutdown bound has passed: answer everyone now
+        self.tokenizing = asyncio.Semaphore(TOKENIZER_THREADS)
+        self.reading: asyncio.Future | None = None  # the adapter load in progress (one at a time)
         self.started = 0  # in-flight requests that have their first token (they hold a row)
         self.using: Counter[str] = Counter()  # adapter -> in-flight requests
         self.unloading: set[str] = set()
         self.metrics = Metrics()
         self.created = int(time.time())
+
+    # ------------------------------------------------------------------ request bodies
+
+    async def read_json(self, http: HTTPRequest):
+        """The body as JSON, bounded in size (413), arrival time (408) and nesting depth (400)."""
+        body = await self._read_body(http)
+        too_deep = APIError(400, f"the request body is JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            value = json.loads(body)
+        except RecursionError:
+            raise too_deep from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON ({err})") from None
+        if nested_deeper(value, MAX_JSON_DEPTH):
+            raise too_deep
+        return value
+
+    async def _read_body(self, http: HTTPRequest) -> bytes:
+        too_large = APIError(413, f"the request body is larger than {self.max_body_bytes} bytes (--max-body-bytes)",
+                             code="request_too_large", headers={"Connection": "close"})
+        length = http.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            raise too_large
+
+        async def collect() -> bytes:
+            parts, size = [], 0
+            async for part in http.stream():
+                size += len(part)
+                if size > self.max_body_bytes:
+                    raise too_large
+                parts.append(part)
+            return b"".join(parts)
+
+        try:
+            return await asyncio.wait_for(collect(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise APIError(499, "the client went away while sending the body") from None
 
     # ------------------------------------------------------------------ models and adapters
 
@@ -106,18 +172,39 @@ class Server:
     async def list_models(self, http: HTTPRequest) -> Response:
         return JSONResponse({"object": "list", "data": [self.model_object(m) for m in self.models()]})
 
+    async def get_model(self, http: HTTPRequest) -> Response:
+        name = http.path_params["name"]
+        if name not in self.models():
+            raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        return JSONResponse(self.model_object(name))
+
     async def load_adapter(self, http: HTTPRequest) -> Response:
-        body = await read_json(http)
+        body = await self.read_json(http)
         body = body if isinstance(body, dict) else {}
         name, path = body.get("name"), body.get("path")
-        if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path:
+        if not isinstance(path, str) or not path:
             raise APIError(400, "give {\"name\": ..., \"path\": ...}: a new model name and the adapter's folder "
-                                "or .onnx_adapter file on the server", param="name")
+                                "or .onnx_adapter file on the server", param="path")
+        problem = name_problem(name)
+        if problem:
+            raise APIError(400, problem, param="name")
         if name in self.models() or name in self.unloading:
             raise APIError(409, f"the model {name!r} exists already (unload it first)", param="name",
                            code="model_exists")
+        if self.reading is not None and not self.reading.done():
+            raise APIError(409, "another adapter is being loaded; retry when it is done", code="load_in_progress",
+                           headers={"Retry-After": "1"})
+        # the engine refuses to place an adapter read after the deadline, so a timeout here means
+        # nothing was loaded, even if the files arrive later
+        deadline = time.monotonic() + self.adapter_timeout
+        load = functools.partial(self.engine.load_adapter, name, path, deadline=deadline)
+        self.reading = asyncio.ensure_future(in_daemon_thread(load))
+        self.reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved late
         try:
-            await run_in_threadpool(self.engine.load_adapter, name, path)
+            await asyncio.wait_for(asyncio.shield(self.reading), self.adapter_timeout + 1.0)
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the adapter's files were not read within {self.adapter_timeout:g} s (slow or hung "
+                                "storage?); nothing was loaded", type="server_error", code="adapter_timeout") from None
         except PRoLoRAError as err:
             raise APIError(400, str(err), param="path") from None
         return JSONResponse(self.model_object(name), status_code=201)
@@ -155,7 +242,7 @@ class Server:
         return await self._complete(http, chat=True)
 
     async def _complete(self, http: HTTPRequest, chat: bool) -> Response:
-        body = await read_json(http)
+        body = await self.read_json(http)
         try:
             call = parse_call(body, chat=chat, models=self.models(), base=self.base_name,
                               default_max_tokens=self.default_max_tokens if chat else 16)
@@ -165,10 +252,11 @@ class Server:
                 self.metrics.requests[(model, err.status)] += 1
             raise
         self._admit(call)
-        events = self.runner.astream(call.request)
         status, streaming = 499, False
         try:
-            first = await first_event(events, http)
+            call.request = await self._tokenized(call.request)
+            events = self.runner.astream(call.request)
+            first = await self._wait(anext(events), http)
             if first is None:  # the client left while the request waited
                 return Response(status_code=status)
             if first.finish_reason in ("error", "cancelled"):
@@ -180,7 +268,7 @@ class Server:
                 streaming = True  # the stream counts and releases it
                 return StreamingResponse(self._sse(call, events, first), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            result = first.result if first.finished else await rest(events, http, self._on_event)
+            result = first.result if first.finished else await self._wait(self._rest(events), http)
             if result is None:
                 return Response(status_code=status)
             if result.finish_reason in ("error", "cancelled"):
@@ -194,6 +282,51 @@ class Server:
             if not streaming:
                 self.metrics.requests[(call.model, status)] += 1
                 self._release(call)
+
+    async def _tokenized(self, request: Request) -> Request:
+        """The request with its prompt as token ids, tokenized (chat template rendered) on a worker
+        thread: on the engine's thread a long prompt would stall every row."""
+        async with self.tokenizing:
+            try:
+                ids = await run_in_threadpool(self.engine.prompt_ids, request)
+            except PRoLoRAError as err:
+                raise engine_error(str(err)) from None
+        return dataclasses.replace(request, prompt=None, messages=None, prompt_ids=ids)
+
+    async def _rest(self, events: AsyncIterator[Event]):
+        """The rest of a non-streamed request: its result."""
+        async for event in events:
+            self._on_event(event)
+            if event.finished:
+                return event.result
+        return None
+
+    async def _race(self, work: Awaitable, http: HTTPRequest | None):
+        """``work``'s value; or :data:`GONE` when the client disconnects first (``http`` given), or
+        :data:`STOPPED` when the shutdown bound passes first. ``work`` is cancelled then, and has
+        cleaned up when this returns (a stream's engine request is cancelled)."""
+        task = asyncio.ensure_future(work)
+        watchers = {asyncio.ensure_future(self.stopping.wait()): STOPPED}
+        if http is not None:
+            watchers[asyncio.ensure_future(until_disconnect(http))] = GONE
+        try:
+            done, _ = await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task in done or not task.cancelled():
+            return task.result()
+        return next(outcome for watcher, outcome in watchers.items() if watcher in done)
+
+    async def _wait(self, work: Awaitable, http: HTTPRequest):
+        """``work``'s value, or None when the client left first; 503 when the shutdown bound passed."""
+        value = await self._race(work, http)
+        if value is STOPPED:
+            raise engine_error(None)
+        return None if value is GONE else value
 
     def _admit(self, call: Call) -> None:
         if self.closing:
@@ -219,12 +352,13 @@ class Server:
                 del self.using[call.request.adapter]
 
     def close(self, grace: float) -> None:
-        """Shutting down: refuse new requests (503); in ``grace`` seconds, cancel those still running,
-        whose clients then get a clean end (an error chunk and ``[DONE]``, or a 503)."""
+        """Shutting down: refuse new requests (503); in ``grace`` seconds, answer those still running
+        (an error chunk and ``[DONE]``, or a 503) without waiting for the engine, and cancel them."""
         self.closing = True
         asyncio.get_running_loop().call_later(grace, self._cancel_all)
 
     def _cancel_all(self) -> None:
+        self.stopping.set()
         for request_id in list(self.request_ids):
             self.engine.cancel(request_id)
 
@@ -243,15 +377,16 @@ class Server:
             self.metrics.prompt_tokens += event.result.prompt_tokens
 
     async def _sse(self, call: Call, events: AsyncIterator[Event], first: Event) -> AsyncIterator[str]:
-        """Server-sent events in OpenAI's format; ends with ``data: [DONE]``."""
+        """Server-sent events in OpenAI's format; ends with ``data: [DONE]``. A client that leaves
+        cancels this generator (Starlette watches the connection)."""
         status = 200
         try:
             event, opening = first, True
             while True:
-                if event.finish_reason in ("error", "cancelled"):
-                    status = 500 if event.error else 503
-                    code = None if event.error else "shutting_down"
-                    body = error_body(event.error or SHUTDOWN, "server_error", code=code)
+                if event is STOPPED or event.finish_reason in ("error", "cancelled"):
+                    error = None if event is STOPPED else event.error
+                    status = 500 if error else 503
+                    body = error_body(error or SHUTDOWN, "server_error", code=None if error else "shutting_down")
                     yield f"data: {json.dumps(body)}\n\n"
                     break
                 for part in chunks(call, event, opening):
@@ -259,8 +394,9 @@ class Server:
                 opening = False
                 if event.finished:
                     break
-                event = await anext(events)
-                self._on_event(event)
+                event = await self._race(anext(events), None)
+                if event is not STOPPED:
+                    self._on_event(event)
             yield "data: [DONE]\n\n"
         except BaseException:
             status = 499  # the client went away: the runner's stream cancels the request
@@ -270,11 +406,38 @@ class Server:
             self._release(call)
 
 
-async def read_json(http: HTTPRequest):
-    try:
-        return json.loads(await http.body())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})") from None
+def nested_deeper(value, limit: int) -> bool:
+    """Whether parsed JSON nests deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+async def in_daemon_thread(function: Callable[[], object]):
+    """``function()`` on a daemon thread of its own: a read that hangs (a stuck network file
+    system) must neither hold a pool's worker nor keep the process from exiting."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(), None
+        except Exception as err:
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="prolora-adapter-reader", daemon=True).start()
+    return await future
 
 
 def engine_error(message: str | None) -> APIError:
@@ -293,43 +456,28 @@ async def until_disconnect(http: HTTPRequest) -> None:
         pass
 
 
-async def _race(work: Awaitable, http: HTTPRequest):
-    """``work``'s value, or None when the client disconnects first (``work`` is cancelled then)."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(until_disconnect(http))
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        return None
-    return task.result()
-
-
-async def first_event(events: AsyncIterator[Event], http: HTTPRequest) -> Event | None:
-    return await _race(anext(events), http)
-
-
-async def rest(events: AsyncIterator[Event], http: HTTPRequest, on_event: Callable[[Event], None]):
-    """The rest of a non-streamed request: its result, or None when the client left (it is cancelled)."""
-
-    async def collect():
-        async for event in events:
-            on_event(event)
-            if event.finished:
-                return event.result
-        return None
-
-    return await _race(collect(), http)
+def check_api_key(api_key: str | None) -> None:
+    """Refuse, at start-up, a key no request could ever send: empty (``--api-key "$UNSET"``), with
+    surrounding whitespace, or with characters outside printable ASCII (headers carry ASCII)."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise PRoLoRAError("the API key (--api-key or $PROLORA_API_KEY) is empty: give a key, or unset it to serve "
+                           "without one")
+    if not (api_key.isascii() and api_key.isprintable()) or api_key != api_key.strip():
+        raise PRoLoRAError("the API key (--api-key or $PROLORA_API_KEY) must be printable ASCII with no leading or "
+                           "trailing spaces: a client could never send it in a header")
 
 
 def create_app(runner: EngineRunner, *, base_name: str, api_key: str | None = None, max_queue: int = 64,
-               default_max_tokens: int = 256) -> Starlette:
+               default_max_tokens: int = 256, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
+               adapter_timeout: float = 60.0) -> Starlette:
     """The OpenAI-compatible app over a started runner (see the module docstring). ``api_key``: every
     endpoint but ``/health`` wants ``Authorization: Bearer <api_key>``."""
+    check_api_key(api_key)
     server = Server(runner, base_name=base_name, api_key=api_key, max_queue=max_queue,
-                    default_max_tokens=default_max_tokens)
+                    default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
+                    adapter_timeout=adapter_timeout)
 
     def endpoint(handler: Callable[[HTTPRequest], Awaitable[Response]], auth: bool = True):
         async def run(http: HTTPRequest) -> Response:
@@ -345,6 +493,7 @@ def create_app(runner: EngineRunner, *, base_name: str, api_key: str | None = No
         Route("/health", endpoint(server.health, auth=False), methods=["GET"]),
         Route("/metrics", endpoint(server.render_metrics), methods=["GET"]),
         Route("/v1/models", endpoint(server.list_models), methods=["GET"]),
+        Route("/v1/models/{name:path}", endpoint(server.get_model), methods=["GET"]),
         Route("/v1/completions", endpoint(server.completions), methods=["POST"]),
         Route("/v1/chat/completions", endpoint(server.chat_completions), methods=["POST"]),
         Route("/v1/adapters", endpoint(server.load_adapter), methods=["POST"]),

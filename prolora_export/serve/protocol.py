@@ -6,6 +6,7 @@ Pure functions over dicts (no HTTP), so the rules are testable alone and the app
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,9 +15,24 @@ from ..engine import Event, Request, Result
 
 #: OpenAI's limit on stop sequences
 MAX_STOP = 4
-#: parameters we accept only at their neutral value (anything else would be silently ignored)
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": 1, "echo": False, "logprobs": None,
-           "top_logprobs": None, "logit_bias": None, "suffix": None, "tools": None, "functions": None}
+#: the most stop_token_ids a request may give
+MAX_STOP_TOKEN_IDS = 64
+#: what a loaded adapter may be called: safe in a URL path, a metric label and a log line
+MODEL_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: the fields each endpoint implements (null: the default)
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+          "presence_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "ignore_eos", "n", "stream",
+          "stream_options", "user"}
+FIELDS = {True: COMMON | {"messages", "max_completion_tokens", "response_format"}, False: COMMON | {"prompt"}}
+#: fields taken only at a neutral value, compared with their types (any other value would change the
+#: answer, and ignoring it would be silent); every other field is refused
+NEUTRAL = {
+    True: {"logprobs": (False,), "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "functions": ([],),
+           "tool_choice": ("none",), "function_call": ("none",)},
+    False: {"logprobs": (False,), "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},)},
+}
+#: the fields of a chat message (null: absent)
+MESSAGE_FIELDS = {"role", "content"}
 
 
 class APIError(Exception):
@@ -39,6 +55,13 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def name_problem(name) -> str | None:
+    """Why ``name`` cannot name an adapter, or None."""
+    if isinstance(name, str) and MODEL_NAME.fullmatch(name):
+        return None
+    return f"an adapter's name must be 1 to 64 of A-Z a-z 0-9 . _ : - (got {name!r})"
 
 
 @dataclass
@@ -75,6 +98,34 @@ def _integer(body: dict, key: str, default: int | None, low: int) -> int | None:
     return value
 
 
+def _fields(body: dict, chat: bool) -> None:
+    """Refuse every field this server would ignore: unknown ones, and known ones at a value it does
+    not implement."""
+    for key, value in body.items():
+        if value is None or key in FIELDS[chat]:
+            continue
+        neutral = NEUTRAL[chat].get(key)
+        if neutral is None:
+            raise bad(f"{key} is not supported by this server", key)
+        if not any(type(value) is type(n) and value == n for n in neutral):
+            raise bad(f"{key}={value!r} is not supported by this server (only {' or '.join(map(repr, neutral))})", key)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad(f"response_format {response_format!r} is not supported: only {{'type': 'text'}}", "response_format")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise bad("user must be a string", "user")
+
+
+def _stop_token_ids(body: dict) -> list[int]:
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        return []
+    if (not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+        raise bad(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids ≥ 0", "stop_token_ids")
+    return ids
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -93,6 +144,9 @@ def _messages(body: dict) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string role", "messages")
+        extra = sorted(k for k, v in message.items() if k not in MESSAGE_FIELDS and v is not None)
+        if extra:
+            raise bad(f"messages[{i}].{extra[0]} is not supported by this server", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text can be rendered by a text model
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -132,9 +186,7 @@ def parse_call(body, *, chat: bool, models: list[str], base: str, default_max_to
                        param="model", code="model_not_found")
     if _integer(body, "n", 1, 1) != 1:
         raise bad("only n=1 is supported: send one request per completion", "n")
-    for key, neutral in NEUTRAL.items():
-        if body.get(key) not in (None, neutral):
-            raise bad(f"{key} is not supported by this server", key)
+    _fields(body, chat)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options must be an object", "stream_options")
@@ -146,14 +198,25 @@ def parse_call(body, *, chat: bool, models: list[str], base: str, default_max_to
         raise bad("ignore_eos must be true or false", "ignore_eos")
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     source = {"messages": _messages(body)} if chat else _prompt(body)
+    max_new_tokens = _integer(body, key, default_max_tokens, 1)
+    min_tokens = _integer(body, "min_tokens", 0, 0)
+    if min_tokens > max_new_tokens:
+        raise bad(f"min_tokens ({min_tokens}) must not exceed {key} ({max_new_tokens})", "min_tokens")
     request = Request(
         **source,
         adapter=None if model == base else model,
-        max_new_tokens=_integer(body, key, default_max_tokens, 1),
+        max_new_tokens=max_new_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=max(_integer(body, "top_k", 0, -1), 0),  # -1 and 0: no limit (vLLM's conventions)
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         seed=_integer(body, "seed", None, 0),
         stop=_stop(body),
+        stop_token_ids=_stop_token_ids(body),
+        min_tokens=min_tokens,
         ignore_eos=ignore_eos,
     )
     prefix = "chatcmpl" if chat else "cmpl"
