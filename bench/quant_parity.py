@@ -8,8 +8,10 @@ measured, not guessed. Writes bench/QUANT-PARITY.md and bench/quant_parity.json.
 Prompts: the gate's four defaults and the first user questions of examples/data/eval.jsonl (the task the
 demo adapter learnt), 16 greedy tokens each, against the fp32 PyTorch base + adapter (unmerged).
 Faithful graphs: ``quantize_onnx`` of the fp32 merged and compact exports (MatMulNBits blocks of 32,
-accuracy level 4). Faults, each in a copy of a quantized compact graph (``FAULTED``): one A shard 2 % off
-(layer 15's v_proj), the B shards scaled by 0.5 (a wrong alpha/r), every B shard zero (the adapter lost). Proposed
+accuracy level 4), judged against a reference quantized the same way (prolora_export.quantized_reference).
+Faults, each in a copy of a quantized compact graph (``FAULTED``): one A shard 2 % off (layer 15's v_proj),
+the B shards scaled by 0.5 (a wrong alpha/r), every B shard zero (the adapter lost); and a merged int4 export
+of the adapter with every B zero (a merged graph that lost its adapter, which has no adapter op to check). Proposed
 bounds: for an upper bound, the worst faithful prompt of that precision times ``MARGIN``; for a lower
 bound (cosine, top-k, greedy), the worst prompt's shortfall from 1 times ``MARGIN``; off where that
 reaches 1, or for the adapter's effect where the bound reaches 1 (what a lost adapter gives). The per-node
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,6 +46,7 @@ from bench_quant import demo_adapter  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from prolora_export.data import read_jsonl  # noqa: E402
+from prolora_export.formats.prolora import load_adapter, save_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
 from prolora_export.onnx.quantize import SENSITIVE_MODULES, quantize_onnx  # noqa: E402
@@ -132,6 +136,13 @@ def measure(work: Path, adapter: Path) -> dict:
                 shutil.rmtree(bad)
             shutil.rmtree(folder)
         shutil.rmtree(fp32)
+    print("parity int4_merged with the adapter lost …", flush=True)
+    lost = work / "lost-adapter"
+    zeroed = load_adapter(adapter)
+    save_adapter(lost, replace(zeroed, tensors={k: v * 0 if _is_b(k) else v for k, v in zeroed.tensors.items()}))
+    export_onnx(str(base), lost, work / "fp32_lost", mode="merged", force=True)
+    folder = quantize_onnx(work / "fp32_lost", work / "int4_lost", force=True, **QUANTIZED["int4"][0]).out
+    runs["int4_merged: adapter lost (B = 0)"] = gate_run(base, adapter, folder, QUANTIZED["int4"][1], sample)
     return {"prompts": len(sample), "max_new_tokens": NEW_TOKENS, "margin": MARGIN, "adapter": _shown(adapter),
             "runs": runs}
 
@@ -227,7 +238,8 @@ def markdown(results: dict) -> str:
 Command: `python bench/quant_parity.py` (parity runs {seconds / 60:.1f} min). Demo model + demo adapter
 ({results['adapter']}), {results['prompts']} prompts (the gate's 4 defaults and {EVAL_PROMPTS} questions of
 examples/data/eval.jsonl), {results['max_new_tokens']} greedy tokens, reference PyTorch fp32 base + adapter
-(unmerged); quantized graphs from `quantize_onnx` (MatMulNBits, blocks of 32, accuracy level 4; int4mix: v_proj,
+(unmerged) quantized the same way as each graph (prolora_export.quantized_reference); quantized graphs from
+`quantize_onnx` (MatMulNBits, blocks of 32, accuracy level 4; int4mix: v_proj,
 o_proj, down_proj at int8). Proposed bound: worst faithful prompt × {results['margin']} (upper bounds) or the
 worst prompt's shortfall from 1 × {results['margin']} (lower bounds); "off" where that shortfall reaches 1, and
 for the adapter effect where its bound reaches 1, the value a lost adapter gives; the adapter op check keeps
@@ -240,7 +252,8 @@ Proposed bounds, and in brackets the preset in `prolora_export/parity.py` now:
 {chr(10).join(preset_rows)}
 
 Every run judged by the proposed bounds (worst prompt of each metric; faults are in copies of the compact
-graph: `{FAULT_SHARD}` × 1.02, every B shard × 0.5, every B shard zero):
+graph: `{FAULT_SHARD}` × 1.02, every B shard × 0.5, every B shard zero; and a merged int4 export of the adapter
+with every B zero):
 
 | run | preset | {' | '.join(labels.values())} | verdict |
 |---|---|{'---:|' * len(keys)}---|

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import make_adapter, tiny_llama
 from onnx import numpy_helper
 
+from prolora_export import native
 from prolora_export.cli import main
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
@@ -86,6 +87,10 @@ def test_faithful_export_passes(setup, mode):
     assert data["metrics"]["rel"] < 1e-5 and data["metrics"]["max_kl"] < 1e-8
     if mode == "compact":
         assert data["metrics"]["effect_rel"] < 1e-4 and data["metrics"]["op_rel"] < 1e-5
+    # compact: the function body (what stock ONNX Runtime runs) and, where built, the native kernel, each judged
+    judged = (["function", "native"] if native.library_path() else ["function"]) if mode == "compact" else ["none"]
+    assert [v["kernel"] for v in data["verdicts"]] == judged and data["kernel"] == "+".join(judged)
+    assert all(v["passed"] for v in data["verdicts"]) and data["prompts"] == data["verdicts"][0]["prompts"]
     assert data["metrics"]["top1"] == 1.0 and data["metrics"]["greedy"] == 1.0
     assert [p["prompt"] for p in data["prompts"]] == ["Hello, who are you?", "for i in range(10):"]
     for prompt in data["prompts"]:
@@ -123,6 +128,33 @@ def test_corrupted_export_fails_and_names_the_layer(setup, mode, layer):
     per_layer = {int(k): v for k, v in loc["per_layer_rel"].items()}
     assert all(per_layer[i] < 1e-6 for i in range(layer)), per_layer  # layers before it are still exact
     assert per_layer[layer] > 50 * max([1e-6, *(per_layer[i] for i in range(layer))])
+
+
+def test_an_edited_function_body_fails_by_default(setup):
+    """The default (--kernel auto) ran only the native kernel where it was built, never the RotatedShardLoRA
+    body that stock ONNX Runtime, its CUDA provider, ORT GenAI and ORTModelForCausalLM run: a body computing
+    shared − unshared passed (issue 28, item 2). Now the body is judged, and the kernel beside it."""
+    bad = setup["root"] / "bad-body"
+    shutil.copytree(exported(setup, "compact"), bad, dirs_exist_ok=True)
+    model = onnx.load(str(bad / "model.onnx"))
+    body = next(f for f in model.functions if f.name == "RotatedShardLoRA")
+    output = next(n for n in body.node if n.output[0] == body.output[0])
+    join = next(n for n in body.node if n.output[0] == output.input[0])  # Identity(shared + unshared)
+    assert join.op_type == "Add"
+    join.op_type = "Sub"
+    onnx.save(model, str(bad / "model.onnx"))
+
+    code, output, data = run(setup, bad)
+    assert code == 1, output
+    assert "ONNX parity: FAIL" in output
+    verdicts = {v["kernel"]: v for v in data["verdicts"]}
+    assert verdicts["function"]["passed"] is False and verdicts["function"]["checks"]["op_rel"]["ok"] is False
+    assert data["passed"] is False and data["checks"]["rel"]["ok"] is False
+    if native.library_path():  # the kernel does not read the body: it still computes the adapter right
+        assert verdicts["native"]["passed"] is True
+        assert "[function: FAIL]" in output and "[native: PASS]" in output
+    code, output, data = run(setup, bad, "--kernel", "function")
+    assert code == 1 and [v["kernel"] for v in data["verdicts"]] == ["function"], output
 
 
 def test_plain_optimum_export_passes(setup):
@@ -195,17 +227,35 @@ def test_compare_against_independent_formulas():
 
 
 def test_nan_in_any_prompt_fails_the_gate():
-    from prolora_export.parity import ParityReport, PromptResult, Tolerance
+    from prolora_export.parity import KernelVerdict, ParityReport, PromptResult, Tolerance
 
     good = {"max_abs": 0.0, "rel": 0.0, "min_cos": 1.0}
     prompts = [PromptResult("a", 3, dict(good)), PromptResult("b", 3, {k: math.nan for k in good})]
-    report = ParityReport("b", "a", "o", "feature-extraction", "cpu", ["CPUExecutionProvider"], "fp32", "fp32",
-                          "fp32-cpu", Tolerance(), prompts, 0)
+    report = ParityReport("b", "a", "o", "feature-extraction", "cpu", "fp32", "fp32", "fp32-cpu", Tolerance(), 0,
+                          [KernelVerdict("function", ["CPUExecutionProvider"], prompts)])
     report.decide()
     assert not report.passed and math.isnan(report.metrics["rel"]) and report.checks["rel"]["ok"] is False
     prompts.pop()
     report.decide()
     assert report.passed and "FAIL" not in report.table()
+
+
+def test_every_judged_implementation_must_pass():
+    """The report passes only when each verdict does; its metrics are the worst over all of them."""
+    from prolora_export.parity import KernelVerdict, ParityReport, PromptResult, Tolerance
+
+    body = KernelVerdict("function", ["CPUExecutionProvider"], [PromptResult("a", 3, {"rel": 0.5, "min_cos": 0.5})])
+    kernel = KernelVerdict("native", ["CPUExecutionProvider"], [PromptResult("a", 3, {"rel": 0.0, "min_cos": 1.0})])
+    report = ParityReport("b", "a", "o", "feature-extraction", "cpu", "fp32", "fp32", "fp32-cpu", Tolerance(), 0,
+                          [body, kernel])
+    report.decide()
+    assert not report.passed and not body.passed and kernel.passed
+    assert report.metrics["rel"] == 0.5 and report.kernel == "function+native"
+    table = report.table()
+    assert "ONNX parity: FAIL" in table and "(function FAIL, native PASS)" in table
+    assert "[function: FAIL] the graph's RotatedShardLoRA function body" in table
+    data = report.to_dict()
+    assert [v["passed"] for v in data["verdicts"]] == [False, True] and data["passed"] is False
 
 
 def test_tolerance_and_prompts_parsing(tmp_path):

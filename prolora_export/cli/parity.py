@@ -47,8 +47,10 @@ PRESET_HELP = "; ".join(
 @click.option("--reference-dtype", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="dtype of the PyTorch reference.")
 @click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True,
-              help="How the compact op runs on the CPU: native (the C++ kernel, an error if not built), function "
-                   "(the graph's ONNX function body), auto (native when built). CUDA always runs the body.")
+              help="Which implementation of the compact op is judged: auto judges the graph's ONNX function body "
+                   "(what stock ONNX Runtime, CUDA, ORT GenAI and ORTModelForCausalLM run) and, when built, the "
+                   "native C++ kernel (what serve runs), each reported, PASS only if both pass; function or "
+                   "native judge that one alone (native: an error if not built). CUDA runs the body.")
 @click.option("--runtime", type=click.Choice(["ort", "genai"]), default="ort", show_default=True,
               help="ort: ONNX Runtime through optimum, every logit gated. genai: greedy tokens from "
                    "onnxruntime-genai (the folder's genai_config.json), with the graph's own shards and, for a "
@@ -65,7 +67,8 @@ def command(base, adapter, onnx_dir, provider, prompts_file, max_new_tokens, tol
     KL of next-token distributions, top-1/top-5 agreement, min cosine; max abs error is
     only reported, since an absolute bound misjudges fp32 rounding on real models) and
     compares greedy generation through the KV cache. When the check fails it names the
-    first transformer layer whose output diverges.
+    first transformer layer whose output diverges. A quantized graph is compared with
+    PyTorch quantized the same way (RTN blocks as the graph's), so a lost adapter fails.
 
     Exit code: 0 within tolerance, 1 not within tolerance, 2 bad usage or inputs.
     """

@@ -70,6 +70,8 @@ DEFAULT_ACCURACY_LEVEL = 4
 #: ops a quantized graph holds (MatMulInteger: int8 graphs of earlier versions, quantize_dynamic)
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger")
 DATA_FILE = "model.onnx_data"
+#: metadata_props key of a quantized graph: the JSON of how its weights were quantized (:func:`record_settings`)
+RECORD_KEY = "prolora.quantization"
 TWO_GB = 2**31
 
 
@@ -296,6 +298,19 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and "onnx" in p.name)
 
 
+def record_settings(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int,
+                    int8_modules: tuple[str, ...]) -> None:
+    """Record how the weights were quantized (``prolora.quantization``): the parity gate rebuilds its reference
+    with the same method and scheme (prolora_export.quantized_reference)."""
+    import json
+
+    entry = model.metadata_props.add()
+    entry.key = RECORD_KEY
+    entry.value = json.dumps({"method": "rtn", "symmetric": False, "bits": bits, "block_size": block_size,
+                              "accuracy_level": accuracy_level, "int8_modules": list(int8_modules),
+                              "quantizer": "onnxruntime MatMulNBitsQuantizer"})
+
+
 def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_level: int,
                     int8_modules: tuple[str, ...] = ()) -> QuantizeReport:
     """Quantize ``src/model.onnx`` into the existing folder ``dst`` (no atomicity: see :func:`quantize_onnx`)."""
@@ -324,6 +339,7 @@ def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     with _quiet_ort_logging():
         quantized = _quantize(model, exclude, bits, block_size, accuracy_level, int8_modules, str(path))
     check_adapter_path(before, _fingerprint(quantized, names), str(path))
+    record_settings(quantized, bits, block_size, accuracy_level, int8_modules)
     counts: dict[str, int] = {}
     for node in quantized.graph.node:
         if node.op_type in QUANTIZED_OPS:
