@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 
 import quiet  # noqa: E402
 from bench_engine import THREADS, decode_step_ms  # noqa: E402
-from bench_serve import Server, build, load, plan, prolora_server, summarize  # noqa: E402
+from bench_serve import Server, build, load, ms, plan, prolora_server, summarize  # noqa: E402
 
 from prolora_export.formats.peft_lora import save_peft  # noqa: E402
 from prolora_export.formats.prolora import load_adapter  # noqa: E402
@@ -284,10 +284,6 @@ def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
                          "context_per_slot": CONTEXT_PER_SLOT, "llama_cpp_python_sdist": VERSION,
                          "llama_cpp": llamacpp_version(cache)},
             "rows": rows, "single_stream": single, "seconds": time.perf_counter() - started}
-
-
-def ms(value: float | None) -> str:
-    return "—" if value is None else f"{value * 1000:.0f}"
 
 
 def markdown(r: dict) -> str:
