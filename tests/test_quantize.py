@@ -5,7 +5,7 @@ adapter path's protection (by name, checked afterwards), and held-out loss throu
 The tiny Llama has hidden size 72 (≥ 64, so block 32 quantizes it) and the demo tokenizer (for parity
 and the data file). Its random logits are nearly flat, so top-1/top-5/greedy agreement under int4 noise
 is arbitrary there: the parity tests switch those gates off and keep the others (the presets' values
-were measured on the demo model, see prolora_export/parity.py).
+were measured on the demo model, see prolora_export/parity/).
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def _faulty_export(tiny, mode: str, bits: int, factor: float) -> Path:
 def test_quantized_gate_fails_a_lost_or_halved_adapter(tiny, mode, bits):
     """A merged int4 export that lost its adapter passed the int4 preset (issue 28, item 3): against the float
     model no bound tells int4 noise from the adapter's effect, and a merged graph has no adapter op to check
-    apart. The reference is now quantized as the graph is (quantized_reference): faithful exports of every
+    apart. The reference is now quantized as the graph is (parity.quantized): faithful exports of every
     mode pass, a lost adapter (B = 0) and a wrong scale (B × 0.5) fail, merged ones included."""
     from prolora_export.parity import check_parity
 
@@ -262,7 +262,7 @@ def test_rtn_roundtrip_is_onnx_runtime_s_quantizer():
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
-    from prolora_export.quantized_reference import rtn_roundtrip
+    from prolora_export.parity.quantized import rtn_roundtrip
 
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(200, 24, generator=gen) * 0.05).bfloat16().float()

@@ -301,7 +301,7 @@ def _folder_bytes(folder: Path) -> int:
 def record_settings(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int,
                     int8_modules: tuple[str, ...]) -> None:
     """Record how the weights were quantized (``prolora.quantization``): the parity gate rebuilds its reference
-    with the same method and scheme (prolora_export.quantized_reference)."""
+    with the same method and scheme (prolora_export.parity.quantized)."""
     import json
 
     entry = model.metadata_props.add()

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PRoLoRAError
-from .layer import PRoLoRALinear, stores_transposed
-from .onnx.quantize import RECORD_KEY
+from ..errors import PRoLoRAError
+from ..layer import PRoLoRALinear, stores_transposed
+from ..onnx.quantize import RECORD_KEY
 
 QUANTIZED_NODES = ("MatMulNBits", "GatherBlockQuantized")
 #: MatMulNBits ``accuracy_level`` whose CPU kernel quantizes the activations to int8 blocks
