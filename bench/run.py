@@ -62,6 +62,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "engine": ("bench_engine.py", ["--quick"], [], "ENGINE.md", "engine.json"),
     "serve": ("bench_serve.py", ["--quick"], [], "SERVE.md", "serve.json"),
     "llamacpp": ("bench_llamacpp.py", ["--quick"], [], "LLAMACPP.md", "llamacpp.json"),
+    "graphs": ("bench_graphs.py", ["--quick"], ["--full"], "GRAPHS.md", "graphs.json"),
 }
 #: benchmarks that count bytes or judge accuracy: no time is measured, so load cannot move their figures
 UNTIMED = {"size", "quant-parity"}
@@ -265,6 +266,7 @@ GOALS: dict[str, Callable[[dict], list[Goal]]] = {
     "engine": _engine_goals,
     "serve": _serve_goals,
     "llamacpp": _llamacpp_goals,
+    "graphs": lambda r: [("#29", g["what"], g["shown"], g["met"]) for g in r["goals"]],
 }
 
 

@@ -1,0 +1,565 @@
+"""Decoder graphs of issue 29: today's optimum graph beside ONNX Runtime GenAI's model builder (merged,
+compact with the native kernel and with its function body, slots), fp32 and int4, and llama.cpp's
+llama-bench on the same model. Writes bench/GRAPHS.md and bench/graphs.json.
+
+    python bench/bench_graphs.py [--quick] [--full] [--work DIR [--reuse]] [--markdown-only] [--allow-load]
+
+Models: the demo model (SmolLM2-135M); with ``--full`` also bench_kernel's random Llama of hidden 2048
+(``tools/make_synthetic_checkpoint.py``: 2 blocks, MLP 5632, 16 heads / 4 KV heads, vocab 4096; the demo's
+tokenizer files copied in, as the builder wants them). One random PRoLoRA adapter per model (bench_kernel's:
+r=8, u=1, m=n=2, seven projections).
+
+Exports, each a subprocess of the environment that has its route, timed (wall) with its peak RSS (the sum
+over the process tree, polled every 50 ms, and the largest single process's from ``/usr/bin/time``):
+``.venv/bin/prolora-export onnx --graph optimum --mode merged`` (int4: ``prolora-export quantize --bits 4``
+of that folder, today's route) and ``.venv-tf5/bin/prolora-export onnx --graph builder --mode merged |
+--mode compact | --mode compact --slots`` (int4: ``--quantize int4``, the builder's own MatMulNBits).
+
+Latency, in this process with ONNX Runtime (2 intra-op threads, wall clock), all graphs of one model and
+precision loaded at once and interleaved call kind by call kind, the graphs' order rotated every round;
+each figure is the median over rounds of that round's figure:
+- decode: a plain greedy loop at batch 1 and 16 feeding present → past, starting from a random cache of
+  128 tokens; a round's figure is the median ms of its steps (the first step of each round not counted);
+- prefill: one call of 32/128/512 prompt tokens on an empty cache (all outputs fetched, as a loop would).
+Graph inputs as each graph names them: optimum's take ``position_ids``, the builder's do not; the slot graph
+gets one random slot and ``adapter_index`` 0 on every row. ``compact_kernel`` and ``slots`` run the native
+kernel (:mod:`prolora_export.runtime`, ``kernel="native"``), ``compact_body`` the same file's function body.
+
+llama.cpp (only when bench_llamacpp's cached build exists; never built here): the model as GGUF f32
+(bench_llamacpp's conversion, GPT-2 BPE vocabulary forced) and its Q4_0 copy, the base weights (the same
+shapes and work as the merged graphs); ``llama-bench -t 2``: generation at depth 128 (``-d 128``) beside our
+batch-1 decode, prompt processing of 32/128/512 tokens beside our prefill. A model it cannot convert (the
+synthetic one: its vocabulary is smaller than the tokenizer's) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import quiet  # noqa: E402
+
+THREADS = 2
+PAST = 128
+BATCHES = (1, 16)
+PROMPTS = (32, 128, 512)
+PRECISIONS = ("fp32", "int4")
+#: rounds of interleaved calls, decode steps per round, llama-bench repetitions: by --quick
+ROUNDS = {True: 3, False: 7}
+STEPS = {True: 6, False: 12}
+BENCH_REPEATS = {True: 2, False: 5}
+#: the command-line tools of the two routes (optimum needs transformers < 4.58, the builder transformers 5)
+CLI = {"optimum": ROOT / ".venv" / "bin" / "prolora-export", "builder": ROOT / ".venv-tf5" / "bin" / "prolora-export"}
+#: exported folders, in export order (the optimum int4 folder is quantized from the fp32 one)
+EXPORTS = tuple((graph, precision) for precision in PRECISIONS for graph in ("optimum_merged", "merged", "compact",
+                                                                           "slots"))
+#: timed graph -> (export it runs, how its adapter op runs: runtime.KERNELS)
+VARIANTS = {"optimum_merged": ("optimum_merged", "function"), "merged": ("merged", "function"),
+            "compact_kernel": ("compact", "native"), "compact_body": ("compact", "function"),
+            "slots": ("slots", "native")}
+LABELS = {"optimum_merged": "optimum merged (today)", "merged": "builder merged",
+          "compact_kernel": "builder compact, native kernel", "compact_body": "builder compact, function body",
+          "slots": "builder slots (1 slot, index 0), native kernel", "llamacpp": "llama.cpp llama-bench"}
+METRICS = (*(f"decode_b{b}" for b in BATCHES), *(f"prefill_{n}" for n in PROMPTS))
+EXPORT_LABELS = {"optimum_merged": "optimum merged", "merged": "builder merged", "compact": "builder compact",
+                 "slots": "builder slots"}
+#: export options whose value is a path (left out of the command shown)
+PATH_OPTIONS = ("--base", "--adapter", "--out")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+RSS_POLL_S = 0.05
+TIME = Path("/usr/bin/time")
+RSS_BOUND = 2.5
+
+
+# ----------------------------------------------------------------------------------------------- exports
+
+def fp32_bytes(folder: Path) -> int:
+    """The model's parameters as float32 bytes, from its safetensors headers (no tensor is read)."""
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(4 * math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    if not total:
+        raise SystemExit(f"no safetensors weights in {folder}")
+    return total
+
+
+def export_command(graph: str, precision: str, base: Path, adapter: Path, out: Path, optimum_fp32: Path) -> list[str]:
+    """The CLI call that writes one export (see the module docstring)."""
+    if graph == "optimum_merged":
+        if precision == "int4":
+            return [str(CLI["optimum"]), "quantize", str(optimum_fp32), "--out", str(out), "--bits", "4", "--force"]
+        return [str(CLI["optimum"]), "onnx", "--graph", "optimum", "--mode", "merged", "--base", str(base),
+                "--adapter", str(adapter), "--out", str(out), "--force"]
+    mode = "merged" if graph == "merged" else "compact"
+    command = [str(CLI["builder"]), "onnx", "--graph", "builder", "--mode", mode, "--base", str(base),
+               "--adapter", str(adapter), "--out", str(out), "--force"]
+    if graph == "slots":
+        command.append("--slots")
+    if precision != "fp32":
+        command += ["--quantize", precision]
+    return command
+
+
+def shown_command(command: list[str]) -> str:
+    """The CLI call without the executable, paths and --force: what a reader compares between exports."""
+    shown = []
+    for arg in command[1:]:
+        if arg.startswith("/") or arg == "--force":
+            if shown and shown[-1] in PATH_OPTIONS:
+                shown.pop()
+            continue
+        shown.append(arg)
+    return " ".join(shown)
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of a process and all its descendants now (0 once it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_measured(command: list[str], log: Path) -> dict:
+    """Run ``command`` (output to ``log``) under ``/usr/bin/time``: wall seconds, peak RSS of its process tree
+    (polled) and the largest single process's peak (time's %M; ``wait4`` here would also count this process's
+    own RSS, which a forked child starts from); one line and the log's tail if it fails."""
+    if not TIME.is_file():
+        raise SystemExit(f"measuring an export's peak RSS needs {TIME} (apt-get install time)")
+    maxrss = log.with_suffix(".maxrss")
+    start = time.perf_counter()
+    peak = 0
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(TIME), "-f", "%M", "-o", str(maxrss), *command], stdout=out,
+                                stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(RSS_POLL_S)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command[1:4])} … failed (exit {proc.returncode}); the end of {log}:\n"
+                         + log.read_text()[-3000:])
+    largest = int(maxrss.read_text().split()[-1]) * 1024  # kB; the tree held at least its largest process
+    return {"seconds": seconds, "peak_rss": max(peak, largest), "largest_process_rss": largest}
+
+
+def synthetic_model(work: Path, demo: Path, reuse: bool) -> Path:
+    """bench_kernel's hidden-2048 random Llama, with the demo's tokenizer files (the builder requires some)."""
+    from bench_kernel import SYNTHETIC
+
+    out = work / "synthetic-2048-model"
+    if not (reuse and (out / "config.json").is_file()):
+        print("synthetic checkpoint …", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_checkpoint.py"), *SYNTHETIC,
+                        "--out", str(out), "--force"], check=True, capture_output=True)
+        for name in TOKENIZER_FILES:
+            if (demo / name).is_file():
+                shutil.copy2(demo / name, out / name)
+    return out
+
+
+def export_all(work: Path, base: Path, reuse: bool) -> tuple[dict[str, Path], list[dict]]:
+    """The adapter and every export of one model in ``work``: ({"graph-precision": folder}, export records).
+    ``reuse``: folders already there are kept with the records of the run that made them."""
+    from bench_kernel import HYPER
+    from bench_onnx import random_adapter
+
+    work.mkdir(parents=True, exist_ok=True)
+    adapter = work / "adapter"
+    if not (reuse and adapter.is_dir()):
+        random_adapter(base, adapter, 0, **HYPER)
+    saved = work / "exports.json"
+    done = {(r["graph"], r["precision"]): r for r in json.loads(saved.read_text())} if reuse and saved.is_file() else {}
+    folders, records = {}, []
+    for graph, precision in EXPORTS:
+        out = folders[f"{graph}-{precision}"] = work / f"{graph}-{precision}"
+        command = export_command(graph, precision, base, adapter, out, work / "optimum_merged-fp32")
+        if reuse and (graph, precision) in done and (out / "model.onnx").is_file():
+            records.append({**done[graph, precision], "command": shown_command(command), "reused": True})
+            continue
+        print(f"  export {work.name} {graph} {precision} …", flush=True)
+        with quiet.measure(f"export {work.name} {graph} {precision}"):
+            measured = run_measured(command, work / f"{graph}-{precision}.log")
+        done[graph, precision] = {"graph": graph, "precision": precision,
+                                  "command": shown_command(command), **measured, "reused": False}
+        records.append(done[graph, precision])
+        saved.write_text(json.dumps(list(done.values()), indent=2))
+    return folders, records
+
+
+# ----------------------------------------------------------------------------------------------- latency
+
+class Decoder:
+    """One ONNX Runtime session and the inputs its graph names (optimum: position_ids; builder: none;
+    slots: the shard inputs and adapter_index)."""
+
+    def __init__(self, folder: Path, kernel: str):
+        from prolora_export.runtime import inference_session
+
+        self.session = inference_session(folder, threads=THREADS, kernel=kernel)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        cfg = json.loads((folder / "config.json").read_text())  # the builder names the head size symbolically
+        heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        self.kv = {n: (heads, head_dim) for n in inputs if n.startswith("past_key_values.")}
+        self.position_ids = "position_ids" in inputs
+        rng = np.random.default_rng(1)
+        self.fixed = {n: (rng.standard_normal((1, *i.shape[1:])) * 0.02).astype(np.float32)
+                      for n, i in inputs.items() if i.shape and i.shape[0] == "slots"}
+        self.adapter_index = "adapter_index" in inputs
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.present = {o: "past_key_values." + o.removeprefix("present.") for o in self.outputs
+                        if o.startswith("present.")}
+
+    def run(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
+        """One call on ``ids`` (batch, new) after ``past``: (seconds, logits, the next past)."""
+        batch, new = ids.shape
+        past_len = next(iter(past.values())).shape[2]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, past_len + new), np.int64), **past,
+                 **self.fixed}
+        if self.position_ids:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + new, dtype=np.int64), (batch, new))
+        if self.adapter_index:
+            feeds["adapter_index"] = np.zeros(batch, np.int64)
+        start = time.perf_counter()
+        got = self.session.run(self.outputs, feeds)
+        seconds = time.perf_counter() - start
+        out = dict(zip(self.outputs, got, strict=True))
+        return seconds, out["logits"], {self.present[o]: v for o, v in out.items() if o in self.present}
+
+
+def random_past(kv: dict[str, tuple[int, int]], batch: int, length: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: rng.standard_normal((batch, heads, length, dim), dtype=np.float32) for n, (heads, dim) in kv.items()}
+
+
+def decode_ms(decoder: Decoder, past: dict[str, np.ndarray], steps: int) -> float:
+    """Median ms per step of a greedy loop of ``steps`` + 1 calls from ``past`` (the first call not counted)."""
+    ids = np.random.default_rng(2).integers(0, 1000, (next(iter(past.values())).shape[0], 1))
+    times = []
+    for _ in range(steps + 1):
+        seconds, logits, past = decoder.run(ids, past)
+        times.append(seconds)
+        ids = logits[:, -1].argmax(-1)[:, None]
+    return 1e3 * statistics.median(times[1:])
+
+
+def prefill_ms(decoder: Decoder, empty: dict[str, np.ndarray], tokens: int) -> float:
+    ids = np.random.default_rng(3).integers(0, 1000, (1, tokens))
+    return 1e3 * decoder.run(ids, empty)[0]
+
+
+def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str) -> dict[str, dict[str, float]]:
+    """ms per graph and metric: every call kind interleaved across the graphs, their order rotated each round;
+    the median over rounds."""
+    kv = next(iter(decoders.values())).kv
+    pasts = {b: random_past(kv, b, PAST) for b in BATCHES}
+    empty = random_past(kv, 1, 0)
+    calls: dict[str, Callable[[Decoder], float]] = {
+        **{f"decode_b{b}": (lambda d, b=b: decode_ms(d, pasts[b], steps)) for b in BATCHES},
+        **{f"prefill_{n}": (lambda d, n=n: prefill_ms(d, empty, n)) for n in PROMPTS}}
+    for decoder in decoders.values():  # warm-up: every shape once
+        for call in calls.values():
+            call(decoder)
+    names = list(decoders)
+    got: dict[str, dict[str, list[float]]] = {name: {m: [] for m in calls} for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        with quiet.measure(f"{label} round {r + 1}"):
+            for metric, call in calls.items():
+                for name in order:
+                    got[name][metric].append(call(decoders[name]))
+        print(f"    round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(got[n]['decode_b1']):.1f}"
+                                                         for n in names) + " ms/token (b1)", flush=True)
+    return {name: {m: statistics.median(v) for m, v in by_metric.items()} for name, by_metric in got.items()}
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp
+
+def llamacpp_ggufs(work: Path, base: Path, reuse: bool) -> dict[str, Path] | str:
+    """The model as GGUF f32 and Q4_0 (bench_llamacpp's conversion), or why there are none."""
+    from bench_llamacpp import CACHE, CONVERT_BASE, run_logged, source_dir, tool
+
+    if not all(tool(CACHE, name).is_file() for name in ("llama-bench", "llama-quantize")):
+        return f"llama.cpp is not built in {CACHE} (python bench/bench_llamacpp.py --build-only)"
+    out = {"f32": work / "model-f32.gguf", "q4_0": work / "model-q4_0.gguf"}
+    log = work / "gguf.log"
+    try:
+        if not (reuse and out["f32"].is_file()):
+            print(f"  GGUF {work.name} …", flush=True)
+            run_logged([sys.executable, "-c", CONVERT_BASE, source_dir(CACHE), base, out["f32"]], log, 900)
+        if not (reuse and out["q4_0"].is_file()):
+            run_logged([tool(CACHE, "llama-quantize"), out["f32"], out["q4_0"], "Q4_0", str(THREADS)], log, 900)
+    except SystemExit:
+        return f"GGUF conversion failed: {last_lines(log)}"
+    return out
+
+
+def last_lines(log: Path, count: int = 2) -> str:
+    """The end of a failed step's log, for a one-line reason (a traceback's caret lines left out)."""
+    lines = [line.strip() for line in log.read_text().splitlines() if line.strip(" ^~")]
+    return " ".join(lines[-count:])
+
+
+def parse_llama_bench(entries: list[dict], files: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """llama-bench's JSON → {"f32"|"q4_0": {metric: ms}}: generation at depth as decode_b1 (ms per token),
+    prompt processing of n tokens as prefill_n (ms for the prompt)."""
+    names = {path.name: key for key, path in files.items()}
+    out: dict[str, dict[str, float]] = {key: {} for key in files}
+    for e in entries:
+        row = out[names[Path(e["model_filename"]).name]]
+        if e["n_gen"]:
+            row["decode_b1"] = 1e3 / e["avg_ts"]
+        elif e["n_prompt"]:
+            row[f"prefill_{e['n_prompt']}"] = 1e3 * e["n_prompt"] / e["avg_ts"]
+    return out
+
+
+def llama_bench(ggufs: dict[str, Path], quick: bool, steps: int) -> dict[str, dict[str, float]]:
+    """Decode (depth PAST) and prefill (32/128/512) of both GGUF files, THREADS threads."""
+    from bench_llamacpp import CACHE, tool
+
+    models = [arg for path in ggufs.values() for arg in ("-m", str(path))]
+    common = [str(tool(CACHE, "llama-bench")), *models, "-t", str(THREADS), "-r", str(BENCH_REPEATS[quick]),
+              "-o", "json"]
+    entries = []
+    for label, args in (("decode", ["-p", "0", "-n", str(steps), "-d", str(PAST)]),
+                        ("prefill", ["-p", ",".join(map(str, PROMPTS)), "-n", "0"])):
+        with quiet.measure(f"llama-bench {label}"):
+            done = subprocess.run(common + args, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise SystemExit(f"llama-bench failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        entries += json.loads(done.stdout)
+    return parse_llama_bench(entries, ggufs)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -> dict:
+    from prolora_export import native
+
+    cfg = json.loads((base / "config.json").read_text())
+    clock = [time.perf_counter()]
+    folders, exports = export_all(work / name, base, reuse)
+    clock.append(time.perf_counter())
+    kernel = native.library_path() is not None
+    variants = {v: pair for v, pair in VARIANTS.items() if kernel or v != "compact_kernel"}
+    result: dict = {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "fp32_bytes": fp32_bytes(base),
+                    "exports": exports, "native_kernel": kernel, "latency": {}}
+    for precision in PRECISIONS:
+        print(f"  latency {name} {precision} …", flush=True)
+        decoders = {v: Decoder(folders[f"{graph}-{precision}"], k if kernel else "function")
+                    for v, (graph, k) in variants.items()}
+        result["latency"][precision] = latency(decoders, ROUNDS[quick], STEPS[quick], f"{name} {precision}")
+        del decoders
+    clock.append(time.perf_counter())
+    ggufs = llamacpp_ggufs(work / name, base, reuse)
+    if isinstance(ggufs, str):
+        print(f"  llama.cpp skipped: {ggufs}", flush=True)
+        result["llamacpp"] = {"skipped": ggufs}
+    else:
+        print(f"  llama-bench {name} …", flush=True)
+        result["llamacpp"] = llama_bench(ggufs, quick, STEPS[quick] * ROUNDS[quick])
+    clock.append(time.perf_counter())
+    result["seconds"] = dict(zip(("exports", "latency", "llamacpp"), np.diff(clock).tolist(), strict=True))
+    return result
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def goals(models: dict) -> list[dict]:
+    """Issue 29's goals on the demo model: measured ratio, bound, verdict (None: not measured)."""
+    demo = models["demo"]
+    lat = demo["latency"]
+    compact = "compact_kernel" if "compact_kernel" in lat["fp32"] else "compact_body"
+    rows = []
+    for precision, bound in (("fp32", 1.05), ("int4", 1.10)):
+        for b in BATCHES:
+            rows.append((f"{precision} decode batch {b}: {compact} / builder merged", bound,
+                         ratio(lat[precision][compact][f"decode_b{b}"], lat[precision]["merged"][f"decode_b{b}"])))
+    for b in BATCHES:
+        rows.append((f"fp32 decode batch {b}: builder merged / optimum merged", 0.75,
+                     ratio(lat["fp32"]["merged"][f"decode_b{b}"], lat["fp32"]["optimum_merged"][f"decode_b{b}"])))
+    q4 = demo["llamacpp"].get("q4_0", {}).get("decode_b1")
+    rows.append((f"int4 decode batch 1: {compact} / llama.cpp Q4_0", 1.5, ratio(lat["int4"][compact]["decode_b1"], q4)))
+    for precision in PRECISIONS:
+        builder = [e for e in demo["exports"] if e["graph"] != "optimum_merged" and e["precision"] == precision]
+        worst = max(builder, key=lambda e: e["peak_rss"])
+        rows.append((f"{precision} export peak RSS / model fp32 bytes (worst builder export: {worst['graph']})",
+                     RSS_BOUND, worst["peak_rss"] / demo["fp32_bytes"]))
+    return [{"what": what, "bound": bound, "measured": got, "met": None if got is None else got <= bound,
+             "shown": "not measured" if got is None else f"{got:.3f}× (≤ {bound:.2f}×)"} for what, bound, got in rows]
+
+
+def run(work: Path, quick: bool, full: bool, reuse: bool) -> dict:
+    import onnxruntime
+
+    from prolora_export.models import ensure_demo_model
+    from prolora_export.onnx.graph.builder import installed_versions
+
+    started = time.perf_counter()
+    missing = [str(path) for path in CLI.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run make setup")
+    demo = ensure_demo_model(quiet=True)
+    models = {"demo": demo}
+    if full:
+        models["synthetic-2048"] = synthetic_model(work, demo, reuse)
+    results: dict = {"models": {}}
+    for name, base in models.items():
+        print(f"{name} …", flush=True)
+        results["models"][name] = measure_model(name, base, work, quick, reuse)
+    results["goals"] = goals(results["models"])
+    results["settings"] = {
+        "quick": quick, "full": full, "threads": THREADS, "past": PAST, "batches": list(BATCHES),
+        "prompts": list(PROMPTS), "rounds": ROUNDS[quick], "decode_steps": STEPS[quick],
+        "llama_bench_repeats": BENCH_REPEATS[quick], "onnxruntime": onnxruntime.__version__,
+        "builder_env": installed_versions(str(CLI["builder"].parent / "python")),
+        "export_s": sum(e["seconds"] for m in results["models"].values() for e in m["exports"] if not e["reused"]),
+        "wall_s": time.perf_counter() - started}
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- the page
+
+def cell(value: float | None, fmt: str = ".1f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def model_table(m: dict) -> list[str]:
+    """Latency rows of one model: ms per metric, decode ratios vs the optimum graph and vs builder merged."""
+    head = " | ".join(f"{m_.replace('_b', ' b').replace('_', ' ')} ms" for m_ in METRICS)
+    lines = [f"| precision | graph | {head} | decode b1 / optimum | decode b16 / optimum | decode b1 / merged | "
+             "decode b16 / merged | prefill 128 / optimum |", "|" + "---|" * (len(METRICS) + 7)]
+    for precision, by_graph in m["latency"].items():
+        for graph, row in by_graph.items():
+            opt, merged = by_graph["optimum_merged"], by_graph["merged"]
+            lines.append(
+                f"| {precision} | {LABELS[graph]} | " + " | ".join(cell(row[k]) for k in METRICS) + " | "
+                + " | ".join(cell(ratio(row[f"decode_b{b}"], opt[f"decode_b{b}"]), ".2f", "×") for b in BATCHES)
+                + " | " + " | ".join(cell(ratio(row[f"decode_b{b}"], merged[f"decode_b{b}"]), ".2f", "×")
+                                     for b in BATCHES)
+                + f" | {cell(ratio(row['prefill_128'], opt['prefill_128']), '.2f', '×')} |")
+        gguf = {"fp32": "f32", "int4": "q4_0"}[precision]
+        theirs = m["llamacpp"].get(gguf)
+        if theirs:
+            opt = by_graph["optimum_merged"]
+            lines.append(f"| {precision} | {LABELS['llamacpp']} {gguf.upper()} | "
+                         + " | ".join(cell(theirs.get(k)) for k in METRICS)
+                         + f" | {cell(ratio(theirs['decode_b1'], opt['decode_b1']), '.2f', '×')} | – | "
+                         f"{cell(ratio(theirs['decode_b1'], by_graph['merged']['decode_b1']), '.2f', '×')} | – | "
+                         f"{cell(ratio(theirs.get('prefill_128'), opt['prefill_128']), '.2f', '×')} |")
+    if "skipped" in m["llamacpp"]:
+        lines += ["", f"llama.cpp: skipped ({m['llamacpp']['skipped']})."]
+    return lines
+
+
+def export_table(models: dict) -> list[str]:
+    lines = ["| model | graph | precision | command | s | peak RSS, tree (MB) | largest process (MB) | "
+             "tree / model fp32 bytes |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        for e in m["exports"]:
+            lines.append(f"| {name} | {EXPORT_LABELS[e['graph']]} | {e['precision']} | `{e['command']}` | "
+                         f"{e['seconds']:.1f}{' (reused)' * e['reused']} | "
+                         f"{e['peak_rss'] / 1e6:.0f} | {e['largest_process_rss'] / 1e6:.0f} | "
+                         f"{e['peak_rss'] / m['fp32_bytes']:.2f}× |")
+    return lines
+
+
+def markdown(r: dict) -> str:
+    s = r["settings"]
+    flags = " --quick" * s["quick"] + " --full" * s["full"]
+    env = s["builder_env"]
+    lines = [
+        "# Decoder graphs: optimum beside ONNX Runtime GenAI's model builder (issue 29)", "",
+        f"`python bench/bench_graphs.py{flags}`: ONNX Runtime {s['onnxruntime']} CPU, {s['threads']} intra-op "
+        f"threads, wall clock; builder from onnxruntime-genai {env.get('onnxruntime-genai')} under transformers "
+        f"{env.get('transformers')}. Decode: a greedy loop feeding present → past from a random cache of "
+        f"{s['past']} tokens, {s['decode_steps']} steps per round (median); prefill: one call on an empty cache. "
+        f"Graphs interleaved in one process, order rotated each round, median of {s['rounds']} rounds. One random "
+        "PRoLoRA adapter (r=8, u=1, m=n=2, seven projections). int4: the builder's `--quantize int4`; the optimum "
+        "graph through `prolora-export quantize --bits 4`. llama.cpp: `llama-bench -t 2` on the base weights as "
+        f"GGUF (decode = generation at depth {s['past']}, prefill = prompt processing), "
+        f"{s['llama_bench_repeats']} repetitions. bench/bench_graphs.py's docstring has the method.", "",
+        "## Goals (demo model)", "", "| goal | bound | measured | met |", "|---|---|---|---|"]
+    for g in r["goals"]:
+        met = "–" if g["met"] is None else ("yes" if g["met"] else "no")
+        lines.append(f"| {g['what']} | ≤ {g['bound']:.2f}× | {cell(g['measured'], '.3f', '×')} | {met} |")
+    for name, m in r["models"].items():
+        lines += ["", f"## {name} (hidden {m['hidden']}, {m['layers']} blocks, {m['fp32_bytes'] / 1e6:.0f} MB "
+                  "as fp32)", "", *model_table(m)]
+        steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["seconds"].items())
+        lines += ["", f"Time spent on this model: {steps}."]
+        if not m["native_kernel"]:
+            lines += ["", "The native kernel was not built: every adapter op ran its function body."]
+    lines += ["", "## Exports", "",
+              "Wall time and peak RSS of each export command (RSS summed over its process tree, polled every "
+              f"{RSS_POLL_S * 1000:.0f} ms; the largest single process from `/usr/bin/time`). Goal: the tree's peak ≤ "
+              f"{RSS_BOUND}× the model's fp32 bytes.", "", *export_table(r["models"]),
+              "", f"Run took {s['wall_s'] / 60:.1f} min, of which exports {s['export_s'] / 60:.1f} min "
+              "(reused exports count 0).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
+    parser.add_argument("--full", action="store_true", help="also the hidden-2048 synthetic Llama (default: demo only)")
+    parser.add_argument("--work", type=Path, default=None, help="keep the adapters, exports and GGUF files here")
+    parser.add_argument("--reuse", action="store_true", help="with --work: reuse what is there")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite GRAPHS.md from graphs.json")
+    quiet.add_argument(parser)
+    args = parser.parse_args()
+    if args.reuse and args.work is None:
+        parser.error("--reuse needs --work")
+    if args.markdown_only:
+        results = json.loads((HERE / "graphs.json").read_text())
+    else:
+        guard = quiet.LoadGuard("graphs", THREADS, allow_load=args.allow_load)
+        guard.start()
+        if args.work is not None:
+            results = run(args.work, args.quick, args.full, args.reuse)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-graphs-") as tmp:
+                results = run(Path(tmp), args.quick, args.full, False)
+        guard.save(results, HERE / "graphs.json")
+    quiet.write_page(HERE / "GRAPHS.md", markdown(results), results)
+    print((HERE / "GRAPHS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

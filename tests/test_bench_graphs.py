@@ -1,0 +1,102 @@
+"""bench/bench_graphs.py's pure parts: the export commands of each route, the model's fp32 bytes, llama-bench's
+JSON, the issue-29 goals and the page, from small fakes; no export, session or benchmark runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_graphs as bg  # noqa: E402
+
+BASE, ADAPTER, WORK = Path("/m/base"), Path("/w/adapter"), Path("/w")
+
+
+def test_fp32_bytes_counts_every_shard_as_float32(tmp_path: Path) -> None:
+    save_file({"a": np.zeros((3, 4), np.float16)}, str(tmp_path / "model-1.safetensors"), metadata={"x": "y"})
+    save_file({"b": np.zeros(5, np.float32)}, str(tmp_path / "model-2.safetensors"))
+    assert bg.fp32_bytes(tmp_path) == 4 * (12 + 5)
+
+
+def test_fp32_bytes_refuses_a_folder_without_weights(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no safetensors"):
+        bg.fp32_bytes(tmp_path)
+
+
+def test_builder_exports_run_in_the_transformers_5_environment_with_their_flags() -> None:
+    command = bg.export_command("slots", "int4", BASE, ADAPTER, WORK / "out", WORK / "opt")
+    assert command[0] == str(bg.CLI["builder"])
+    assert bg.shown_command(command) == "onnx --graph builder --mode compact --slots --quantize int4"
+    merged = bg.export_command("merged", "fp32", BASE, ADAPTER, WORK / "out", WORK / "opt")
+    assert bg.shown_command(merged) == "onnx --graph builder --mode merged"
+
+
+def test_optimum_int4_is_our_quantize_of_the_optimum_fp32_folder() -> None:
+    fp32 = bg.export_command("optimum_merged", "fp32", BASE, ADAPTER, WORK / "o32", WORK / "o32")
+    assert fp32[0] == str(bg.CLI["optimum"])
+    assert bg.shown_command(fp32) == "onnx --graph optimum --mode merged"
+    int4 = bg.export_command("optimum_merged", "int4", BASE, ADAPTER, WORK / "o4", WORK / "o32")
+    assert int4[1:3] == ["quantize", str(WORK / "o32")]
+    assert bg.shown_command(int4) == "quantize --bits 4"
+
+
+def test_llama_bench_json_becomes_decode_ms_per_token_and_prefill_ms() -> None:
+    files = {"f32": Path("/w/model-f32.gguf"), "q4_0": Path("/w/model-q4_0.gguf")}
+    entries = [
+        {"model_filename": "/w/model-f32.gguf", "n_prompt": 0, "n_gen": 16, "avg_ts": 50.0},
+        {"model_filename": "/w/model-q4_0.gguf", "n_prompt": 0, "n_gen": 16, "avg_ts": 250.0},
+        {"model_filename": "/w/model-f32.gguf", "n_prompt": 128, "n_gen": 0, "avg_ts": 512.0},
+    ]
+    got = bg.parse_llama_bench(entries, files)
+    assert got["f32"] == {"decode_b1": pytest.approx(20.0), "prefill_128": pytest.approx(250.0)}
+    assert got["q4_0"] == {"decode_b1": pytest.approx(4.0)}
+
+
+def latency(scale: float) -> dict:
+    """Fake ms for every timed graph: optimum 20, builder merged 10, compact 10.3, others 12; × scale."""
+    ms = {"optimum_merged": 20.0, "merged": 10.0, "compact_kernel": 10.3, "compact_body": 12.0, "slots": 12.0}
+    return {g: {m: v * scale for m in bg.METRICS} for g, v in ms.items()}
+
+
+def fake_model(llamacpp: dict) -> dict:
+    exports = [{"graph": g, "precision": p, "command": "onnx …", "seconds": 10.0, "peak_rss": rss * 10**6,
+                "largest_process_rss": rss * 10**6, "reused": False}
+               for (g, p), rss in zip(bg.EXPORTS, (3000, 1000, 1200, 1100, 500, 1300, 1400, 1350), strict=True)]
+    return {"hidden": 576, "layers": 30, "fp32_bytes": 10**9, "native_kernel": True, "exports": exports,
+            "latency": {"fp32": latency(1.0), "int4": latency(0.5)}, "llamacpp": llamacpp,
+            "seconds": {"exports": 60.0, "latency": 120.0, "llamacpp": 30.0}}
+
+
+def test_goals_judge_the_demo_model_and_leave_llamacpp_open_when_skipped() -> None:
+    goals = {g["what"]: g for g in bg.goals({"demo": fake_model({"skipped": "not built"})})}
+    compact = goals["fp32 decode batch 1: compact_kernel / builder merged"]
+    assert compact["measured"] == pytest.approx(1.03) and compact["met"]
+    assert goals["fp32 decode batch 16: builder merged / optimum merged"]["measured"] == pytest.approx(0.5)
+    assert goals["int4 decode batch 1: compact_kernel / llama.cpp Q4_0"]["met"] is None
+    rss = goals["int4 export peak RSS / model fp32 bytes (worst builder export: compact)"]
+    assert rss["measured"] == pytest.approx(1.4) and rss["met"]
+    assert goals["fp32 export peak RSS / model fp32 bytes (worst builder export: compact)"]["measured"] == 1.2
+
+
+def test_page_shows_every_graph_llamacpp_and_the_exports() -> None:
+    model = fake_model({"f32": {m: 8.0 for m in bg.METRICS if m != "decode_b16"},
+                        "q4_0": {"decode_b1": 5.0, "prefill_32": 30.0}})
+    results = {"models": {"demo": model}, "goals": bg.goals({"demo": model}),
+               "settings": {"quick": True, "full": False, "threads": 2, "past": 128, "rounds": 3, "decode_steps": 6,
+                            "llama_bench_repeats": 2, "onnxruntime": "1.32.0", "export_s": 80.0, "wall_s": 300.0,
+                            "builder_env": {"onnxruntime-genai": "0.18.0", "transformers": "5.25.0"}}}
+    page = bg.markdown(results)
+    assert "`python bench/bench_graphs.py --quick`" in page
+    for label in ("optimum merged (today)", "builder compact, native kernel", "llama.cpp llama-bench Q4_0"):
+        assert label in page
+    q4 = next(line for line in page.splitlines() if line.startswith("| int4 | llama.cpp"))
+    assert "| 5.0 | – | 30.0 | – |" in q4  # what llama-bench did not measure stays empty
+    assert "int4 decode batch 1: compact_kernel / llama.cpp Q4_0 | ≤ 1.50× | 1.030× | yes |" in page
+    assert "exports 1.0 min, latency 2.0 min, llamacpp 0.5 min" in page
+    assert "| demo | builder slots | int4 | `onnx …` | 10.0 | 1350 | 1350 | 1.35× |" in page
