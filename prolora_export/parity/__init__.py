@@ -3,7 +3,11 @@
 Reference: the PyTorch base model with the adapter injected *unmerged* (the compact
 forward of :mod:`prolora_export.shards`), in fp32 or fp64. Candidate: the ONNX folder run
 by ONNX Runtime through ``optimum.onnxruntime`` (the way users will run it), on the CPU
-or CUDA execution provider.
+or CUDA execution provider; a graph from ONNX Runtime GenAI's model builder (``GroupQueryAttention``, which
+optimum cannot run) by ONNX Runtime alone, prefill then greedy decode through its KV cache
+(:class:`.plain.PlainDecoder`), so it is judged without optimum, under transformers 5. A quantized builder graph
+is refused: the builder quantizes symmetrically under its own node names (merged: Q/K/V packed), which the
+quantized reference does not reproduce.
 
 Why these gates and not ``max |Δlogits| ≤ 1e-5`` (optimum's validation): logits of a
 real model have magnitudes of 10–30 and fp32 matmuls over hundreds of features round at
@@ -78,7 +82,8 @@ output tensor added as a graph output and comparing with PyTorch forward hooks.
 Layout (imports point down the list): :mod:`.prompts` (reading and encoding prompts), :mod:`.metrics`
 (tolerances, presets, compare, gates), :mod:`.references` (PyTorch base + adapter, the adapter zeroed),
 :mod:`.quantized` (the reference quantized like the graph), :mod:`.runners` (ONNX Runtime sessions, layer
-outputs, localization, adapter isolation), :mod:`.report` (the reports and their tables); this module runs
+outputs, localization, adapter isolation), :mod:`.plain` (a builder graph's decode loop), :mod:`.report`
+(the reports and their tables); this module runs
 them (:func:`check_parity`, :func:`check_genai_parity`, :func:`heldout_loss`) and re-exports the public names.
 """
 
@@ -98,6 +103,7 @@ from ..models import load_config, resolve_model
 from ..onnx.quantize import quantized_bits
 from ..runtime import inference_session, require_provider
 from .metrics import GATES, PRESETS, PromptResult, Tolerance, compare, judge, parse_tolerance
+from .plain import PlainDecoder
 from .prompts import (
     DEFAULT_PROMPTS,
     Prompt,
@@ -118,6 +124,7 @@ from .runners import (
     _read_onnx,
     adapter_nodes,
     check_comparable,
+    is_builder_graph,
     judged_kernels,
     localize,
     onnx_task,
@@ -193,7 +200,12 @@ def check_parity(
     outputs = [o.name for o in graph.output]
     graph_inputs = {i.name for i in graph.input}
     onnx_dtype = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
-    bits, compact = quantized_bits(graph), bool(adapter_nodes(graph))
+    bits, compact, builder = quantized_bits(graph), bool(adapter_nodes(graph)), is_builder_graph(graph)
+    if bits and builder:
+        raise PRoLoRAError(f"parity cannot judge a quantized model builder graph yet: the builder quantizes int{bits} "
+                           "symmetrically under its own node names (/model/layers.N/attn/q_proj/MatMul_Q4; merged: "
+                           "Q/K/V packed), which the quantized reference does not reproduce; judge its fp32 export",
+                           str(folder))
     kernels = judged_kernels(provider, kernel, graph)
     # a quantized base is judged by the bounds measured for its quantization (CPU: where they were measured)
     preset, tol = parse_tolerance(tolerance, f"int{bits}-cpu" if bits else f"{onnx_dtype}-{provider}")
@@ -235,7 +247,8 @@ def check_parity(
 
     def judge_one(name: str, session_kernel: str) -> KernelVerdict:
         """Every prompt through the graph with the adapter op run as ``session_kernel``, against the reference."""
-        candidate = _ort_model(folder, task, provider, session_kernel)
+        candidate = (PlainDecoder(onnx_path, provider, session_kernel, onnx_config) if builder
+                     else _ort_model(folder, task, provider, session_kernel))
         isolation = AdapterIsolation(reference, onnx_path, provider, output_name, session_kernel) if compact else None
         results: list[PromptResult] = []
         try:
@@ -251,7 +264,8 @@ def check_parity(
                 if generate:
                     with torch.no_grad():
                         result.greedy_reference = ref_tokens
-                        result.greedy_onnx = _greedy(candidate, inputs, max_new_tokens, pad_id)
+                        result.greedy_onnx = (candidate.greedy(inputs, max_new_tokens) if builder
+                                              else _greedy(candidate, inputs, max_new_tokens, pad_id))
                     pairs = list(zip(result.greedy_reference, result.greedy_onnx, strict=True))
                     result.first_divergence = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
                     matched = len(pairs) if result.first_divergence is None else result.first_divergence

@@ -1,12 +1,14 @@
-"""Parity's candidate: the ONNX folder read and run by ONNX Runtime (optimum's ORTModel classes with the
-adapter op run as its function body or our native kernel), layer outputs taken out of the graph to localize a
-divergence, and the adapter checked apart from the base (:class:`AdapterIsolation`)."""
+"""Parity's candidate: the ONNX folder read and run by ONNX Runtime (optimum's ORTModel classes, or for a model
+builder graph :class:`.plain.PlainDecoder`, with the adapter op run as its function body or our native kernel),
+layer outputs taken out of the graph to localize a divergence, and the adapter checked apart from the base
+(:class:`AdapterIsolation`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,6 +70,13 @@ def _folder_config(folder: Path):
         raise PRoLoRAError(f"no readable config.json ({str(err).strip().splitlines()[0][:200]})", str(folder)) from None
 
 
+def is_builder_graph(graph) -> bool:
+    """Whether ONNX Runtime GenAI's model builder wrote the graph: its attention is one
+    ``com.microsoft::GroupQueryAttention`` node per layer (optimum traces attention into plain ops), over a
+    past/present buffer and an attention mask without position_ids, which optimum's ORTModel cannot feed."""
+    return any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in graph.node)
+
+
 def check_comparable(base_config, onnx_config, base: str, folder: Path) -> None:
     """One clear line, before any loading, when the base and the ONNX folder cannot be compared at all."""
     for config, where in ((base_config, base), (onnx_config, str(folder))):
@@ -84,7 +93,15 @@ def check_comparable(base_config, onnx_config, base: str, folder: Path) -> None:
 
 def _ort_model(folder: Path, task: str, provider: str, kernel: str = "auto"):
     """Load the folder with optimum's ORTModel class for the task; fail when CUDA was asked and not used."""
-    from optimum.onnxruntime import ORTModelForCausalLM, ORTModelForFeatureExtraction, ORTModelForSequenceClassification
+    try:  # optimum is the optional ``onnx`` extra: a model builder folder is judged without it
+        from optimum.onnxruntime import (
+            ORTModelForCausalLM,
+            ORTModelForFeatureExtraction,
+            ORTModelForSequenceClassification,
+        )
+    except ImportError:
+        raise PRoLoRAError("judging an optimum export needs optimum-onnx (pip install 'prolora-export[onnx]'); "
+                           "model builder folders need only onnxruntime", str(folder)) from None
 
     wanted = require_provider(provider)
     cls = {"text-generation-with-past": ORTModelForCausalLM, "text-generation": ORTModelForCausalLM,
@@ -118,14 +135,21 @@ JUMP = 5.0
 LAYER_NODE = re.compile(r"^/(.+?/(?:layers|layer|h|blocks))\.(\d+)/")
 
 
+#: fused residual add + norm (the model builder's): output 3 is the residual stream, input + skip
+SKIP_NORMS = ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
 def layer_output_tensors(graph) -> tuple[str, dict[int, str]]:
     """(ModuleList path, {layer index: name of the tensor the layer hands on}) of an exported graph.
 
     The tensor of layer i is the one produced last (in the graph's topological order) by a
     node named ``/…/layers.i/…`` and read by a node outside that layer or by a graph output:
     that is the residual stream, whereas tensors shared across layers (rotary cos/sin) are
-    produced early.
+    produced early. A graph with fused residual adds (:func:`_fused_residuals`) is read that way instead.
     """
+    fused = _fused_residuals(graph)
+    if fused is not None:
+        return fused
     consumers: dict[str, set[str]] = {}
     for node in graph.node:
         for name in node.input:
@@ -150,6 +174,35 @@ def layer_output_tensors(graph) -> tuple[str, dict[int, str]]:
     return prefix.replace("/", "."), found
 
 
+def _fused_residuals(graph) -> tuple[str, dict[int, str]] | None:
+    """Layer outputs of a graph whose residual adds are fused into the next norm (the model builder's
+    ``SkipSimplifiedLayerNormalization``: inputs residual, sublayer output, weight; output 3 their sum), else
+    None. Layer i's output is the sum taken by the last such node that adds an output of layer i (its MLP's,
+    read by layer i+1's input norm or the final norm); where that node does not output the sum (the final
+    norm), ``graph`` is edited to name its output 3, so run it on a copy."""
+    producer = {out: node.name for node in graph.node for out in node.output}
+    found: dict[int, Any] = {}
+    prefix = None
+    for node in graph.node:
+        if node.op_type not in SKIP_NORMS or len(node.input) < 2:
+            continue
+        match = LAYER_NODE.match(producer.get(node.input[1], ""))
+        if match is None or (prefix is not None and match.group(1) != prefix):
+            continue
+        prefix = match.group(1)
+        found[int(match.group(2))] = node  # in topological order: the last add of layer i wins
+    if not found or prefix is None:
+        return None
+    names = {}
+    for index, node in found.items():
+        while len(node.output) < 4:
+            node.output.append("")
+        if not node.output[3]:
+            node.output[3] = f"{node.name}/prolora_parity_residual"
+        names[index] = node.output[3]
+    return prefix.replace("/", "."), names
+
+
 def _tensor_types(model) -> dict[str, int]:
     """Element types of intermediate tensors (a new graph output must declare the right one)."""
     import onnx
@@ -163,15 +216,16 @@ def _tensor_types(model) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _session_with_outputs(onnx_path: Path, provider: str, names: list[str],
-                          kernel: str = "auto") -> Iterator[Any]:
-    """An ORT session on a temporary copy of the graph whose outputs also include ``names``.
+                          kernel: str = "auto", model=None) -> Iterator[Any]:
+    """An ORT session on a temporary copy of the graph (``model``: that graph as read and edited, without
+    its external weights) whose outputs also include ``names``.
 
-    The copy lives in a temporary folder next to symlinks of the folder's other files, so
-    external-data weights resolve without being read into memory or copied.
+    The copy lives in a temporary folder beside the folder's other files (:func:`_mirror`), so
+    external-data weights resolve without being read into memory.
     """
     import onnx
 
-    model = _read_onnx(onnx_path)
+    model = model if model is not None else _read_onnx(onnx_path)
     existing = {o.name for o in model.graph.output}
     types = _tensor_types(model)
     default = model.graph.output[0].type.tensor_type.elem_type
@@ -181,7 +235,7 @@ def _session_with_outputs(onnx_path: Path, provider: str, names: list[str],
     with tempfile.TemporaryDirectory(prefix="prolora-parity-") as scratch:
         for item in onnx_path.parent.iterdir():
             if item != onnx_path:
-                os.symlink(item.absolute(), Path(scratch) / item.name)
+                _mirror(item, Path(scratch) / item.name)
         target = Path(scratch) / onnx_path.name
         onnx.save(model, str(target))
         try:
@@ -191,11 +245,40 @@ def _session_with_outputs(onnx_path: Path, provider: str, names: list[str],
         yield session
 
 
-def _graph_feeds(session, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Feeds of one whole-prompt call of the raw graph: the tokenizer's inputs, positions, token types
-    and an empty KV cache."""
+def _head_size(config) -> int:
+    """A KV head's size (the model builder's graph leaves it symbolic: ``kv_cache_dim``)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def empty_past(spec, batch: int, config) -> Any:
+    """An empty KV-cache input (batch, KV heads, 0, head size) of the graph's dtype; sizes the graph leaves
+    symbolic come from the model's ``config``."""
     import numpy as np
 
+    known = {0: batch, 2: 0}
+    if config is not None:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        known |= {1: heads, 3: _head_size(config)}
+    shape = [d if isinstance(d, int) else known.get(i, 0) for i, d in enumerate(spec.shape)]
+    return np.zeros(shape, dtype="float16" if "float16" in spec.type else "float32")
+
+
+def _mirror(item: Path, target: Path) -> None:
+    """``item`` at ``target`` without copying it where possible: a hard link (ONNX Runtime ≥ 1.2x refuses
+    external data behind a symlink that leads out of the model's folder), a copy across file systems, a
+    symlink for a folder."""
+    if item.is_dir():
+        os.symlink(item.absolute(), target)
+        return
+    try:
+        os.link(item, target)
+    except OSError:
+        shutil.copyfile(item, target)
+
+
+def _graph_feeds(session, inputs: dict[str, torch.Tensor], config=None) -> dict[str, Any]:
+    """Feeds of one whole-prompt call of the raw graph: the tokenizer's inputs, positions, token types
+    and an empty KV cache (:func:`empty_past`, ``config``: the model's)."""
     given = {k: v.numpy() for k, v in inputs.items()}
     seq = inputs["input_ids"].shape[1]
     given.setdefault("position_ids", torch.arange(seq).unsqueeze(0).numpy())
@@ -205,19 +288,18 @@ def _graph_feeds(session, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         if spec.name in given:
             full[spec.name] = given[spec.name]
         elif spec.name.startswith("past_key_values"):
-            shape = [d if isinstance(d, int) else (1 if "batch" in str(d) else 0) for d in spec.shape]
-            dtype = "float16" if "float16" in spec.type else "float32"
-            full[spec.name] = np.zeros(shape, dtype=dtype)
+            full[spec.name] = empty_past(spec, inputs["input_ids"].shape[0], config)
     return full
 
 
 def _run_with_layer_outputs(onnx_path: Path, provider: str, inputs: dict[str, torch.Tensor],
-                            kernel: str = "auto") -> tuple[str, dict[int, Any]]:
+                            kernel: str = "auto", config=None) -> tuple[str, dict[int, Any]]:
     """(ModuleList path, {layer index: its output}) from one run of the graph on ``inputs``."""
-    modules, tensors = layer_output_tensors(_read_onnx(onnx_path).graph)
+    model = _read_onnx(onnx_path)
+    modules, tensors = layer_output_tensors(model.graph)
     names = list(tensors.values())
-    with _session_with_outputs(onnx_path, provider, names, kernel) as session:
-        values = session.run(names, _graph_feeds(session, inputs))
+    with _session_with_outputs(onnx_path, provider, names, kernel, model) as session:
+        values = session.run(names, _graph_feeds(session, inputs, config))
     return modules, dict(zip(tensors, values, strict=True))
 
 
@@ -232,7 +314,7 @@ def localize(reference, onnx_path: Path, provider: str, inputs: dict[str, torch.
     whose relative error exceeds ``JUMP`` × max(the previous layer's, ``noise``). When no
     layer jumps (e.g. a precision problem spread over all layers) the largest one is named.
     """
-    modules, onnx_outs = _run_with_layer_outputs(onnx_path, provider, inputs, kernel)
+    modules, onnx_outs = _run_with_layer_outputs(onnx_path, provider, inputs, kernel, reference.config)
     try:
         layers = reference.get_submodule(modules)
     except AttributeError:
@@ -317,7 +399,7 @@ class AdapterIsolation:
 
     def measure(self, inputs: dict[str, torch.Tensor], ref_with: torch.Tensor) -> dict[str, float]:
         """``effect_rel`` and ``op_rel`` of one prompt; ``ref_with`` is PyTorch's base + adapter output."""
-        feeds = _graph_feeds(self.session, inputs)
+        feeds = _graph_feeds(self.session, inputs, self.reference.config)
         extra = [name for x, out, _ in self.nodes for name in (x, out)]
         values = self.session.run([self.output_name, *extra], feeds)
         zero = self.session.run([self.output_name], {**feeds, **self.zero_feeds})[0]
