@@ -52,7 +52,8 @@ PRESET_HELP = "; ".join(
                    "native C++ kernel (what serve runs), each reported, PASS only if both pass; function or "
                    "native judge that one alone (native: an error if not built). CUDA runs the body.")
 @click.option("--runtime", type=click.Choice(["ort", "genai"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime through optimum, every logit gated. genai: greedy tokens from "
+              help="ort: ONNX Runtime (through optimum; a model builder graph by a plain decode loop, no optimum "
+                   "needed), every logit gated. genai: greedy tokens from "
                    "onnxruntime-genai (the folder's genai_config.json), with the graph's own shards and, for a "
                    "compact graph, with the adapter switched in through og.Adapters.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
