@@ -200,7 +200,8 @@ class Engine:
             raise PRoLoRAError(f"this {config.model_type} slot graph has no position_ids input, so it takes positions "
                                "from the cache length and rows batched after their own prefill would decode at "
                                "wrong positions; re-export it with this version of `prolora-export onnx --mode "
-                               "compact --slots`, which adds position_ids", str(self.folder))
+                               "compact --slots --graph optimum`, which adds position_ids (the engine does not run "
+                               "the model builder's slot graphs yet)", str(self.folder))
         shapes = {name: tuple(i.shape[1:]) for name, i in inputs.items() if i.shape and i.shape[0] == SLOT_DIM}
         self.slots = SlotTable(shapes, record, self.session, self.device)
         self.context = model_context(text)
