@@ -239,6 +239,14 @@ def load_config(name_or_path: str, trust_remote_code: bool | None = None):
         raise PRoLoRAError(f"cannot read the model config: {first_line}", name_or_path) from None
 
 
+def kv_cache_shape(config) -> tuple[int, int]:
+    """(KV heads, head size) of a decoder's cache from its config: graphs may leave them symbolic (the
+    model builder's ``kv_cache_dim``), so feeds and genai_config.json take them from here."""
+    heads = config.num_attention_heads
+    return (getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 def model_class_for(config, task: str = "auto"):
     """The transformers Auto class for a task; ``auto`` picks it from the config's architectures."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification

@@ -147,3 +147,20 @@ def test_parity_imports_without_optimum():
     """optimum is only needed for optimum folders: importing the gate must not pull it in."""
     check = "import sys, prolora_export.parity; assert not [m for m in sys.modules if m.startswith('optimum')]"
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+@needs_builder
+def test_heldout_loss_runs_builder_graphs(built):
+    """heldout_loss feeds a builder graph's cache (its head size is symbolic) from the model's config: the
+    compact and merged graphs of one adapter give one loss, and the graph without it another."""
+    from test_data import write_jsonl
+
+    from prolora_export.parity import heldout_loss
+
+    data = write_jsonl(built["root"] / "heldout.jsonl",
+                       [{"prompt": " ".join(str(n) for n in range(k, k + 9)), "completion": "1 2 3 4 5"}
+                        for k in range(3)])
+    losses = {name: heldout_loss(built[name], data) for name in ("compact", "merged", "lost")}
+    assert all(np.isfinite(v) for v in losses.values())
+    assert abs(losses["compact"] - losses["merged"]) <= 1e-4 * losses["merged"]
+    assert abs(losses["lost"] - losses["merged"]) > 1e-3 * losses["merged"]

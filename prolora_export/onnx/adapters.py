@@ -123,9 +123,23 @@ def run_options(*adapters) -> object:
     return options
 
 
-def decoder_feeds(session, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+def empty_past(spec, batch: int, config=None) -> np.ndarray:
+    """An empty KV-cache input (batch, KV heads, 0, head size) of the graph's dtype; sizes the graph leaves
+    symbolic (the model builder's ``kv_cache_dim``) come from the model's ``config``."""
+    from ..models import kv_cache_shape
+
+    known = {0: batch, 2: 0}
+    if config is not None:
+        heads, head_size = kv_cache_shape(config)
+        known |= {1: heads, 3: head_size}
+    shape = [d if isinstance(d, int) else known.get(i, 0) for i, d in enumerate(spec.shape)]
+    return np.zeros(shape, dtype=np.float16 if "float16" in spec.type else np.float32)
+
+
+def decoder_feeds(session, input_ids: np.ndarray, config=None) -> dict[str, np.ndarray]:
     """Inputs for one prefill call of an exported causal LM (``text-generation-with-past``):
-    the ids, a full attention mask, positions, and an empty KV cache of the graph's dtype."""
+    the ids, a full attention mask, positions, and an empty KV cache of the graph's dtype
+    (:func:`empty_past`; ``config``, the model's, sizes what the graph leaves symbolic)."""
     batch, length = input_ids.shape
     feeds: dict[str, np.ndarray] = {}
     for inp in session.get_inputs():
@@ -136,9 +150,7 @@ def decoder_feeds(session, input_ids: np.ndarray) -> dict[str, np.ndarray]:
         elif inp.name == "position_ids":
             feeds[inp.name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
         elif inp.name.startswith("past_key_values"):
-            _, heads, _, head_dim = inp.shape
-            dtype = np.float16 if "float16" in inp.type else np.float32
-            feeds[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+            feeds[inp.name] = empty_past(inp, batch, config)
     return feeds
 
 

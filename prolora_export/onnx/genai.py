@@ -25,6 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..models import kv_cache_shape
+
 #: model types whose decoder onnxruntime-genai 0.18 runs with the standard names
 GENAI_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "granite", "olmo"})
 
@@ -124,6 +126,7 @@ def genai_config(config, generation: dict, input_names: list[str], output_names:
     if any(n not in known and n not in past for n in input_names):
         return None  # e.g. adapter_index of a slot graph: genai feeds only the standard inputs
     heads = config.num_attention_heads
+    kv_heads, head_size = kv_cache_shape(config)
     inputs = {name: name for name in ("input_ids", "attention_mask", "position_ids") if name in input_names}
     outputs = {"logits": "logits"}
     if past:
@@ -155,11 +158,11 @@ def genai_config(config, generation: dict, input_names: list[str], output_names:
             "decoder": {
                 "filename": "model.onnx",
                 "session_options": {"log_id": "onnxruntime-genai", "log_severity_level": 3, "provider_options": []},
-                "head_size": getattr(config, "head_dim", None) or config.hidden_size // heads,
+                "head_size": head_size,
                 "hidden_size": config.hidden_size,
                 "num_attention_heads": heads,
                 "num_hidden_layers": config.num_hidden_layers,
-                "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+                "num_key_value_heads": kv_heads,
                 "inputs": inputs,
                 "outputs": outputs,
             },

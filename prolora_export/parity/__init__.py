@@ -148,11 +148,12 @@ def heldout_loss(onnx_dir: str | Path, data: str | Path, provider: str = "cpu", 
 
     folder = Path(onnx_dir)
     session = inference_session(_onnx_file(folder), provider, threads=threads)
+    config = _folder_config(folder)  # sizes a builder graph's symbolic cache dims
     examples = load_dataset(data, _load_tokenizer(folder), max_length)
     total, count = 0.0, 0
     for example in examples:
         ids = np.asarray([example.input_ids], dtype=np.int64)
-        logits = torch.from_numpy(session.run(["logits"], decoder_feeds(session, ids))[0][0]).double()
+        logits = torch.from_numpy(session.run(["logits"], decoder_feeds(session, ids, config))[0][0]).double()
         labels = torch.tensor(example.labels[1:])
         keep = labels != IGNORE_INDEX
         total += float(torch.nn.functional.cross_entropy(logits[:-1][keep], labels[keep], reduction="sum"))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import PRoLoRAError
+from ..onnx.adapters import empty_past
 from ..runtime import NATIVE_OPS, check_providers, inference_session, kernel_library, require_provider, session_options
 from .metrics import _worst, compare
 from .references import B_TENSORS, _zero_adapter
@@ -243,24 +244,6 @@ def _session_with_outputs(onnx_path: Path, provider: str, names: list[str],
         except Exception as err:  # ORT raises several types; the caller then just reports why not
             raise PRoLoRAError(f"ONNX Runtime cannot run the graph with extra outputs ({str(err)[:200]})") from None
         yield session
-
-
-def _head_size(config) -> int:
-    """A KV head's size (the model builder's graph leaves it symbolic: ``kv_cache_dim``)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def empty_past(spec, batch: int, config) -> Any:
-    """An empty KV-cache input (batch, KV heads, 0, head size) of the graph's dtype; sizes the graph leaves
-    symbolic come from the model's ``config``."""
-    import numpy as np
-
-    known = {0: batch, 2: 0}
-    if config is not None:
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        known |= {1: heads, 3: _head_size(config)}
-    shape = [d if isinstance(d, int) else known.get(i, 0) for i, d in enumerate(spec.shape)]
-    return np.zeros(shape, dtype="float16" if "float16" in spec.type else "float32")
 
 
 def _mirror(item: Path, target: Path) -> None:
