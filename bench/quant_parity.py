@@ -245,7 +245,7 @@ worst prompt's shortfall from 1 × {results['margin']} (lower bounds); "off" whe
 for the adapter effect where its bound reaches 1, the value a lost adapter gives; the adapter op check keeps
 fp32-cpu's bound (the node computes in fp32 on the input the graph fed it, whatever the base's precision).
 
-Proposed bounds, and in brackets the preset in `prolora_export/parity.py` now:
+Proposed bounds, and in brackets the preset in `prolora_export/parity/metrics.py` now:
 
 | preset | {' | '.join(labels.values())} |
 |---|{'---:|' * len(keys)}
