@@ -426,6 +426,40 @@ def _single_stream_table(s: dict[str, Source]) -> Table | None:
     return table
 
 
+#: (graphs.json latency key, label) of the decoder-graph table, in order; llama.cpp's rows follow
+GRAPH_ROWS = (("optimum_merged", "optimum's traced graph, merged (what we shipped before)"),
+              ("merged", "ours: model builder graph, merged"),
+              ("compact_kernel", "ours: model builder graph + our op (compact), native kernel"),
+              ("compact_body", "ours: model builder graph + our op (compact), function body"),
+              ("slots", "ours: model builder graph + slot op (one slot, every row on it)"))
+LLAMACPP_GGUF = {"fp32": ("f32", "llama.cpp `llama-bench`, base f32 GGUF"),
+                 "int4": ("q4_0", "llama.cpp `llama-bench`, base Q4_0 GGUF")}
+
+
+def _graphs_table(s: dict[str, Source]) -> Table | None:
+    if "graphs" not in s:
+        return None
+    src, model = s["graphs"], s["graphs"].data["models"]["demo"]
+    table = Table("Decoder graphs on the demo model: the model builder's graph with our op vs optimum's and llama.cpp",
+                  ["precision", "graph", "decode b1 (ms)", "decode b16 (ms)", "prefill 128 (ms)",
+                   "decode b1 / optimum's"],
+                  note="ONNX Runtime CPU, 2 threads, a greedy loop from a 128-token cache, interleaved, medians; "
+                       "int4: MatMulNBits (ours) or Q4_0 (llama.cpp)")
+    for precision, graphs in model["latency"].items():
+        base = graphs["optimum_merged"]["decode_b1"]
+        for key, label in GRAPH_ROWS:
+            if key in graphs:
+                g = graphs[key]
+                table.rows.append((src, [precision, label, f"{g['decode_b1']:.1f}", f"{g['decode_b16']:.1f}",
+                                         f"{g['prefill_128']:.0f}", _ratio(g["decode_b1"], base)]))
+        gguf, label = LLAMACPP_GGUF[precision]
+        if gguf in (model.get("llamacpp") or {}):
+            g = model["llamacpp"][gguf]
+            table.rows.append((src, [precision, label, f"{g['decode_b1']:.1f}", "—", f"{g['prefill_128']:.0f}",
+                                     _ratio(g["decode_b1"], base)]))
+    return table
+
+
 def _engine_table(s: dict[str, Source]) -> Table | None:
     if "engine" not in s:
         return None
@@ -542,6 +576,15 @@ def _quant_table(s: dict[str, Source]) -> Table | None:
     return table
 
 
+def _presets_changed(bounds: dict[str, dict]) -> bool:
+    """Whether the quantized presets quant_parity.json judged with differ from the gate's presets now."""
+    from prolora_export.parity import GATES, PRESETS
+
+    return any(name not in PRESETS or any(getattr(PRESETS[name], GATES[gate][0]) != value
+                                           for gate, value in gates.items())
+               for name, gates in bounds.items())
+
+
 def _parity_lines(s: dict[str, Source]) -> list[str]:
     """The gate's verdicts: faithful exports pass, deliberately broken ones fail (one bullet per source)."""
     out = []
@@ -566,13 +609,16 @@ def _parity_lines(s: dict[str, Source]) -> list[str]:
         out.append(f"- Quantized exports, {r['prompts']} prompts each: passes {len(passed)} of {len(faithful)} "
                    f"faithful ones ({', '.join(passed)}); fails {len(caught)} of {len(broken)} broken ones: "
                    + "; ".join(caught) + (f"; **wrong on {', '.join(missed)}**" if missed else "")
-                   + f". From {s['quant-parity'].caption()}.")
+                   + f". From {s['quant-parity'].caption()}."
+                   + (" *Judged with earlier presets than the gate's current ones: rerun "
+                      "`python bench/quant_parity.py`.*" if _presets_changed(r["bounds"]) else ""))
     return out
 
 
 #: the README's tables, in order (a builder returns None when its benchmark has not run)
 PEER_TABLES: tuple[Callable[[dict[str, Source]], Table | None], ...] = (
-    _serving_table, _single_stream_table, _engine_table, _merge_table, _training_table, _onnx_table, _quant_table)
+    _serving_table, _single_stream_table, _graphs_table, _engine_table, _merge_table, _training_table, _onnx_table,
+    _quant_table)
 
 
 def peer_tables(sources: dict[str, Source]) -> str:

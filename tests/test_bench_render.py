@@ -122,3 +122,25 @@ def test_a_results_file_missing_a_key_is_one_line_not_a_traceback(monkeypatch: p
     (bench / "llamacpp.json").write_text(json.dumps({"settings": LLAMACPP["settings"], "rows": []}))
     block = render(monkeypatch, bench)
     assert "*single stream table: a results file lacks 'single_stream'; rerun it.*" in block
+
+
+def test_decoder_graph_table_puts_ours_beside_optimum_and_llamacpp():
+    latency = {"decode_b1": 20.0, "decode_b16": 40.0, "prefill_128": 200.0}
+    data = {"models": {"demo": {"latency": {"fp32": {"optimum_merged": {**latency, "decode_b1": 25.0},
+                                                     "merged": latency, "compact_kernel": latency}},
+                                "llamacpp": {"f32": {"decode_b1": 18.0, "prefill_128": 150.0}}}},
+            "load": QUIET}
+    source = run.Source("graphs", data, "python bench/bench_graphs.py --quick", None)
+    table = run._graphs_table({"graphs": source}).render()
+    assert "optimum's traced graph" in table and "ours: model builder graph + our op" in table
+    assert "llama.cpp `llama-bench`, base f32 GGUF | 18.0" in table
+    assert "| 0.80× |" in table  # ours merged decode b1 / optimum's
+
+
+def test_quantized_verdicts_from_other_presets_are_flagged():
+    from prolora_export.parity import GATES, PRESETS
+
+    current = {name: {gate: getattr(PRESETS[name], field) for gate, (field, _, _) in GATES.items()}
+               for name in ("int8-cpu", "int4-cpu")}
+    assert not run._presets_changed(current)
+    assert run._presets_changed({"int4-cpu": {**current["int4-cpu"], "rel": 0.78}})
