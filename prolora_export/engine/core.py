@@ -4,16 +4,19 @@ Step-driven: :meth:`Engine.step` does one scheduling step and returns its events
 (1) submitted requests are checked (a bad one finishes at once with an error event, nothing else is
 touched), (2) every running row decodes one token, and rows that finish leave the batch, (3) when no
 prefill is under way, queued requests are taken while the batch size and the cached-token bound
-allow, and grouped by similar prompt length (left-padded, each row with its own adapter), (4) one
+allow, and grouped by similar prompt length (padded, each row with its own adapter), (4) one
 prefill chunk runs: at most ``max_prefill_tokens`` tokens of the first group, the previous chunks'
 presents fed as its past. A group whose prompts are done samples its first tokens and its cache
 joins the running rows' in one rebuild. Rows never wait for each other to finish, and a running
 row waits at most one chunk for its next token, however long a prompt being prefilled.
 
-Positions: a row's positions count its real tokens, fed as ``position_ids``. A graph without that
-input is served only when its positions survive left padding (ALiBi, :data:`MASK_POSITIONS`);
-one deriving them from the cache length (old Gemma slot exports) would decode rows left-padded
-after their own prefill at wrong positions, and is refused at load.
+Padding and positions (:mod:`.cache`): on optimum's traced graphs rows are left-padded and a row's
+positions count its real tokens, fed as ``position_ids``. Such a graph without that input is served
+only when its positions survive left padding (ALiBi, :data:`MASK_POSITIONS`); one deriving them from
+the cache length (old Gemma slot exports) would decode rows left-padded after their own prefill at
+wrong positions, and is refused at load. The model builder's graphs (``GroupQueryAttention``) take no
+positions: each row's length is its mask's sum, so rows are right-padded and a group's first tokens
+are read at each row's last real column.
 
 Failures: a graph run that fails finishes only the rows in that run (the decoding rows, or one
 prefill group) with an error event; the other rows go on.
@@ -46,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PRoLoRAError
+from ..models import kv_cache_shape
 from ..onnx.op import ADAPTER_INDEX
 from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
@@ -99,20 +103,27 @@ class _Prefill:
     each chunk's presents the next one's past."""
 
     seqs: list[_Sequence]
-    ids: np.ndarray  # (rows, width) int64, left-padded
+    ids: np.ndarray  # (rows, width) int64, padded on the graph's side
     mask: np.ndarray  # (rows, width) int64, 1 real token
+    right_padded: bool
     done: int = 0  # columns prefilled so far
     past: dict | None = None  # presents of the columns done
 
     @classmethod
-    def of(cls, seqs: list[_Sequence]) -> _Prefill:
+    def of(cls, seqs: list[_Sequence], right_padded: bool) -> _Prefill:
         width = max(len(s.prompt_ids) for s in seqs)
         ids = np.zeros((len(seqs), width), np.int64)
         mask = np.zeros((len(seqs), width), np.int64)
         for row, seq in enumerate(seqs):
-            ids[row, width - len(seq.prompt_ids):] = seq.prompt_ids
-            mask[row, width - len(seq.prompt_ids):] = 1
-        return cls(seqs, ids, mask)
+            columns = slice(0, len(seq.prompt_ids)) if right_padded else slice(width - len(seq.prompt_ids), width)
+            ids[row, columns] = seq.prompt_ids
+            mask[row, columns] = 1
+        return cls(seqs, ids, mask, right_padded)
+
+    def last_columns(self, start: int) -> np.ndarray | None:
+        """Where each row's first token's logits are in the chunk starting at ``start``, when right-padded:
+        the row's last real column (None: the chunk's last column, every row's when left-padded)."""
+        return self.mask.sum(axis=1) - 1 - start if self.right_padded else None
 
     @property
     def width(self) -> int:
@@ -147,6 +158,16 @@ def _shrink_options(device: str):
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0" if device == "cpu" else "cpu:0;gpu:0")
     return options
+
+
+def _fused_attention(model: Path) -> bool:
+    """Whether the graph's attention is the model builder's ``GroupQueryAttention`` (rows right-padded,
+    lengths from the mask); read without its weights, and only for graphs that take no positions."""
+    import onnx
+
+    from ..onnx.graph import is_builder_graph
+
+    return is_builder_graph(onnx.load(str(model), load_external_data=False).graph)
 
 
 def _first_line(err: Exception) -> str:
@@ -191,17 +212,18 @@ class Engine:
             raise PRoLoRAError("not a decoder slot graph with a KV cache (needs adapter_index and past_key_values)",
                                str(self.folder))
         past = inputs[self.past_names[0]]
-        self.kv_shape = (past.shape[1], past.shape[3])  # heads, head_dim
         self.kv_dtype = np.float16 if "float16" in past.type else np.float32
         self.has_positions = "position_ids" in inputs
         config = _model_config(self.folder)
         text = config.get_text_config()
-        if not self.has_positions and config.model_type not in MASK_POSITIONS:
+        dims = (past.shape[1], past.shape[3])  # heads, head_dim: the builder leaves them symbolic
+        self.kv_shape = dims if all(isinstance(d, int) for d in dims) else kv_cache_shape(text)
+        self.right_padded = not self.has_positions and _fused_attention(self.folder / "model.onnx")
+        if not self.has_positions and not self.right_padded and config.model_type not in MASK_POSITIONS:
             raise PRoLoRAError(f"this {config.model_type} slot graph has no position_ids input, so it takes positions "
                                "from the cache length and rows batched after their own prefill would decode at "
                                "wrong positions; re-export it with this version of `prolora-export onnx --mode "
-                               "compact --slots --graph optimum`, which adds position_ids (the engine does not run "
-                               "the model builder's slot graphs yet)", str(self.folder))
+                               "compact --slots`, which adds position_ids", str(self.folder))
         shapes = {name: tuple(i.shape[1:]) for name, i in inputs.items() if i.shape and i.shape[0] == SLOT_DIM}
         self.slots = SlotTable(shapes, record, self.session, self.device)
         self.context = model_context(text)
@@ -471,9 +493,11 @@ class Engine:
 
     # ------------------------------------------------------------------ running the graph
 
-    def _run(self, feeds: dict[str, np.ndarray], past: dict, options=None) -> tuple[np.ndarray, dict]:
+    def _run(self, feeds: dict[str, np.ndarray], past: dict, options=None,
+             columns: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """One run through IOBinding: small inputs from the host, cache and slots as OrtValues,
-        presents left where the graph wrote them; returns last-position logits (host) and presents."""
+        presents left where the graph wrote them; returns the logits (host) at each row's column in
+        ``columns`` (default: the last) and the presents."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, to_value(array, self.device))
@@ -487,7 +511,8 @@ class Engine:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding, options)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1]
+        logits = outputs[0].numpy()
+        logits = logits[:, -1] if columns is None else logits[np.arange(len(columns)), columns]
         if self.device != "cpu":
             self.stats.graph_to_host += logits.nbytes
         presents = dict(zip(self.past_names, outputs[1:], strict=True))
@@ -502,7 +527,7 @@ class Engine:
         rows = self._running
         feeds = {
             "input_ids": np.array([[s.tokens[-1]] for s in rows], np.int64),
-            "attention_mask": np.concatenate([cache.mask, np.ones((cache.rows, 1), np.int64)], axis=1),
+            "attention_mask": cache.next_mask(),
             ADAPTER_INDEX: np.array([s.slot for s in rows], np.int64),
         }
         if self.has_positions:
@@ -532,7 +557,7 @@ class Engine:
                 group.append(seq)
             else:
                 groups.append([seq])
-        return [_Prefill.of(group) for group in groups]
+        return [_Prefill.of(group, self.right_padded) for group in groups]
 
     def _prefill_chunk(self, events: list[Event]) -> tuple[KVBatch, list[int]] | None:
         """One run of the first prefill group: its next columns, at most ``max_prefill_tokens`` tokens
@@ -551,8 +576,10 @@ class Engine:
             heads, head_dim = self.kv_shape
             empty = np.zeros((rows, heads, 0, head_dim), self.kv_dtype)
             group.past = {name: to_value(empty, self.device) for name in self.past_names}
+        last = stop == group.width
         try:
-            logits, group.past = self._run(feeds, group.past, self._shrink if stop == group.width else None)
+            logits, group.past = self._run(feeds, group.past, self._shrink if last else None,
+                                           group.last_columns(start) if last else None)
         except Exception as err:  # any failure of the run fails its rows, and only them
             self._prefills.popleft()
             self._fail([s for s in group.seqs if not s.finished], err, events)
@@ -563,7 +590,8 @@ class Engine:
             return None
         self._prefills.popleft()
         self.stats.prefills += 1
-        batch = KVBatch(self.past_names, group.past, group.mask, self.stats, self.device)
+        batch = KVBatch(self.past_names, group.past, group.mask, self.stats, self.device,
+                        right_padded=self.right_padded)
         alive = [row for row, seq in enumerate(group.seqs)
                  if not seq.finished and not self._next(seq, logits[row], events)]
         self._running.extend(group.seqs[row] for row in alive)
