@@ -46,7 +46,8 @@ def built(tmp_path_factory) -> dict:
 
 
 def engine(built, **options) -> Engine:
-    return Engine(built["slots"], {n: built["root"] / n for n in NAMES}, tokenizer=None, **options)
+    options.setdefault("tokenizer", None)
+    return Engine(built["slots"], {n: built["root"] / n for n in NAMES}, **options)
 
 
 def torch_logits(built, adapter: str | None, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
@@ -119,3 +120,27 @@ def test_right_padding_is_chosen_from_the_graph_s_attention(built):
     from prolora_export.engine.core import _fused_attention
 
     assert _fused_attention(Path(built["slots"]) / "model.onnx")
+
+
+def test_server_answers_from_the_builder_graph(built):
+    """`prolora-export serve` on the builder's slot graph, a real process on 127.0.0.1: concurrent
+    completions over both adapters and the base answer what the engine answers offline."""
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import BASE, ServerProcess
+
+    tiny = {"root": built["root"], "slots": built["slots"], "adapters": {n: built["root"] / n for n in NAMES}}
+    server = ServerProcess(tiny, adapters=NAMES).ready()
+    try:
+        api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+        jobs = [(model, f"{'abcdef'[i]} q{i} " * (1 + i)) for i, model in enumerate([BASE, *NAMES] * 2)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: api.completions.create(
+                model=job[0], prompt=job[1], max_tokens=6, temperature=0).choices[0].text, jobs))
+    finally:
+        server.stop()
+    eng = engine(built, tokenizer="auto")
+    for (model, text), answer in zip(jobs, answers, strict=True):
+        adapter = None if model == BASE else model
+        assert answer == eng.generate([Request(prompt=text, adapter=adapter, max_new_tokens=6)])[0].text, model
