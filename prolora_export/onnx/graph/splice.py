@@ -8,16 +8,24 @@ one ``.onnx_adapter`` file maps 1:1 onto the graph), its function body and the g
 are exactly those of the optimum-based compact export: the graph is finished by the same
 :func:`..export.finish_compact` / :func:`..slots.finish_slots`.
 
+Packed projections: where the builder packs modules into one MatMul (Q/K/V in ``qkv_proj``, its
+default; gate/up in ``gate_up_proj`` with ``fuse_mlp_gate_up=true``), each module's node still reads
+the packed MatMul's X and ``Δ`` is the Concat of the modules' deltas along the last axis, an
+unadapted module's columns zeros padded onto a neighbour's delta (:mod:`.packing` says which columns
+are whose). Both layouts are spliced as the graph has them; :func:`build_compact` picks one with
+``packed``.
+
 Quantized bases (``-p int4``/``int8``): the builder's projection is then a ``com.microsoft::MatMulNBits``
 (``…/MatMul_Q4`` or ``_Q8``, its in/out sizes in the K and N attributes) with the same input X
 and output name; the splice is the same, the op's shards stay float (the graph's activation type,
 read from the scales) and overridable, and the quantized weights are never touched.
 
-Why the unpacked route: the builder packs Q/K/V into one MatMul unless told not to
-(``fuse_qkv=false``); with them apart every adapted projection has its own MatMul to splice
-at, whatever subset of projections an adapter targets. The packed alternative would add the
-Concat of the Q/K/V deltas (with zeros for unadapted ones) to the packed output: one node more
-per layer and special cases, for the one MatMul launch per layer it saves.
+Why both routes, the unpacked one the default: unpacked (``fuse_qkv=false``), every adapted module has
+its own MatMul and the splice is one node and one Add per module, whatever subset an adapter targets.
+Packed keeps the builder's one projection per layer that the merged graph also runs: at int4 three
+MatMulNBits each quantize the same X (accuracy level 4), where the packed one does it once; the price
+is a Concat (and for a partial Q/K/V adapter a Pad) per layer. Which decodes faster is measured in
+bench/bench_graphs.py (``compact_packed``) before the default moves.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -35,15 +44,9 @@ from .. import op
 from ..export import DEFAULT_ADAPTERS, finish_compact
 from ..genai import fit_builder_config
 from ..slots import finish_slots
-from .builder import (
-    BaseGraph,
-    projection_float_type,
-    projection_node,
-    projection_node_name,
-    projection_sizes,
-    run_builder,
-)
+from .builder import BaseGraph, projection_float_type, run_builder
 from .check import check_spliced
+from .packing import Columns, locate, module_stem
 
 #: rank of X at every projection of a builder graph: (batch_size, sequence_length, features)
 X_RANK = 3
@@ -61,58 +64,78 @@ class SplicedGraph:
     slots: bool
     base: BaseGraph | None = None
     genai: str | None = None  # what the folder holds for onnxruntime-genai (:func:`..genai.fit_builder_config`)
+    packs: tuple[str, ...] = ()  # the packed projections (qkv_proj …) some deltas were added into
 
     def summary(self) -> str:
         kind = "RotatedShardLoRASlots" if self.slots else "RotatedShardLoRA"
+        packed = f" (deltas concatenated into its packed {', '.join(self.packs)})" if self.packs else ""
         return "; ".join(filter(None, [self.base.summary() if self.base else None,
-                                       f"spliced {self.layers} {kind} nodes into the builder graph in {self.folder}",
-                                       self.genai]))
+                                       f"spliced {self.layers} {kind} nodes into the builder graph{packed} in "
+                                       f"{self.folder}", self.genai]))
 
 
-def _projections(graph: onnx.GraphProto, adapter: Adapter) -> tuple[dict[str, onnx.NodeProto], int]:
-    """Each adapted module's projection (a float MatMul or a MatMulNBits), checked against the adapter's
-    layer sizes; and the float type the graph computes in (the weights', or a quantized graph's scales')."""
-    nodes = {n.name: n for n in graph.node}
-    weights = {i.name: i for i in graph.initializer}
-    found, types, problems = {}, set(), []
-    for path, sizes in sorted(adapter.config.modules.items()):
-        node = projection_node(nodes, path)
-        shape = projection_sizes(node, weights) if node is not None else None
-        if shape is None:
-            name = projection_node_name(path)
-            where = f"its node {name} is missing or not a MatMul or MatMulNBits" if name else "not a *_proj layer"
-            problems.append(f"layer '{path}' has no projection to adapt in the builder graph ({where})")
-            continue
-        if shape != (sizes["in_features"], sizes["out_features"]):
-            problems.append(f"layer '{path}' is {sizes['in_features']}→{sizes['out_features']} in the adapter but "
-                            f"{shape[0]}→{shape[1]} in the base graph")
-        found[path] = node
-        types.add(projection_float_type(node, weights))
+def _projections(graph: onnx.GraphProto, adapter: Adapter) -> tuple[dict[str, Columns], int]:
+    """Each adapted module's columns (its own projection, a float MatMul or a MatMulNBits, or its slice of a
+    packed one), checked against the adapter's layer sizes; and the float type the graph computes in (the
+    weights', or a quantized graph's scales')."""
+    found, problems = locate(graph, adapter.config.modules)
     raise_if(problems[:6], "adapter does not fit the base graph")
+    weights = {i.name: i for i in graph.initializer}
+    types = {projection_float_type(c.node, weights) for c in found.values()}
     if len(types) != 1 or next(iter(types)) not in FLOAT_TYPES:
         raise PRoLoRAError("the splice needs a graph computing in float32 or float16 (found element types "
                            f"{sorted(types)})")
     return found, types.pop()
 
 
+def _add_deltas(node: onnx.NodeProto, columns: list[Columns], deltas: list[onnx.NodeProto],
+                graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Add the deltas (one per module, by column) to the projection's output under its name: the delta
+    itself where the module has the whole output; in a packed one, the deltas concatenated along the last
+    axis, an unadapted part's columns zeros padded onto its neighbour (exact, and one cheap node: ONNX's
+    Concat cannot take a constant that does not match the batch and sequence dims). Returns the new nodes."""
+    output = node.output[0]
+    stem = node.name.rsplit("/", 1)[0]
+    node.output[0] = f"{stem}/MatMul/base_output_0"  # MatMulNBits' output too: one name whatever the precision
+    added, pieces = list(deltas), []
+    for i, (c, delta) in enumerate(zip(columns, deltas, strict=True)):
+        left = c.start if i == 0 else 0  # a gap goes to the delta before it, the first one's to its left
+        right = (columns[i + 1].start if i + 1 < len(columns) else c.total) - c.start - c.width
+        if not left and not right:
+            pieces.append(delta.output[0])
+            continue
+        pad = delta.output[0].rsplit("/", 1)[0] + "/Pad"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, left, 0, 0, right], np.int64),
+                                                              f"{pad}/pads"))
+        added.append(helper.make_node("Pad", [delta.output[0], f"{pad}/pads"], [f"{pad}/output_0"], name=pad))
+        pieces.append(f"{pad}/output_0")
+    if len(pieces) > 1:
+        concat = f"{stem}/prolora/Concat"
+        added.append(helper.make_node("Concat", pieces, [f"{concat}/output_0"], name=concat, axis=-1))
+        pieces = [f"{concat}/output_0"]
+    added.append(helper.make_node("Add", [node.output[0], pieces[0]], [output], name=f"{stem}/prolora/Add"))
+    return added
+
+
 def splice(model: onnx.ModelProto, adapter: Adapter, *, slots: bool = False, body: str = "route") -> op.OpSpec:
-    """Put one ``ai.prolora`` node (``slots``: the SPEC §5 variant) on every adapted projection of a
-    builder graph, in place, with the adapter's shards as initializers (and ``adapter_index`` as an
-    input for slots). Returns the spec to finish the graph with."""
+    """Put one ``ai.prolora`` node (``slots``: the SPEC §5 variant) on every adapted module of a builder
+    graph, in place, its delta added at the module's columns of its projection (unpacked or packed, as the
+    graph has it), with the adapter's shards as initializers (and ``adapter_index`` as an input for slots).
+    Returns the spec to finish the graph with."""
     graph = model.graph
     projections, elem = _projections(graph, adapter)
     geometries = {path: adapter.config.module_geometry(path) for path in projections}
     spec = op.OpSpec.for_layers(list(geometries.values()), upcast=elem == TensorProto.FLOAT16, rank=X_RANK,
                                 body=body, slots=slots)
+    by_node: dict[str, list[str]] = {}
+    for path in sorted(projections, key=lambda p: projections[p].start):
+        by_node.setdefault(projections[path].node.name, []).append(path)
     added: dict[str, list[onnx.NodeProto]] = {}
-    for path, node in projections.items():
-        output = node.output[0]
-        stem = node.name.rsplit("/", 1)[0]
-        node.output[0] = f"{stem}/MatMul/base_output_0"  # MatMulNBits' output too: one name whatever the precision
-        delta = op.make_node(node.input[0], f"{stem}/prolora/output_0", path, spec, geometries[path],
-                             adapter.config.scaling)
-        add = helper.make_node("Add", [node.output[0], delta.output[0]], [output], name=f"{stem}/prolora/Add")
-        added[node.name] = [delta, add]
+    for name, paths in by_node.items():
+        node = projections[paths[0]].node
+        deltas = [op.make_node(node.input[0], f"{module_stem(p)}/prolora/output_0", p, spec, geometries[p],
+                               adapter.config.scaling) for p in paths]
+        added[name] = _add_deltas(node, [projections[p] for p in paths], deltas, graph)
     nodes = [new for n in graph.node for new in (n, *added.get(n.name, ()))]  # right after each MatMul: topological
     del graph.node[:]
     graph.node.extend(nodes)
@@ -141,6 +164,7 @@ def splice_folder(
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     path = Path(folder) / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)  # the base weights stay in model.onnx.data
+    packs = tuple(sorted({c.pack for c in locate(model.graph, adapter.config.modules)[0].values() if c.pack}))
     spec = splice(model, adapter, slots=slots, body=body)
     onnx.save(model, str(path))
     if slots:
@@ -149,7 +173,8 @@ def splice_folder(
     else:
         finish_compact(path, spec, adapter, zero_default=default_adapter == "zero")
     check_spliced(onnx.load(str(path), load_external_data=False), adapter, slots=slots)
-    return SplicedGraph(Path(folder), len(adapter.config.modules), slots, genai=fit_builder_config(Path(folder), slots))
+    return SplicedGraph(Path(folder), len(adapter.config.modules), slots, genai=fit_builder_config(Path(folder), slots),
+                        packs=packs)
 
 
 def build_compact(
@@ -160,19 +185,21 @@ def build_compact(
     execution_provider: str = "cpu",
     *,
     slots: bool = False,
+    packed: bool = False,
     default_adapter: str = "adapter",
     body: str = "route",
     force: bool = False,
     **builder_options,
 ) -> SplicedGraph:
     """The builder's graph of the base in ``hf_dir`` with ``adapter`` spliced in, written atomically to
-    ``out_dir`` (``builder_options``: those of :func:`.builder.run_builder`, Q/K/V always unpacked). An
-    int4/int8 ``precision`` quantizes the base's projections only (MatMulNBits): the op reads the same X
-    and its shards stay float initializers, overridable as at fp32."""
+    ``out_dir`` (``builder_options``: those of :func:`.builder.run_builder`). ``packed``: keep the builder's
+    packed Q/K/V projection (each layer's deltas concatenated into it) instead of three. An int4/int8
+    ``precision`` quantizes the base's projections only (MatMulNBits): the op reads the same X and its
+    shards stay float initializers, overridable as at fp32."""
     adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     check_destination(out_dir, force, inputs=[("base model", hf_dir)])
     with atomic_output_dir(out_dir, force=force) as tmp:
-        base = run_builder(hf_dir, tmp, precision, execution_provider, packed=False, **builder_options)
+        base = run_builder(hf_dir, tmp, precision, execution_provider, packed=packed, **builder_options)
         spliced = splice_folder(tmp, adapter, slots=slots, default_adapter=default_adapter, body=body)
     spliced.folder, spliced.base = Path(out_dir), base
     base.folder = Path(out_dir)
