@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builder_helpers import builder_usable, needs_builder
 from conftest import make_adapter
 from test_data import tiny_tokenizer
-from test_graph_builder import HYPER, _builder_usable, needs_builder, tiny_decoder
+from test_graph_builder import HYPER, tiny_decoder
 
 from prolora_export.engine import Engine, Request
 from prolora_export.formats.prolora import save_adapter
@@ -28,7 +29,7 @@ NAMES = ("a1", "a2")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict:
     """A tiny Llama, two adapters and their PyTorch models, and the builder's slot graph."""
-    if not _builder_usable():
+    if not builder_usable():
         pytest.skip("needs onnxruntime-genai and transformers >= 5")
     from prolora_export.onnx.graph.splice import build_compact
 
@@ -72,43 +73,53 @@ def assert_rows_exact(built, requests: list[Request], results: dict) -> None:
         assert err <= 1e-4, f"{request.request_id} ({request.adapter}): logits relative difference {err:.2e}"
 
 
-def run_all(eng: Engine, requests: list[Request], submit_every_step: bool = False) -> dict:
-    """Submit (all at once, or one per step) and step until every request has finished."""
+def run_all(eng: Engine, requests: list[Request], submit_every_step: bool = False) -> tuple[dict, int]:
+    """Submit (all at once, or one per step) and step until every request has finished; the results and
+    the most rows that decoded together."""
     results: dict = {}
-    waiting = list(requests)
+    waiting, widest = list(requests), 0
     while waiting or eng.pending:
         for request in waiting[:1] if submit_every_step else waiting:
             eng.submit(request)
         waiting = waiting[1:] if submit_every_step else []
         results.update({e.request_id: e.result for e in eng.step() if e.finished})
-    return results
+        widest = max(widest, len(eng._running))
+    return results, widest
 
 
-def test_prompts_prefilled_together_are_right_padded_and_exact(built):
+POOL = pytest.mark.parametrize("kv_pool", [True, False], ids=["pool", "batch-cache"])
+
+
+@POOL
+def test_prompts_prefilled_together_are_right_padded_and_exact(built, kv_pool):
     """Six rows, three adapters (base included), prompt lengths 9…11 prefilled in one right-padded run:
-    each row's first token is read at its own last real column, and every row decodes as alone."""
-    eng = engine(built, max_batch=8)
-    assert eng.right_padded and not eng.has_positions
+    each row's first token is read at its own last real column, and every row decodes as alone, on the
+    KV pool and on the batch cache."""
+    eng = engine(built, max_batch=8, kv_pool=kv_pool)
+    assert eng.right_padded and not eng.has_positions and (eng.pool is not None) == kv_pool
     requests = [Request(prompt_ids=prompt(9 + i % 3, i), adapter=a, max_new_tokens=6, ignore_eos=True,
                         return_logits=True) for i, a in enumerate([None, "a1", "a2", "a2", "a1", None])]
-    results = run_all(eng, requests)
+    results, _ = run_all(eng, requests)
     assert eng.stats.prefill_runs == 1, "the six prompts must share one (right-padded) prefill run"
     assert_rows_exact(built, requests, results)
     firsts = [results[r.request_id].logits[0] for r in requests[:3]]
     assert min(float(np.abs(f - firsts[0]).max()) for f in firsts[1:]) > 1e-3, "adapters must matter"
 
 
+@POOL
 @pytest.mark.parametrize("chunk", [2048, 4], ids=["whole", "chunked"])
-def test_rows_join_and_leave_mid_generation(built, chunk):
+def test_rows_join_and_leave_mid_generation(built, chunk, kv_pool):
     """Rows of very different lengths submitted a step apart (each prefilled alone, then joining the
-    right-padded running batch), finishing at different steps, with at most 3 rows at once; prompts
-    prefilled whole or 4 tokens per run."""
-    eng = engine(built, max_batch=3, max_prefill_tokens=chunk)
+    running rows), finishing at different steps, with at most 3 rows at once; prompts prefilled whole or
+    4 tokens per run. On the pool no cache byte is ever copied (rows are written in place); the batch
+    cache is rebuilt as rows come and go."""
+    eng = engine(built, max_batch=3, max_prefill_tokens=chunk, kv_pool=kv_pool)
     spec = [(17, "a1", 7), (4, None, 3), (9, "a2", 9), (2, "a1", 5), (12, None, 4), (6, "a2", 6)]
     requests = [Request(prompt_ids=prompt(n, i), adapter=a, max_new_tokens=m, ignore_eos=True, return_logits=True)
                 for i, (n, a, m) in enumerate(spec)]
-    results = run_all(eng, requests, submit_every_step=True)
-    assert eng.stats.prefills >= 4 and eng.stats.cache_moved > 0, "rows must have joined and left a running batch"
+    results, widest = run_all(eng, requests, submit_every_step=True)
+    assert eng.stats.prefills == 6 and widest == 3, "rows must have joined and left a running batch"
+    assert (eng.stats.cache_moved == 0) == kv_pool
     if chunk < 17:
         assert eng.stats.prefill_runs > eng.stats.prefills
     assert_rows_exact(built, requests, results)
@@ -144,3 +155,43 @@ def test_server_answers_from_the_builder_graph(built):
     for (model, text), answer in zip(jobs, answers, strict=True):
         adapter = None if model == BASE else model
         assert answer == eng.generate([Request(prompt=text, adapter=adapter, max_new_tokens=6)])[0].text, model
+
+
+def test_pool_is_sized_up_front_and_bounds_each_request(built):
+    """The pool is allocated once: max_batch rows of max_cached_tokens / max_batch positions (its bytes
+    known at start); a request that cannot fit a row is refused in one line, the others go on."""
+    eng = engine(built, max_batch=4, max_cached_tokens=64)
+    pool = eng.pool
+    assert pool.rows == 4 and pool.row_length == 16
+    heads, head_dim = eng.kv_shape
+    assert pool.nbytes == len(eng.past_names) * 4 * heads * 16 * head_dim * 4
+    long, fits = (Request(prompt_ids=prompt(10, 1), max_new_tokens=n, ignore_eos=True) for n in (7, 6))
+    refused, done = eng.generate([long, fits])
+    assert refused.finish_reason == "error" and "a row of this engine's KV pool holds 16" in refused.error
+    assert done.error is None and len(done.token_ids) == 6 and pool.occupied == 0
+
+
+def test_a_group_without_contiguous_free_rows_is_split(built):
+    """Rows 0–2 taken, row 1 freed by a short request: two prompts of one length arriving together (one
+    prefill group) find rows 1 and 3 free, not side by side, so they are prefilled apart; all exact."""
+    eng = engine(built, max_batch=4)
+    first = [Request(prompt_ids=prompt(6 + i, i), adapter=a, max_new_tokens=m, ignore_eos=True, return_logits=True)
+             for i, (a, m) in enumerate([("a1", 12), (None, 4), ("a2", 12)])]
+    results: dict = {}
+    for request in first:
+        eng.submit(request)
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    while first[1].request_id not in results:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert list(eng.pool.used) == [True, False, True, False]
+    pair = [Request(prompt_ids=prompt(7, 10 + i), adapter=a, max_new_tokens=4, ignore_eos=True, return_logits=True)
+            for i, a in enumerate(["a2", "a1"])]
+    runs = eng.stats.prefill_runs
+    for request in pair:
+        eng.submit(request)
+    results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert eng.stats.prefill_runs == runs + 1 and eng.pool.occupied == 3, "one of the pair prefilled per step"
+    while eng.pending:
+        results.update({e.request_id: e.result for e in eng.step() if e.finished})
+    assert eng.pool.occupied == 0
+    assert_rows_exact(built, [*first, *pair], results)

@@ -18,6 +18,11 @@ wrong positions, and is refused at load. The model builder's graphs (``GroupQuer
 positions: each row's length is its mask's sum, so rows are right-padded and a group's first tokens
 are read at each row's last real column.
 
+The cache: on the CPU, a builder graph runs on a :class:`~.pool.KVPool` allocated once (``max_batch``
+rows of ``max_cached_tokens / max_batch`` positions, bound as past and present: the graph writes in
+place, no row is ever copied); other graphs (and CUDA sessions) keep a :class:`~.cache.KVBatch` that
+the graph extends every step and that is rebuilt, one copy per step, when rows join or leave.
+
 Failures: a graph run that fails finishes only the rows in that run (the decoding rows, or one
 prefill group) with an error event; the other rows go on.
 
@@ -28,12 +33,13 @@ for the step in progress). :class:`~prolora_export.engine.runner.EngineRunner` r
 background thread and hands events to threads or to an asyncio loop.
 
 Bounds: at most ``max_batch`` rows run or prefill at once, and ``rows × longest possible row``
-(prompt + max_new_tokens, padding included) stays within ``max_cached_tokens``; requests beyond
-wait in a FIFO queue. A graph run takes at most ``max_prefill_tokens`` new tokens (a decode step:
-one per row), so a prefill's activations are bounded by the chunk (attention scores: chunk ×
-cached length) whatever the prompt; ONNX Runtime's arena is shrunk after a prefill's last chunk,
-so that memory goes back. Prompts and generation stop at the model's context (taken from its
-config class, so aliases such as GPT-2's ``n_positions`` count).
+(prompt + max_new_tokens, padding included) stays within ``max_cached_tokens`` (on a pool: a request
+fits one row, and the pool is that bound, allocated once); requests beyond wait in a FIFO queue.
+A graph run takes at most ``max_prefill_tokens`` new tokens (a decode step: one per row), so a
+prefill's activations are bounded by the chunk (attention scores: chunk × cached length) whatever
+the prompt; ONNX Runtime's arena is shrunk after a prefill's last chunk, so that memory goes back.
+Prompts and generation stop at the model's context (taken from its config class, so aliases such as
+GPT-2's ``n_positions`` count).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from ..onnx.op import ADAPTER_INDEX
 from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
 from .cache import CopyStats, KVBatch, to_value
+from .pool import KVPool
 from .requests import Event, Request, Result
 from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
@@ -84,6 +91,7 @@ class _Sequence:
     listener: Listener | None
     submitted: float
     slot: int = -1
+    row: int = -1  # its KV pool row, if the engine has a pool
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
@@ -108,6 +116,7 @@ class _Prefill:
     right_padded: bool
     done: int = 0  # columns prefilled so far
     past: dict | None = None  # presents of the columns done
+    row: int | None = None  # first of its KV pool rows, once taken
 
     @classmethod
     def of(cls, seqs: list[_Sequence], right_padded: bool) -> _Prefill:
@@ -181,6 +190,8 @@ class Engine:
     more can be loaded (and unloaded) while the engine runs. ``tokenizer``: ``"auto"`` loads the
     folder's tokenizer when it has one (text prompts, chat messages, stop strings need it); None
     for token ids only. ``provider``/``threads`` go to :func:`prolora_export.runtime.inference_session`.
+    ``kv_pool``: run on a :class:`~.pool.KVPool` where the graph allows it (the model builder's graphs
+    on the CPU); False keeps the batch cache (to compare the two).
     """
 
     def __init__(
@@ -194,6 +205,7 @@ class Engine:
         provider: str = "cpu",
         threads: int | None = None,
         tokenizer="auto",
+        kv_pool: bool = True,
     ):
         if max_batch < 1 or max_cached_tokens < 1 or max_prefill_tokens < 1:
             raise PRoLoRAError("max_batch, max_cached_tokens and max_prefill_tokens must be ≥ 1")
@@ -227,6 +239,13 @@ class Engine:
         shapes = {name: tuple(i.shape[1:]) for name, i in inputs.items() if i.shape and i.shape[0] == SLOT_DIM}
         self.slots = SlotTable(shapes, record, self.session, self.device)
         self.context = model_context(text)
+        self.pool = None
+        if kv_pool and self.right_padded and self.device == "cpu":
+            row_length = min(self.context, max_cached_tokens // max_batch)
+            if row_length < 2:
+                raise PRoLoRAError(f"max_cached_tokens {max_cached_tokens} leaves rows of {row_length} positions for "
+                                   f"max_batch {max_batch}; give at least 2 per row")
+            self.pool = KVPool(self.past_names, max_batch, row_length, *self.kv_shape, self.kv_dtype)
         self.vocab_size = int(text.vocab_size)
         self.tokenizer = self._tokenizer(tokenizer)
         self.eos_ids = self._eos_ids(getattr(text, "eos_token_id", None))
@@ -365,6 +384,8 @@ class Engine:
             seqs += [_Sequence(r, [], 0, Sampler(), frozenset(), listener, t) for r, listener, t in submitted]
             self._running, self._joining, self._prefills, self._waiting = [], [], deque(), deque()
             self._cache = None
+            if self.pool is not None:
+                self.pool.clear()
             for seq in seqs:
                 self._finish(seq, "error", events, error=message)
             self._finish_unloads()
@@ -425,6 +446,9 @@ class Engine:
         if request.adapter is not None and request.adapter not in self.adapters:
             raise PRoLoRAError(f"unknown adapter {request.adapter!r} (loaded: {', '.join(self.adapters) or 'none'})")
         max_new = min(request.max_new_tokens, self.context - len(ids))
+        if self.pool is not None and len(ids) + max_new > self.pool.row_length:
+            raise PRoLoRAError(f"needs {len(ids) + max_new} cached tokens; a row of this engine's KV pool holds "
+                               f"{self.pool.row_length} (max_cached_tokens / max_batch)")
         if len(ids) + max_new > self.max_cached_tokens:
             raise PRoLoRAError(f"needs {len(ids) + max_new} cached tokens; this engine holds at most "
                                f"{self.max_cached_tokens}")
@@ -464,12 +488,15 @@ class Engine:
         for seq in [s for group in self._prefills for s in group.seqs if s.request.request_id in ids]:
             if not seq.finished:  # its row is dropped when its group's prefill ends
                 self._finish(seq, "cancelled", events)
-        self._prefills = deque(g for g in self._prefills if not all(s.finished for s in g.seqs))
+        for group in [g for g in self._prefills if all(s.finished for s in g.seqs)]:
+            self._prefills.remove(group)
+            self._free_rows(group.seqs)
         rows = {i for i, s in enumerate(self._running) if s.request.request_id in ids}
         for i in sorted(rows):
             self._finish(self._running[i], "cancelled", events)
         if rows:
             keep = [i for i in range(len(self._running)) if i not in rows]
+            self._free_rows([s for i, s in enumerate(self._running) if i in rows])
             self._running = [self._running[i] for i in keep]
             self._rebuild(keep, None)
 
@@ -485,7 +512,7 @@ class Engine:
                 self._finish(seq, "error", events, error=f"adapter {seq.request.adapter!r} was unloaded")
                 continue
             rows = len(self._running) + len(joiners) + 1
-            if rows * max(longest, seq.final_length) > self.max_cached_tokens:
+            if self.pool is None and rows * max(longest, seq.final_length) > self.max_cached_tokens:
                 break
             longest = max(longest, seq.final_length)
             seq.slot = -1 if seq.request.adapter is None else self.slots.slot_of[seq.request.adapter]
@@ -494,10 +521,11 @@ class Engine:
     # ------------------------------------------------------------------ running the graph
 
     def _run(self, feeds: dict[str, np.ndarray], past: dict, options=None,
-             columns: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+             columns: np.ndarray | None = None, *, in_place: bool = False) -> tuple[np.ndarray, dict]:
         """One run through IOBinding: small inputs from the host, cache and slots as OrtValues,
-        presents left where the graph wrote them; returns the logits (host) at each row's column in
-        ``columns`` (default: the last) and the presents."""
+        presents left where the graph wrote them (``in_place``: into the past OrtValues themselves, a
+        pool's rows); returns the logits (host) at each row's column in ``columns`` (default: the last)
+        and the presents."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, to_value(array, self.device))
@@ -507,24 +535,46 @@ class Engine:
         for name, value in self.slots.values.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for past_name, name in zip(self.past_names, self.present_names, strict=True):
+            if in_place:
+                binding.bind_ortvalue_output(name, past[past_name])
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding, options)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
         logits = logits[:, -1] if columns is None else logits[np.arange(len(columns)), columns]
         if self.device != "cpu":
             self.stats.graph_to_host += logits.nbytes
+        if in_place:
+            self.stats.graph_kv_written += feeds["input_ids"].size * self.pool.token_bytes
+            return logits, past
         presents = dict(zip(self.past_names, outputs[1:], strict=True))
         self.stats.graph_kv_written += sum(v.tensor_size_in_bytes() for v in outputs[1:])
         return logits, presents
 
     def _decode(self, events: list[Event]) -> list[int]:
         """One token for every running row; finished rows leave ``_running`` at once and the cache
-        rows to keep are returned (the cache is rebuilt once per step, with the joiners). A failed
-        run finishes every running row with its error (the prefilling and queued ones go on)."""
-        cache = self._cache
+        rows to keep are returned (a batch cache is rebuilt once per step, with the joiners; a pool's
+        rows are freed). A failed run finishes every running row with its error (the prefilling and
+        queued ones go on)."""
         rows = self._running
+        try:
+            logits = self._decode_pool(rows) if self.pool is not None else self._decode_batch(rows)
+        except Exception as err:  # any failure of the run fails its rows, and only them
+            self._fail(rows, err, events)
+            self._free_rows(rows)
+            self._running = []
+            return []
+        self.stats.steps += 1
+        keep = [i for i, seq in enumerate(rows) if not self._next(seq, logits[i], events)]
+        self._free_rows([seq for i, seq in enumerate(rows) if i not in set(keep)])
+        self._running = [rows[i] for i in keep]
+        return keep
+
+    def _decode_batch(self, rows: list[_Sequence]) -> np.ndarray:
+        """A decode run of the batch cache (its rows in ``_running`` order); the graph's presents become it."""
+        cache = self._cache
         feeds = {
             "input_ids": np.array([[s.tokens[-1]] for s in rows], np.int64),
             "attention_mask": cache.next_mask(),
@@ -532,17 +582,33 @@ class Engine:
         }
         if self.has_positions:
             feeds["position_ids"] = cache.positions()
-        try:
-            logits, presents = self._run(feeds, cache.values)
-        except Exception as err:  # any failure of the run fails its rows, and only them
-            self._fail(rows, err, events)
-            self._running = []
-            return []
+        logits, presents = self._run(feeds, cache.values)
         cache.advance(presents)
-        self.stats.steps += 1
-        keep = [i for i, seq in enumerate(rows) if not self._next(seq, logits[i], events)]
-        self._running = [rows[i] for i in keep]
-        return keep
+        return logits
+
+    def _decode_pool(self, rows: list[_Sequence]) -> np.ndarray:
+        """A decode run of pool rows ``[0, high)`` in place, each at its own length (see :mod:`.pool`:
+        rows not decoding get a junk position nobody reads); the running rows' logits in their order."""
+        pool = self.pool
+        high = pool.high
+        where = np.array([s.row for s in rows], np.int64)
+        ids = np.zeros((high, 1), np.int64)
+        ids[where, 0] = [s.tokens[-1] for s in rows]
+        index = np.full(high, -1, np.int64)
+        index[where] = [s.slot for s in rows]
+        feeds = {"input_ids": ids, "attention_mask": pool.decode_mask(high), ADAPTER_INDEX: index}
+        logits, _ = self._run(feeds, pool.view(0, high), in_place=True)
+        pool.lengths[where] += 1
+        return logits[where]
+
+    def _free_rows(self, seqs: Iterable[_Sequence]) -> None:
+        """Give the pool rows of requests that no longer run back (no-op without a pool)."""
+        if self.pool is None:
+            return
+        for seq in seqs:
+            if seq.row >= 0:
+                self.pool.free(seq.row)
+                seq.row = -1
 
     def _groups(self, joiners: list[_Sequence]) -> list[_Prefill]:
         """The joiners in prefill groups of similar prompt length (padding wastes compute), shortest
@@ -564,7 +630,7 @@ class Engine:
         in all, the columns done fed as past. When the prompts are done, each row samples its first
         token and the group's cache with the rows that go on running is returned. A failed run
         finishes the group's rows with its error."""
-        group = self._prefills[0]
+        group = self._take_rows() if self.pool is not None else self._prefills[0]
         rows = len(group.seqs)
         start = group.done
         stop = min(group.width, start + max(1, self.max_prefill_tokens // rows))
@@ -579,23 +645,46 @@ class Engine:
         last = stop == group.width
         try:
             logits, group.past = self._run(feeds, group.past, self._shrink if last else None,
-                                           group.last_columns(start) if last else None)
+                                           group.last_columns(start) if last else None, in_place=self.pool is not None)
         except Exception as err:  # any failure of the run fails its rows, and only them
             self._prefills.popleft()
             self._fail([s for s in group.seqs if not s.finished], err, events)
+            self._free_rows(group.seqs)
             return None
         group.done = stop
+        if self.pool is not None:
+            self.pool.lengths[group.row:group.row + rows] = group.mask[:, :stop].sum(axis=1)
         self.stats.prefill_runs += 1
         if stop < group.width:
             return None
         self._prefills.popleft()
         self.stats.prefills += 1
-        batch = KVBatch(self.past_names, group.past, group.mask, self.stats, self.device,
-                        right_padded=self.right_padded)
         alive = [row for row, seq in enumerate(group.seqs)
                  if not seq.finished and not self._next(seq, logits[row], events)]
+        self._free_rows([seq for row, seq in enumerate(group.seqs) if row not in set(alive)])
         self._running.extend(group.seqs[row] for row in alive)
-        return (batch, alive) if alive else None
+        if self.pool is not None or not alive:
+            return None
+        return KVBatch(self.past_names, group.past, group.mask, self.stats, self.device,
+                       right_padded=self.right_padded), alive
+
+    def _take_rows(self) -> _Prefill:
+        """The first prefill group, with its pool rows: on its first chunk it takes contiguous rows (one
+        run binds them as one view); when free rows are not contiguous, it is split into groups of one
+        (there is always a free row for each: the group was admitted under ``max_batch``)."""
+        group = self._prefills[0]
+        if group.row is None:
+            start = self.pool.allocate(len(group.seqs))
+            if start is None:
+                self._prefills.popleft()
+                self._prefills.extendleft(reversed([_Prefill.of([s], True) for s in group.seqs]))
+                group = self._prefills[0]
+                start = self.pool.allocate(1)
+            group.row = start
+            group.past = self.pool.view(start, start + len(group.seqs))
+            for offset, seq in enumerate(group.seqs):
+                seq.row = start + offset
+        return group
 
     def _fail(self, seqs: list[_Sequence], err: Exception, events: list[Event]) -> None:
         """Finish the rows of a failed run with its error."""
@@ -605,6 +694,8 @@ class Engine:
     def _rebuild(self, keep: list[int], joined: tuple[KVBatch, list[int]] | None) -> None:
         """The batch's cache after rows left (``keep``: cache rows still running) and a group joined,
         in one copy; nothing is copied when nobody left or joined, or a whole group starts a batch."""
+        if self.pool is not None:
+            return  # rows stay where they are
         parts: list[tuple[KVBatch, list[int] | None]] = []
         if self._cache is not None and keep:
             parts.append((self._cache, None if len(keep) == self._cache.rows else keep))
