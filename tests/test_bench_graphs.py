@@ -37,6 +37,14 @@ def test_builder_exports_run_in_the_transformers_5_environment_with_their_flags(
     assert bg.shown_command(merged) == "onnx --graph builder --mode merged"
 
 
+def test_packed_compact_export_is_build_compact_packed_in_the_transformers_5_environment() -> None:
+    command = bg.export_command("compact_packed", "int4", BASE, ADAPTER, WORK / "out", WORK / "opt")
+    assert command[0] == str(bg.CLI["builder"].parent / "python") and command[1] == "-c"
+    assert "build_compact(*sys.argv[1:5], packed=True" in command[2]
+    assert command[3:] == [str(BASE), str(ADAPTER), str(WORK / "out"), "int4"]
+    assert bg.shown_command(command) == "python: build_compact(base, adapter, out, 'int4', packed=True)"
+
+
 def test_optimum_int4_is_our_quantize_of_the_optimum_fp32_folder() -> None:
     fp32 = bg.export_command("optimum_merged", "fp32", BASE, ADAPTER, WORK / "o32", WORK / "o32")
     assert fp32[0] == str(bg.CLI["optimum"])
@@ -59,15 +67,17 @@ def test_llama_bench_json_becomes_decode_ms_per_token_and_prefill_ms() -> None:
 
 
 def latency(scale: float) -> dict:
-    """Fake ms for every timed graph: optimum 20, builder merged 10, compact 10.3, others 12; × scale."""
-    ms = {"optimum_merged": 20.0, "merged": 10.0, "compact_kernel": 10.3, "compact_body": 12.0, "slots": 12.0}
+    """Fake ms for every timed graph: optimum 20, builder merged 10, compact 10.3, packed 10.8, others 12; × scale."""
+    ms = {"optimum_merged": 20.0, "merged": 10.0, "compact_kernel": 10.3, "compact_body": 12.0,
+          "compact_packed_kernel": 10.8, "slots": 12.0}
     return {g: {m: v * scale for m in bg.METRICS} for g, v in ms.items()}
 
 
 def fake_model(llamacpp: dict) -> dict:
     exports = [{"graph": g, "precision": p, "command": "onnx …", "seconds": 10.0, "peak_rss": rss * 10**6,
                 "largest_process_rss": rss * 10**6, "reused": False}
-               for (g, p), rss in zip(bg.EXPORTS, (3000, 1000, 1200, 1100, 500, 1300, 1400, 1350), strict=True)]
+               for (g, p), rss in zip(bg.EXPORTS, (3000, 1000, 1200, 1150, 1100, 500, 1300, 1400, 1380, 1350),
+                                             strict=True)]
     return {"hidden": 576, "layers": 30, "fp32_bytes": 10**9, "native_kernel": True, "exports": exports,
             "latency": {"fp32": latency(1.0), "int4": latency(0.5)}, "llamacpp": llamacpp,
             "seconds": {"exports": 60.0, "latency": 120.0, "llamacpp": 30.0}}
@@ -77,6 +87,8 @@ def test_goals_judge_the_demo_model_and_leave_llamacpp_open_when_skipped() -> No
     goals = {g["what"]: g for g in bg.goals({"demo": fake_model({"skipped": "not built"})})}
     compact = goals["fp32 decode batch 1: compact_kernel / builder merged"]
     assert compact["measured"] == pytest.approx(1.03) and compact["met"]
+    packed = goals["fp32 decode batch 1: compact_packed_kernel / builder merged"]
+    assert packed["measured"] == pytest.approx(1.08) and packed["met"] is False
     assert goals["fp32 decode batch 16: builder merged / optimum merged"]["measured"] == pytest.approx(0.5)
     assert goals["int4 decode batch 1: compact_kernel / llama.cpp Q4_0"]["met"] is None
     rss = goals["int4 export peak RSS / model fp32 bytes (worst builder export: compact)"]
@@ -93,7 +105,8 @@ def test_page_shows_every_graph_llamacpp_and_the_exports() -> None:
                             "builder_env": {"onnxruntime-genai": "0.18.0", "transformers": "5.25.0"}}}
     page = bg.markdown(results)
     assert "`python bench/bench_graphs.py --quick`" in page
-    for label in ("optimum merged (today)", "builder compact, native kernel", "llama.cpp llama-bench Q4_0"):
+    for label in ("optimum merged (today)", "builder compact, native kernel", "llama.cpp llama-bench Q4_0",
+                  "builder compact on packed Q/K/V, native kernel", "builder compact, packed Q/K/V | int4"):
         assert label in page
     q4 = next(line for line in page.splitlines() if line.startswith("| int4 | llama.cpp"))
     assert "| 5.0 | – | 30.0 | – |" in q4  # what llama-bench did not measure stays empty
