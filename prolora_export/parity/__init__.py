@@ -5,9 +5,9 @@ forward of :mod:`prolora_export.shards`), in fp32 or fp64. Candidate: the ONNX f
 by ONNX Runtime through ``optimum.onnxruntime`` (the way users will run it), on the CPU
 or CUDA execution provider; a graph from ONNX Runtime GenAI's model builder (``GroupQueryAttention``, which
 optimum cannot run) by ONNX Runtime alone, prefill then greedy decode through its KV cache
-(:class:`.plain.PlainDecoder`), so it is judged without optimum, under transformers 5. A quantized builder graph
-is refused: the builder quantizes symmetrically under its own node names (merged: Q/K/V packed), which the
-quantized reference does not reproduce.
+(:class:`.plain.PlainDecoder`), so it is judged without optimum, under transformers 5, quantized ones
+(``onnx --graph builder --quantize int4|int8``: symmetric, under the builder's node names, Q/K/V packed in
+merged graphs) against a reference quantized as the builder does (:mod:`.quantized`).
 
 Why these gates and not ``max |Δlogits| ≤ 1e-5`` (optimum's validation): logits of a
 real model have magnitudes of 10–30 and fp32 matmuls over hundreds of features round at
@@ -202,11 +202,6 @@ def check_parity(
     graph_inputs = {i.name for i in graph.input}
     onnx_dtype = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
     bits, compact, builder = quantized_bits(graph), bool(adapter_nodes(graph)), is_builder_graph(graph)
-    if bits and builder:
-        raise PRoLoRAError(f"parity cannot judge a quantized model builder graph yet: the builder quantizes int{bits} "
-                           "symmetrically under its own node names (/model/layers.N/attn/q_proj/MatMul_Q4; merged: "
-                           "Q/K/V packed), which the quantized reference does not reproduce; judge its fp32 export",
-                           str(folder))
     kernels = judged_kernels(provider, kernel, graph)
     # a quantized base is judged by the bounds measured for its quantization (CPU: where they were measured)
     preset, tol = parse_tolerance(tolerance, f"int{bits}-cpu" if bits else f"{onnx_dtype}-{provider}")
@@ -228,7 +223,7 @@ def check_parity(
     if bits:
         from .quantized import quantize_reference
 
-        done = quantize_reference(reference, proto, merged=not compact, provider=provider)
+        done = quantize_reference(reference, proto, merged=not compact, provider=provider, builder=builder)
         description += f", quantized as the graph: {done.describe()}" + (f" ({done.note})" if done.note else "")
     del graph, proto
     pad_id = _pad_id(tokenizer, base_config)
