@@ -107,14 +107,22 @@ def test_quantized_builder_gate_passes_faithful_and_fails_a_lost_or_halved_adapt
 
 
 @needs_builder
-def test_merged_graph_with_gate_and_up_packed_too_passes(built):
+@pytest.mark.parametrize("mode", ["merged", "compact"])
+def test_graphs_with_gate_and_up_packed_too_pass(built, mode):
     """The builder's ``fuse_mlp_gate_up``: gate_proj and up_proj in one ``…/mlp/gate_up_proj/MatMul_Q4``, which
-    the reference quantizes as gate and up side by side, as it does Q/K/V."""
-    folder = export(built, "merged", 4, tag="-gate-up", extra_options={"fuse_mlp_gate_up": "true"})
-    code, output, data = run(built, folder, "--kernel", "function")
+    the reference quantizes as gate and up side by side, as it does Q/K/V; compact: ``build_compact(packed=True)``,
+    the deltas concatenated into the packed outputs and the packed nodes standing for the base layers."""
+    packing = {"extra_options": {"fuse_mlp_gate_up": "true"}} | ({"packed": True} if mode == "compact" else {})
+    code, output, data = run(built, export(built, mode, 4, tag="-gate-up", **packing), "--kernel", "function")
     assert code == 0, output
     assert "(symmetric; 9 MatMul, 4 packed, 0 embedding; blocks of 32)" in data["reference"]
-    assert data["metrics"]["rel"] < 1e-3
+    assert data["metrics"]["rel"] < 1e-3  # measured 3e-7
+    if mode == "compact":
+        assert data["metrics"]["op_rel"] < 1e-5
+        code, output, bad = run(built, edited_copy(built, "gate-up-lost", scale_b(0.0),
+                                                   export(built, mode, 4, tag="-gate-up", **packing)),
+                                "--kernel", "function")
+        assert code == 1 and bad["metrics"]["rel"] > 0.3, output
 
 
 @needs_builder
