@@ -135,7 +135,10 @@ def test_right_padding_is_chosen_from_the_graph_s_attention(built):
 
 def test_server_answers_from_the_builder_graph(built):
     """`prolora-export serve` on the builder's slot graph, a real process on 127.0.0.1: concurrent
-    completions over both adapters and the base answer what the engine answers offline."""
+    completions over both adapters and the base answer what the engine answers offline; /metrics shows
+    the KV pool and the prefill chunks."""
+    import urllib.request
+
     openai = pytest.importorskip("openai")
     from concurrent.futures import ThreadPoolExecutor
 
@@ -149,9 +152,14 @@ def test_server_answers_from_the_builder_graph(built):
         with ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(lambda job: api.completions.create(
                 model=job[0], prompt=job[1], max_tokens=6, temperature=0).choices[0].text, jobs))
+        metrics = {line.split()[0]: float(line.split()[1]) for line in
+                   urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode().splitlines()
+                   if line.startswith("prolora_kv_pool") or line.startswith("prolora_prefill")}
     finally:
         server.stop()
+    assert metrics["prolora_kv_pool_rows_used"] == 0 and metrics["prolora_kv_pool_rows"] == 16
     eng = engine(built, tokenizer="auto")
+    assert metrics["prolora_kv_pool_bytes"] == eng.pool.nbytes and metrics["prolora_prefill_chunks_total"] >= 1
     for (model, text), answer in zip(jobs, answers, strict=True):
         adapter = None if model == BASE else model
         assert answer == eng.generate([Request(prompt=text, adapter=adapter, max_new_tokens=6)])[0].text, model

@@ -38,7 +38,8 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a row; beyond, 429 with Retry-After.")
 @click.option("--max-cached-tokens", default=32768, show_default=True, type=click.IntRange(1),
-              help="Bound on rows × (prompt + max_tokens) in the KV cache.")
+              help="Bound on rows × (prompt + max_tokens) in the KV cache. On a model builder graph the KV "
+                   "pool, allocated at start: --max-batch rows of max-cached-tokens / max-batch tokens each.")
 @click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(1),
               help="max_tokens of a chat request that gives none (completions: 16, as OpenAI).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads.")

@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..engine import EngineRunner, Event, Request
+from ..engine.pool import KVPool
 from ..errors import PRoLoRAError
 from .protocol import APIError, Call, chunks, completion, error_body, name_problem, parse_call
 
@@ -76,12 +77,14 @@ class Metrics:
             self.recent.popleft()
         return sum(n for _, n in self.recent) / RATE_WINDOW
 
-    def render(self, *, running: int, waiting: int, adapters: list[str]) -> str:
+    def render(self, *, running: int, waiting: int, adapters: list[str], prefill_chunks: int = 0,
+               pool: KVPool | None = None) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
             lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
-            lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+            lines.extend(f"{name}{labels} {value if isinstance(value, int) else f'{value:g}'}"  # bytes: every digit
+                         for labels, value in samples)
 
         metric("prolora_requests_total", "counter", "Completion requests answered, by model and HTTP status.",
                [(f'{{model="{label(m)}",status="{s}"}}', n) for (m, s), n in sorted(self.requests.items())])
@@ -95,6 +98,14 @@ class Metrics:
         metric("prolora_adapters_loaded", "gauge", "Adapters loaded.", [("", len(adapters))])
         metric("prolora_adapter_loaded", "gauge", "1 for each loaded adapter.",
                [(f'{{adapter="{label(a)}"}}', 1) for a in adapters])
+        metric("prolora_prefill_chunks_total", "counter", "Prefill runs (a long prompt takes several chunks).",
+               [("", prefill_chunks)])
+        if pool is not None:
+            metric("prolora_kv_pool_rows", "gauge", "Rows of the KV pool (one per running request).",
+                   [("", pool.rows)])
+            metric("prolora_kv_pool_rows_used", "gauge", "KV pool rows owned by requests.", [("", pool.occupied)])
+            metric("prolora_kv_pool_row_tokens", "gauge", "Positions of one KV pool row.", [("", pool.row_length)])
+            metric("prolora_kv_pool_bytes", "gauge", "Bytes of the KV pool, allocated at start.", [("", pool.nbytes)])
         return "\n".join(lines) + "\n"
 
 
@@ -230,7 +241,8 @@ class Server:
 
     async def render_metrics(self, http: HTTPRequest) -> Response:
         text = self.metrics.render(running=self.started, waiting=self.in_flight - self.started,
-                                   adapters=self.models()[1:])
+                                   adapters=self.models()[1:], prefill_chunks=self.engine.stats.prefill_runs,
+                                   pool=self.engine.pool)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------ completions

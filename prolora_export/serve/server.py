@@ -162,6 +162,11 @@ def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = N
                                     max_connections=max_connections or max_batch + max_queue + SPARE_CONNECTIONS)
             logging.getLogger("uvicorn.error").info("serving %s on http://%s:%d", base_name, host,
                                                     sock.getsockname()[1])
+            if engine.pool is not None:  # its memory, stated up front
+                pool = engine.pool
+                logging.getLogger("uvicorn.error").info(
+                    "KV pool: %d rows of %d tokens, %.0f MiB (--max-batch, --max-cached-tokens)", pool.rows,
+                    pool.row_length, pool.nbytes / 2**20)
             # uvicorn re-raises the signal it stopped on once it has shut down; with SIGTERM's default
             # action the process would die by the signal, so a graceful stop ends with exit 0 instead
             previous = signal.signal(signal.SIGTERM, lambda *_: None)
