@@ -203,3 +203,56 @@ def test_a_group_without_contiguous_free_rows_is_split(built):
         results.update({e.request_id: e.result for e in eng.step() if e.finished})
     assert eng.pool.occupied == 0
     assert_rows_exact(built, [*first, *pair], results)
+
+
+# ---------------------------------------------------------------------- the prefix cache
+
+SYSTEM = prompt(40, 3)  # a shared 40-token prefix: five blocks of 8
+
+
+def ask(adapter: str | None, tail: list[int], max_new: int = 4) -> Request:
+    return Request(prompt_ids=[*SYSTEM, *tail], adapter=adapter, max_new_tokens=max_new, ignore_eos=True,
+                   return_logits=True)
+
+
+@pytest.mark.parametrize("chunk", [2048, 4], ids=["whole", "chunked"])
+def test_a_cached_prefix_is_reused_for_its_adapter_only_and_exactly(built, chunk):
+    """A prompt sharing a 40-token prefix with an earlier one for the same adapter prefills only its
+    own tail, and its logits equal a cold engine's and PyTorch's; the same prefix for another adapter or
+    the base is a miss; unloading the adapter forgets its prefixes (a reload under the same name misses)."""
+    eng = engine(built, prefix_block=8, prefix_cache_tokens=256, max_prefill_tokens=chunk)
+    cold = engine(built, prefix_cache_tokens=0, max_prefill_tokens=chunk)
+    assert cold.prefix is None
+    first = ask("a1", [10, 11, 12])
+    warm, other, base = ask("a1", [20, 21]), ask("a2", [20, 21]), ask(None, [20, 21])
+    results, _ = run_all(eng, [first])
+    assert eng.prefix.hits == 0 and eng.prefix.tokens == 40  # 43 tokens: five full blocks cached
+    runs = eng.stats.prefill_runs
+    results.update(run_all(eng, [warm])[0])
+    assert eng.prefix.hits == 1 and eng.prefix.tokens_reused == 40
+    assert eng.stats.prefill_runs == runs + 1, "only the 2-token tail is prefilled"
+    results.update(run_all(eng, [other, base])[0])
+    assert eng.prefix.hits == 1, "never shared across adapters or with the base"
+    assert_rows_exact(built, [first, warm, other, base], results)
+    again = run_all(cold, [ask("a1", [20, 21])])[0]
+    want = next(iter(again.values())).logits
+    got = results[warm.request_id].logits
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5, "a hit computes what a cold prefill does"
+    eng.unload_adapter("a1")
+    assert not [key for key in eng.prefix.nodes if key[0] == 1], "the unloaded adapter's blocks are dropped"
+    eng.load_adapter("a1", built["root"] / "a1")
+    run_all(eng, [ask("a1", [30, 31])])
+    assert eng.prefix.hits == 1
+
+
+def test_the_prefix_cache_is_bounded(built):
+    """At most prefix_cache_tokens positions stay cached (least recently used leaves go first), and a
+    prefix partly evicted is still reused as far as it is cached."""
+    eng = engine(built, prefix_block=8, prefix_cache_tokens=24)
+    first = ask("a2", [10, 11, 12])
+    results, _ = run_all(eng, [first])
+    assert eng.prefix.tokens == 24  # three of the five blocks: the first three (a leaf goes before its parent)
+    warm = ask("a2", [5, 6])
+    results.update(run_all(eng, [warm])[0])
+    assert eng.prefix.hits == 1 and eng.prefix.tokens_reused == 24 and eng.prefix.tokens <= 24
+    assert_rows_exact(built, [first, warm], results)

@@ -44,6 +44,7 @@ GPT-2's ``n_positions`` count).
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -61,6 +62,7 @@ from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
 from .cache import CopyStats, KVBatch, to_value
 from .pool import KVPool
+from .prefix import Block, PrefixCache
 from .requests import Event, Request, Result
 from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
@@ -91,6 +93,7 @@ class _Sequence:
     listener: Listener | None
     submitted: float
     slot: int = -1
+    owner: int = 0  # its adapter as loaded (0: the base), the prefix cache's key
     row: int = -1  # its KV pool row, if the engine has a pool
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -117,6 +120,7 @@ class _Prefill:
     done: int = 0  # columns prefilled so far
     past: dict | None = None  # presents of the columns done
     row: int | None = None  # first of its KV pool rows, once taken
+    prefix: list[Block] = field(default_factory=list)  # cached blocks restored into its row (one row)
 
     @classmethod
     def of(cls, seqs: list[_Sequence], right_padded: bool) -> _Prefill:
@@ -191,7 +195,9 @@ class Engine:
     folder's tokenizer when it has one (text prompts, chat messages, stop strings need it); None
     for token ids only. ``provider``/``threads`` go to :func:`prolora_export.runtime.inference_session`.
     ``kv_pool``: run on a :class:`~.pool.KVPool` where the graph allows it (the model builder's graphs
-    on the CPU); False keeps the batch cache (to compare the two).
+    on the CPU); False keeps the batch cache (to compare the two). On a pool, prompts' blocks of
+    ``prefix_block`` tokens are kept in a :class:`~.prefix.PrefixCache` of at most
+    ``prefix_cache_tokens`` positions (0: none), per adapter.
     """
 
     def __init__(
@@ -206,6 +212,8 @@ class Engine:
         threads: int | None = None,
         tokenizer="auto",
         kv_pool: bool = True,
+        prefix_cache_tokens: int = 4096,
+        prefix_block: int = 32,
     ):
         if max_batch < 1 or max_cached_tokens < 1 or max_prefill_tokens < 1:
             raise PRoLoRAError("max_batch, max_cached_tokens and max_prefill_tokens must be ≥ 1")
@@ -246,6 +254,12 @@ class Engine:
                 raise PRoLoRAError(f"max_cached_tokens {max_cached_tokens} leaves rows of {row_length} positions for "
                                    f"max_batch {max_batch}; give at least 2 per row")
             self.pool = KVPool(self.past_names, max_batch, row_length, *self.kv_shape, self.kv_dtype)
+        if prefix_cache_tokens < 0 or prefix_block < 1:
+            raise PRoLoRAError("prefix_cache_tokens must be ≥ 0 and prefix_block ≥ 1")
+        self.prefix = (PrefixCache(prefix_block, prefix_cache_tokens)
+                       if self.pool is not None and prefix_cache_tokens >= prefix_block else None)
+        self._owners: dict[str, int] = {}  # adapter name -> the number of its load (prefix cache owner)
+        self._owner_numbers = itertools.count(1)
         self.vocab_size = int(text.vocab_size)
         self.tokenizer = self._tokenizer(tokenizer)
         self.eos_ids = self._eos_ids(getattr(text, "eos_token_id", None))
@@ -310,7 +324,9 @@ class Engine:
             if name in self._unloading:
                 raise PRoLoRAError(f"adapter {name!r} is being unloaded while rows still use it; load it "
                                    "under another name or wait for them")
-            return self.slots.place(name, arrays)
+            slot = self.slots.place(name, arrays)
+            self._owners[name] = next(self._owner_numbers)
+            return slot
 
     def unload_adapter(self, name: str) -> None:
         """Unload an adapter: new requests for it are refused at once; rows running with it finish
@@ -322,11 +338,16 @@ class Engine:
             self._finish_unloads()
 
     def _finish_unloads(self) -> None:
-        """Free the slots of unloaded adapters that no running row reads any more."""
-        busy = {s.request.adapter for s in self._running}
+        """Free the slots of unloaded adapters that no running or prefilling row reads any more (and
+        forget their cached prefixes)."""
+        prefilling = [s for group in self._prefills for s in group.seqs if not s.finished]
+        busy = {s.request.adapter for s in [*self._running, *prefilling, *self._joining]}
         for name in sorted(self._unloading - busy):
             self.slots.unload(name)
             self._unloading.discard(name)
+            owner = self._owners.pop(name)
+            if self.prefix is not None:
+                self.prefix.drop(owner)
 
     # ------------------------------------------------------------------ requests
 
@@ -516,6 +537,7 @@ class Engine:
                 break
             longest = max(longest, seq.final_length)
             seq.slot = -1 if seq.request.adapter is None else self.slots.slot_of[seq.request.adapter]
+            seq.owner = 0 if seq.request.adapter is None else self._owners[seq.request.adapter]
             joiners.append(self._waiting.popleft())
 
     # ------------------------------------------------------------------ running the graph
@@ -613,9 +635,19 @@ class Engine:
     def _groups(self, joiners: list[_Sequence]) -> list[_Prefill]:
         """The joiners in prefill groups of similar prompt length (padding wastes compute), shortest
         first (their first tokens come soonest); a group of several rows fits one run, and a group of
-        one may take several chunks."""
+        one may take several chunks. A prompt with a cached prefix goes first, alone, from its end."""
         groups: list[list[_Sequence]] = []
-        for seq in sorted(joiners, key=lambda s: len(s.prompt_ids)):
+        hits: list[_Prefill] = []
+        cold: list[_Sequence] = []
+        for seq in joiners:
+            blocks = self.prefix.match(seq.owner, seq.prompt_ids) if self.prefix is not None else []
+            if not blocks:
+                cold.append(seq)
+                continue
+            hit = _Prefill.of([seq], True)  # prefilled alone, from the end of its cached prefix
+            hit.prefix, hit.done = blocks, len(blocks) * self.prefix.block
+            hits.append(hit)
+        for seq in sorted(cold, key=lambda s: len(s.prompt_ids)):
             group = groups[-1] if groups else None
             padded = (len(group) + 1) * len(seq.prompt_ids) if group else 0
             real = sum(len(s.prompt_ids) for s in group or []) + len(seq.prompt_ids)
@@ -623,7 +655,7 @@ class Engine:
                 group.append(seq)
             else:
                 groups.append([seq])
-        return [_Prefill.of(group, self.right_padded) for group in groups]
+        return hits + [_Prefill.of(group, self.right_padded) for group in groups]
 
     def _prefill_chunk(self, events: list[Event]) -> tuple[KVBatch, list[int]] | None:
         """One run of the first prefill group: its next columns, at most ``max_prefill_tokens`` tokens
@@ -657,6 +689,9 @@ class Engine:
         self.stats.prefill_runs += 1
         if stop < group.width:
             return None
+        if self.prefix is not None:
+            for offset, seq in enumerate(group.seqs):
+                self.prefix.insert(seq.owner, seq.prompt_ids, self.pool, group.row + offset)
         self._prefills.popleft()
         self.stats.prefills += 1
         alive = [row for row, seq in enumerate(group.seqs)
@@ -682,6 +717,8 @@ class Engine:
                 start = self.pool.allocate(1)
             group.row = start
             group.past = self.pool.view(start, start + len(group.seqs))
+            if group.prefix:
+                self.pool.lengths[start] = self.prefix.restore(group.prefix, self.pool, start)
             for offset, seq in enumerate(group.seqs):
                 seq.row = start + offset
         return group
