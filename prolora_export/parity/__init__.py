@@ -100,6 +100,7 @@ import torch
 from ..errors import PRoLoRAError
 from ..formats.reference import ReadOptions
 from ..models import load_config, resolve_model
+from ..onnx.graph import is_builder_graph
 from ..onnx.quantize import quantized_bits
 from ..runtime import inference_session, require_provider
 from .metrics import GATES, PRESETS, PromptResult, Tolerance, compare, judge, parse_tolerance
@@ -124,7 +125,6 @@ from .runners import (
     _read_onnx,
     adapter_nodes,
     check_comparable,
-    is_builder_graph,
     judged_kernels,
     localize,
     onnx_task,

@@ -71,13 +71,6 @@ def _folder_config(folder: Path):
         raise PRoLoRAError(f"no readable config.json ({str(err).strip().splitlines()[0][:200]})", str(folder)) from None
 
 
-def is_builder_graph(graph) -> bool:
-    """Whether ONNX Runtime GenAI's model builder wrote the graph: its attention is one
-    ``com.microsoft::GroupQueryAttention`` node per layer (optimum traces attention into plain ops), over a
-    past/present buffer and an attention mask without position_ids, which optimum's ORTModel cannot feed."""
-    return any(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in graph.node)
-
-
 def check_comparable(base_config, onnx_config, base: str, folder: Path) -> None:
     """One clear line, before any loading, when the base and the ONNX folder cannot be compared at all."""
     for config, where in ((base_config, base), (onnx_config, str(folder))):
