@@ -24,7 +24,7 @@ TF5    := .venv-tf5
 CORE_TESTS := tests/test_api.py tests/test_cli_core.py tests/test_convert.py tests/test_data.py \
 	tests/test_formats.py tests/test_interrupt.py tests/test_layer.py tests/test_merge.py \
 	tests/test_outputs.py tests/test_shards.py tests/test_train.py tests/test_graph_builder.py tests/test_parity_builder.py \
-	tests/test_engine_builder.py tests/test_graph_packed.py \
+	tests/test_engine_builder.py tests/test_graph_packed.py tests/test_graph_architectures.py \
 	tests/test_parity_builder_quantized.py tests/test_builder_fp16.py
 
 $(VENV)/.installed: setup.cfg pyproject.toml

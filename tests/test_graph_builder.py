@@ -8,15 +8,18 @@ versions, architectures and folders run everywhere.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from builder_helpers import HYPER as BUILDER_HYPER
+from builder_helpers import IDS, assert_close, builder_usable, needs_builder, torch_logits
+from builder_helpers import decode_logits as builder_decode_logits
 from click.testing import CliRunner
 from conftest import LLAMA_TARGETS, make_adapter, tiny_llama
 from test_data import tiny_tokenizer
@@ -43,21 +46,9 @@ from prolora_export.onnx.graph.splice import build_compact, splice_folder
 from prolora_export.onnx.slots import SLOT_DIM
 from prolora_export.runtime import inference_session
 
-
-def _builder_usable() -> bool:
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return importlib.util.find_spec("onnxruntime_genai") is not None and major >= 5
-
-
-needs_builder = pytest.mark.skipif(not _builder_usable(), reason="needs onnxruntime-genai and transformers >= 5")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-#: PRoLoRA hyperparameters whose chunks truncate at these sizes (96/5, 100/5, 32/3, 96/3 …)
-HYPER = {"r": 6, "unshared_r": 1, "sharing_rate_a": 5, "sharing_rate_b": 3, "target_modules": LLAMA_TARGETS}
-IDS = np.array([[5, 9, 12, 3, 40, 7, 8, 21]], dtype=np.int64)
-PROMPT = 5  # tokens prefilled; the rest are decoded one by one through the KV cache
+HYPER = {**BUILDER_HYPER, "target_modules": LLAMA_TARGETS}
 #: head size 32: the builder's CPU GroupQueryAttention wants multiples of 16 (the shared tiny Llama has 24)
 SIZES = {"hidden_size": 96, "intermediate_size": 100, "num_hidden_layers": 2, "num_attention_heads": 3,
          "num_key_value_heads": 1, "vocab_size": 128, "max_position_embeddings": 256, "tie_word_embeddings": False}
@@ -76,7 +67,7 @@ def tiny_decoder(family: str, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def built(request, tmp_path_factory) -> dict:
     """A tiny model's folder, its builder graph, two adapters and the PyTorch models with them."""
-    if not _builder_usable():
+    if not builder_usable():
         pytest.skip("needs onnxruntime-genai and transformers >= 5")
     family = request.param
     root = tmp_path_factory.mktemp(f"builder-{family}")
@@ -101,35 +92,7 @@ def spliced_copy(built: dict, name: str, **options) -> Path:
     return folder
 
 
-def decode_logits(session, ids: np.ndarray, options=None, extra: dict | None = None) -> np.ndarray:
-    """Logits of every position: the first :data:`PROMPT` tokens in one call, then one token per call
-    with the previous call's present fed back as past (no position_ids: the builder's graph takes
-    positions from attention_mask)."""
-    batch = ids.shape[0]
-    head = SIZES["hidden_size"] // SIZES["num_attention_heads"]
-    past = {i.name: np.zeros((batch, SIZES["num_key_value_heads"], 0, head), np.float32)
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
-    names = [o.name for o in session.get_outputs()]
-    logits, start = [], 0
-    for end in [PROMPT, *range(PROMPT + 1, ids.shape[1] + 1)]:
-        feeds = {"input_ids": ids[:, start:end], "attention_mask": np.ones((batch, end), np.int64), **past,
-                 **(extra or {})}
-        out = dict(zip(names, session.run(None, feeds, options), strict=True))
-        past = {n.replace("present.", "past_key_values."): v for n, v in out.items() if n.startswith("present.")}
-        logits.append(out["logits"])
-        start = end
-    return np.concatenate(logits, axis=1)
-
-
-def torch_logits(model: torch.nn.Module, ids: np.ndarray = IDS) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(ids)).logits.numpy()
-
-
-def assert_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-4) -> None:
-    assert got.shape == want.shape
-    err = float(np.abs(got - want).max() / np.abs(want).max())
-    assert err <= rel, f"relative difference {err:.2e} > {rel}"
+decode_logits = partial(builder_decode_logits, head_size=SIZES["hidden_size"] // SIZES["num_attention_heads"])
 
 
 # ---------------------------------------------------------------------- the builder's graph
@@ -535,9 +498,11 @@ def test_cli_builder_route_refuses_what_it_does_not_do_in_one_line(built, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_graph_choice_follows_the_environment_and_the_architecture(tmp_path):
+def test_graph_choice_follows_the_environment_and_the_architecture(tmp_path, monkeypatch):
+    # optimum installed or not (the refusal when neither route is open: tests/test_graph_architectures.py)
+    monkeypatch.setattr("prolora_export.onnx.graph.builder.optimum_installed", lambda: True)
     llama = tmp_path / "llama"
-    tiny_llama().save_pretrained(llama)
+    tiny_decoder("llama").save_pretrained(llama)  # head size 32 (tiny_llama's 24 does not run on the CPU)
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
@@ -545,7 +510,7 @@ def test_graph_choice_follows_the_environment_and_the_architecture(tmp_path):
     assert choose_graph("optimum", llama) == "optimum"
     assert choose_graph("auto", bert) == "optimum"
     assert choose_graph("auto", llama, "text-classification") == "optimum"
-    if _builder_usable():
+    if builder_usable():
         assert choose_graph("auto", llama) == "builder" and choose_graph("builder", llama) == "builder"
         with pytest.raises(PRoLoRAError, match=r"--graph builder: .*architecture BertModel has no model-builder"):
             choose_graph("builder", bert)

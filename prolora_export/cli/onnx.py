@@ -81,7 +81,7 @@ def command(base, adapter, mode, out, graph, task, dtype, device, opset, default
         "int8_modules": (quantize == "int4", "--quantize int4"),
         "default_adapter": (mode == "compact" and not slots, "--mode compact without --slots"),
     })
-    if choose_graph(graph, base, task) == "builder":
+    if choose_graph(graph, base, task, device) == "builder":
         refuse_inapplicable({name: (False, "--graph optimum") for name in ("opset", "validate", "int8_modules")})
         export_with_builder(base, list(adapter), out, mode=mode, dtype=dtype, device=device,
                             default_adapter=default_adapter, op_body=op_body, slots=slots, quantize=quantize,

@@ -12,12 +12,16 @@ ends. Its failures come back as one line (:func:`_last_error`).
 
 The splice (:mod:`.splice`) depends on the builder's node names, inputs and packing, so only
 the versions in :data:`BUILDER_VERSIONS` and the architectures in :data:`ARCHITECTURES` (those
-whose graphs the tests check) are accepted.
+whose graphs tests/test_graph_builder.py and tests/test_graph_architectures.py check against
+PyTorch) are accepted, and on the CPU only head sizes its GroupQueryAttention runs
+(:data:`CPU_HEAD_SIZE_MULTIPLE`).
 
-Options passed to the builder (``--extra_options``): ``fuse_qkv=false`` for graphs to splice
-(:data:`UNPACKED_QKV`), and for ``-p int4``/``-p int8`` ``block_size`` and ``accuracy_level``
-(:func:`quantization_options`). Everything else is the builder's default: symmetric weight-only
-MatMulNBits (``algo_config=default``) of every MatMul, the embedding and norms float.
+Options passed to the builder (``--extra_options``): a full-length KV cache on every layer
+(:data:`FULL_KV_CACHE`); for graphs to splice, the packing that gives one MatMul per Hugging Face
+projection module (:data:`ARCHITECTURES`); for ``-p int4``/``-p int8`` ``block_size`` and
+``accuracy_level`` (:func:`quantization_options`). Everything else is the builder's default:
+symmetric weight-only MatMulNBits (``algo_config=default``) of every MatMul, the embedding and
+norms float.
 
 Merged mode (:func:`build_merged`) is the builder on our streaming merge's output, and
 :func:`choose_graph` is ``onnx --graph``: which decoders take this route, which stay with optimum.
@@ -25,6 +29,7 @@ Merged mode (:func:`build_merged`) is the builder on our streaming merge's outpu
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import shutil
@@ -47,21 +52,67 @@ if TYPE_CHECKING:  # onnx is imported where graphs are read, not for the CLI's r
 
 BUILDER_PACKAGE = "onnxruntime-genai"
 BUILDER_MODULE = "onnxruntime_genai.models.builder"
+#: the distribution of the optimum route's exporter (the ``onnx`` extra)
+OPTIMUM_PACKAGE = "optimum-onnx"
 #: builder versions whose graphs the splice is tested against: [first, last) as (major, minor)
 BUILDER_VERSIONS = ((0, 18), (0, 19))
 #: the builder imports transformers-5-only model classes at import time
 MIN_TRANSFORMERS = (5, 0)
-#: config.json ``architectures[0]`` values whose builder graphs name projections as the splice expects
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: precisions whose projections the builder writes as ``com.microsoft::MatMulNBits`` (weight-only, blockwise)
 QUANTIZED_PRECISIONS = {"int4": 4, "int8": 8}
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 #: files the builder's tokenizer step reads (it loads the tokenizer before anything else)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-#: the builder's extra option that keeps Q, K and V as three MatMuls (what the splice needs; 0.18 spells it
-#: ``fuse_qkv``, its older ``disable_qkv_fusion`` is a deprecated alias)
+#: the builder's extra option that keeps Q, K and V as three MatMuls, one per ``q_proj``/``k_proj``/``v_proj``
+#: module (0.18 spells it ``fuse_qkv``, its older ``disable_qkv_fusion`` is a deprecated alias)
 UNPACKED_QKV = {"fuse_qkv": "false"}
+#: the builder's extra option that writes gate and up as one ``…/mlp/gate_up_proj/MatMul`` (then a Split)
+FUSED_GATE_UP = {"fuse_mlp_gate_up": "true"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What differs in the builder's graph of one architecture, for the splice: the projections its Hugging
+    Face model packs itself (Phi-3's ``qkv_proj`` = [Q|K|V], ``gate_up_proj`` = [gate|up]). The builder
+    splits those to build, and packs them again in the same order into ``…/attn/qkv_proj/MatMul`` (its
+    default) and ``…/mlp/gate_up_proj/MatMul`` (:data:`FUSED_GATE_UP`): one MatMul per module again."""
+
+    packs_qkv: bool = False
+    packs_gate_up: bool = False
+
+    def options(self, packed: bool) -> dict[str, str]:
+        """The builder's options for a graph with the builder's own packing (``packed``) or with one MatMul
+        per Hugging Face projection module (what the splice needs); the model's own packs stay packed."""
+        return {**({} if packed or self.packs_qkv else UNPACKED_QKV), **(FUSED_GATE_UP if self.packs_gate_up else {})}
+
+
+#: config.json ``architectures[0]`` → what differs in its builder graph. In each, the builder names the
+#: projection of module ``model.layers.N.{self_attn|mlp}.X`` ``/model/layers.N/{attn|mlp}/X/MatMul``
+#: (:func:`projection_node_name`); what else differs between them (Gemma's scaled embedding and 1 + w norms,
+#: Gemma-2's soft-capping and sliding window, Granite's multipliers, Qwen-3's Q/K norms) lies outside the
+#: projections the splice touches. Not here: OLMo-2 (no builder path in 0.18); OLMo: the builder writes its
+#: weightless LayerNorms as RMSNorms (``SimplifiedLayerNormalization``, no mean subtracted), so its graph is
+#: not the model (logits 14 % off on a tiny random OLMo), adapter or not; SmolLM3: the builder fails
+#: (``KeyError: 'position_ids'``) on its layers without RoPE, every 4th in the released models.
+ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(),  # SmolLM and SmolLM2 too
+    "MistralForCausalLM": Architecture(),
+    "Qwen2ForCausalLM": Architecture(),
+    "Qwen3ForCausalLM": Architecture(),
+    "Phi3ForCausalLM": Architecture(packs_qkv=True, packs_gate_up=True),
+    "GemmaForCausalLM": Architecture(),
+    "Gemma2ForCausalLM": Architecture(),
+    "GraniteForCausalLM": Architecture(),
+}
+#: every run: a full-length KV cache on every layer. The builder's default gives sliding-window layers
+#: (Gemma-2's) a window-sized ring buffer that only onnxruntime-genai's cache manager feeds; parity's loop
+#: and the engine grow the past by concatenation (an empty past fails: "KV cache capacity (0) must be at
+#: least local_window_size"). Without sliding-window layers the option changes nothing.
+FULL_KV_CACHE = {"windowed_kv_cache": "false"}
+#: ONNX Runtime's CPU GroupQueryAttention runs head sizes that are multiples of this, and fails others at
+#: run time ("head_size shall be a multiple of 16"), after the builder has written a graph without complaint
+CPU_HEAD_SIZE_MULTIPLE = 16
 #: an adapted module path the builder's graph has a projection for (:func:`projection_node_name`)
 MODULE_PATH = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$")
 #: the builder's block names for the Hugging Face module names
@@ -171,20 +222,27 @@ def check_versions(versions: dict[str, str | None], where: str | None = None) ->
     return builder
 
 
-def model_architecture(hf_dir: Path) -> str:
-    """The folder's ``architectures[0]``, refused unless the splice knows its builder graph."""
+def check_model(hf_dir: Path, execution_provider: str = "cpu") -> str:
+    """The folder's ``architectures[0]``, refused unless the splice knows its builder graph, or where
+    the graph would not run: on the CPU, a head size that is not a multiple of :data:`CPU_HEAD_SIZE_MULTIPLE`
+    (``head_dim``, else ``hidden_size / num_attention_heads``, as the builder reads it)."""
     config = hf_dir / "config.json"
     if not config.is_file():
         raise PRoLoRAError("not a Hugging Face model folder (no config.json)", str(hf_dir))
     try:
-        names = json.loads(config.read_text()).get("architectures") or []
+        values = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PRoLoRAError(f"config.json is not valid JSON ({err})", str(hf_dir)) from None
-    name = names[0] if names else "(none)"
-    if name not in ARCHITECTURES:
-        raise PRoLoRAError(f"architecture {name} has no model-builder route (supported: {', '.join(ARCHITECTURES)})",
-                           str(hf_dir))
-    return name
+    values = values if isinstance(values, dict) else {}
+    names = values.get("architectures") or ["(none)"]
+    if names[0] not in ARCHITECTURES:
+        raise PRoLoRAError(f"architecture {names[0]} has no model-builder route (supported: "
+                           f"{', '.join(ARCHITECTURES)})", str(hf_dir))
+    head = values.get("head_dim") or (values.get("hidden_size") or 0) // (values.get("num_attention_heads") or 1)
+    if execution_provider == "cpu" and head % CPU_HEAD_SIZE_MULTIPLE:
+        raise PRoLoRAError(f"head size {head}: ONNX Runtime's CPU GroupQueryAttention, which the model builder's "
+                           f"graph uses, needs a multiple of {CPU_HEAD_SIZE_MULTIPLE}", str(hf_dir))
+    return names[0]
 
 
 #: ``onnx --graph`` choices: who writes the decoder graph
@@ -200,31 +258,46 @@ def local_model_dir(base: str | Path) -> Path:
     return _local_base(base)
 
 
-def builder_route_problem(base: str | Path, task: str = "auto") -> str | None:
+def builder_route_problem(base: str | Path, task: str = "auto", execution_provider: str = "cpu") -> str | None:
     """Why ``base`` has no model-builder route in this environment (None: it has one): a task other than
-    a decoder with its KV cache, no builder of a tested version or no transformers 5 here, or an
-    architecture outside :data:`ARCHITECTURES`."""
+    a decoder with its KV cache, no builder of a tested version or no transformers 5 here, or a model
+    :func:`check_model` refuses."""
     if task not in BUILDER_TASKS:
         return f"the model builder writes decoders with their KV cache (--task {task} is optimum's)"
     try:
         check_versions(installed_versions())
-        model_architecture(local_model_dir(base))
+        check_model(local_model_dir(base), execution_provider)
     except PRoLoRAError as err:
         return str(err)
     return None
 
 
-def choose_graph(graph: str, base: str | Path, task: str = "auto") -> str:
+def optimum_installed() -> bool:
+    """Whether optimum's ONNX exporter is installed here (read from package metadata: nothing imported)."""
+    try:
+        importlib.metadata.version(OPTIMUM_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def choose_graph(graph: str, base: str | Path, task: str = "auto", execution_provider: str = "cpu") -> str:
     """``builder`` or ``optimum`` for ``onnx --graph``: ``auto`` takes the builder wherever
-    :func:`builder_route_problem` finds none, else optimum; ``builder`` refuses in one line where it has one."""
+    :func:`builder_route_problem` finds none, else optimum where it is installed, else refuses saying why
+    neither route is open; ``builder`` refuses in one line where it has a problem."""
     if graph not in GRAPHS:
         raise PRoLoRAError(f"unknown graph '{graph}' (expected one of: {', '.join(GRAPHS)})")
     if graph == "optimum":
         return graph
-    problem = builder_route_problem(base, task)
-    if problem is not None and graph == "builder":
+    problem = builder_route_problem(base, task, execution_provider)
+    if problem is None:
+        return "builder"
+    if graph == "builder":
         raise PRoLoRAError(f"--graph builder: {problem}")
-    return "optimum" if problem else "builder"
+    if not optimum_installed():
+        raise PRoLoRAError(f"no ONNX route here: optimum is not installed (pip install 'prolora-export[onnx]', "
+                           f"transformers < 4.58) and the model builder has none ({problem})")
+    return "optimum"
 
 
 def quantization_options(precision: str, block_size: int | None, accuracy_level: int | None) -> dict[str, str]:
@@ -258,8 +331,9 @@ def run_builder(
 ) -> BaseGraph:
     """Build the base graph of ``hf_dir`` into the existing folder ``out`` (no atomicity: see
     :func:`build_base_graph`), with the model's side files (config.json, generation config …) that
-    the builder does not copy but the rest of the toolchain reads. ``packed``: keep the builder's one
-    Q/K/V MatMul (the splice needs them apart); ``block_size``/``accuracy_level``: int4/int8 only
+    the builder does not copy but the rest of the toolchain reads. ``packed``: the builder's own packing
+    (one Q/K/V MatMul); else one MatMul per Hugging Face projection module (:meth:`Architecture.options`);
+    ``block_size``/``accuracy_level``: int4/int8 only
     (:func:`quantization_options`); ``extra_options``: passed to the builder as ``KEY=VALUE``;
     ``python``: the interpreter whose environment has the builder (default: this one)."""
     hf_dir, out = Path(hf_dir), Path(out)
@@ -272,12 +346,13 @@ def run_builder(
     if problems:
         raise PRoLoRAError(problems)
     quantization = quantization_options(precision, block_size, accuracy_level)
-    architecture = model_architecture(hf_dir)
+    architecture = check_model(hf_dir, execution_provider)
     if not any((hf_dir / name).is_file() for name in TOKENIZER_FILES):
         raise PRoLoRAError("the model builder needs the model's tokenizer files in the folder "
                            f"(one of {', '.join(TOKENIZER_FILES)})", str(hf_dir))
     version = check_versions(installed_versions(python), python)
-    options = {**({} if packed else UNPACKED_QKV), **quantization, **(extra_options or {})}
+    options = {**FULL_KV_CACHE, **ARCHITECTURES[architecture].options(packed), **quantization,
+               **(extra_options or {})}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="builder-cache-") as scratch:
         command = [python or sys.executable, "-m", BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out),
