@@ -28,6 +28,7 @@ from prolora_export.inject import adapter_state_dict, inject_adapter
 from prolora_export.models import load_base_model, resolve_model
 from prolora_export.onnx.adapters import export_onnx_adapter
 from prolora_export.onnx.export import export_onnx
+from prolora_export.onnx.genai import genai_model
 
 
 def random_adapters(base: str, work: Path, count: int = 2) -> list[Path]:
@@ -58,7 +59,7 @@ def main() -> None:
     graph = work / "compact"
     print(export_onnx(args.base, adapters[0], graph, mode="compact", default_adapter="zero", force=True).summary())
 
-    model = og.Model(str(graph))
+    model = genai_model(graph)  # og.Model, with the native RotatedShardLoRA kernel when it was built
     tokenizer = og.Tokenizer(model)
     loaded = og.Adapters(model)
     for i, adapter in enumerate(adapters):

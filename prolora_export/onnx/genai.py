@@ -224,6 +224,22 @@ def fit_builder_config(folder: Path, slots: bool) -> str:
     return "; ".join(["genai_config.json from the model builder", *filter(None, [rewrite_tokenizer(folder)])])
 
 
+def genai_model(folder: str | Path, kernel: str = "auto"):
+    """``onnxruntime_genai.Model`` of an export folder, with our native ``RotatedShardLoRA`` kernel
+    registered for its session when :func:`~prolora_export.runtime.kernel_library` says so (``auto``: when
+    it was built; ``function``: never, the graph's function body runs). The library is named at run time
+    (``og.Config.overlay``), not in the folder's genai_config.json, which stays portable."""
+    import onnxruntime_genai as og
+
+    from ..runtime import kernel_library
+
+    config = og.Config(str(folder))
+    library = kernel_library("cpu", kernel)
+    if library is not None:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"custom_ops_library": str(library)}}}}))
+    return og.Model(config)
+
+
 def genai_greedy(model, prompt_ids: list[int], max_new_tokens: int,
                  adapter: tuple[Any, str] | None = None) -> list[int]:
     """Greedy continuation of ``prompt_ids`` by an ``onnxruntime_genai.Model``, with ``adapter``

@@ -295,7 +295,7 @@ def check_genai_parity(base: str, adapter: str | Path, onnx_dir: str | Path, pro
     import onnxruntime_genai as og
 
     from ..onnx.adapters import export_onnx_adapter, read_record
-    from ..onnx.genai import genai_greedy
+    from ..onnx.genai import genai_greedy, genai_model
 
     folder = Path(onnx_dir)
     if not (folder / "genai_config.json").is_file():
@@ -325,7 +325,7 @@ def check_genai_parity(base: str, adapter: str | Path, onnx_dir: str | Path, pro
             tokens = reference.generate(**inputs, generation_config=config)[0, inputs["input_ids"].shape[1]:].tolist()
         return list(itertools.takewhile(lambda t: t not in stops, tokens))
 
-    model = og.Model(str(folder))
+    model = genai_model(folder)  # the native kernel registered where it was built, as users run it
     runs: dict[str, tuple[Any, bool]] = {"graph defaults": (None, defaults == "zero")}
     with tempfile.TemporaryDirectory(prefix="prolora-genai-") as scratch:
         if defaults is not None:
