@@ -4,6 +4,10 @@ per loaded adapter. Writes bench/ENGINE.md and bench/engine.json.
 
     python bench/bench_engine.py [--quick] [--markdown-only]
 
+Every export is written by the CLI of the environment that has its route (:mod:`envs`: optimum's
+graphs by the transformers-4.57 venv, the builder's by the transformers-5 one), so the bench runs in
+either.
+
 Demo model (SmolLM2-135M, fp32, ORT CPU, intra-op threads 2). Eight random adapters of one
 geometry (r=8, u=1, m=n=2, the seven projections of every block; small random values). 32 chat
 requests, four per adapter, all arriving at t=0, greedy, end-of-sequence ignored, each with its
@@ -12,6 +16,10 @@ own max_new_tokens (12…36, mean 24), the same in every option:
 (a) the engine (``prolora_export.engine``) on the ``--slots`` export: continuous batching,
     max_batch 16, rows of different adapters in one batch;
 (a1) the same engine with all 32 requests on one adapter (the goal's reference);
+(a2) the same engine on the model builder's ``--slots`` graph (``onnx --graph builder``: fused
+    attention, rows right-padded, no position_ids) and its KV pool (rows written in place), when an
+    environment of the project has the builder (:mod:`envs`); (a3) the same on the batch cache
+    (``kv_pool=False``: the graph extends the cache every step, rows copied when they join or leave);
 (b) the single-adapter compact graph (``--default-adapter zero``): the requests grouped by adapter,
     one static batch of 4 per adapter, its ONNX Runtime adapter file active for that group's runs
     (prefill, then decode until the group's longest request is done; the cache is kept as
@@ -26,6 +34,11 @@ is measured apart: one decode call of the slot graph at 4 and 16 rows, and of th
 at 4 rows (interleaved, medians): batching 16 rows instead of 4 can at best raise tokens/s by
 16·t(4) / (4·t(16)). Resident memory: RSS of an engine with 1, 8 and 64
 adapters loaded (in-memory random adapters; malloc_trim before each reading).
+
+On the builder's graph also: one stream alone (its inter-token latency against one bare decode call of
+the graph at the same length), and the prefix cache: time to first token of a request whose 500-token
+system prompt was never seen (cold) and of the next one with the same system prompt and adapter (warm),
+medians of 3 pairs, each pair with a new system prompt.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +61,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import psutil
 import torch
+from transformers import AutoConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -54,15 +69,20 @@ sys.path.insert(0, str(HERE))
 
 import quiet  # noqa: E402
 from bench_onnx import random_adapter  # noqa: E402
+from envs import cli_for  # noqa: E402
 
 from prolora_export.engine import Engine, Request  # noqa: E402
 from prolora_export.formats.prolora import Adapter, save_adapter  # noqa: E402
-from prolora_export.models import ensure_demo_model  # noqa: E402
+from prolora_export.models import ensure_demo_model, kv_cache_shape  # noqa: E402
 from prolora_export.onnx.adapters import export_onnx_adapter, load_onnx_adapter, run_options  # noqa: E402
-from prolora_export.onnx.export import export_onnx  # noqa: E402
 from prolora_export.runtime import inference_session, kernel_library, session_options  # noqa: E402
 
 THREADS = 2
+#: export name -> (route, CLI flags)
+EXPORTS = {"slots": ("optimum", ["--mode", "compact", "--slots"]),
+           "compact": ("optimum", ["--mode", "compact", "--default-adapter", "zero"]),
+           "merged": ("optimum", ["--mode", "merged"]),
+           "slots_builder": ("builder", ["--mode", "compact", "--slots"])}
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 2}
 ADAPTERS = 8
 REQUESTS = 32
@@ -184,15 +204,18 @@ def run_grouped(runner: StaticBatch, work: list[dict], options_for) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "ttft": ttft}
 
 
-def decode_step_ms(session, batch: int, past: int, calls: int, slots: int = 0, options=None) -> float:
-    """Median ms of one decode call at ``batch`` rows after ``past`` cached tokens (random cache)."""
+def decode_step_ms(session, batch: int, past: int, calls: int, slots: int = 0, options=None, config=None) -> float:
+    """Median ms of one decode call at ``batch`` rows after ``past`` cached tokens (random cache; ``config``
+    sizes what a builder graph leaves symbolic)."""
     inputs = {i.name: i for i in session.get_inputs()}
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 1000, (batch, 1)), "attention_mask": np.ones((batch, past + 1), np.int64),
-             "position_ids": np.full((batch, 1), past, np.int64)}
+    feeds = {"input_ids": rng.integers(0, 1000, (batch, 1)), "attention_mask": np.ones((batch, past + 1), np.int64)}
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.full((batch, 1), past, np.int64)
     for name, inp in inputs.items():
         if name.startswith("past_key_values"):
-            feeds[name] = rng.standard_normal((batch, inp.shape[1], past, inp.shape[3])).astype(np.float32)
+            heads, size = (inp.shape[1], inp.shape[3]) if isinstance(inp.shape[3], int) else kv_cache_shape(config)
+            feeds[name] = rng.standard_normal((batch, heads, past, size)).astype(np.float32)
         elif inp.shape and inp.shape[0] == "slots":
             feeds[name] = rng.standard_normal((slots, *inp.shape[1:])).astype(np.float32) * 0.02
     if "adapter_index" in inputs:
@@ -203,6 +226,75 @@ def decode_step_ms(session, batch: int, past: int, calls: int, slots: int = 0, o
         session.run(["logits"], feeds, options)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[1:])
+
+
+def single_stream(engine: Engine, ids: list[int], tokens: int, adapter: str) -> dict:
+    """One request alone: its inter-token latency, and one bare decode call of the graph at batch 1 and
+    the request's mean length (the same rows, slots and threads; interleaved, medians of 3)."""
+    itl, bare = [], []
+    config = AutoConfig.from_pretrained(engine.folder)
+    for _ in range(3):
+        result = engine.generate([Request(prompt_ids=ids, adapter=adapter, max_new_tokens=tokens, ignore_eos=True)])[0]
+        itl.append((result.seconds - result.time_to_first_token) / (tokens - 1))
+        bare.append(decode_step_ms(engine.session, 1, len(ids) + tokens // 2, tokens, ADAPTERS, None, config) / 1000)
+    return {"itl_ms": 1000 * statistics.median(itl), "bare_ms": 1000 * statistics.median(bare),
+            "ratio": statistics.median(itl) / statistics.median(bare)}
+
+
+def prefix_ttft(engine: Engine, tokenizer, adapter: str) -> dict:
+    """TTFT of a request with a new 500-token system prompt (cold) and of the next one with the same
+    system prompt and adapter (warm); medians of 3 pairs."""
+    cold, warm = [], []
+    for pair in range(3):
+        text = " ".join(f"{TOPICS[(pair + k) % len(TOPICS)]}{k}" for k in range(400))
+        system = tokenizer(text).input_ids[:500]
+        for times, question in ((cold, "Who are you?"), (warm, "What is this about?")):
+            ids = system + tokenizer(question).input_ids
+            result = engine.generate([Request(prompt_ids=ids, adapter=adapter, max_new_tokens=1, ignore_eos=True)])[0]
+            times.append(result.time_to_first_token)
+    return {"cold_s": statistics.median(cold), "warm_s": statistics.median(warm),
+            "ratio": statistics.median(warm) / statistics.median(cold), "system_tokens": 500,
+            "hits": engine.prefix.hits, "tokens_reused": engine.prefix.tokens_reused}
+
+
+def long_prompt(folder: Path, adapters: dict, prompt_tokens: int = 8000, chunk: int = 512) -> dict:
+    """An 8k-token prompt joining two running streams on the KV pool: peak RSS growth during its prefill
+    against its own KV bytes, and the streams' longest gap between tokens meanwhile against the step time
+    (one decode of the streams plus one prefill chunk)."""
+    engine = Engine(folder, adapters, max_batch=4, max_cached_tokens=4 * 8192, max_prefill_tokens=chunk,
+                    threads=THREADS, tokenizer=None)
+    name = next(iter(adapters))
+    streams = [Request(prompt_ids=[1 + k, 2, 3, 4, 5], adapter=name, max_new_tokens=2000, ignore_eos=True)
+               for k in range(2)]
+    for request in streams:
+        engine.submit(request)
+    for _ in range(4):  # both streams running
+        engine.step()
+    rng = np.random.default_rng(1)
+    long = Request(prompt_ids=rng.integers(10, 40000, prompt_tokens).tolist(), adapter=name, max_new_tokens=2,
+                   ignore_eos=True)
+    before = peak = rss()
+    engine.submit(long)
+    gaps, steps, last = [], [], time.perf_counter()
+    first_token = False
+    while not first_token:
+        start = time.perf_counter()
+        events = engine.step()
+        now = time.perf_counter()
+        steps.append(now - start)
+        if any(e.request_id == streams[0].request_id and e.token_id is not None for e in events):
+            gaps.append(now - last)
+            last = now
+        first_token = any(e.request_id == long.request_id for e in events)
+        peak = max(peak, psutil.Process().memory_info().rss)
+    for request in streams:
+        engine.cancel(request.request_id)
+    engine.step()
+    kv = prompt_tokens * engine.pool.token_bytes
+    return {"prompt_tokens": prompt_tokens, "chunk": chunk, "rss_growth_bytes": peak - before, "kv_bytes": kv,
+            "chunks": len(steps), "step_ms_median": 1000 * statistics.median(steps),
+            "step_ms_max": 1000 * max(steps), "stream_gap_ms_max": 1000 * max(gaps),
+            "stream_gap_ms_median": 1000 * statistics.median(gaps)}
 
 
 def rss() -> int:
@@ -244,18 +336,27 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
         export_onnx_adapter(folder, work_dir / f"adapter{k}.onnx_adapter", force=True)
         folders.append(folder)
     exports = {}
-    for name, kwargs in (("slots", {"mode": "compact", "slots": True}),
-                         ("compact", {"mode": "compact", "default_adapter": "zero"}),
-                         ("merged", {"mode": "merged"})):
-        t0 = time.perf_counter()
-        adapter = folders[:1] if name == "slots" else folders[0]
+    for name, (route, flags) in EXPORTS.items():
+        cli = cli_for(route)
+        if cli is None:
+            if name == "slots_builder":
+                print("no environment has the model builder: the builder-graph engine run is skipped", flush=True)
+                continue
+            sys.exit(f"no environment of the project exports {route} graphs (see the Makefile)")
+        exports[name] = work_dir / name
         if reuse and (work_dir / name / "model.onnx").is_file():
-            exports[name] = work_dir / name
             continue
-        exports[name] = export_onnx(str(base), adapter, work_dir / name, force=True, **kwargs).out
-        print(f"exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([str(cli), "onnx", "--graph", route, "--base", str(base), "--adapter", str(folders[0]),
+                        "--out", str(exports[name]), "--force", *flags], check=True, stdout=subprocess.DEVNULL)
+        print(f"exported {name} ({cli.parent.parent.name}) in {time.perf_counter() - t0:.0f} s", flush=True)
     names = [f"adapter{k}" for k in range(ADAPTERS)]
     engine = Engine(exports["slots"], dict(zip(names, folders, strict=True)), max_batch=MAX_BATCH, threads=THREADS)
+    builder = batch_cache = None
+    if "slots_builder" in exports:  # its folder's tokenizer files may be another transformers' format: prompts are ids
+        builder, batch_cache = (Engine(exports["slots_builder"], dict(zip(names, folders, strict=True)),
+                                       max_batch=MAX_BATCH, threads=THREADS, tokenizer=engine.tokenizer, kv_pool=pool)
+                                for pool in (True, False))
     work = workload(engine.tokenizer, quick)
     mixed = [names[w["adapter"]] for w in work]
     single = [names[0]] * len(work)
@@ -267,12 +368,16 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
     steps = {}
     function_body = inference_session(exports["compact"], options=session_options("cpu", threads=THREADS,
                                                                                   kernel="function"))
+    calls = [("slots_b4", engine.session, 4, None), ("slots_b16", engine.session, 16, None),
+             ("compact_b4", compact.session, 4, run_options(loras[0])),
+             ("compact_function_b4", function_body, 4, run_options(loras[0]))]
+    if builder is not None:
+        calls += [("builder_slots_b4", builder.session, 4, None), ("builder_slots_b16", builder.session, 16, None)]
+    config = AutoConfig.from_pretrained(base)
     for _ in range(2 if quick else 3):  # interleaved
-        for key, sess, batch, opts in (("slots_b4", engine.session, 4, None), ("slots_b16", engine.session, 16, None),
-                                       ("compact_b4", compact.session, 4, run_options(loras[0])),
-                                       ("compact_function_b4", function_body, 4, run_options(loras[0]))):
+        for key, sess, batch, opts in calls:
             with quiet.measure(f"decode step {key}"):
-                steps.setdefault(key, []).append(decode_step_ms(sess, batch, 48, 3, ADAPTERS, opts))
+                steps.setdefault(key, []).append(decode_step_ms(sess, batch, 48, 3, ADAPTERS, opts, config))
     step_ms = {k: statistics.median(v) for k, v in steps.items()}
     del function_body
     library = kernel_library("cpu", "auto")
@@ -280,10 +385,19 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
                "native_ops": [op for op in ("RotatedShardLoRA", "RotatedShardLoRASlots")
                               if library and op.encode() + b"\0" in library.read_bytes()]}
     runs: dict[str, list[dict]] = {"mixed": [], "one_adapter": [], "per_run": [], "merged": []}
+    if builder is not None:
+        runs["builder_mixed"], runs["builder_batch_cache"] = [], []
+        run_engine(builder, work[:4], mixed[:4])  # warm-up
+        run_engine(batch_cache, work[:4], mixed[:4])
     run_engine(engine, work[:4], mixed[:4])  # warm-up
     for r in range(rounds):
         with quiet.measure(f"round {r + 1} mixed"):
             runs["mixed"].append(run_engine(engine, work, mixed))
+        if builder is not None:
+            with quiet.measure(f"round {r + 1} builder_mixed"):
+                runs["builder_mixed"].append(run_engine(builder, work, mixed))
+            with quiet.measure(f"round {r + 1} builder_batch_cache"):
+                runs["builder_batch_cache"].append(run_engine(batch_cache, work, mixed))
         with quiet.measure(f"round {r + 1} one_adapter"):
             runs["one_adapter"].append(run_engine(engine, work, single))
         with quiet.measure(f"round {r + 1} per_run"):
@@ -301,17 +415,30 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
             "seconds": statistics.median(v["seconds"] for v in values),
             "tokens": values[0]["tokens"],
         }
-    for key in ("mixed", "one_adapter"):
+    extra = {}
+    if builder is not None:
+        with quiet.measure("single stream"):
+            extra["single_stream"] = single_stream(builder, work[0]["ids"], 32, names[0])
+        with quiet.measure("prefix cache"):
+            extra["prefix"] = prefix_ttft(builder, engine.tokenizer, names[1])
+        if not quick:
+            with quiet.measure("long prompt"):
+                extra["long_prompt"] = long_prompt(exports["slots_builder"], {names[0]: folders[0]})
+    for key in [k for k in ("mixed", "one_adapter", "builder_mixed", "builder_batch_cache") if k in runs]:
         for field in ("steps", "prefills", "copied_per_step_mean", "copied_per_step_max", "cache_moved",
                       "graph_kv_written_per_step"):
             summary[key][field] = runs[key][-1][field]
-    del engine, compact, merged
+    del engine, builder, batch_cache, compact, merged
     mem = memory(exports["slots"], first)
     merged_bytes = sum(p.stat().st_size for p in exports["merged"].iterdir() if "onnx" in p.name)
     ratios = {
         "mixed_vs_one_adapter": summary["mixed"]["tokens_per_s"] / summary["one_adapter"]["tokens_per_s"],
         "mixed_vs_per_run": summary["mixed"]["tokens_per_s"] / summary["per_run"]["tokens_per_s"],
         "mixed_vs_merged": summary["mixed"]["tokens_per_s"] / summary["merged"]["tokens_per_s"],
+        **({"builder_mixed_vs_mixed": summary["builder_mixed"]["tokens_per_s"] / summary["mixed"]["tokens_per_s"],
+            "pool_vs_batch_cache": (summary["builder_mixed"]["tokens_per_s"]
+                                    / summary["builder_batch_cache"]["tokens_per_s"])}
+           if "builder_mixed" in summary else {}),
         "memory_per_adapter": mem["ratio"],
     }
     return {
@@ -319,6 +446,7 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
                      "max_batch": MAX_BATCH, "hyper": HYPER, "max_new_tokens": [w["max_new"] for w in work],
                      "prompt_tokens": [len(w["ids"]) for w in work]},
         "summary": summary, "runs": runs, "memory": mem, "merged_graph_bytes": merged_bytes, "decode_step_ms": step_ms,
+        **extra,
         "kernels": kernels,
         "ratios": ratios, "goals": GOALS, "seconds": time.perf_counter() - started,
     }
@@ -359,6 +487,8 @@ def markdown(r: dict) -> str:
         "one_adapter": "(a1) engine, all 32 requests on one adapter",
         "per_run": "(b) compact graph, one adapter per run (grouped, ORT adapter switched)",
         "merged": "(c) merged graph per adapter (one merged graph run per group, estimate)",
+        "builder_mixed": "(a2) engine, mixed adapters, on the model builder's slot graph and its KV pool",
+        "builder_batch_cache": "(a3) as (a2) on the batch cache (kv_pool=False: rows copied on join/leave)",
     }
     rows = "\n".join(
         f"| {labels[k]} | {v['tokens_per_s']:.1f} | {v['ttft_p50_s']:.2f} | {v['ttft_p95_s']:.2f} "
@@ -384,6 +514,27 @@ def markdown(r: dict) -> str:
     bound = 16 * ms["compact_b4"] / (4 * ms["slots_b16"])
     rss = mem["rss_bytes"]
     kib = 1024
+    builder = ""
+    if "builder_mixed_vs_mixed" in q:
+        one, pre = r["single_stream"], r["prefix"]
+        builder = (f"| (informative) engine on the builder's slot graph (a2) vs on optimum's (a) | "
+                   f"{q['builder_mixed_vs_mixed']:.2f}× | — |\n"
+                   f"| (informative) KV pool (a2) vs batch cache (a3), same graph | "
+                   f"{q['pool_vs_batch_cache']:.2f}× | — |\n\n"
+                   f"One decode call of the builder's slot graph after 48 cached tokens: "
+                   f"{ms['builder_slots_b4']:.0f} ms at 4 rows, {ms['builder_slots_b16']:.0f} ms at 16 rows. "
+                   f"One stream alone on it: {one['itl_ms']:.1f} ms per token against {one['bare_ms']:.1f} ms for "
+                   f"one bare decode call ({one['ratio']:.2f}×). Prefix cache, {pre['system_tokens']}-token system "
+                   f"prompt: time to first token {1000 * pre['cold_s']:.0f} ms cold, {1000 * pre['warm_s']:.0f} ms "
+                   f"warm ({pre['ratio']:.2f}×; {pre['hits']} hits reused {pre['tokens_reused']} tokens).\n")
+        if "long_prompt" in r:
+            lp = r["long_prompt"]
+            builder += (f"\nAn {lp['prompt_tokens']}-token prompt joining two running streams "
+                        f"(chunks of {lp['chunk']}): "
+                        f"peak RSS grew {lp['rss_growth_bytes'] / 2**20:.0f} MiB during its prefill, its own KV being "
+                        f"{lp['kv_bytes'] / 2**20:.0f} MiB; {lp['chunks']} steps of {lp['step_ms_median']:.0f} ms "
+                        f"(median; max {lp['step_ms_max']:.0f}), the streams' longest gap between tokens "
+                        f"{lp['stream_gap_ms_max']:.0f} ms.\n")
     return f"""# Engine: many adapters in one batch (`bench_engine.py`)
 
 `{command}`: {r['settings']['requests']} requests over {r['settings']['adapters']} adapters (r=8, u=1, m=n=2, seven
@@ -400,7 +551,7 @@ options back to back in one process. All requests arrive at t = 0; time to first
 |---|---|---|
 {goals}
 | (informative) mixed vs merged graph per adapter (c) | {q['mixed_vs_merged']:.2f}× | — |
-
+{builder}
 One decode call after 48 cached tokens: slot graph {ms['slots_b4']:.0f} ms at 4 rows, {ms['slots_b16']:.0f} ms at
 16 rows; compact graph {ms['compact_b4']:.0f} ms at 4 rows ({ms['compact_function_b4']:.0f} ms with its function body
 instead of the native kernel). Sessions are built by `runtime.inference_session` (kernel `auto`): the native

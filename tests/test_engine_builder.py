@@ -154,12 +154,13 @@ def test_server_answers_from_the_builder_graph(built):
                 model=job[0], prompt=job[1], max_tokens=6, temperature=0).choices[0].text, jobs))
         metrics = {line.split()[0]: float(line.split()[1]) for line in
                    urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode().splitlines()
-                   if line.startswith("prolora_kv_pool") or line.startswith("prolora_prefill")}
+                   if line.startswith(("prolora_kv_pool", "prolora_prefill", "prolora_prefix"))}
     finally:
         server.stop()
     assert metrics["prolora_kv_pool_rows_used"] == 0 and metrics["prolora_kv_pool_rows"] == 16
     eng = engine(built, tokenizer="auto")
     assert metrics["prolora_kv_pool_bytes"] == eng.pool.nbytes and metrics["prolora_prefill_chunks_total"] >= 1
+    assert metrics["prolora_prefix_cache_hits_total"] == 0 and "prolora_prefix_cache_tokens" in metrics
     for (model, text), answer in zip(jobs, answers, strict=True):
         adapter = None if model == BASE else model
         assert answer == eng.generate([Request(prompt=text, adapter=adapter, max_new_tokens=6)])[0].text, model

@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from ..engine import EngineRunner, Event, Request
 from ..engine.pool import KVPool
+from ..engine.prefix import PrefixCache
 from ..errors import PRoLoRAError
 from .protocol import APIError, Call, chunks, completion, error_body, name_problem, parse_call
 
@@ -78,7 +79,7 @@ class Metrics:
         return sum(n for _, n in self.recent) / RATE_WINDOW
 
     def render(self, *, running: int, waiting: int, adapters: list[str], prefill_chunks: int = 0,
-               pool: KVPool | None = None) -> str:
+               pool: KVPool | None = None, prefix: PrefixCache | None = None) -> str:
         lines: list[str] = []
 
         def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
@@ -106,6 +107,12 @@ class Metrics:
             metric("prolora_kv_pool_rows_used", "gauge", "KV pool rows owned by requests.", [("", pool.occupied)])
             metric("prolora_kv_pool_row_tokens", "gauge", "Positions of one KV pool row.", [("", pool.row_length)])
             metric("prolora_kv_pool_bytes", "gauge", "Bytes of the KV pool, allocated at start.", [("", pool.nbytes)])
+        if prefix is not None:
+            metric("prolora_prefix_cache_hits_total", "counter",
+                   "Prompts that reused a cached prefix of their adapter.", [("", prefix.hits)])
+            metric("prolora_prefix_cache_reused_tokens_total", "counter", "Prompt tokens not prefilled thanks to it.",
+                   [("", prefix.tokens_reused)])
+            metric("prolora_prefix_cache_tokens", "gauge", "Positions held by the prefix cache.", [("", prefix.tokens)])
         return "\n".join(lines) + "\n"
 
 
@@ -242,7 +249,7 @@ class Server:
     async def render_metrics(self, http: HTTPRequest) -> Response:
         text = self.metrics.render(running=self.started, waiting=self.in_flight - self.started,
                                    adapters=self.models()[1:], prefill_chunks=self.engine.stats.prefill_runs,
-                                   pool=self.engine.pool)
+                                   pool=self.engine.pool, prefix=self.engine.prefix)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------ completions
