@@ -273,7 +273,7 @@ def long_prompt(folder: Path, adapters: dict, prompt_tokens: int = 8000, chunk: 
     rng = np.random.default_rng(1)
     long = Request(prompt_ids=rng.integers(10, 40000, prompt_tokens).tolist(), adapter=name, max_new_tokens=2,
                    ignore_eos=True)
-    before = peak = rss()
+    before = peak = psutil.Process().memory_info().rss  # untrimmed, as the readings below
     engine.submit(long)
     gaps, steps, last = [], [], time.perf_counter()
     first_token = False

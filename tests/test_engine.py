@@ -25,6 +25,9 @@ from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, loa
 from prolora_export.onnx.export import export_onnx
 from prolora_export.runtime import inference_session
 
+#: the engine on optimum's slot graphs (export_onnx); its runs on the model builder's are test_engine_builder.py
+pytestmark = pytest.mark.optimum
+
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
 NAMES = ("a1", "a2", "a3")
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -615,3 +618,17 @@ def test_a_failing_row_fails_alone(tiny):
         results.update({e.request_id: e.result for e in eng.step() if e.finished})
     assert results[broken.request_id].error == "choosing the next token failed: ValueError: bad logits"
     assert_row_exact(tiny, fine, results[fine.request_id])
+
+
+def test_kv_pool_memory_is_committed_only_where_written():
+    """The KV pool's arrays (512 MiB here) commit 4 KiB pages as positions are written: one value in
+    every MiB commits a few MiB, not the 2 MiB huge page per write numpy's own large arrays would get."""
+    import psutil
+
+    from prolora_export.engine.pool import lazy_zeros
+
+    before = psutil.Process().memory_info().rss
+    array = lazy_zeros((512, 1 << 18), np.float32)  # 512 blocks of 1 MiB
+    array[:, 0] = 1.0
+    grown = psutil.Process().memory_info().rss - before
+    assert array.sum() == 512 and grown < 32 * 2**20, f"{grown / 2**20:.0f} MiB resident"

@@ -13,14 +13,28 @@ chunk overwrites in the same step and a free row never reads. Free rows are take
 range stays dense.
 
 Memory: :attr:`KVPool.nbytes` is fixed up front (``rows × row_length`` positions). The arrays are
-zero-filled lazily by the OS, so what is resident grows with the positions actually written.
+zero-filled lazily by the OS, in 4 KiB pages (:func:`lazy_zeros`), so what is resident grows with the
+positions actually written.
 """
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .cache import to_value
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros whose pages the OS commits only when written, 4 KiB at a time. numpy asks for transparent
+    huge pages for large arrays: then the first position written in a (row, head) block commits 2 MiB,
+    a whole row of a few thousand positions, and a pool of idle rows is resident from its first step."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buffer = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class KVPool:
@@ -31,7 +45,7 @@ class KVPool:
         self.past_names = past_names
         self.row_length = row_length
         self.device = device
-        self.arrays = {name: np.zeros((rows, heads, row_length, head_dim), dtype) for name in past_names}
+        self.arrays = {name: lazy_zeros((rows, heads, row_length, head_dim), dtype) for name in past_names}
         self.lengths = np.zeros(rows, np.int64)  # positions written per row
         self.used = np.zeros(rows, bool)
         self._values: dict[int, dict] = {}  # high -> OrtValues of rows [0, high) (views: no copy on the CPU)
