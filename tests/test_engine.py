@@ -511,9 +511,9 @@ def recording(eng: Engine, monkeypatch) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     run = eng._run
 
-    def record(feeds, *args):
+    def record(feeds, *args, **options):
         runs.append(feeds["input_ids"].shape)
-        return run(feeds, *args)
+        return run(feeds, *args, **options)
 
     monkeypatch.setattr(eng, "_run", record)
     return runs
@@ -568,11 +568,11 @@ def test_a_failed_run_fails_only_its_rows(tiny, monkeypatch):
     run = eng._run
     poison = {"prefill": 99, "decode": False}
 
-    def flaky(feeds, *args):
+    def flaky(feeds, *args, **options):
         ids = feeds["input_ids"]
         if (ids == poison["prefill"]).any() or (poison["decode"] and ids.shape[1] == 1):
             raise RuntimeError("device lost")
-        return run(feeds, *args)
+        return run(feeds, *args, **options)
 
     monkeypatch.setattr(eng, "_run", flaky)
     running = Request(prompt_ids=prompt(2), adapter="a3", max_new_tokens=8, return_logits=True)

@@ -276,6 +276,7 @@ class Engine:
         self._joining: list[_Sequence] = []  # taken from the queue, not yet in a prefill group
         self._prefills: deque[_Prefill] = deque()  # taken from the queue, prefilled a chunk per step
         self._shrink = _shrink_options(self.device)
+        self._binding = None  # (slot table version, IOBinding): see _run
         self._cache: KVBatch | None = None
         for name, source in (adapters or {}).items():
             self.load_adapter(name, source)
@@ -547,14 +548,19 @@ class Engine:
         """One run through IOBinding: small inputs from the host, cache and slots as OrtValues,
         presents left where the graph wrote them (``in_place``: into the past OrtValues themselves, a
         pool's rows); returns the logits (host) at each row's column in ``columns`` (default: the last)
-        and the presents."""
-        binding = self.session.io_binding()
+        and the presents. The binding is kept between runs with the slot inputs bound (hundreds of them,
+        rebound only when the slot table grows); the rest is rebound every run."""
+        if self._binding is None or self._binding[0] != self.slots.version:
+            binding = self.session.io_binding()
+            for name, value in self.slots.values.items():
+                binding.bind_ortvalue_input(name, value)
+            self._binding = (self.slots.version, binding)
+        binding = self._binding[1]
+        binding.clear_binding_outputs()
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, to_value(array, self.device))
             self.stats.host_to_graph += array.nbytes
         for name, value in past.items():
-            binding.bind_ortvalue_input(name, value)
-        for name, value in self.slots.values.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
         for past_name, name in zip(self.past_names, self.present_names, strict=True):

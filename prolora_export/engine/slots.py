@@ -82,6 +82,7 @@ class SlotTable:
         self.slot_of: dict[str, int] = {}
         self.arrays: dict[str, np.ndarray] = {}
         self.values: dict = {}
+        self.version = 0  # bumped when the OrtValues are replaced (the table grew): bindings must follow
         self._allocate(1)  # K ≥ 1 always: base rows gather slot 0 (zeros when free)
 
     @property
@@ -101,6 +102,7 @@ class SlotTable:
         for name, array in old.items():
             self.arrays[name][: array.shape[0]] = array
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for name, a in self.arrays.items()}
+        self.version += 1
 
     def load(self, name: str, source: AdapterSource) -> int:
         """Put an adapter in a free slot (growing the table if none is free); returns the slot."""
