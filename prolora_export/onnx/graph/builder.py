@@ -316,6 +316,12 @@ def quantization_options(precision: str, block_size: int | None, accuracy_level:
     return {k: str(v) for k, v in given.items()}
 
 
+#: the builder's process runs this file (standalone: the builder's environment may lack this package), which
+#: runs the builder with less memory and the same graph: the checkpoint's mapped pages handed back once read,
+#: int4/int8 weights quantized one at a time (see its docstring)
+BUILDER_ENTRY = Path(__file__).with_name("builder_entry.py")
+
+
 def run_builder(
     hf_dir: str | Path,
     out: str | Path,
@@ -355,7 +361,7 @@ def run_builder(
                **(extra_options or {})}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="builder-cache-") as scratch:
-        command = [python or sys.executable, "-m", BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out),
+        command = [python or sys.executable, str(BUILDER_ENTRY), BUILDER_MODULE, "-i", str(hf_dir), "-o", str(out),
                    "-p", precision, "-e", execution_provider, "-c", str(cache_dir or scratch)]
         if options:
             command += ["--extra_options", *(f"{k}={v}" for k, v in options.items())]
