@@ -256,31 +256,63 @@ def slot_model(g: ShardGeometry, scaling: float, rank: int = 3, fp16: bool = Fal
     return add_function(model, spec).SerializeToString()
 
 
+#: adapter_index and tokens per row: the kernel computes each slot's rows as one problem, through a row map
+#: where they are interleaved with other slots' rows
+BATCHES = {
+    "repeat-base-every-slot": ([2, -1, 0, 2, 1], 4),
+    "interleaved-decode": ([0, 2, 0, -1, 2, 0, 1], 1),
+    "interleaved-prefill": ([0, 2, 0, -1, 2, 0, 1], 3),  # slot 0: 9 rows, blocks of 4 mix batch rows
+    "one-slot": ([1, 1, 1, 1, 1], 2),  # consecutive: read in place
+    "base-only": ([-1, -1], 2),
+}
+
+
 @pytest.mark.parametrize("geom", [(72, 100, 8, 1, 2, 3, True), (37, 53, 6, 6, 5, 3, True), (64, 64, 4, 0, 4, 4, False)],
                          ids=["shared+unshared", "u=r", "u=0-rotation-off"])
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
-def test_slot_kernel_serves_each_row_its_adapter(geom, fp16, tmp_path):
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_slot_kernel_serves_each_row_its_adapter(geom, fp16, batch, tmp_path):
     g = ShardGeometry.build(*geom)
     dtype = np.float16 if fp16 else np.float32
     rng = np.random.default_rng(9)
     slots = {k: rng.standard_normal((3, *s)).astype(dtype) for k, s in g.tensor_shapes().items()}
-    index = np.array([2, -1, 0, 2, 1], dtype=np.int64)  # a repeated slot, the base model, every slot
-    x = rng.standard_normal((5, 4, g.in_features)).astype(dtype)
+    index, tokens = np.array(BATCHES[batch][0], dtype=np.int64), BATCHES[batch][1]
+    x = rng.standard_normal((len(index), tokens, g.in_features)).astype(dtype)
     feeds = {"X": x, ADAPTER_INDEX: index, **{f"layer.{k}": v for k, v in slots.items()}}
     model = slot_model(g, 0.75, fp16=fp16)
     assert ops_run(model, feeds, "native", tmp_path).get(SLOT_OP_TYPE) == 1  # the kernel, not the body
     got = inference_session(model, kernel="native").run(["Y"], feeds)[0]
     body_out = inference_session(model, kernel="function").run(["Y"], feeds)[0].astype(np.float64)
-    assert got.dtype == dtype and got.shape == (5, 4, g.out_features)
-    assert np.all(got[1] == 0)  # adapter_index −1: exactly the base model
+    assert got.dtype == dtype and got.shape == (len(index), tokens, g.out_features)
     for row, slot in enumerate(index):
         if slot < 0:
+            assert np.all(got[row] == 0)  # adapter_index −1: exactly the base model
             continue
         want = reference_delta(x[row], {k: v[slot] for k, v in slots.items()}, *geom[:2], g.sharing_rate_a,
                                g.sharing_rate_b, g.stride_a, g.stride_b, 0.75)
         tol = 2e-3 if fp16 else 1e-5
         assert rel_err(got[row], want) <= tol
         assert rel_err(got[row], body_out[row]) <= (1e-3 if fp16 else 1e-6)
+
+
+def test_slot_rows_equal_the_single_adapter_kernel_on_any_thread_count():
+    """Enough interleaved rows per slot for the pool split through the row map: each row is bit for bit what
+    the single-adapter op gives it with its slot's shards, on 1, 2 or 4 threads."""
+    g = ShardGeometry.build(256, 320, 8, 2, 2, 4, True)
+    rng = np.random.default_rng(12)
+    slots = {k: rng.standard_normal((2, *s)).astype(np.float32) for k, s in g.tensor_shapes().items()}
+    index = np.array([0, 1, -1, 0, 1, 0], dtype=np.int64)
+    x = rng.standard_normal((len(index), 97, 256)).astype(np.float32)
+    feeds = {"X": x, ADAPTER_INDEX: index, **{f"layer.{k}": v for k, v in slots.items()}}
+    model = slot_model(g, 2.0)
+    outs = [inference_session(model, kernel="native", threads=t).run(["Y"], feeds)[0] for t in (1, 2, 4)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    for slot in (0, 1):
+        rows = index == slot
+        single = node_model(g, 2.0, {k: v[slot] for k, v in slots.items()}, 3)
+        np.testing.assert_array_equal(outs[0][rows], run(single, x[rows], "native"))
+    assert not outs[0][index < 0].any()
 
 
 def test_slot_kernel_refuses_an_index_outside_the_slots():

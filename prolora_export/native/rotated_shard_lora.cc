@@ -77,12 +77,16 @@ struct Problem {
   float* y32 = nullptr;
   const Ort::Float16_t* x16 = nullptr;
   Ort::Float16_t* y16 = nullptr;
+  // row i of this problem is row row_map[i] of X and Y (one slot's rows, interleaved with other slots'
+  // in the batch); null: row i is row i
+  const int64_t* row_map = nullptr;
 };
 
 inline int64_t positive_mod(int64_t a, int64_t b) { return ((a % b) + b) % b; }
 
 // grows only: after the first call of a shape nothing is allocated
-inline float* scratch(std::vector<float>& buffer, size_t size) {
+template <typename V>
+inline V* scratch(std::vector<V>& buffer, size_t size) {
   if (buffer.size() < size) buffer.resize(size);
   return buffer.data();
 }
@@ -193,16 +197,18 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
   const float* x[R];
   float* y[R];
   float *z[R], *h[R], *g[R], *t[R];
+  int64_t at[R];  // the rows of X and Y
   for (int r = 0; r < R; ++r) {
+    at[r] = p.row_map ? p.row_map[row + r] : row + r;
     if (p.x16) {
-      const Ort::Float16_t* src = p.x16 + (row + r) * p.d_in;
+      const Ort::Float16_t* src = p.x16 + at[r] * p.d_in;
       float* dst = xf + r * p.d_in;
       for (int64_t i = 0; i < p.d_in; ++i) dst[i] = src[i].ToFloat();
       x[r] = dst;
     } else {
-      x[r] = p.x32 + (row + r) * p.d_in;
+      x[r] = p.x32 + at[r] * p.d_in;
     }
-    y[r] = p.y16 ? yf + r * p.d_out : p.y32 + (row + r) * p.d_out;
+    y[r] = p.y16 ? yf + r * p.d_out : p.y32 + at[r] * p.d_out;
     z[r] = work + r * per_row;  // (m, r_s)
     h[r] = z[r] + p.m * rs;     // (r_s)
     g[r] = h[r] + rs;           // (n, r_s), γ included
@@ -248,7 +254,7 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
   }
   if (p.y16)
     for (int r = 0; r < R; ++r) {
-      Ort::Float16_t* dst = p.y16 + (row + r) * p.d_out;
+      Ort::Float16_t* dst = p.y16 + at[r] * p.d_out;
       for (int64_t o = 0; o < p.d_out; ++o) dst[o] = Ort::Float16_t(y[r][o]);
     }
 }
@@ -373,7 +379,8 @@ struct Prepared {
 // Kernel of RotatedShardLoRA (Slots = false: X, A_shard, B_shard, A_unshared, B_unshared) and of
 // RotatedShardLoRASlots (SPEC §5; Slots = true: X (batch, …, d_in), adapter_index (batch,), then the
 // shards with a leading slot axis K). Row b of a slot graph uses slot adapter_index[b]; −1 gives an exact
-// zero delta (the base model). Each slot some row uses is prepared (B transposed, fp16 widened) once.
+// zero delta (the base model). Each slot some row uses is prepared (B transposed, fp16 widened) once, and
+// its rows, wherever they sit in the batch, are computed as one Problem.
 template <typename T, bool Slots>
 struct Kernel {
   static constexpr size_t kFirstShard = Slots ? 2 : 1;
@@ -445,7 +452,7 @@ struct Kernel {
 
   void Compute(OrtKernelContext* context) {
     thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf;
-    thread_local std::vector<int64_t> position_buf;
+    thread_local std::vector<int64_t> position_buf, row_map_buf;
     thread_local std::vector<Prepared> prepared_buf;
     Ort::KernelContext ctx(context);
 #ifdef PROLORA_NULL_KERNEL
@@ -557,22 +564,34 @@ struct Kernel {
     T* y_data = y.GetTensorMutableData<T>();
     if (rows == 0) return;
     const int64_t per_batch = rows / batch;
-    for (int64_t b = 0; b < batch; ++b) {
-      T* yb = y_data + b * per_batch * p.d_out;
-      const int64_t slot = Slots ? index[b] : 0;
-      if (slot < 0) {  // the base model: an exact zero delta
-        std::fill(yb, yb + per_batch * p.d_out, T(0.0f));
-        continue;
-      }
-      const Prepared& ready = prepared_buf[static_cast<size_t>(position[slot])];
+    // where batch row b's slot was prepared; −1: the base model, an exact zero delta
+    auto prepared_at = [&](int64_t b) { return Slots && index[b] < 0 ? -1 : position[Slots ? index[b] : 0]; };
+    for (int64_t b = 0; b < batch; ++b)
+      if (prepared_at(b) < 0) std::fill(y_data + b * per_batch * p.d_out, y_data + (b + 1) * per_batch * p.d_out, T(0.0f));
+    // one Problem per used slot over all of its rows, so that they go through the row-blocked loops and the
+    // pool split together as the single-adapter op's do (not one small Problem per batch row): read in place
+    // where the slot's batch rows are consecutive (one slot for the whole batch), else through a row map
+    for (int64_t at = 0; at < used; ++at) {
+      int64_t first = -1, last = -1, count = 0;
+      for (int64_t b = 0; b < batch; ++b)
+        if (prepared_at(b) == at) first = first < 0 ? b : first, last = b, ++count;
+      const Prepared& ready = prepared_buf[static_cast<size_t>(at)];
       Problem q = p;
       q.a0 = ready.a0, q.b0t = ready.b0t, q.au = ready.au, q.but = ready.but;
-      q.rows = per_batch;
-      const T* xb = x_data + b * per_batch * p.d_in;
+      q.rows = count * per_batch;
+      if (last - first + 1 > count) {
+        int64_t* map = scratch(row_map_buf, static_cast<size_t>(q.rows));
+        for (int64_t b = first, i = 0; b <= last; ++b)
+          if (prepared_at(b) == at)
+            for (int64_t t = 0; t < per_batch; ++t) map[i++] = (b - first) * per_batch + t;
+        q.row_map = map;
+      }
+      const T* xs = x_data + first * per_batch * p.d_in;
+      T* ys = y_data + first * per_batch * p.d_out;
       if constexpr (std::is_same<T, float>::value) {
-        q.x32 = xb, q.y32 = yb;
+        q.x32 = xs, q.y32 = ys;
       } else {
-        q.x16 = xb, q.y16 = yb;
+        q.x16 = xs, q.y16 = ys;
       }
       run_problem(ctx, q);
     }
