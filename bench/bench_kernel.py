@@ -2,6 +2,7 @@
 a plain-LoRA graph: ONNX Runtime CPU decode and prefill latency. Writes bench/KERNEL.md and bench/kernel.json.
 
     python bench/bench_kernel.py [--quick] [--markdown-only]
+    python bench/bench_kernel.py --slots [--baseline OLD.cc] [--allow-load]
 
 Models: the demo model (SmolLM2-135M, hidden 576, 30 blocks) in fp32 and with an int4 base
 (``prolora_export.onnx.quantize``, adapter path kept float), and a random Llama of hidden 2048
@@ -31,6 +32,13 @@ Arithmetic floor: an adapted layer's extra work is r·(d_in + d_out) multiply-ad
 d_in·d_out for its base; ``floor`` = 1 + adapter MACs / base MACs (all linear layers, lm_head and the
 attention products at that length) is the best compact/merged ratio possible, and ``excess`` =
 (kernel − merged) / (merged × adapter MACs / base MACs) says how many times the floor the kernel costs.
+
+``--slots`` (issue 30 item 4): the slot op against the single-adapter op, alone: a graph of one demo block's
+seven adapter nodes (no base MatMuls), decode at batch 1/4/16 with every row on slot 0 and with the rows
+spread over 8 slots (row b on slot b mod 8), thread CPU time per call, graphs interleaved call by call,
+sessions in rotated creation orders (as above). ``--baseline OLD.cc`` builds another version of the kernel
+source into a temp folder and runs both graphs on it too, in the same process (an A/B of a kernel change).
+It prints its table and writes no page.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
@@ -59,8 +69,9 @@ from prolora_export import native  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
 from prolora_export.native.build import build as build_library  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.onnx.op import OP_TYPE  # noqa: E402
+from prolora_export.onnx.op import ADAPTER_INDEX, OP_TYPE, OpSpec, add_function, make_node  # noqa: E402
 from prolora_export.runtime import inference_session, session_options  # noqa: E402
+from prolora_export.shards import ShardGeometry  # noqa: E402
 
 HEADLINE = 128
 LENGTHS = {False: (32, 128, 512), True: (32, 128)}
@@ -80,6 +91,13 @@ BOUNDS = {
     ("synthetic-2048", "prefill", "merged"): 1.03,
     **{(m, p, "plain_lora"): 1.0 for m in ("demo", "synthetic-2048") for p in ("decode", "prefill")},
 }
+
+#: --slots: one demo block's projections (in, out) in the order q, k, v, o, gate, up, down
+BLOCK = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+SLOT_COUNT = 8
+SLOT_BATCHES = (1, 4, 16)
+#: --slots: rows per layout -> adapter_index
+SLOT_LAYOUTS = {"1 slot": lambda batch: [0] * batch, "8 slots": lambda batch: [b % SLOT_COUNT for b in range(batch)]}
 
 
 def config_of(folder: Path) -> dict:
@@ -260,6 +278,96 @@ def run(work: Path, quick: bool, reuse: bool = False) -> dict:
     return results
 
 
+def block_model(slots: bool) -> bytes:
+    """One demo block's seven adapter nodes alone: X (batch, 1, 576) feeds six, X_mlp (batch, 1, 1536) the
+    down projection; random shards as initializers, SLOT_COUNT of them stacked for the slot op."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    geometries = [ShardGeometry.build(d_in, d_out, HYPER["r"], HYPER["unshared_r"], HYPER["sharing_rate_a"],
+                                      HYPER["sharing_rate_b"]) for d_in, d_out in BLOCK]
+    spec = OpSpec.for_layers(geometries, slots=slots, rank=3)
+    nodes, inits, outputs = [], [], []
+    for i, g in enumerate(geometries):
+        for name, shape in g.tensor_shapes().items():
+            lead = (SLOT_COUNT,) if slots else ()
+            inits.append(numpy_helper.from_array((0.02 * rng.standard_normal((*lead, *shape))).astype(np.float32),
+                                                 f"layer{i}.{name}"))
+        nodes.append(make_node("X_mlp" if g.in_features != 576 else "X", f"Y{i}", f"layer{i}", spec, g, 2.0))
+        outputs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, ["batch", 1, g.out_features]))
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1, width])
+              for name, width in (("X", 576), ("X_mlp", 1536))]
+    if slots:
+        inputs.append(helper.make_tensor_value_info(ADAPTER_INDEX, TensorProto.INT64, ["batch"]))
+    graph = helper.make_graph(nodes, "block", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    return add_function(model, spec).SerializeToString()
+
+
+def slot_run(baseline: Path | None, work: Path, rounds: int = 40, per_round: int = 10) -> dict:
+    """CPU µs per call of the block's single-adapter and slot graphs, per batch and slot layout, on the
+    package's library and (``baseline``: a kernel source) on that source's build."""
+    libraries = {"": native.library_path()}
+    if libraries[""] is None:
+        raise SystemExit(f"no native kernel to measure: {native.unavailable_reason()}")
+    if baseline is not None:
+        libraries[" (baseline)"], line = build_library(work / "baseline-kernel", source=baseline)
+        if libraries[" (baseline)"] is None:
+            raise SystemExit(line)
+    models = {"compact": block_model(False), "slots": block_model(True)}
+    names = [(graph, tag) for tag in libraries for graph in models]
+    rng = np.random.default_rng(1)
+    medians: dict[str, dict[str, list[float]]] = {}
+    for shift in range(len(names)):
+        order = names[shift:] + names[:shift]
+        sessions = {}
+        for graph, tag in order:
+            options = session_options("cpu", threads=1, kernel="function")
+            options.register_custom_ops_library(str(libraries[tag]))
+            sessions[f"{graph}{tag}"] = inference_session(models[graph], options=options)
+        for batch in SLOT_BATCHES:
+            x = {"X": rng.standard_normal((batch, 1, 576)).astype(np.float32),
+                 "X_mlp": rng.standard_normal((batch, 1, 1536)).astype(np.float32)}
+            for layout, index in SLOT_LAYOUTS.items():
+                feeds = {name: {**x, **({ADAPTER_INDEX: np.array(index(batch), np.int64)} if "slots" in name else {})}
+                         for name in sessions}
+                times: dict[str, list[float]] = {name: [] for name in sessions}
+                for name, session in sessions.items():
+                    session.run(None, feeds[name])  # warm-up
+                with quiet.measure(f"slots order {shift + 1} batch {batch} {layout}"):
+                    for _ in range(rounds):
+                        for name, session in sessions.items():
+                            for _ in range(per_round):
+                                start = time.thread_time()
+                                session.run(None, feeds[name])
+                                times[name].append(time.thread_time() - start)
+                case = medians.setdefault(f"{batch}|{layout}", {})
+                for name, t in times.items():
+                    case.setdefault(name, []).append(1e6 * statistics.median(t))
+        del sessions
+        gc.collect()
+    return {case: {name: statistics.fmean(m) for name, m in by_name.items()} for case, by_name in medians.items()}
+
+
+def slot_markdown(us: dict, baseline: Path | None) -> str:
+    """The --slots table: µs per call and the slot/compact (and new/baseline) ratios."""
+    head = "| batch | rows | compact µs | slots µs | slots/compact |"
+    if baseline is not None:
+        head += " compact µs (baseline) | slots µs (baseline) | slots/compact (baseline) | slots new/baseline |"
+    lines = [f"Seven adapter nodes of one demo block, decode, thread CPU µs per call (1 intra-op thread; mean over "
+             f"{len(next(iter(us.values())))} creation orders of the medians)"
+             + (f"; baseline = {baseline}" if baseline else ""), "", head, "|---" * (head.count("|") - 1) + "|"]
+    for case, row in us.items():
+        batch, layout = case.split("|")
+        line = (f"| {batch} | {layout} | {row['compact']:.1f} | {row['slots']:.1f} | "
+                f"{row['slots'] / row['compact']:.3f}× |")
+        if baseline is not None:
+            old_c, old_s = row["compact (baseline)"], row["slots (baseline)"]
+            line += f" {old_c:.1f} | {old_s:.1f} | {old_s / old_c:.3f}× | {row['slots'] / old_s:.3f}× |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def markdown(r: dict, command: str) -> str:
     lines = [
         "# Native RotatedShardLoRA kernel (issue 19)", "",
@@ -323,10 +431,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the exports here and reuse those already there (default: a temp folder)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite KERNEL.md from the last kernel.json")
+    parser.add_argument("--slots", action="store_true", help="the slot op against the single-adapter op (no page)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="--slots: also measure the kernel built from this source (an A/B of a change)")
     quiet.add_argument(parser)
     args = parser.parse_args()
     if args.markdown_only:
         render(json.loads((HERE / "kernel.json").read_text()))
+        return
+    if args.slots:
+        guard = quiet.LoadGuard("kernel-slots", 1, allow_load=args.allow_load)
+        guard.start()
+        with tempfile.TemporaryDirectory(prefix="bench-kernel-slots-") as tmp:
+            us = slot_run(args.baseline, Path(tmp))
+        print(quiet.stamp({"load": guard.record()}) + slot_markdown(us, args.baseline))
         return
     guard = quiet.LoadGuard("kernel", 1, allow_load=args.allow_load)  # every session: intra_op_num_threads=1
     guard.start()

@@ -114,9 +114,9 @@ def compiler() -> str:
     return path
 
 
-def fingerprint(cxx: str, flags: list[str]) -> str:
+def fingerprint(cxx: str, flags: list[str], source: Path = SOURCE) -> str:
     """What the library depends on: source, flags, compiler and headers version."""
-    return hashlib.sha256("\n".join([sha256(SOURCE), " ".join(flags), cxx, HEADERS_VERSION]).encode()).hexdigest()
+    return hashlib.sha256("\n".join([sha256(source), " ".join(flags), cxx, HEADERS_VERSION]).encode()).hexdigest()
 
 
 def write_status(out: Path, status: dict) -> None:
@@ -126,9 +126,10 @@ def write_status(out: Path, status: dict) -> None:
 
 
 def build(out: Path = HERE, cache: Path | None = None, force: bool = False,
-          defines: tuple[str, ...] = ()) -> tuple[Path | None, str]:
+          defines: tuple[str, ...] = (), source: Path = SOURCE) -> tuple[Path | None, str]:
     """Build the library into ``out``: (its path, one line) or (None, the reason it fell back).
-    ``defines``: preprocessor symbols of a measurement variant (bench/bench_kernel.py's null kernel)."""
+    ``defines``: preprocessor symbols of a measurement variant (bench/bench_kernel.py's null kernel);
+    ``source``: another version of the kernel's source (bench/bench_kernel.py --baseline)."""
     flags = [*FLAGS, *(f"-D{d}" for d in defines)]
     out.mkdir(parents=True, exist_ok=True)
     library = out / LIBRARY_NAME
@@ -136,15 +137,15 @@ def build(out: Path = HERE, cache: Path | None = None, force: bool = False,
         if os.environ.get("PROLORA_NO_NATIVE"):
             raise Fallback("PROLORA_NO_NATIVE is set")
         cxx = compiler()
-        if not SOURCE.is_file():  # an install that did not ship the C++ source (package data)
-            raise Fallback(f"the kernel source {SOURCE.name} is not installed")
-        key = fingerprint(cxx, flags)
+        if not source.is_file():  # an install that did not ship the C++ source (package data)
+            raise Fallback(f"the kernel source {source.name} is not installed")
+        key = fingerprint(cxx, flags, source)
         previous = _status(out)
         if not force and library.is_file() and previous.get("built") and previous.get("fingerprint") == key:
             return library, f"native kernel up to date: {library}"
         include = headers(cache or default_cache())
         tmp = out / f".{LIBRARY_NAME}.tmp"
-        cmd = [cxx, *flags, "-I", str(include), str(SOURCE), "-o", str(tmp)]
+        cmd = [cxx, *flags, "-I", str(include), str(source), "-o", str(tmp)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as err:
