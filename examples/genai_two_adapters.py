@@ -2,7 +2,8 @@
 
     python examples/genai_two_adapters.py --base smollm2-135m --adapter A1 --adapter A2
 
-exports BASE in compact mode with zero shard defaults (no active adapter = the base model),
+exports BASE in compact mode with zero shard defaults (no active adapter = the base model) by the
+route ``prolora-export onnx`` takes (the model builder's graph where it applies, else optimum's),
 writes each adapter as an ``.onnx_adapter`` file, loads the folder with
 ``onnxruntime_genai.Model`` (it reads the export's genai_config.json) and generates one
 prompt with no adapter and with each adapter active, through genai's own search loop.
@@ -22,12 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import onnxruntime_genai as og
 import torch
 
+from prolora_export.cli.onnx import export_graph
 from prolora_export.config import PRoLoRAConfig
 from prolora_export.formats.prolora import Adapter, save_adapter
 from prolora_export.inject import adapter_state_dict, inject_adapter
 from prolora_export.models import load_base_model, resolve_model
 from prolora_export.onnx.adapters import export_onnx_adapter
-from prolora_export.onnx.export import export_onnx
 from prolora_export.onnx.genai import genai_model
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="prolora-genai-"))
     adapters = [Path(a) for a in args.adapter] or random_adapters(args.base, work)
     graph = work / "compact"
-    print(export_onnx(args.base, adapters[0], graph, mode="compact", default_adapter="zero", force=True).summary())
+    print(*export_graph(args.base, adapters[:1], graph, mode="compact", default_adapter="zero", force=True), sep="\n")
 
     model = genai_model(graph)  # og.Model, with the native RotatedShardLoRA kernel when it was built
     tokenizer = og.Tokenizer(model)

@@ -3,7 +3,8 @@
     python examples/serve_many_adapters.py --base smollm2-135m --adapter A1 --adapter A2
 
 exports BASE with the first adapter in compact mode and ``--default-adapter zero`` (so no
-active adapter = the base model), writes every adapter as an ``.onnx_adapter`` file, then
+active adapter = the base model) by the route ``prolora-export onnx`` takes (the model builder's graph
+where it applies, else optimum's; ``--graph`` picks one), writes every adapter as an ``.onnx_adapter`` file, then
 runs one prompt through one InferenceSession with each adapter active in turn and with
 none, and compares each result with PyTorch (base + that adapter, or the base alone).
 Exits 1 if any logits differ by more than --tol (relative to the largest logit).
@@ -22,16 +23,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from prolora_export.cli.onnx import export_graph
 from prolora_export.formats.prolora import load_adapter
 from prolora_export.inject import inject_adapter, load_adapter_weights
-from prolora_export.models import load_base_model
+from prolora_export.models import load_base_model, load_config
 from prolora_export.onnx.adapters import (
     decoder_feeds,
     export_onnx_adapter,
     load_onnx_adapter,
     run_options,
 )
-from prolora_export.onnx.export import export_onnx
 from prolora_export.runtime import inference_session
 
 
@@ -51,11 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", action="append", required=True, help="PRoLoRA adapter folder (repeat)")
     parser.add_argument("--work", default=None, help="folder for the graph and adapter files (default: a temp dir)")
     parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--graph", choices=["auto", "builder", "optimum"], default="auto",
+                        help="who writes the graph (prolora-export onnx --graph)")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="prolora-serve-"))
 
     graph = work / "compact"
-    export_onnx(args.base, args.adapter[0], graph, mode="compact", default_adapter="zero", force=True)
+    print(*export_graph(args.base, args.adapter[:1], graph, graph=args.graph, mode="compact", default_adapter="zero",
+                        force=True), sep="\n")
     files = [
         # made for this graph: a geometry that differs is refused, a lora_alpha that differs is folded in
         export_onnx_adapter(a, work / f"adapter{i}.onnx_adapter", force=True, graph=graph).out
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     session = inference_session(graph)  # errors-only logging: ORT warns once per overridable shard
     ids = np.array([[1, 42, 7, 99, 3, 15, 8, 64]], dtype=np.int64) % session.get_outputs()[0].shape[-1]
-    feeds = decoder_feeds(session, ids)
+    feeds = decoder_feeds(session, ids, load_config(args.base))  # the config sizes a builder graph's symbolic cache
 
     worst = 0.0
     runs = [("base (no adapter)", None, None), *zip(args.adapter, args.adapter, files, strict=True)]

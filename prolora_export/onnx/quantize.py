@@ -8,7 +8,8 @@ What is quantized, what stays float:
   asymmetric 4-bit along K, ``block_size`` rows per scale; ``accuracy_level`` picks the compute
   type of the activations, 4 = int8 on CPU). This covers the attention and MLP projections and
   the ``lm_head``, tied or not: optimum stores a tied head as ``Transpose(embedding)``, which no
-  quantizer takes, so :func:`untie_lm_head` first folds it into an initializer of its own. The
+  quantizer takes, so :func:`untie_tied_weights` first folds it into an initializer of its own (the
+  model builder ties the other way round: ``Gather(Transpose(lm_head weight))``, folded alike). The
   token embedding ``Gather`` becomes ``com.microsoft::GatherBlockQuantized`` (4-bit, blocks along
   the hidden axis): otherwise the fp32 table alone keeps a 135M model's folder above 0.3× its
   fp32 size (SmolLM2's 49152×576 table is 113 MB of its 540 MB).
@@ -56,6 +57,7 @@ from ..models import copy_model_side_files, resolve_model
 from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES
 from . import op
+from .graph.packing import PACKS
 
 #: CLI spelling -> bits (None: no quantization)
 QUANTIZE = {"none": None, "int8": 8, "int4": 4}
@@ -183,14 +185,21 @@ def embedding_gathers(graph: onnx.GraphProto, excluded: set[str]) -> list[str]:
             and not any(a.name == "axis" and a.i != 0 for a in n.attribute)]
 
 
-def untie_lm_head(graph: onnx.GraphProto, protected: set[str]) -> list[str]:
-    """Give a tied ``lm_head`` its own transposed weight so the quantizers see a constant MatMul weight.
+#: op → (the input through which it may read a tied table transposed, what it is): optimum's lm_head
+#: ``MatMul(x, Transpose(E))``, the model builder's embedding ``Gather(Transpose(H), ids)`` (:func:`untie_tied_weights`)
+TRANSPOSED_READERS = {"MatMul": (1, "lm_head"), "Gather": (0, "embedding")}
 
-    optimum stores a tied head once: ``MatMul(x, Transpose(embed_tokens.weight))``, and a MatMul
-    whose weight is computed is skipped by both quantizers, which would leave the largest matrix
-    of a small model (SmolLM2: 576×49152) in fp32. The Transpose is folded into an initializer
-    (``<name>.T``) that the quantizer then replaces; the embedding keeps its own table. Returns
-    the names of the initializers made.
+
+def untie_tied_weights(graph: onnx.GraphProto, protected: set[str]) -> dict[str, str]:
+    """Give the side of a tied embedding/lm_head pair that reads the other's table through a Transpose a
+    table of its own, so the quantizers see a constant weight there.
+
+    optimum stores a tied pair as the embedding table and ``MatMul(x, Transpose(embed_tokens.weight))``;
+    ONNX Runtime GenAI's model builder as the head's weight and ``Gather(Transpose(lm_head.MatMul.weight),
+    ids)``. Neither quantizer takes a computed weight, which would leave the largest matrix of a small
+    model (SmolLM2: 576×49152) in fp32: the head (optimum) or the embedding (builder). The Transpose is
+    folded into an initializer (``<name>.T``) that the quantizer then replaces; the other side keeps its
+    own table. Returns the initializers made, each with what reads it (lm_head or embedding).
     """
     inits = {i.name: i for i in graph.initializer}
     consumers: dict[str, int] = {}
@@ -198,11 +207,12 @@ def untie_lm_head(graph: onnx.GraphProto, protected: set[str]) -> list[str]:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     producers = {out: node for node in graph.node for out in node.output}
-    made, folded = [], []
+    made, folded = {}, []
     for node in graph.node:
-        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in producers:
+        index, role = TRANSPOSED_READERS.get(node.op_type, (None, ""))
+        if index is None or node.domain or len(node.input) <= index or node.input[index] not in producers:
             continue
-        transpose = producers[node.input[1]]
+        transpose = producers[node.input[index]]
         source = inits.get(transpose.input[0]) if transpose.op_type == "Transpose" and transpose.input else None
         perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
         if (source is None or source.name in protected or len(source.dims) != 2 or perm != [1, 0]
@@ -211,9 +221,9 @@ def untie_lm_head(graph: onnx.GraphProto, protected: set[str]) -> list[str]:
         array = onnx.numpy_helper.to_array(source).T.copy()
         name = f"{source.name}.T"
         graph.initializer.append(onnx.numpy_helper.from_array(array, name))
-        node.input[1] = name
+        node.input[index] = name
         folded.append(transpose)
-        made.append(name)
+        made[name] = role
     for transpose in folded:
         graph.node.remove(transpose)
     return made
@@ -254,7 +264,8 @@ def block_quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_
 
 def matmuls_outside(graph: onnx.GraphProto, modules: tuple[str, ...], where: str) -> list[str]:
     """Names of the MatMul nodes of no module in ``modules``; a module that names no MatMul is refused (a
-    typo would otherwise quantize everything to int4)."""
+    typo would otherwise quantize everything to int4), saying which packed projection holds it where the
+    graph packs it (the model builder's merged graphs: ``qkv_proj``)."""
     others, seen = [], set()
     for node in graph.node:
         if node.op_type != "MatMul":
@@ -265,8 +276,11 @@ def matmuls_outside(graph: onnx.GraphProto, modules: tuple[str, ...], where: str
         seen |= hits
     missing = [m for m in modules if m not in seen]
     if missing:
+        packs = [pack for pack, names in PACKS.items()
+                 if missing[0] in names and any(pack in name.split("/") for name in others)]
+        packed = f"; it packs {', '.join(PACKS[packs[0]])} into one {packs[0]}: name that" if packs else ""
         raise PRoLoRAError(f"no MatMul of module {missing[0]!r} in this graph (node names look like "
-                           f"{others[0] if others else 'nothing'})", where)
+                           f"{others[0] if others else 'nothing'}){packed}", where)
     return others
 
 
@@ -330,12 +344,13 @@ def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     if graph.output and graph.output[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise PRoLoRAError("only fp32 exports can be quantized (this graph's outputs are not float32)", str(path))
     names = adapter_tensor_names(graph)
-    untied = untie_lm_head(graph, names)
+    untied = untie_tied_weights(graph, names)
     exclude = protected_nodes(graph, names)
     before = _fingerprint(model, names)
     embeddings = "int4 GatherBlockQuantized" if bits == 4 and embedding_gathers(graph, set(exclude)) else "fp32 Gather"
     if untied:
-        embeddings += f", tied lm_head quantized from its own transposed copy ({untied[0]})"
+        embeddings += "".join(f", tied {role} quantized from its own transposed copy ({name})"
+                              for name, role in untied.items())
     with _quiet_ort_logging():
         quantized = _quantize(model, exclude, bits, block_size, accuracy_level, int8_modules, str(path))
     check_adapter_path(before, _fingerprint(quantized, names), str(path))
