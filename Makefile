@@ -25,7 +25,7 @@ CORE_TESTS := tests/test_api.py tests/test_cli_core.py tests/test_convert.py tes
 	tests/test_formats.py tests/test_interrupt.py tests/test_layer.py tests/test_merge.py \
 	tests/test_outputs.py tests/test_shards.py tests/test_train.py tests/test_graph_builder.py tests/test_parity_builder.py \
 	tests/test_engine_builder.py tests/test_graph_packed.py tests/test_graph_architectures.py \
-	tests/test_parity_builder_quantized.py tests/test_builder_fp16.py tests/test_genai_kernel.py
+	tests/test_parity_builder_quantized.py tests/test_builder_fp16.py tests/test_genai_kernel.py tests/test_builder_consumers.py
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
