@@ -1,5 +1,5 @@
 """Decoder graphs of issue 29: today's optimum graph beside ONNX Runtime GenAI's model builder (merged,
-compact with the native kernel and with its function body, compact on the builder's packed Q/K/V, slots),
+compact with the native kernel and with its function body, compact on three unpacked Q/K/V, slots),
 fp32 and int4, and llama.cpp's llama-bench on the same model. Writes bench/GRAPHS.md and bench/graphs.json.
 
     python bench/bench_graphs.py [--quick] [--full] [--work DIR [--reuse]] [--markdown-only] [--allow-load]
@@ -11,11 +11,12 @@ r=8, u=1, m=n=2, seven projections).
 
 Exports, each a subprocess of the environment that has its route, timed (wall) with its peak RSS (the sum
 over the process tree, polled every 50 ms, and the largest single process's from ``/usr/bin/time``):
-``.venv/bin/prolora-export onnx --graph optimum --mode merged`` (int4: ``prolora-export quantize --bits 4``
-of that folder, today's route) and ``.venv-tf5/bin/prolora-export onnx --graph builder --mode merged |
---mode compact | --mode compact --slots`` (int4: ``--quantize int4``, the builder's own MatMulNBits); the
-packed compact graph through the Python API in that environment (``build_compact(…, packed=True)``: the
-CLI has no flag for it while the default route is decided).
+``prolora-export onnx --graph optimum --mode merged`` (int4: ``prolora-export quantize --bits 4`` of that
+folder, the route before the builder) and ``prolora-export onnx --graph builder --mode merged | --mode compact |
+--mode compact --slots`` (int4: ``--quantize int4``, the builder's own MatMulNBits), each with the CLI of the
+venv that has the route (:mod:`envs`); the compact graph spliced into three unpacked Q/K/V MatMuls through
+the Python API in the builder's environment (``build_compact(…, packed=False)``, the route before the packed
+splice became the default).
 
 Latency, in this process with ONNX Runtime (2 intra-op threads, wall clock), all graphs of one model and
 precision loaded at once and interleaved call kind by call kind, the graphs' order rotated every round;
@@ -26,8 +27,8 @@ each figure is the median over rounds of that round's figure:
 Graph inputs as each graph names them: optimum's take ``position_ids``, the builder's do not; the slot graph
 gets one random slot and ``adapter_index`` 0 on every row. ``compact_kernel`` and ``slots`` run the native
 kernel (:mod:`prolora_export.runtime`, ``kernel="native"``), ``compact_body`` the same file's function body;
-``compact_packed_kernel`` is the compact graph spliced into the builder's packed Q/K/V MatMul (one per layer,
-as in the merged graph) instead of three, native kernel.
+``compact_unpacked_kernel`` is the compact graph spliced into three Q/K/V MatMuls (``fuse_qkv=false``)
+instead of the builder's packed one (as in the merged graph, and the default), native kernel.
 
 llama.cpp (only when bench_llamacpp's cached build exists; never built here): the model as GGUF f32
 (bench_llamacpp's conversion, GPT-2 BPE vocabulary forced) and its Q4_0 copy, the base weights (the same
@@ -62,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import quiet  # noqa: E402
+from envs import cli_for  # noqa: E402
 
 THREADS = 2
 PAST = 128
@@ -73,24 +75,24 @@ ROUNDS = {True: 3, False: 7}
 STEPS = {True: 6, False: 12}
 BENCH_REPEATS = {True: 2, False: 5}
 #: the command-line tools of the two routes (optimum needs transformers < 4.58, the builder transformers 5)
-CLI = {"optimum": ROOT / ".venv" / "bin" / "prolora-export", "builder": ROOT / ".venv-tf5" / "bin" / "prolora-export"}
+CLI = {route: cli_for(route) or Path(f"no-{route}-environment") for route in ("optimum", "builder")}
 #: exported folders, in export order (the optimum int4 folder is quantized from the fp32 one)
 EXPORTS = tuple((graph, precision) for precision in PRECISIONS
-                for graph in ("optimum_merged", "merged", "compact", "compact_packed", "slots"))
+                for graph in ("optimum_merged", "merged", "compact", "compact_unpacked", "slots"))
 #: timed graph -> (export it runs, how its adapter op runs: runtime.KERNELS)
 VARIANTS = {"optimum_merged": ("optimum_merged", "function"), "merged": ("merged", "function"),
             "compact_kernel": ("compact", "native"), "compact_body": ("compact", "function"),
-            "compact_packed_kernel": ("compact_packed", "native"), "slots": ("slots", "native")}
+            "compact_unpacked_kernel": ("compact_unpacked", "native"), "slots": ("slots", "native")}
 LABELS = {"optimum_merged": "optimum merged (today)", "merged": "builder merged",
           "compact_kernel": "builder compact, native kernel", "compact_body": "builder compact, function body",
-          "compact_packed_kernel": "builder compact on packed Q/K/V, native kernel",
+          "compact_unpacked_kernel": "builder compact on unpacked Q/K/V, native kernel",
           "slots": "builder slots (1 slot, index 0), native kernel", "llamacpp": "llama.cpp llama-bench"}
 METRICS = (*(f"decode_b{b}" for b in BATCHES), *(f"prefill_{n}" for n in PROMPTS))
 EXPORT_LABELS = {"optimum_merged": "optimum merged", "merged": "builder merged", "compact": "builder compact",
-                 "compact_packed": "builder compact, packed Q/K/V", "slots": "builder slots"}
-#: the packed compact export: the Python API in the builder's environment (argv: base, adapter, out, precision)
-PACKED_EXPORT = ("import sys; from prolora_export.onnx.graph.splice import build_compact; "
-                 "print(build_compact(*sys.argv[1:5], packed=True, force=True).summary())")
+                 "compact_unpacked": "builder compact, unpacked Q/K/V", "slots": "builder slots"}
+#: the unpacked compact export: the Python API in the builder's environment (argv: base, adapter, out, precision)
+UNPACKED_EXPORT = ("import sys; from prolora_export.onnx.graph.splice import build_compact; "
+                   "print(build_compact(*sys.argv[1:5], packed=False, force=True).summary())")
 #: export options whose value is a path (left out of the command shown)
 PATH_OPTIONS = ("--base", "--adapter", "--out")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -120,8 +122,8 @@ def export_command(graph: str, precision: str, base: Path, adapter: Path, out: P
             return [str(CLI["optimum"]), "quantize", str(optimum_fp32), "--out", str(out), "--bits", "4", "--force"]
         return [str(CLI["optimum"]), "onnx", "--graph", "optimum", "--mode", "merged", "--base", str(base),
                 "--adapter", str(adapter), "--out", str(out), "--force"]
-    if graph == "compact_packed":
-        return [str(CLI["builder"].parent / "python"), "-c", PACKED_EXPORT, str(base), str(adapter), str(out),
+    if graph == "compact_unpacked":
+        return [str(CLI["builder"].parent / "python"), "-c", UNPACKED_EXPORT, str(base), str(adapter), str(out),
                 precision]
     mode = "merged" if graph == "merged" else "compact"
     command = [str(CLI["builder"]), "onnx", "--graph", "builder", "--mode", mode, "--base", str(base),
@@ -135,9 +137,9 @@ def export_command(graph: str, precision: str, base: Path, adapter: Path, out: P
 
 def shown_command(command: list[str]) -> str:
     """The CLI call without the executable, paths and --force: what a reader compares between exports (the
-    packed export: its Python call)."""
+    unpacked export: its Python call)."""
     if command[1] == "-c":
-        return f"python: build_compact(base, adapter, out, {command[-1]!r}, packed=True)"
+        return f"python: build_compact(base, adapter, out, {command[-1]!r}, packed=False)"
     shown = []
     for arg in command[1:]:
         if arg.startswith("/") or arg == "--force":
@@ -422,7 +424,7 @@ def goals(models: dict) -> list[dict]:
     compact = "compact_kernel" if "compact_kernel" in lat["fp32"] else "compact_body"
     rows = []
     for precision, bound in (("fp32", 1.05), ("int4", 1.10)):
-        for graph in (compact, "compact_packed_kernel"):
+        for graph in (compact, "compact_unpacked_kernel"):
             for b in BATCHES:
                 rows.append((f"{precision} decode batch {b}: {graph} / builder merged", bound,
                              ratio(lat[precision][graph][f"decode_b{b}"], lat[precision]["merged"][f"decode_b{b}"])))

@@ -10,10 +10,14 @@ becomes a GGUF f32 by llama.cpp's ``convert_hf_to_gguf.py`` with the GPT-2 byte-
 (it guesses SentencePiece for the demo folder, and every request then fails with ``unordered_map::at``),
 and a Q4_0 copy by ``llama-quantize``. Eight random PRoLoRA adapters (bench_serve's: r=8, u=1, m=n=2, seven
 projections, small random values) are converted to PEFT LoRA (``convert --to peft``, exact) and then by
-``convert_lora_to_gguf.py --base DEMO --outtype f32``. Ours: the ``--slots`` export of the same adapters.
+``convert_lora_to_gguf.py --base DEMO --outtype f32``. Ours: ``prolora-export onnx --mode compact --slots``
+of the same adapters, this environment's default route (the model builder's graph where it is installed),
+and for int4 ``--quantize int4``.
 
-Served (both fp32, 2 threads each, both servers alive, loopback only): ``prolora-export serve`` with the
-eight adapters, and ``llama-server -m base.gguf --lora a0.gguf … --lora-init-without-apply -np 32``.
+Served (2 threads each, both servers alive, loopback only): ``prolora-export serve`` with the eight adapters,
+and ``llama-server -m base.gguf --lora a0.gguf … --lora-init-without-apply -np 32``; fp32 (our fp32 graph,
+the f32 GGUF) and, without ``--quick``, int4 (our int4 graph, the Q4_0 GGUF; the adapters stay float on
+both sides).
 The load generator (bench_serve's: asyncio + httpx, C closed-loop clients) sends streamed chat completions,
 greedy, ``ignore_eos``, a fixed max_tokens; request i uses adapter i mod 8: ours by name, llama.cpp by
 ``"lora": [{"id": k, "scale": 1 if k == i mod 8 else 0} for all k]`` with ``"cache_prompt": false`` (its
@@ -21,8 +25,8 @@ prompt cache is reused across LoRA settings). C = 1, 8, 32; the two servers' run
 ours, theirs, …); tokens/s is the median over the runs, TTFT and ITL percentiles are over every request of
 every run. Single stream: ``llama-bench`` (generation of N tokens from an empty context) of the f32 and Q4_0
 GGUF beside one decode call of our graphs at batch 1 after N/2 cached tokens (the mean past length of
-llama-bench's run): the served slot graph, and a merged graph of adapter 0 in fp32 and int4
-(``quantize_onnx``), the same work as llama-bench's base model.
+llama-bench's run): the served slot graphs, and a merged graph of adapter 0 in fp32 and int4 (``onnx --mode
+merged [--quantize int4]``), the same work as llama-bench's base model.
 """
 
 from __future__ import annotations
@@ -44,19 +48,19 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from transformers import AutoConfig
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import quiet  # noqa: E402
 from bench_engine import THREADS, decode_step_ms  # noqa: E402
-from bench_serve import Server, build, load, ms, plan, prolora_server, summarize  # noqa: E402
+from bench_serve import Server, build, export, load, ms, plan, prolora_server, summarize  # noqa: E402
 
 from prolora_export.formats.peft_lora import save_peft  # noqa: E402
 from prolora_export.formats.prolora import load_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
-from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.onnx.quantize import quantize_onnx  # noqa: E402
 from prolora_export.runtime import inference_session  # noqa: E402
 
 #: the llama-cpp-python sdist whose vendor/llama.cpp is built (pinned: the conversion patch below needs it)
@@ -78,6 +82,9 @@ PER_CLIENT = {False: {1: 8, 8: 4, 32: 2}, True: {1: 2, 8: 1, 32: 1}}
 REPEATS = {False: 3, True: 1}
 BENCH_REPEATS = {False: 5, True: 2}
 DECODE_ROUNDS = {False: 5, True: 2}
+#: served precisions: ours (``--quantize``, None: fp32) beside llama.cpp's base GGUF; by --quick
+SERVED = {"fp32": (None, "f32"), "int4": ("int4", "q4_0")}
+PRECISIONS = {False: ("fp32", "int4"), True: ("fp32",)}
 
 #: convert_hf_to_gguf.py with the GPT-2 byte-level BPE vocabulary forced on the model's class (argv: llama.cpp
 #: folder, model folder, output file); llama.cpp's own files stay untouched
@@ -182,11 +189,12 @@ def convert(cache: Path, demo: Path, folders: dict[str, Path], work: Path, reuse
     return out
 
 
-def llama_server(cache: Path, ggufs: dict, log: Path) -> Server:
-    """``llama-server`` with every LoRA loaded at scale 0 (requests set their own scales)."""
+def llama_server(cache: Path, ggufs: dict, base: str, log: Path) -> Server:
+    """``llama-server`` on the ``base`` GGUF (f32 or q4_0) with every LoRA loaded at scale 0 (requests set
+    their own scales)."""
     loras = [arg for path in ggufs["loras"] for arg in ("--lora", str(path))]
     return Server(lambda port: [
-        str(tool(cache, "llama-server")), "-m", str(ggufs["f32"]), *loras, "--lora-init-without-apply",
+        str(tool(cache, "llama-server")), "-m", str(ggufs[base]), *loras, "--lora-init-without-apply",
         "-np", str(PARALLEL), "-c", str(PARALLEL * CONTEXT_PER_SLOT), "-t", str(THREADS), "-tb", str(THREADS),
         "--host", "127.0.0.1", "--port", str(port), "--no-webui"], log)
 
@@ -248,22 +256,22 @@ def llama_bench(cache: Path, ggufs: dict, quick: bool) -> dict:
     return out
 
 
-def our_graphs(demo: Path, slots: Path, folder: Path, work: Path, quick: bool, reuse: bool) -> dict:
-    """ms of one decode call at batch 1 of the slot graph (8 adapters) and of adapter 0's merged graph in fp32
-    and int4, interleaved round by round (medians)."""
-    merged, int4 = work / "merged", work / "merged-int4"
-    if not (reuse and (merged / "model.onnx").is_file()):
-        print("merged export and its int4 quantization …", flush=True)
-        export_onnx(str(demo), folder, merged, mode="merged", force=True)
-        quantize_onnx(merged, int4, bits=4, force=True)
-    sessions = {name: inference_session(path, threads=THREADS)
-                for name, path in (("slots_fp32", slots), ("merged_fp32", merged), ("merged_int4", int4))}
+def our_graphs(demo: Path, slots: dict[str, Path], folder: Path, work: Path, quick: bool, reuse: bool) -> dict:
+    """ms of one decode call at batch 1 of the served slot graphs (8 adapters) and of adapter 0's merged graph
+    in fp32 and int4, interleaved round by round (medians)."""
+    merged = {"fp32": work / "merged", "int4": work / "merged-int4"}
+    for precision, out in merged.items():
+        if not (reuse and (out / "model.onnx").is_file()):
+            export(demo, folder, out, "--mode", "merged", *(("--quantize", "int4") if precision == "int4" else ()))
+    config = AutoConfig.from_pretrained(demo)
+    sessions = {**{f"slots_{p}": inference_session(path, threads=THREADS) for p, path in slots.items()},
+                **{f"merged_{p}": inference_session(path, threads=THREADS) for p, path in merged.items()}}
     past, calls = MAX_TOKENS[quick] // 2, 5 if quick else 20
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for round_ in range(DECODE_ROUNDS[quick]):
         for name, session in sessions.items():
             with quiet.measure(f"decode {name} round {round_ + 1}"):
-                times[name].append(decode_step_ms(session, 1, past, calls, ADAPTERS))
+                times[name].append(decode_step_ms(session, 1, past, calls, ADAPTERS, None, config))
     return {name: {"ms_per_token": statistics.median(t), "tokens_per_s": 1000 / statistics.median(t),
                    "past": past} for name, t in times.items()}
 
@@ -272,11 +280,15 @@ def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
     started = time.perf_counter()
     ensure_llamacpp(cache)
     demo = ensure_demo_model(quiet=True)
-    slots, folders = build(work, reuse, ADAPTERS)
+    slots, folders = {}, {}
+    for precision in PRECISIONS[quick]:
+        slots[precision], folders = build(work, reuse, ADAPTERS, SERVED[precision][0])
     ggufs = convert(cache, demo, folders, work, reuse)
-    with prolora_server(slots, folders, work / "ours.log") as ours, \
-            llama_server(cache, ggufs, work / "llamacpp.log") as theirs:
-        rows = serve_side_by_side(ours, theirs, quick)
+    rows = []
+    for precision, graph in slots.items():
+        with prolora_server(graph, folders, work / f"ours-{precision}.log") as ours, \
+                llama_server(cache, ggufs, SERVED[precision][1], work / f"llamacpp-{precision}.log") as theirs:
+            rows += [{"precision": precision, **row} for row in serve_side_by_side(ours, theirs, quick)]
     single = {"llamacpp": llama_bench(cache, ggufs, quick),
               "ours": our_graphs(demo, slots, folders["ad0"], work, quick, reuse)}
     return {"settings": {"quick": quick, "threads": THREADS, "adapters": ADAPTERS, "max_tokens": MAX_TOKENS[quick],
@@ -293,7 +305,9 @@ def markdown(r: dict) -> str:
     lines = [
         "# Beside llama.cpp: `prolora-export serve` and `llama-server` (`bench_llamacpp.py`)",
         "",
-        f"`python bench/bench_llamacpp.py{flag}`: the demo model (SmolLM2-135M) in fp32 on both sides, "
+        f"`python bench/bench_llamacpp.py{flag}`: the demo model (SmolLM2-135M) in "
+        f"{' and '.join(sorted({row.get('precision', 'fp32') for row in r['rows']}))} on both sides (int4: ours "
+        "`--quantize int4`, llama.cpp's Q4_0 GGUF; the adapters float), "
         f"{s['adapters']} random PRoLoRA adapters (r=8, u=1, m=n=2, seven projections) loaded in both, "
         f"{s['threads']} threads each; llama.cpp {s['llama_cpp']} (llama-cpp-python {s['llama_cpp_python_sdist']} "
         "sdist). Ours: the `--slots` export, max_batch 32. llama.cpp: `convert_hf_to_gguf.py` (GPT-2 BPE vocabulary "
@@ -305,15 +319,16 @@ def markdown(r: dict) -> str:
         "`lora` scales, `cache_prompt: false`). The servers' runs alternate, "
         f"{s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL percentiles pool every request.",
         "",
-        "| clients | requests | ours tokens/s | llama.cpp tokens/s | ours / llama.cpp | TTFT p50 / p90 ours (ms) | "
-        "TTFT p50 / p90 llama.cpp (ms) | ITL p50 / p90 ours (ms) | ITL p50 / p90 llama.cpp (ms) | errors ours / "
-        "llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| precision | clients | requests | ours tokens/s | llama.cpp tokens/s | ours / llama.cpp | TTFT p50 / p90 "
+        "ours (ms) | TTFT p50 / p90 llama.cpp (ms) | ITL p50 / p90 ours (ms) | ITL p50 / p90 llama.cpp (ms) | "
+        "errors ours / llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         o, t = row["ours"], row["llamacpp"]
         lines.append(
-            f"| {row['clients']} | {row['requests']} | {o['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
+            f"| {row.get('precision', 'fp32')} | {row['clients']} | {row['requests']} | {o['tokens_per_s']:.1f} | "
+            f"{t['tokens_per_s']:.1f} | "
             f"{row['ratio']:.2f}× | {ms(o['ttft_p50_s'])} / {ms(o['ttft_p90_s'])} | {ms(t['ttft_p50_s'])} / "
             f"{ms(t['ttft_p90_s'])} | {ms(o['itl_p50_s'])} / {ms(o['itl_p90_s'])} | {ms(t['itl_p50_s'])} / "
             f"{ms(t['itl_p90_s'])} | {o['errors']} / {t['errors']} |")
@@ -330,8 +345,9 @@ def markdown(r: dict) -> str:
     labels = {("llamacpp", "f32"): "llama.cpp, base f32 GGUF (llama-bench)",
               ("llamacpp", "q4_0"): "llama.cpp, base Q4_0 GGUF (llama-bench)",
               ("ours", "merged_fp32"): "ours, merged graph (adapter 0) fp32",
-              ("ours", "merged_int4"): "ours, merged graph (adapter 0) int4 (`quantize --bits 4`)",
-              ("ours", "slots_fp32"): "ours, slot graph fp32 (the served one, 8 adapters)"}
+              ("ours", "merged_int4"): "ours, merged graph (adapter 0) int4 (`onnx --quantize int4`)",
+              ("ours", "slots_fp32"): "ours, slot graph fp32 (the served one, 8 adapters)",
+              ("ours", "slots_int4"): "ours, slot graph int4 (the served one, 8 adapters)"}
     for (side, key), label in labels.items():
         if key in single[side]:
             g = single[side][key]

@@ -48,7 +48,6 @@ from bench_onnx import random_adapter  # noqa: E402
 from prolora_export.engine import Engine, Request  # noqa: E402
 from prolora_export.formats.prolora import save_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
-from prolora_export.onnx.export import export_onnx  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 ADAPTER_COUNTS = (1, 4, 16)
@@ -63,8 +62,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build(work: Path, reuse: bool, count: int = max(ADAPTER_COUNTS)) -> tuple[Path, dict[str, Path]]:
-    """The slot export of the demo model and ``count`` adapter folders (reused from ``work`` if asked)."""
+def export(base: Path, adapter: Path, out: Path, *options: str) -> None:
+    """``prolora-export onnx`` of this environment with its default route (``--graph auto``: the model
+    builder where it is installed, else optimum), as a user gets it."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "prolora_export", "onnx", "--base", str(base), "--adapter", str(adapter),
+                    "--out", str(out), "--force", *options], check=True, stdout=subprocess.DEVNULL)
+    print(f"exported {out.name} ({' '.join(options)}) in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def build(work: Path, reuse: bool, count: int = max(ADAPTER_COUNTS), quantize: str | None = None
+          ) -> tuple[Path, dict[str, Path]]:
+    """The slot export of the demo model (``quantize``: int4 or int8 base) and ``count`` adapter folders
+    (reused from ``work`` if asked)."""
     base = ensure_demo_model(quiet=True)
     folders = {f"ad{k}": work / f"ad{k}" for k in range(count)}
     if not (reuse and all((f / "adapter_config.json").is_file() for f in folders.values())):
@@ -72,11 +82,10 @@ def build(work: Path, reuse: bool, count: int = max(ADAPTER_COUNTS)) -> tuple[Pa
         for k, folder in enumerate(folders.values()):
             if k:
                 save_adapter(folder, variant(first, k), force=True)
-    slots = work / "slots"
+    slots = work / ("slots" if quantize is None else f"slots-{quantize}")
     if not (reuse and (slots / "model.onnx").is_file()):
-        t0 = time.perf_counter()
-        export_onnx(str(base), [folders["ad0"]], slots, mode="compact", slots=True, force=True)
-        print(f"exported the slot graph in {time.perf_counter() - t0:.0f} s", flush=True)
+        export(base, folders["ad0"], slots, "--mode", "compact", "--slots",
+               *(() if quantize is None else ("--quantize", quantize)))
     return slots, folders
 
 

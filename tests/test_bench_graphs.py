@@ -37,12 +37,12 @@ def test_builder_exports_run_in_the_transformers_5_environment_with_their_flags(
     assert bg.shown_command(merged) == "onnx --graph builder --mode merged"
 
 
-def test_packed_compact_export_is_build_compact_packed_in_the_transformers_5_environment() -> None:
-    command = bg.export_command("compact_packed", "int4", BASE, ADAPTER, WORK / "out", WORK / "opt")
+def test_unpacked_compact_export_is_build_compact_unpacked_in_the_transformers_5_environment() -> None:
+    command = bg.export_command("compact_unpacked", "int4", BASE, ADAPTER, WORK / "out", WORK / "opt")
     assert command[0] == str(bg.CLI["builder"].parent / "python") and command[1] == "-c"
-    assert "build_compact(*sys.argv[1:5], packed=True" in command[2]
+    assert "build_compact(*sys.argv[1:5], packed=False" in command[2]
     assert command[3:] == [str(BASE), str(ADAPTER), str(WORK / "out"), "int4"]
-    assert bg.shown_command(command) == "python: build_compact(base, adapter, out, 'int4', packed=True)"
+    assert bg.shown_command(command) == "python: build_compact(base, adapter, out, 'int4', packed=False)"
 
 
 def test_optimum_int4_is_our_quantize_of_the_optimum_fp32_folder() -> None:
@@ -67,9 +67,9 @@ def test_llama_bench_json_becomes_decode_ms_per_token_and_prefill_ms() -> None:
 
 
 def latency(scale: float) -> dict:
-    """Fake ms for every timed graph: optimum 20, builder merged 10, compact 10.3, packed 10.8, others 12; × scale."""
+    """Fake ms for every timed graph: optimum 20, builder merged 10, compact 10.3, unpacked 10.8, others 12; × scale."""
     ms = {"optimum_merged": 20.0, "merged": 10.0, "compact_kernel": 10.3, "compact_body": 12.0,
-          "compact_packed_kernel": 10.8, "slots": 12.0}
+          "compact_unpacked_kernel": 10.8, "slots": 12.0}
     return {g: {m: v * scale for m in bg.METRICS} for g, v in ms.items()}
 
 
@@ -87,8 +87,8 @@ def test_goals_judge_the_demo_model_and_leave_llamacpp_open_when_skipped() -> No
     goals = {g["what"]: g for g in bg.goals({"demo": fake_model({"skipped": "not built"})})}
     compact = goals["fp32 decode batch 1: compact_kernel / builder merged"]
     assert compact["measured"] == pytest.approx(1.03) and compact["met"]
-    packed = goals["fp32 decode batch 1: compact_packed_kernel / builder merged"]
-    assert packed["measured"] == pytest.approx(1.08) and packed["met"] is False
+    unpacked = goals["fp32 decode batch 1: compact_unpacked_kernel / builder merged"]
+    assert unpacked["measured"] == pytest.approx(1.08) and unpacked["met"] is False
     assert goals["fp32 decode batch 16: builder merged / optimum merged"]["measured"] == pytest.approx(0.5)
     assert goals["int4 decode batch 1: compact_kernel / llama.cpp Q4_0"]["met"] is None
     rss = goals["int4 export peak RSS / model fp32 bytes (worst builder export: compact)"]
@@ -106,7 +106,7 @@ def test_page_shows_every_graph_llamacpp_and_the_exports() -> None:
     page = bg.markdown(results)
     assert "`python bench/bench_graphs.py --quick`" in page
     for label in ("optimum merged (today)", "builder compact, native kernel", "llama.cpp llama-bench Q4_0",
-                  "builder compact on packed Q/K/V, native kernel", "builder compact, packed Q/K/V | int4"):
+                  "builder compact on unpacked Q/K/V, native kernel", "builder compact, unpacked Q/K/V | int4"):
         assert label in page
     q4 = next(line for line in page.splitlines() if line.startswith("| int4 | llama.cpp"))
     assert "| 5.0 | – | 30.0 | – |" in q4  # what llama-bench did not measure stays empty

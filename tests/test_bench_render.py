@@ -87,12 +87,13 @@ def test_readme_shows_ours_beside_llamacpp_and_marks_a_loaded_run(monkeypatch: p
     (bench / "merge.json").write_text(json.dumps(merge_run(LOADED)))
     block = render(monkeypatch, bench)
     # ours and llama-server side by side, per client count, with the ratio
-    assert "| clients | ours tokens/s | llama-server tokens/s | ours / llama.cpp |" in block
-    assert table_rows(block, "| clients |")[1].startswith("| 32 | 205.0 | 41.0 | 5.00× | 400 / 2000 | 150 / 700 |")
+    assert "| weights | clients | ours tokens/s | llama-server tokens/s | ours / llama.cpp |" in block
+    assert table_rows(block, "| weights | clients |")[1].startswith(
+        "| fp32 | 32 | 205.0 | 41.0 | 5.00× | 400 / 2000 | 150 / 700 |")
     assert "| 4-bit: our int4 merged graph / base Q4_0 GGUF | 15.0 | 10.0 | 1.50× |" in block
     # a quiet run says so and is not marked; its caption names the command
     assert "From `python bench/bench_llamacpp.py`, date not recorded, quiet machine" in block
-    assert all(run.UNDER_LOAD not in row for row in table_rows(block, "| clients |"))
+    assert all(run.UNDER_LOAD not in row for row in table_rows(block, "| weights | clients |"))
     # a run taken under load: its caption says so and every figure of it is marked
     assert "From `python bench/bench_merge.py`, date not recorded, **taken under load**" in block
     merge_row = table_rows(block, "| model (fp32) |")[0]
@@ -111,7 +112,7 @@ def test_without_llamacpp_json_the_page_renders_from_the_others(monkeypatch: pyt
                                       "date": "2026-11-24 17:30 UTC", "results": merge_run(None)}
     (bench / "results.json").write_text(json.dumps(results))
     block = render(monkeypatch, bench)
-    assert "llama-server" not in block and "| clients |" not in block
+    assert "llama-server" not in block and "| weights | clients |" not in block
     # an older JSON: no load section; the date is run.py's, since its entry holds this very JSON
     assert "From `python bench/bench_merge.py`, 2026-11-24 17:30 UTC, load not recorded." in block
     assert "| ours s | PEFT s | ours / PEFT |" in block and run.UNDER_LOAD not in block
