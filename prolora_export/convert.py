@@ -44,7 +44,7 @@ def check_against_base(adapter: Adapter, shapes: Shapes, base: str) -> None:
             d_in, d_out = shapes[path]
             problems.append(
                 f"module '{path}' is {d_in}→{d_out} in the base model but "
-                f"{shape['in_features']}→{shape['out_features']} in the adapter"
+                f"{shape['in_features']}→{shape['out_features']} in the adapter (an adapter for another model?)"
             )
     if problems:
         raise PRoLoRAError(problems, f"--base {base}")

@@ -24,13 +24,14 @@ from prolora_export.models import demo_model_dir
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128):
-    """A 2-layer Llama with deliberately odd sizes (72 hidden, 3 heads, 100 MLP) so chunks truncate."""
+def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 72):
+    """A 2-layer Llama with deliberately odd sizes (72 hidden, 3 heads, 100 MLP) so chunks truncate;
+    ``hidden_size=96`` gives heads of 32, which the model builder's CPU attention takes (a multiple of 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=72,
+        hidden_size=hidden_size,
         intermediate_size=100,
         num_hidden_layers=2,
         num_attention_heads=3,
