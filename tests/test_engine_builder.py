@@ -257,3 +257,22 @@ def test_the_prefix_cache_is_bounded(built):
     results.update(run_all(eng, [warm])[0])
     assert eng.prefix.hits == 1 and eng.prefix.tokens_reused == 24 and eng.prefix.tokens <= 24
     assert_rows_exact(built, [first, warm], results)
+
+
+def test_chat_messages_render_to_ids_under_this_transformers(built, monkeypatch):
+    """A chat request is rendered by the tokenizer's template to token ids (transformers 5's
+    apply_chat_template returns a BatchEncoding unless told not to); a failure while checking a request
+    fails that request alone, with its cause."""
+    from test_engine import CHAT_TEMPLATE
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    eng = engine(built, tokenizer=tokenizer)
+    chat = [{"role": "user", "content": "hi there"}]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    by_chat, by_ids = eng.generate([Request(messages=chat, adapter="a1", max_new_tokens=3, ignore_eos=True),
+                                    Request(prompt_ids=rendered, adapter="a1", max_new_tokens=3, ignore_eos=True)])
+    assert by_chat.error is None and by_chat.prompt_tokens == len(rendered) and by_chat.token_ids == by_ids.token_ids
+    monkeypatch.setattr(eng, "_sequence", lambda *args: 1 / 0)
+    broken = eng.generate([Request(prompt_ids=[5, 6], max_new_tokens=2)])[0]
+    assert broken.finish_reason == "error" and "could not be checked: ZeroDivisionError" in broken.error

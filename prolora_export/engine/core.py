@@ -444,9 +444,11 @@ class Engine:
     def _check_in(self, request: Request, listener: Listener | None, submitted: float, events: list[Event]) -> None:
         try:
             seq = self._sequence(request, listener, submitted)
-        except PRoLoRAError as err:
+        except Exception as err:  # a bad request (PRoLoRAError) or a failure checking it: that request only
+            message = (str(err) if isinstance(err, PRoLoRAError)
+                       else f"the request could not be checked: {_first_line(err)}")
             seq = _Sequence(request, [], 0, Sampler(), frozenset(), listener, submitted)
-            self._finish(seq, "error", events, error=str(err))
+            self._finish(seq, "error", events, error=message)
             return
         self._waiting.append(seq)
 
@@ -490,9 +492,9 @@ class Engine:
         elif request.messages is not None:
             if not request.messages:
                 raise PRoLoRAError("empty prompt: no chat messages")
-            try:
-                ids = list(self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
-                                                              tokenize=True))
+            try:  # ids, not transformers 5's default BatchEncoding
+                ids = [int(t) for t in self.tokenizer.apply_chat_template(
+                    list(request.messages), add_generation_prompt=True, tokenize=True, return_dict=False)]
             except Exception as err:  # jinja and tokenizer errors of a malformed message
                 raise PRoLoRAError(f"chat messages could not be rendered with the chat template ({err})") from None
         else:
