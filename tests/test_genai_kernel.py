@@ -23,7 +23,8 @@ pytestmark = [needs_builder, pytest.mark.skipif(kernel_library("cpu", "auto") is
 
 
 @pytest.mark.parametrize("built", ["llama"], indirect=True)
-def test_genai_runs_the_native_kernel(built):  # noqa: F811
+def test_genai_runs_the_native_kernel(built, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)  # genai takes a library only from the model's folder or the working one: any cwd
     folder = spliced_copy(built, "kernel-genai")
     broken = built["root"] / "kernel-genai-broken"
     shutil.copytree(folder, broken, dirs_exist_ok=True)

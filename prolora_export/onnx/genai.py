@@ -21,6 +21,7 @@ so our ``.onnx_adapter`` files switch the shards of a compact graph there too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -228,16 +229,20 @@ def genai_model(folder: str | Path, kernel: str = "auto"):
     """``onnxruntime_genai.Model`` of an export folder, with our native ``RotatedShardLoRA`` kernel
     registered for its session when :func:`~prolora_export.runtime.kernel_library` says so (``auto``: when
     it was built; ``function``: never, the graph's function body runs). The library is named at run time
-    (``og.Config.overlay``), not in the folder's genai_config.json, which stays portable."""
+    (``og.Config.overlay``), not in the folder's genai_config.json, which stays portable. The model is
+    made with the library's folder as the working directory (genai refuses a library outside the model's
+    folder and the working one): not while another thread depends on the working directory."""
     import onnxruntime_genai as og
 
     from ..runtime import kernel_library
 
-    config = og.Config(str(folder))
+    config = og.Config(str(Path(folder).resolve()))
     library = kernel_library("cpu", kernel)
-    if library is not None:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"custom_ops_library": str(library)}}}}))
-    return og.Model(config)
+    if library is None:
+        return og.Model(config)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"custom_ops_library": library.name}}}}))
+    with contextlib.chdir(library.parent):  # genai loads a library only from the model's folder or the working one
+        return og.Model(config)
 
 
 def genai_greedy(model, prompt_ids: list[int], max_new_tokens: int,
