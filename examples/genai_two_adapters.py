@@ -23,13 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import onnxruntime_genai as og
 import torch
 
-from prolora_export.cli.onnx import export_graph
 from prolora_export.config import PRoLoRAConfig
 from prolora_export.formats.prolora import Adapter, save_adapter
 from prolora_export.inject import adapter_state_dict, inject_adapter
 from prolora_export.models import load_base_model, resolve_model
 from prolora_export.onnx.adapters import export_onnx_adapter
 from prolora_export.onnx.genai import genai_model
+from prolora_export.onnx.route import export_graph
 
 
 def random_adapters(base: str, work: Path, count: int = 2) -> list[Path]:

@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from prolora_export.cli.onnx import export_graph
 from prolora_export.formats.prolora import load_adapter
 from prolora_export.inject import inject_adapter, load_adapter_weights
 from prolora_export.models import load_base_model, load_config
@@ -33,6 +32,7 @@ from prolora_export.onnx.adapters import (
     load_onnx_adapter,
     run_options,
 )
+from prolora_export.onnx.route import export_graph
 from prolora_export.runtime import inference_session
 
 

@@ -9,7 +9,8 @@ The Python API is what the CLI calls::
     model = pe.inject_adapter(model, config)          # any transformers model; train it as you like
     pe.save_injected(model, config, "my-adapter")     # our adapter folder (SPEC §2)
     pe.merge_adapters("base", [("my-adapter", 1.0)], "merged/")
-    pe.export_onnx("base", "my-adapter", "onnx/", mode="compact")
+    pe.export_graph("base", ["my-adapter"], "onnx/", mode="compact")  # the route `onnx --graph auto` takes
+    pe.export_onnx("base", "my-adapter", "optimum-onnx/", mode="compact")  # optimum's route itself
     report = pe.check_parity("base", "my-adapter", "onnx/")
 
 Names are resolved on first use, so ``import prolora_export`` does not import torch,
@@ -40,6 +41,7 @@ _API = {
     "merge_adapters": ("merge", "merge_adapters"),
     "convert_adapter": ("convert", "convert"),
     "inspect_adapter": ("inspect", "inspect_adapter"),
+    "export_graph": ("onnx.route", "export_graph"),
     "export_onnx": ("onnx.export", "export_onnx"),
     "export_onnx_adapter": ("onnx.adapters", "export_onnx_adapter"),
     "check_parity": ("parity", "check_parity"),

@@ -27,7 +27,6 @@ from onnx import numpy_helper
 from test_graph_builder import SIZES
 
 from prolora_export.cli import main as cli
-from prolora_export.cli.onnx import FP16_ON_CPU, builder_execution_provider
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import load_adapter, save_adapter
 from prolora_export.models import load_config
@@ -35,6 +34,7 @@ from prolora_export.onnx import op
 from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
 from prolora_export.onnx.graph.check import check_spliced
 from prolora_export.onnx.quantize import quantize_onnx
+from prolora_export.onnx.route import FP16_ON_CPU, builder_execution_provider
 from prolora_export.runtime import inference_session
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
