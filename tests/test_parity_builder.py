@@ -142,6 +142,23 @@ def test_merged_graph_without_the_adapter_fails(built):
     assert data["checks"]["rel"]["ok"] is False and data["metrics"]["rel"] > 1e-2
 
 
+@needs_builder
+def test_greedy_forbids_the_reference_eos_on_both_sides(built):
+    """The reference's generate forbids the eos of the model's generation config (``min_new_tokens``: exactly n
+    tokens); the plain decoder chose it where the model did, so a faithful graph failed wherever eos won a step
+    (the demo's trained adapter answers then stops: 'diverges at step 7')."""
+    from transformers import GenerationConfig
+
+    _, _, data = run(built, built["merged"])
+    eos = data["prompts"][0]["greedy_reference"][1]  # the model's choice at step 1 becomes its eos
+    base = built["root"] / "hf-eos"
+    shutil.copytree(built["hf"], base)
+    GenerationConfig(eos_token_id=eos, pad_token_id=0).save_pretrained(base)
+    code, output, data = run(built | {"hf": base}, built["merged"])
+    assert code == 0 and data["metrics"]["greedy"] == 1.0, output
+    assert eos not in data["prompts"][0]["greedy_onnx"] and len(data["prompts"][0]["greedy_onnx"]) == NEW_TOKENS
+
+
 def test_parity_imports_without_optimum():
     """optimum is only needed for optimum folders: importing the gate must not pull it in."""
     check = "import sys, prolora_export.parity; assert not [m for m in sys.modules if m.startswith('optimum')]"

@@ -114,7 +114,7 @@ from .prompts import (
     encode_prompts,
     read_prompts,
 )
-from .references import B_TENSORS, REFERENCE_DTYPES, _greedy, _reference_model, _zero_adapter
+from .references import B_TENSORS, REFERENCE_DTYPES, _greedy, _reference_model, _zero_adapter, eos_ids
 from .report import KERNEL_USERS, GenaiParityReport, KernelVerdict, ParityReport
 from .runners import (
     AdapterIsolation,
@@ -260,7 +260,7 @@ def check_parity(
                 if generate:
                     with torch.no_grad():
                         result.greedy_reference = ref_tokens
-                        result.greedy_onnx = (candidate.greedy(inputs, max_new_tokens) if builder
+                        result.greedy_onnx = (candidate.greedy(inputs, max_new_tokens, eos_ids(reference)) if builder
                                               else _greedy(candidate, inputs, max_new_tokens, pad_id))
                     pairs = list(zip(result.greedy_reference, result.greedy_onnx, strict=True))
                     result.first_divergence = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
@@ -310,8 +310,7 @@ def check_genai_parity(base: str, adapter: str | Path, onnx_dir: str | Path, pro
     prompts = prompts or DEFAULT_PROMPTS
     encoded, tokenizer = encode_prompts(prompts, [folder, resolve_model(base)], True, {"input_ids", "attention_mask"})
     reference = _reference_model(base, adapter, "text-generation", torch.float32, read_options)
-    eos = getattr(reference.generation_config, "eos_token_id", None)
-    stops = set(eos if isinstance(eos, list) else [eos]) - {None}
+    stops = set(eos_ids(reference))
     pad = _pad_id(tokenizer, reference.config)
 
     def expected(inputs: dict[str, torch.Tensor], base_only: bool) -> list[int]:

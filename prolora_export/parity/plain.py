@@ -11,6 +11,7 @@ the only check of the cache plumbing). ``position_ids`` are fed where a graph ta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,14 +45,17 @@ class PlainDecoder:
         """The prompt's logits at every position, as a transformers output carries them."""
         return SimpleNamespace(logits=torch.from_numpy(self._prefill(inputs)["logits"]))
 
-    def greedy(self, inputs: dict[str, torch.Tensor], steps: int) -> list[int]:
-        """Exactly ``steps`` greedy tokens (eos not special, as the reference's): the prompt, then one token
-        per call through the cache."""
+    def greedy(self, inputs: dict[str, torch.Tensor], steps: int, forbidden: Sequence[int] = ()) -> list[int]:
+        """Exactly ``steps`` greedy tokens, the ``forbidden`` ids never chosen (parity passes the reference's eos,
+        which its ``generate`` forbids through ``min_new_tokens``): the prompt, then one token per call through
+        the cache."""
         out = self._prefill(inputs)
         mask = inputs["attention_mask"].numpy().astype(np.int64)
         tokens: list[int] = []
         while len(tokens) < steps:
-            tokens.append(int(np.argmax(out["logits"][0, -1])))
+            logits = out["logits"][0, -1].copy()
+            logits[list(forbidden)] = -np.inf
+            tokens.append(int(np.argmax(logits)))
             if len(tokens) == steps:
                 break
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)

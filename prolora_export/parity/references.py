@@ -41,12 +41,21 @@ def _reference_model(
     return model.eval()
 
 
+def eos_ids(model) -> list[int]:
+    """The eos ids of a model's generation config (one id or a list; none: empty)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    return sorted(set(eos if isinstance(eos, list) else [eos]) - {None})
+
+
 def _greedy(model, inputs: dict[str, torch.Tensor], steps: int, pad_id: int | None) -> list[int]:
-    """Exactly ``steps`` greedy tokens through ``generate`` (the KV-cache path on both sides)."""
+    """Exactly ``steps`` greedy tokens through ``generate`` (the KV-cache path on both sides): ``min_new_tokens``
+    forbids :func:`eos_ids`, named here because transformers fills an eos left None from the model's generation
+    config anyway (4.50+ configs under 4.5x, always under 5), and a candidate without ``generate`` forbids the same
+    ids (:meth:`.plain.PlainDecoder.greedy`)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=steps, num_beams=1,
-                              pad_token_id=pad_id, eos_token_id=None)
+                              pad_token_id=pad_id, eos_token_id=eos_ids(model) or None)
     prompt_len = inputs["input_ids"].shape[1]
     return model.generate(**inputs, generation_config=config)[0, prompt_len:].tolist()
 
