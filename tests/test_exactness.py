@@ -213,6 +213,7 @@ def _tied_llama():
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.mark.optimum
 def test_merged_onnx_export_refuses_an_adapter_on_a_tied_lm_head(tmp_path: Path) -> None:
     """``onnx --mode merged`` merged ΔW of lm_head into the shared weight, i.e. into the input
     embeddings too, while ``merge`` refused the same adapter."""
@@ -294,6 +295,7 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
 
 
+@pytest.mark.optimum
 def test_compact_graph_records_what_its_nodes_bake_in(compact: dict) -> None:
     from prolora_export.formats.prolora import load_adapter
     from prolora_export.onnx.adapters import FINGERPRINT_KEY, geometry_fingerprint, geometry_record, read_record
@@ -306,6 +308,7 @@ def test_compact_graph_records_what_its_nodes_bake_in(compact: dict) -> None:
     assert read_record(compact["graph"]) == record  # the folder, read without a session
 
 
+@pytest.mark.optimum
 def test_file_of_another_alpha_is_refused_then_exact_when_made_for_the_graph(compact: dict, tmp_path: Path) -> None:
     """Same shapes, lora_alpha 3 instead of 16: the graph's nodes carry γ = 4, so the plain file
     ran with γ = 4 instead of 0.75. Now it is refused, and `--graph` folds γ into its B shards."""
@@ -327,6 +330,7 @@ def test_file_of_another_alpha_is_refused_then_exact_when_made_for_the_graph(com
     assert _rel(_onnx_logits(compact["session"], None), want) > 1e-3
 
 
+@pytest.mark.optimum
 def test_file_without_rotation_is_refused_even_with_the_graph(compact: dict, tmp_path: Path) -> None:
     """rotate false: the same shard shapes, other rotation tables; nothing can fold that."""
     from prolora_export.onnx.adapters import check_adapter_fits, export_onnx_adapter
@@ -339,6 +343,7 @@ def test_file_without_rotation_is_refused_even_with_the_graph(compact: dict, tmp
     assert not (tmp_path / "f.onnx_adapter").exists()
 
 
+@pytest.mark.optimum
 def test_adapter_objects_and_legacy_files_are_checked(compact: dict, tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -386,6 +391,7 @@ def test_merge_to_fp16_refuses_values_beyond_its_range(tmp_path: Path, tensor: s
     assert math.isfinite(report.max_rounding_error)
 
 
+@pytest.mark.optimum
 def test_fp16_onnx_export_refuses_weights_beyond_its_range(tmp_path: Path) -> None:
     """The fp16 graph held inf where the model had 7e4 (exit 0; only a parity run would tell)."""
     base = tiny_llama()
@@ -399,6 +405,7 @@ def test_fp16_onnx_export_refuses_weights_beyond_its_range(tmp_path: Path) -> No
         assert not (tmp_path / mode).exists()
 
 
+@pytest.mark.optimum
 def test_a_graph_is_checked_against_the_adapter_it_should_hold(compact: dict) -> None:
     """What a check of a graph against its adapter (parity) needs first: the graph's baked-in geometry
     and γ must be the adapter's, and its shards must default to the adapter's values."""
@@ -417,6 +424,7 @@ def test_a_graph_is_checked_against_the_adapter_it_should_hold(compact: dict) ->
     assert check_exported_from(adapter, {"other": "metadata"}) is None  # a merged export records nothing
 
 
+@pytest.mark.optimum
 def test_parity_refuses_a_graph_that_does_not_hold_the_adapter(compact: dict) -> None:
     """A zero-default graph computes the base model: parity against the adapter could only FAIL and
     point at a layer; it now says why, before any model is loaded (exit 2)."""

@@ -23,7 +23,7 @@ from prolora_export.onnx.export import export_onnx
 from prolora_export.onnx.genai import CORPUS, genai_tokenizer, same_tokenization
 from prolora_export.parity import check_genai_parity
 
-pytestmark = pytest.mark.onnx
+pytestmark = pytest.mark.optimum
 IDS = [1, 523, 9876, 33, 4021, 7, 198, 42]
 
 

@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.optimum  # the GPU run's steps export with optimum (tools/gpu_check.py)
 def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     out = tmp_path / "report"
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run", "--out", str(out)],

@@ -66,7 +66,7 @@ def model_and_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
     return base, adapters[0], adapters[1]
 
 
-@pytest.mark.parametrize("command", ["merge", pytest.param("onnx", marks=pytest.mark.onnx)])
+@pytest.mark.parametrize("command", ["merge", pytest.param("onnx", marks=pytest.mark.optimum)])
 def test_sigkill_never_leaves_a_broken_destination(command: str, model_and_adapters, tmp_path: Path) -> None:
     base, old_adapter, new_adapter = model_and_adapters
     out = tmp_path / "out"

@@ -360,6 +360,7 @@ def compact(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "model": Path(out) / "model.onnx", "files": files}
 
 
+@pytest.mark.optimum
 def test_export_leaves_no_traced_shapes_on_adapter_outputs(compact):
     """The tracer's invented dims on our nodes' outputs would stay when the kernel runs them (the Add after
     each node would lose the batch and sequence dims): the export drops them."""
@@ -368,6 +369,7 @@ def test_export_leaves_no_traced_shapes_on_adapter_outputs(compact):
     assert outputs and not outputs & {v.name for v in graph.value_info}
 
 
+@pytest.mark.optimum
 def test_adapters_switch_shards_with_the_kernel(compact, tmp_path):
     ids = np.array([[1, 42, 7, 99, 3, 15, 8, 64]], dtype=np.int64)
     model = str(compact["model"])
@@ -387,6 +389,7 @@ def test_adapters_switch_shards_with_the_kernel(compact, tmp_path):
         assert rel_err(got, want.astype(np.float64)) <= 1e-5
 
 
+@pytest.mark.optimum
 def test_registering_the_library_adds_no_load_warnings(compact):
     """The overridable-initializer warning wall is silenced by runtime's log level, kernel or not; and
     registering the library itself prints nothing."""
@@ -462,6 +465,7 @@ def test_the_package_library_matches_its_source():
     assert status["fingerprint"] == fingerprint(compiler(), FLAGS), stale
 
 
+@pytest.mark.optimum
 def test_parity_checks_either_kernel(compact):
     """parity --kernel: both ways of running the op pass against PyTorch, and the report says which ran."""
     from prolora_export.parity import check_parity

@@ -23,6 +23,9 @@ from prolora_export.onnx.export import export_onnx, export_task
 from prolora_export.onnx.op import DOMAIN, OP_TYPE
 from prolora_export.runtime import inference_session, session_options
 
+#: encoders and the decoder families here take optimum's route only (optimum-onnx, transformers < 4.58)
+pytestmark = pytest.mark.optimum
+
 BERT_TARGETS = ["query", "key", "value", "dense"]
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}
 #: architecture -> (task --task auto must pick, optimum.onnxruntime class, output compared)

@@ -26,6 +26,9 @@ from prolora_export.onnx.export import export_onnx, op_body_for
 from prolora_export.onnx.op import BODIES, DOMAIN, OP_TYPE
 from prolora_export.runtime import inference_session, session_options
 
+#: optimum's route (export_onnx): optimum-onnx, transformers < 4.58; the builder's is tests/test_graph_*.py
+pytestmark = pytest.mark.optimum
+
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11]], dtype=np.int64)
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 3}

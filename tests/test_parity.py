@@ -75,6 +75,7 @@ def run(setup, onnx_dir, *extra) -> tuple[int, str, dict | None]:
     return result.exit_code, result.output, data
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("mode", ["merged", "compact"])
 def test_faithful_export_passes(setup, mode):
     code, output, data = run(setup, exported(setup, mode))
@@ -109,6 +110,7 @@ def _layer_weight(model: onnx.ModelProto, mode: str, layer: int) -> onnx.TensorP
     return next(inits[i] for i in node.input if i in inits)
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize(("mode", "layer"), [("compact", 1), ("merged", 0)])
 def test_corrupted_export_fails_and_names_the_layer(setup, mode, layer):
     bad = setup["root"] / f"bad-{mode}-{layer}"
@@ -130,6 +132,7 @@ def test_corrupted_export_fails_and_names_the_layer(setup, mode, layer):
     assert per_layer[layer] > 50 * max([1e-6, *(per_layer[i] for i in range(layer))])
 
 
+@pytest.mark.optimum
 def test_an_edited_function_body_fails_by_default(setup):
     """The default (--kernel auto) ran only the native kernel where it was built, never the RotatedShardLoRA
     body that stock ONNX Runtime, its CUDA provider, ORT GenAI and ORTModelForCausalLM run: a body computing
@@ -157,6 +160,7 @@ def test_an_edited_function_body_fails_by_default(setup):
     assert code == 1 and [v["kernel"] for v in data["verdicts"]] == ["function"], output
 
 
+@pytest.mark.optimum
 def test_plain_optimum_export_passes(setup):
     """An export made without our exporter is judged the same way (here against an fp64 reference)."""
     code, output, data = run(setup, setup["optimum"], "--reference-dtype", "fp64")
@@ -164,6 +168,7 @@ def test_plain_optimum_export_passes(setup):
     assert data["reference_dtype"] == "fp64" and data["metrics"]["rel"] < 1e-5 and data["metrics"]["greedy"] == 1
 
 
+@pytest.mark.optimum
 def test_cuda_provider_refused_on_cpu_only_runtime(setup):
     import onnxruntime as ort
 
@@ -175,6 +180,7 @@ def test_cuda_provider_refused_on_cpu_only_runtime(setup):
     assert len(output.strip().splitlines()) == 1
 
 
+@pytest.mark.optimum
 def test_cuda_fallback_to_cpu_is_refused(setup, monkeypatch):
     """A runtime that claims CUDA but whose session ends up on the CPU must not pass as a CUDA check."""
     import onnxruntime as ort
@@ -188,6 +194,7 @@ def test_cuda_fallback_to_cpu_is_refused(setup, monkeypatch):
     assert "fell back to CPUExecutionProvider" in output and len(output.strip().splitlines()) == 1
 
 
+@pytest.mark.optimum
 def test_bad_inputs_exit_2_with_one_line(setup, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -319,6 +326,7 @@ def parity_cli(small, name: str, *extra: str, base: str | None = None, onnx_dir:
     return CliRunner().invoke(main, args)
 
 
+@pytest.mark.optimum
 def test_tokenizer_with_token_type_ids_for_a_decoder(small, tmp_path):
     """generate refused the token_type_ids a plain PreTrainedTokenizerFast returns (issue 14, 12);
     both sides now get only what the graph takes, and the report follows the umask (item 19)."""
@@ -336,6 +344,7 @@ def test_tokenizer_with_token_type_ids_for_a_decoder(small, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["metrics"]["greedy"] == 1.0
 
 
+@pytest.mark.optimum
 def test_token_id_prompts_need_no_tokenizer(small, tmp_path):
     """A base and an ONNX folder without tokenizer files crashed inside transformers (issue 14, 18)."""
     root = small["root"]
@@ -358,6 +367,7 @@ def test_token_id_prompts_need_no_tokenizer(small, tmp_path):
     assert "no tokenizer" in result.output and '{"input_ids"' in result.output
 
 
+@pytest.mark.optimum
 def test_prompt_over_the_positions_is_refused_before_any_model_loads(small, tmp_path, monkeypatch):
     """GPT-2's 32 learned positions: a prompt that fits, plus --max-new-tokens that do not (issue 14, 13)."""
     import prolora_export.parity as parity
@@ -379,6 +389,7 @@ def test_prompt_over_the_positions_is_refused_before_any_model_loads(small, tmp_
     assert long.exit_code == 2 and "more than the model's 32 positions" in long.output, long.output
 
 
+@pytest.mark.optimum
 def test_report_that_cannot_be_written_fails_before_the_run(small, tmp_path, monkeypatch):
     """--report naming a folder failed only after the whole run (issue 14, 17)."""
     import prolora_export.cli.parity as cli_parity
@@ -407,6 +418,7 @@ def _tiny_bert(cls_name: str, root: Path, demo_model: Path) -> tuple[Path, Path]
 @pytest.mark.parametrize(("cls_name", "task", "output"), [("BertModel", "feature-extraction", "last_hidden_state"),
                                                           ("BertForSequenceClassification", "text-classification",
                                                            "logits")])
+@pytest.mark.optimum
 def test_encoders(tmp_path, demo_model, cls_name, task, output):
     """Encoders are compared on their output at every position (no generation); a wrong last layer
     (whose output is the graph output itself for a feature extractor) is still localized."""
@@ -431,6 +443,7 @@ def test_encoders(tmp_path, demo_model, cls_name, task, output):
     assert report.localization["layer"] == 1 and report.localization["module"] == f"{prefix}encoder.layer.1"
 
 
+@pytest.mark.optimum
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["merged", "compact"])
 def test_demo_model_fp32_passes_where_max_abs_would_not(demo_model, tmp_path, mode):

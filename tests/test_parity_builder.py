@@ -3,7 +3,7 @@ decode loop (no optimum, transformers 5), passing faithful compact and merged ex
 failing a shard 2 % off, an edited function body and a merged graph that lost its adapter (quantized builder
 graphs: tests/test_parity_builder_quantized.py).
 
-The builder needs onnxruntime-genai and transformers ≥ 5 (``.venv-tf5``): those tests skip elsewhere.
+The builder needs onnxruntime-genai and transformers ≥ 5 (the main ``.venv``): those tests skip elsewhere.
 """
 
 from __future__ import annotations

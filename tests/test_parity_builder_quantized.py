@@ -6,7 +6,7 @@ single-adapter int4 graph gives it.
 
 The tiny Llama's adapter moves its logits by rel ≈ 1.2, int4 moves them by 0.13 against the float model: against
 the quantized reference faithful exports are off by rel ≈ 3e-7 (the int8 activation blocks of accuracy level 4
-reproduced), the faults by ≥ 0.5. The builder needs onnxruntime-genai and transformers ≥ 5 (``.venv-tf5``): those
+reproduced), the faults by ≥ 0.5. The builder needs onnxruntime-genai and transformers ≥ 5 (the main ``.venv``): those
 tests skip elsewhere.
 """
 

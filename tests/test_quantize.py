@@ -96,6 +96,7 @@ def check_quantized_folder(folder: Path, bits: int, compact: bool, adapter: Path
 @pytest.mark.parametrize(("command", "mode", "bits"),
                          [("onnx", "compact", 4), ("onnx", "merged", 8), ("quantize", "merged", 4),
                           ("quantize", "compact", 8)])
+@pytest.mark.optimum
 def test_cli_quantizes_both_modes(tiny, command, mode, bits):
     out = tiny["root"] / f"cli-{command}-{mode}-{bits}"
     if command == "onnx":
@@ -114,6 +115,7 @@ def test_cli_quantizes_both_modes(tiny, command, mode, bits):
     assert rel(got, torch_logits(tiny["base"], tiny["a0"])) < (0.3 if bits == 4 else 0.05)
 
 
+@pytest.mark.optimum
 def test_two_adapters_switch_on_an_int4_graph(tiny):
     """onnx-adapter files made for the fp32 graph apply to the int4 graph unchanged; each adapter's effect
     (logits with it − logits with zero B) is its own PyTorch effect, not the other's."""
@@ -138,6 +140,7 @@ def test_two_adapters_switch_on_an_int4_graph(tiny):
         assert rel(effects[mine], wanted[other]) > 1.0
 
 
+@pytest.mark.optimum
 def test_int8_modules_stay_at_eight_bits_in_an_int4_graph(tiny):
     """A mixed graph: exactly the named projections' MatMuls are 8-bit MatMulNBits, every other base MatMul 4-bit,
     the adapter untouched; the 8-bit layers bring the logits closer to PyTorch than pure int4."""
@@ -158,6 +161,7 @@ def test_int8_modules_stay_at_eight_bits_in_an_int4_graph(tiny):
     assert errors[0] < errors[1]
 
 
+@pytest.mark.optimum
 def test_an_unknown_int8_module_is_refused(tiny, tmp_path):
     with pytest.raises(PRoLoRAError, match="no MatMul of module 'v_prj'"):
         quantize_onnx(tiny["merged"], tmp_path / "typo", bits=4, int8_modules=("v_proj", "v_prj"))
@@ -172,6 +176,7 @@ def parity(tiny, folder: Path, *extra: str) -> tuple[int, str, dict]:
     return result.exit_code, result.output, json.loads(report.read_text())
 
 
+@pytest.mark.optimum
 def test_parity_gate_on_int4_passes_faithful_and_fails_a_two_percent_shard(tiny):
     folder = quantize_onnx(tiny["compact"], tiny["root"] / "parity-int4", bits=4).out
     code, output, data = parity(tiny, folder, "--tolerance", f"int4-cpu,{TINY_GATES}")
@@ -192,6 +197,7 @@ def test_parity_gate_on_int4_passes_faithful_and_fails_a_two_percent_shard(tiny)
     assert data["checks"]["op_rel"]["ok"] is False and data["metrics"]["op_rel"] > 1e-3
 
 
+@pytest.mark.optimum
 def test_parity_picks_the_preset_of_a_quantized_folder(tiny):
     folder = quantize_onnx(tiny["merged"], tiny["root"] / "parity-int8", bits=8).out
     code, output, data = parity(tiny, folder)
@@ -230,6 +236,7 @@ def _faulty_export(tiny, mode: str, bits: int, factor: float) -> Path:
     return out
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize(("mode", "bits"), [("merged", 4), ("merged", 8), ("compact", 4), ("compact", 8)])
 def test_quantized_gate_fails_a_lost_or_halved_adapter(tiny, mode, bits):
     """A merged int4 export that lost its adapter passed the int4 preset (issue 28, item 3): against the float
@@ -336,6 +343,7 @@ def test_an_unprotected_adapter_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.optimum
 def test_bad_settings_are_one_line_errors(tiny, tmp_path):
     runner = CliRunner()
     for args, message in (
@@ -352,6 +360,7 @@ def test_bad_settings_are_one_line_errors(tiny, tmp_path):
         quantize_onnx(once, tmp_path / "twice", bits=4)
 
 
+@pytest.mark.optimum
 def test_heldout_loss_through_onnx_runtime_matches_pytorch(tiny):
     """The quality figure of the benchmark: the fp32 export's held-out loss is PyTorch's evaluate_loss."""
     from prolora_export.data import load_dataset
@@ -369,6 +378,7 @@ def test_heldout_loss_through_onnx_runtime_matches_pytorch(tiny):
     assert got == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.optimum
 def test_external_data_is_kept(tiny):
     """A source folder with external data (as optimum writes models over 2 GB) gets ``model.onnx_data`` again,
     and the adapter still switches on the result."""

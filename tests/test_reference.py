@@ -407,6 +407,7 @@ def test_onnx_adapter_reads_a_reference_checkpoint(tmp_path: Path) -> None:
     assert (tmp_path / "a.onnx_adapter").stat().st_size > 0
 
 
+@pytest.mark.optimum
 def test_onnx_export_and_parity_read_a_reference_folder(tmp_path: Path) -> None:
     """The final folder with both files, the pickle allowed: onnx (compact) and parity read it like the rest."""
     from test_data import tiny_tokenizer

@@ -40,7 +40,7 @@ from prolora_export.serve.app import Metrics
 
 openai = pytest.importorskip("openai")
 
-pytestmark = [pytest.mark.onnx, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.optimum, pytest.mark.timeout(300)]
 
 NAMES = ("a1", "a2", "a3", "a4")
 KEY = "test-key"

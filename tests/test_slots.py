@@ -105,6 +105,7 @@ def stacked_feeds(sess, ids: np.ndarray, adapters: list[Path], index: list[int])
     return feeds
 
 
+@pytest.mark.optimum
 def test_slot_graph_structure(tiny):
     model = onnx.load(str(tiny["slots"] / "model.onnx"))
     inputs = {i.name: i for i in model.graph.input}
@@ -123,6 +124,7 @@ def test_slot_graph_structure(tiny):
         slot_record(tiny["single"])
 
 
+@pytest.mark.optimum
 def test_mixed_batch_rows_equal_single_adapter_graph(tiny):
     """Three adapters and the base in one batch: each row as the one-adapter graph gives it alone."""
     sess = inference_session(tiny["slots"])
@@ -139,6 +141,7 @@ def test_mixed_batch_rows_equal_single_adapter_graph(tiny):
     assert np.abs(got[0] - got[1]).max() > 1e-3, "adapters must change the logits (else the test is blind)"
 
 
+@pytest.mark.optimum
 def test_slot_count_is_dynamic(tiny):
     """The same adapter gives the same row in a 1-slot and a 3-slot session feed."""
     sess = inference_session(tiny["slots"])
@@ -147,6 +150,7 @@ def test_slot_count_is_dynamic(tiny):
     np.testing.assert_array_equal(one, three)
 
 
+@pytest.mark.optimum
 def test_slots_cli_refuses_mismatched_geometry_and_merged_mode(tiny, tmp_path):
     other = tmp_path / "other"
     save_adapter(other, make_adapter(tiny_llama(), seed=5, r=4, unshared_r=0, sharing_rate_a=2, sharing_rate_b=2))
@@ -164,6 +168,7 @@ def test_slots_cli_refuses_mismatched_geometry_and_merged_mode(tiny, tmp_path):
     assert not any((tmp_path / name).exists() for name in "xyz")
 
 
+@pytest.mark.optimum
 def test_fp16_slot_graph_runs_each_row_close_to_fp32(tiny, tmp_path):
     """An fp16 slot graph (exported on the CPU, run by ORT CPU): fp16 slots, per-row logits close to
     the fp32 slot graph's (fp16 rounding of the base weights dominates)."""
@@ -192,6 +197,7 @@ FLATTENING = {  # tiny random decoders; OPT feeds its MLP the tokens flattened t
 }  # fmt: skip
 
 
+@pytest.mark.optimum
 @pytest.mark.parametrize("model_type", sorted(FLATTENING))
 def test_slot_export_of_layers_fed_flattened_tokens(tmp_path: Path, model_type: str) -> None:
     """``onnx --mode compact --slots`` on OPT (issue 28 item 6) exports, and each row of a mixed batch
