@@ -4,7 +4,7 @@ mixed, continuously batched batch (prompts prefilled together right-padded, rows
 joining, rows leaving, prompts prefilled in chunks) against PyTorch base + that row's adapter on the
 whole sequence.
 
-The builder needs onnxruntime-genai and transformers ≥ 5 (the ``.venv-tf5`` run): skipped elsewhere.
+The builder needs onnxruntime-genai and transformers ≥ 5 (the main environment): skipped elsewhere.
 """
 
 from __future__ import annotations
