@@ -107,7 +107,7 @@ def workload(tokenizer, quick: bool) -> list[dict]:
         topic = TOPICS[i % len(TOPICS)]
         words = " ".join(TOPICS[(i + k) % len(TOPICS)] for k in range(int(rng.integers(1, 12))))
         messages = [{"role": "user", "content": f"Write a short note about {topic}. Mention {words}."}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         low, high = (6, 18) if quick else (12, 36)
         out.append({"ids": list(ids), "adapter": i % ADAPTERS, "max_new": int(rng.integers(low, high + 1))})
     return out
