@@ -598,7 +598,7 @@ class Engine:
             return []
         self.stats.steps += 1
         keep = [i for i, seq in enumerate(rows) if not self._next(seq, logits[i], events)]
-        self._free_rows([seq for i, seq in enumerate(rows) if i not in set(keep)])
+        self._free_rows([seq for seq in rows if seq.finished])
         self._running = [rows[i] for i in keep]
         return keep
 
@@ -704,7 +704,7 @@ class Engine:
         self.stats.prefills += 1
         alive = [row for row, seq in enumerate(group.seqs)
                  if not seq.finished and not self._next(seq, logits[row], events)]
-        self._free_rows([seq for row, seq in enumerate(group.seqs) if row not in set(alive)])
+        self._free_rows([seq for seq in group.seqs if seq.finished])
         self._running.extend(group.seqs[row] for row in alive)
         if self.pool is not None or not alive:
             return None
