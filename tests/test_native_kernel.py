@@ -219,6 +219,22 @@ def test_thread_counts_give_identical_numbers():
     assert rel_err(outs[0], run(model, x, "function", threads=2).astype(np.float64)) <= 1e-6
 
 
+@pytest.mark.parametrize("fp16", [False, True])
+def test_a_row_alone_equals_that_row_in_a_batch(fp16):
+    """B0 is read in place for a row or two (decode) and transposed once for a batch: the same sums in the same
+    order, so a row's delta is bit for bit the same either way (fp16 shards widened on both routes)."""
+    dtype = np.float16 if fp16 else np.float32
+    g = ShardGeometry.build(200, 300, 8, 2, 2, 2, True)  # 300 = 2 chunks of 150: not a multiple of 8
+    tensors = random_tensors(g, 7, dtype)
+    x = np.random.default_rng(8).standard_normal((12, 200)).astype(dtype)
+    model = node_model(g, 1.5, tensors, 2, fp16=fp16)
+    batch = run(model, x, "native")
+    for row in (0, 5, 11):
+        np.testing.assert_array_equal(run(model, x[row:row + 1], "native")[0], batch[row])
+    want = reference_delta(x, tensors, 200, 300, 2, 2, g.stride_a, g.stride_b, 1.5)
+    assert rel_err(batch, want) <= (1e-3 if fp16 else 1e-5)
+
+
 def test_kernel_runs_instead_of_the_body_and_only_when_registered(tmp_path):
     g = ShardGeometry.build(72, 100, 8, 1, 2, 3, True)
     model = node_model(g, 1.0, random_tensors(g, 7), 3)

@@ -40,6 +40,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 // AVX2/FMA clone picked at load time where the CPU has it, portable code otherwise
 #define PROLORA_HOT __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
@@ -69,7 +73,10 @@ struct Problem {
   int64_t off_a_step = 0, off_b_step = 0;  // s_A mod r_s, s_B mod r_s (non-negative)
   float scaling = 1.0f;
   const float* a0 = nullptr;   // (r_s, c_A)
-  const float* b0t = nullptr;  // (r_s, c_B): B0 transposed
+  // B0's element (c, q) at b0[q·b0_ldq + c·b0_ldc]: transposed (r_s, c_B), ldc 1, where enough rows share it
+  // to repay the transposition; else read in place (c_B, r_s), ldq 1 (see prepare_b0)
+  const float* b0 = nullptr;
+  int64_t b0_ldq = 0, b0_ldc = 1;
   const float* au = nullptr;   // (u, d_in)
   const float* but = nullptr;  // (u, d_out): B_u transposed
   // exactly one of the two input/output pairs is set
@@ -98,6 +105,26 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned lo
 inline v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store8(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
 inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// fp16 → fp32, count values (exact): 8 a time with F16C's vcvtph2ps where the CPU has it, else one by one
+// (Ort::Float16_t::ToFloat converts by bit manipulation: an fp16 shard read that way cost more than the
+// memory traffic its half size saves)
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("avx,f16c"))) void widen_half_f16c(const Ort::Float16_t* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < count; ++i) dst[i] = src[i].ToFloat();
+}
+#endif
+
+void widen_half(const Ort::Float16_t* src, int64_t count, float* dst) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  if (f16c) return widen_half_f16c(src, count, dst);
+#endif
+  for (int64_t i = 0; i < count; ++i) dst[i] = src[i].ToFloat();
+}
 
 // out[r][q] = Σ_c x[r][c]·w[q·ldw + c] for R rows and Q ranks: x is read once per Q ranks, w once per R rows.
 // Every (r, q) is summed in the same order whatever R and Q are, so blocking never changes a result.
@@ -149,17 +176,24 @@ inline void dots(const float* const* x, int64_t width, const float* w, int64_t l
   }
 }
 
-// y[r][c] = Σ_q g[r][q]·bt[q·ldb + c] + Σ_v t[r][v]·ut[v·ldu + c] for c < width: the shared ranks of one B
-// chunk and the unshared ranks of the same outputs in one pass, so each output is written once.
-template <int R, int C>
-inline void outputs_block(const float* const* g, const float* bt, int64_t ldb, int64_t ranks, const float* const* t,
-                          const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t c) {
+// 8 floats `stride` apart
+inline v8 strided8(const float* p, int64_t stride) {
+  return v8{p[0], p[stride], p[2 * stride], p[3 * stride], p[4 * stride], p[5 * stride], p[6 * stride], p[7 * stride]};
+}
+
+// y[r][c] = Σ_q g[r][q]·b[q·ldq + c·ldc] + Σ_v t[r][v]·ut[v·ldu + c] for c < width: the shared ranks of one B
+// chunk and the unshared ranks of the same outputs in one pass, so each output is written once. Contiguous:
+// ldc is 1 (B transposed); else 8 outputs' values are gathered ldc apart. Same sums in the same order either way.
+template <int R, int C, bool Contiguous>
+inline void outputs_block(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks,
+                          const float* const* t, const float* ut, int64_t ldu, int64_t unshared, float* const* y,
+                          int64_t c) {
   v8 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) acc[r][i] = v8{};
   for (int64_t q = 0; q < ranks; ++q)
     for (int i = 0; i < C; ++i) {
-      const v8 bv = load8(bt + q * ldb + c + 8 * i);
+      const v8 bv = Contiguous ? load8(b + q * ldq + c + 8 * i) : strided8(b + q * ldq + (c + 8 * i) * ldc, ldc);
       for (int r = 0; r < R; ++r) acc[r][i] += g[r][q] * bv;
     }
   for (int64_t v = 0; v < unshared; ++v)
@@ -171,20 +205,21 @@ inline void outputs_block(const float* const* g, const float* bt, int64_t ldb, i
     for (int i = 0; i < C; ++i) store8(y[r] + c + 8 * i, acc[r][i]);
 }
 
-// y[r][c] = Σ_q g[r][q]·bt[q·ldb + c] + Σ_v t[r][v]·ut[v·ldu + c] for c < width: the shared ranks of one B
-// chunk and the unshared ranks of the same outputs in one pass, so each output is written once. Several
+// y[r][c] = Σ_q g[r][q]·b[q·ldq + c·ldc] + Σ_v t[r][v]·ut[v·ldu + c] for c < width (outputs_block). Several
 // output vectors per step give independent accumulation chains (one row alone would wait on each FMA).
-template <int R>
-inline void outputs(const float* const* g, const float* bt, int64_t ldb, int64_t ranks, const float* const* t,
-                    const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t width) {
+template <int R, bool Contiguous>
+inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks,
+                    const float* const* t, const float* ut, int64_t ldu, int64_t unshared, float* const* y,
+                    int64_t width) {
   constexpr int C = R == 1 ? 4 : 2;
   int64_t c = 0;
-  for (; c + 8 * C <= width; c += 8 * C) outputs_block<R, C>(g, bt, ldb, ranks, t, ut, ldu, unshared, y, c);
-  for (; c + 8 <= width; c += 8) outputs_block<R, 1>(g, bt, ldb, ranks, t, ut, ldu, unshared, y, c);
+  for (; c + 8 * C <= width; c += 8 * C)
+    outputs_block<R, C, Contiguous>(g, b, ldq, ldc, ranks, t, ut, ldu, unshared, y, c);
+  for (; c + 8 <= width; c += 8) outputs_block<R, 1, Contiguous>(g, b, ldq, ldc, ranks, t, ut, ldu, unshared, y, c);
   for (; c < width; ++c)
     for (int r = 0; r < R; ++r) {
       float sum = 0.0f;
-      for (int64_t q = 0; q < ranks; ++q) sum += g[r][q] * bt[q * ldb + c];
+      for (int64_t q = 0; q < ranks; ++q) sum += g[r][q] * b[q * ldq + c * ldc];
       for (int64_t v = 0; v < unshared; ++v) sum += t[r][v] * ut[v * ldu + c];
       y[r][c] = sum;
     }
@@ -203,7 +238,7 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
     if (p.x16) {
       const Ort::Float16_t* src = p.x16 + at[r] * p.d_in;
       float* dst = xf + r * p.d_in;
-      for (int64_t i = 0; i < p.d_in; ++i) dst[i] = src[i].ToFloat();
+      widen_half(src, p.d_in, dst);
       x[r] = dst;
     } else {
       x[r] = p.x32 + at[r] * p.d_in;
@@ -247,10 +282,13 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
       const float* gk[R];
       float* yk[R];
       for (int r = 0; r < R; ++r) gk[r] = g[r] + k * rs, yk[r] = y[r] + start;
-      outputs<R>(gk, p.b0t, p.c_b, rs, t, p.but + start, p.d_out, u, yk, width);
+      if (p.b0_ldc == 1)  // every chunk k reads the same B0 (its rotation is in g)
+        outputs<R, true>(gk, p.b0, p.b0_ldq, 1, rs, t, p.but + start, p.d_out, u, yk, width);
+      else
+        outputs<R, false>(gk, p.b0, p.b0_ldq, p.b0_ldc, rs, t, p.but + start, p.d_out, u, yk, width);
     }
   } else {
-    outputs<R>(g, nullptr, 0, 0, t, p.but, p.d_out, u, y, p.d_out);
+    outputs<R, true>(g, nullptr, 0, 1, 0, t, p.but, p.d_out, u, y, p.d_out);
   }
   if (p.y16)
     for (int r = 0; r < R; ++r) {
@@ -284,52 +322,50 @@ void run_task(void* data, size_t index) {
   compute_rows(*task.problem, begin, std::min(task.problem->rows, begin + task.rows_per_task));
 }
 
-template <typename T>
-inline float to_float(T v);
-template <>
-inline float to_float<float>(float v) { return v; }
-template <>
-inline float to_float<Ort::Float16_t>(Ort::Float16_t v) { return v.ToFloat(); }
-
 // count values in fp32: the source itself for fp32, else widened into dst
-template <typename T>
-const float* widened(const T* src, int64_t count, float* dst) {
-  if constexpr (std::is_same<T, float>::value) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < count; ++i) dst[i] = src[i].ToFloat();
-    return dst;
-  }
+inline const float* widened(const float* src, int64_t, float*) { return src; }
+inline const float* widened(const Ort::Float16_t* src, int64_t count, float* dst) {
+  widen_half(src, count, dst);
+  return dst;
 }
 
 // (rows, cols) → (cols, rows) in fp32, into dst: B0 and B_u for the output loops, which then run over
 // contiguous memory. On one decoded token it costs about as much as the products, and still beats reading
 // B0 in place (r_s-long dot products per output): 2.1 µs against 0.9 µs for both at 576 → 576, r = 8
 // (thread CPU time).
-template <typename T>
-PROLORA_HOT const float* transposed(const T* src, int64_t rows, int64_t cols, float* dst) {
-  if (rows == 1 || cols == 1) return widened(src, rows * cols, dst);  // same layout either way
+PROLORA_HOT const float* transposed(const float* src, int64_t rows, int64_t cols, float* dst) {
+  if (rows == 1 || cols == 1) return src;  // same layout either way
   int64_t r = 0;
   for (; r + 8 <= rows; r += 8) {  // 8 source rows → one 8-wide store per column (twice as fast as scalar)
-    const T* s = src + r * cols;
+    const float* s = src + r * cols;
     for (int64_t c = 0; c < cols; ++c) {
-      const v8 v = {to_float(s[c]),            to_float(s[cols + c]),     to_float(s[2 * cols + c]),
-                    to_float(s[3 * cols + c]), to_float(s[4 * cols + c]), to_float(s[5 * cols + c]),
-                    to_float(s[6 * cols + c]), to_float(s[7 * cols + c])};
+      const v8 v = {s[c], s[cols + c], s[2 * cols + c], s[3 * cols + c],
+                    s[4 * cols + c], s[5 * cols + c], s[6 * cols + c], s[7 * cols + c]};
       store8(dst + c * rows + r, v);
     }
   }
   for (; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = to_float(src[r * cols + c]);
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
   return dst;
 }
 
-// a tensor's dimensions without allocating (rank ≤ 8 here: the op's tensors have rank 2, X any rank ≤ 8)
+// fp16: widened (through `wide`, rows·cols floats of scratch, when it must be transposed too) into dst
+const float* transposed(const Ort::Float16_t* src, int64_t rows, int64_t cols, float* dst, float* wide) {
+  if (rows == 1 || cols == 1) return widened(src, rows * cols, dst);
+  widen_half(src, rows * cols, wide);
+  return transposed(wide, rows, cols, dst);
+}
+
+// a tensor's dimensions and element type, read through one type-and-shape info (rank ≤ 8 here: the op's
+// tensors have rank 2, X any rank ≤ 8)
 struct Dims {
   int64_t d[8] = {};
   size_t rank = 0;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  Dims() = default;
   explicit Dims(const Ort::ConstValue& value) {
     Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
+    type = info.GetElementType();
     rank = info.GetDimensionsCount();
     if (rank > 8) throw Ort::Exception("RotatedShardLoRA: inputs of rank > 8 are not supported", ORT_INVALID_ARGUMENT);
     Ort::ThrowOnError(Ort::GetApi().GetDimensions(info, d, rank));
@@ -364,16 +400,16 @@ void run_problem(const Ort::KernelContext& ctx, const Problem& p) {
 }
 
 // true for an fp16 tensor, false for fp32; any other type is refused
-inline bool half(const Ort::ConstValue& value) {
-  const ONNXTensorElementDataType type = value.GetTensorTypeAndShapeInfo().GetElementType();
-  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+inline bool half(const Dims& dims) {
+  if (dims.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 && dims.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
     throw Ort::Exception("RotatedShardLoRA: shards must be float32 or float16", ORT_INVALID_ARGUMENT);
-  return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  return dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
-// one slot's shards, ready for compute_rows (fp32; B0 and B_u transposed)
+// one slot's shards, ready for compute_rows (fp32; B_u transposed, B0 as Problem::b0 says)
 struct Prepared {
-  const float *a0 = nullptr, *b0t = nullptr, *au = nullptr, *but = nullptr;
+  const float *a0 = nullptr, *b0 = nullptr, *au = nullptr, *but = nullptr;
+  int64_t b0_ldq = 0, b0_ldc = 1;
 };
 
 // Kernel of RotatedShardLoRA (Slots = false: X, A_shard, B_shard, A_unshared, B_unshared) and of
@@ -440,7 +476,7 @@ struct Kernel {
     unsigned sum = 0;
     for (const Ort::ConstValue& value : values) {
       if (value == nullptr) continue;
-      const size_t bytes = value.GetTensorTypeAndShapeInfo().GetElementCount() * (half(value) ? 2 : 4);
+      const size_t bytes = value.GetTensorTypeAndShapeInfo().GetElementCount() * (half(Dims(value)) ? 2 : 4);
       const unsigned char* data = static_cast<const unsigned char*>(value.GetTensorRawData());
       for (size_t i = 0; i < bytes; i += 64) sum += data[i];
     }
@@ -451,7 +487,7 @@ struct Kernel {
   static int64_t leading(const Dims& dims) { return dims.rank == kShardRank ? dims.d[kShardRank - 2] : -1; }
 
   void Compute(OrtKernelContext* context) {
-    thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf;
+    thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf, wide_buf;
     thread_local std::vector<int64_t> position_buf, row_map_buf;
     thread_local std::vector<Prepared> prepared_buf;
     Ort::KernelContext ctx(context);
@@ -491,17 +527,18 @@ struct Kernel {
     const int64_t batch = Slots ? x_dims.d[0] : 1;
 
     int64_t slots = -1;
+    Dims a0_dims, b0_dims, au_dims, bu_dims;
     if (a0 != nullptr) {
-      const Dims a_dims(a0);
-      p.rs = leading(a_dims);
-      expect(a_dims, "A_shard", p.rs, p.c_a, slots);
-      expect(Dims(b0), "B_shard", p.c_b, p.rs, slots);
+      a0_dims = Dims(a0), b0_dims = Dims(b0);
+      p.rs = leading(a0_dims);
+      expect(a0_dims, "A_shard", p.rs, p.c_a, slots);
+      expect(b0_dims, "B_shard", p.c_b, p.rs, slots);
     }
     if (au != nullptr) {
-      const Dims a_dims(au);
-      p.u = leading(a_dims);
-      expect(a_dims, "A_unshared", p.u, p.d_in, slots);
-      expect(Dims(bu), "B_unshared", p.d_out, p.u, slots);
+      au_dims = Dims(au), bu_dims = Dims(bu);
+      p.u = leading(au_dims);
+      expect(au_dims, "A_unshared", p.u, p.d_in, slots);
+      expect(bu_dims, "B_unshared", p.d_out, p.u, slots);
     }
     if (slots < 0) slots = Slots ? 0 : 1;
     if (p.rs > 0) {
@@ -533,12 +570,17 @@ struct Kernel {
     const int64_t a0_size = p.rs * p.c_a, b0_size = p.c_b * p.rs, au_size = p.u * p.d_in, bu_size = p.d_out * p.u;
     if (used > static_cast<int64_t>(prepared_buf.size())) prepared_buf.resize(static_cast<size_t>(used));
     // each shard in its own type (fp32 or fp16; an fp16 graph may feed fp32 X or shards to some node)
-    const bool a0_16 = p.rs > 0 && half(a0), b0_16 = p.rs > 0 && half(b0), au_16 = p.u > 0 && half(au),
-               bu_16 = p.u > 0 && half(bu);
+    const bool a0_16 = p.rs > 0 && half(a0_dims), b0_16 = p.rs > 0 && half(b0_dims),
+               au_16 = p.u > 0 && half(au_dims), bu_16 = p.u > 0 && half(bu_dims);
     float* a0_dst = scratch(a0_buf, static_cast<size_t>(a0_16 ? used * a0_size : 0));
-    float* b0_dst = scratch(b0_buf, static_cast<size_t>(used * b0_size));
+    // B0 transposed once pays where a slot has a row block or more (prefill, a batch on one adapter); for a
+    // decoded row or two it is read in place, 8 outputs gathered at a time (the transposition and its
+    // scratch writes cost more than the products then: demo decode, measured)
+    const bool transpose_b0 = rows >= kRowBlock * used;
+    float* b0_dst = scratch(b0_buf, static_cast<size_t>(transpose_b0 || b0_16 ? used * b0_size : 0));
     float* au_dst = scratch(au_buf, static_cast<size_t>(au_16 ? used * au_size : 0));
     float* bu_dst = scratch(bu_buf, static_cast<size_t>(used * bu_size));
+    float* wide = scratch(wide_buf, static_cast<size_t>(b0_16 || bu_16 ? std::max(b0_size, bu_size) : 0));
     for (int64_t s = 0; s < slots; ++s) {
       const int64_t at = position[s];
       if (at < 0) continue;
@@ -546,13 +588,21 @@ struct Kernel {
       if (p.rs > 0) {
         ready.a0 = a0_16 ? widened(a0.GetTensorData<Ort::Float16_t>() + s * a0_size, a0_size, a0_dst + at * a0_size)
                          : a0.GetTensorData<float>() + s * a0_size;
-        ready.b0t = b0_16 ? transposed(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, p.c_b, p.rs, b0_dst + at * b0_size)
-                          : transposed(b0.GetTensorData<float>() + s * b0_size, p.c_b, p.rs, b0_dst + at * b0_size);
+        float* dst = b0_dst + at * b0_size;
+        if (transpose_b0) {
+          ready.b0 = b0_16 ? transposed(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, p.c_b, p.rs, dst, wide)
+                           : transposed(b0.GetTensorData<float>() + s * b0_size, p.c_b, p.rs, dst);
+          ready.b0_ldq = p.c_b, ready.b0_ldc = 1;
+        } else {
+          ready.b0 = b0_16 ? widened(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, b0_size, dst)
+                           : b0.GetTensorData<float>() + s * b0_size;
+          ready.b0_ldq = 1, ready.b0_ldc = p.rs;
+        }
       }
       if (p.u > 0) {
         ready.au = au_16 ? widened(au.GetTensorData<Ort::Float16_t>() + s * au_size, au_size, au_dst + at * au_size)
                          : au.GetTensorData<float>() + s * au_size;
-        ready.but = bu_16 ? transposed(bu.GetTensorData<Ort::Float16_t>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size)
+        ready.but = bu_16 ? transposed(bu.GetTensorData<Ort::Float16_t>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size, wide)
                           : transposed(bu.GetTensorData<float>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size);
       }
     }
@@ -577,7 +627,8 @@ struct Kernel {
         if (prepared_at(b) == at) first = first < 0 ? b : first, last = b, ++count;
       const Prepared& ready = prepared_buf[static_cast<size_t>(at)];
       Problem q = p;
-      q.a0 = ready.a0, q.b0t = ready.b0t, q.au = ready.au, q.but = ready.but;
+      q.a0 = ready.a0, q.b0 = ready.b0, q.b0_ldq = ready.b0_ldq, q.b0_ldc = ready.b0_ldc;
+      q.au = ready.au, q.but = ready.but;
       q.rows = count * per_batch;
       if (last - first + 1 > count) {
         int64_t* map = scratch(row_map_buf, static_cast<size_t>(q.rows));
