@@ -43,12 +43,13 @@ def built(tmp_path_factory) -> dict:
         save_adapter(root / name, adapter)
         models[name] = model.eval()  # make_adapter injected it
     slots = build_compact(root / "hf", root / "a1", root / "slots", slots=True).folder
-    return {"root": root, "slots": slots, "models": models}
+    return {"root": root, "slots": slots, "models": models, "adapters": {n: root / n for n in NAMES}}
 
 
 def engine(built, **options) -> Engine:
+    """An engine on ``built``'s slot graph with its adapters loaded (token ids only unless told)."""
     options.setdefault("tokenizer", None)
-    return Engine(built["slots"], {n: built["root"] / n for n in NAMES}, **options)
+    return Engine(built["slots"], built["adapters"], **options)
 
 
 def torch_logits(built, adapter: str | None, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
@@ -64,13 +65,30 @@ def prompt(n: int, seed: int) -> list[int]:
     return [(7 * seed + 5 * k) % 120 + 3 for k in range(n)]
 
 
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+#: the most a row's logits may differ from PyTorch's (relative to their largest); any other adapter (or
+#: none) on the same tokens must differ by :data:`WRONG` times more, so a lost or swapped adapter fails
+EXACT, WRONG = 1e-4, 30
+
+
 def assert_rows_exact(built, requests: list[Request], results: dict) -> None:
+    """Each greedy row against PyTorch on that row alone with its adapter: the logits every token was
+    chosen from, and the tokens themselves (each the argmax of PyTorch's logits for the tokens before it:
+    PyTorch's own greedy run); the logits are far from every other adapter's on the same tokens."""
     for request in requests:
         result = results[request.request_id]
-        assert result.error is None and len(result.token_ids) == request.max_new_tokens, request.request_id
+        label = f"{request.request_id} ({request.adapter})"
+        assert result.error is None and len(result.token_ids) == request.max_new_tokens, label
         want = torch_logits(built, request.adapter, list(request.prompt_ids), result.token_ids)
-        err = float(np.abs(result.logits - want).max() / np.abs(want).max())
-        assert err <= 1e-4, f"{request.request_id} ({request.adapter}): logits relative difference {err:.2e}"
+        err = relative(result.logits, want)
+        assert err <= EXACT, f"{label}: logits relative difference {err:.2e}"
+        assert result.token_ids == want.argmax(axis=-1).tolist(), f"{label}: not PyTorch's greedy tokens"
+        for other in set(built["models"]) - {request.adapter}:
+            wrong = relative(torch_logits(built, other, list(request.prompt_ids), result.token_ids), want)
+            assert wrong > WRONG * EXACT, f"{label}: adapter {other} gives the same logits ({wrong:.2e}): a blind test"
 
 
 def run_all(eng: Engine, requests: list[Request], submit_every_step: bool = False) -> tuple[dict, int]:
@@ -144,8 +162,7 @@ def test_server_answers_from_the_builder_graph(built):
 
     from test_serve import BASE, ServerProcess
 
-    tiny = {"root": built["root"], "slots": built["slots"], "adapters": {n: built["root"] / n for n in NAMES}}
-    server = ServerProcess(tiny, adapters=NAMES).ready()
+    server = ServerProcess(built, adapters=NAMES).ready()
     try:
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
         jobs = [(model, f"{'abcdef'[i]} q{i} " * (1 + i)) for i, model in enumerate([BASE, *NAMES] * 2)]
@@ -238,7 +255,7 @@ def test_a_cached_prefix_is_reused_for_its_adapter_only_and_exactly(built, chunk
     again = run_all(cold, [ask("a1", [20, 21])])[0]
     want = next(iter(again.values())).logits
     got = results[warm.request_id].logits
-    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5, "a hit computes what a cold prefill does"
+    assert relative(got, want) <= 1e-5, "a hit computes what a cold prefill does"
     eng.unload_adapter("a1")
     assert not [key for key in eng.prefix.nodes if key[0] == 1], "the unloaded adapter's blocks are dropped"
     eng.load_adapter("a1", built["root"] / "a1")
