@@ -432,17 +432,23 @@ def test_merged_graph_is_the_builder_on_the_merged_weights(built):
 
 @needs_builder
 def test_genai_runs_the_compact_builder_graph_with_og_adapters(built):
-    import onnxruntime_genai as og
-
     folder = spliced_copy(built, "zero", default_adapter="zero")
     assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
         "log_severity_level"] == 3  # one ORT warning per overridable shard otherwise
     export_onnx_adapter(built["root"] / "a0", built["root"] / "a0-genai.onnx_adapter", graph=folder, force=True)
+    assert_genai_follows_torch(built, folder, built["root"] / "a0-genai.onnx_adapter", "a0")
+
+
+def assert_genai_follows_torch(built: dict, folder: Path, adapter_file: Path, name: str) -> None:
+    """onnxruntime-genai's greedy tokens on ``folder``, with no adapter and with ``adapter_file`` loaded through
+    og.Adapters, equal PyTorch's on the base and on ``built[f"{name}_model"]``."""
+    import onnxruntime_genai as og
+
     model = og.Model(str(folder))
     adapters = og.Adapters(model)
-    adapters.load(str(built["root"] / "a0-genai.onnx_adapter"), "a0")
+    adapters.load(str(adapter_file), name)
     prompt = IDS[0].tolist()
-    for adapter, reference in ((None, "base_model"), ((adapters, "a0"), "a0_model")):
+    for adapter, reference in ((None, "base_model"), ((adapters, name), f"{name}_model")):
         with torch.no_grad():
             want = built[reference].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
