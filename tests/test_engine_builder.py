@@ -293,3 +293,20 @@ def test_chat_messages_render_to_ids_under_this_transformers(built, monkeypatch)
     monkeypatch.setattr(eng, "_sequence", lambda *args: 1 / 0)
     broken = eng.generate([Request(prompt_ids=[5, 6], max_new_tokens=2)])[0]
     assert broken.finish_reason == "error" and "could not be checked: ZeroDivisionError" in broken.error
+
+
+def test_the_prefix_cache_evicts_the_least_recently_used_prefix(built):
+    """Room for two prompts' prefixes (4 blocks): A and B cached, A reused (so B is now the least recently
+    used), then C's prefix evicts B's, not A's: A hits again, B misses; every row exact."""
+    eng = engine(built, prefix_block=8, prefix_cache_tokens=32)
+    a, b, c = (prompt(17, seed) for seed in (4, 5, 6))
+    order = [("A", a), ("B", b), ("A", a), ("C", c), ("A", a), ("B", b)]
+    requests = [Request(prompt_ids=ids, adapter="a1", max_new_tokens=3, ignore_eos=True, return_logits=True)
+                for _, ids in order]
+    results, hits = {}, []
+    for request in requests:
+        results.update(run_all(eng, [request])[0])
+        hits.append(eng.prefix.hits)
+        assert eng.prefix.tokens <= 32
+    assert hits == [0, 0, 1, 1, 2, 2], "A kept (used last), B evicted (least recently used)"
+    assert_rows_exact(built, requests, results)
