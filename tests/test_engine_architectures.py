@@ -69,6 +69,7 @@ def built(request, tmp_path_factory) -> dict:
 
 
 def test_every_architecture_of_the_builder_route_is_served():
+    """An architecture added to the route gets its tiny model here (the fixture runs each of them)."""
     assert {type(tiny(a)).__name__ for a in ARCHITECTURES} == set(ARCHITECTURES)
 
 
