@@ -32,8 +32,10 @@ Options run back to back in one process (one round: on a busy 2-core machine a r
 minutes); time-to-first-token percentiles are over the 32 requests. What batching can buy here
 is measured apart: one decode call of the slot graph at 4 and 16 rows, and of the compact graph
 at 4 rows (interleaved, medians): batching 16 rows instead of 4 can at best raise tokens/s by
-16·t(4) / (4·t(16)). Resident memory: RSS of an engine with 1, 8 and 64
-adapters loaded (in-memory random adapters; malloc_trim before each reading).
+16·t(4) / (4·t(16)). Such single decode calls (here and the bare call below) run through an
+IOBinding with the slot inputs bound once, as the engine runs its graph (bench/binding.py).
+Resident memory: RSS of an engine with 1, 8 and 64 adapters loaded (in-memory random adapters;
+malloc_trim before each reading).
 
 On the builder's graph also: one stream alone (its inter-token latency against one bare decode call of
 the graph at the same length), and the prefix cache: time to first token of a request whose 500-token
@@ -69,6 +71,7 @@ sys.path.insert(0, str(HERE))
 
 import quiet  # noqa: E402
 from bench_onnx import random_adapter  # noqa: E402
+from binding import BoundGraph  # noqa: E402
 from envs import cli_for  # noqa: E402
 
 from prolora_export.engine import Engine, Request  # noqa: E402
@@ -206,10 +209,12 @@ def run_grouped(runner: StaticBatch, work: list[dict], options_for) -> dict:
 
 def decode_step_ms(session, batch: int, past: int, calls: int, slots: int = 0, options=None, config=None) -> float:
     """Median ms of one decode call at ``batch`` rows after ``past`` cached tokens (random cache; ``config``
-    sizes what a builder graph leaves symbolic)."""
+    sizes what a builder graph leaves symbolic), run as the engine runs its graph (:class:`binding.BoundGraph`):
+    the slot inputs bound once as OrtValues, the others on each call, the logits brought to numpy."""
     inputs = {i.name: i for i in session.get_inputs()}
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(0, 1000, (batch, 1)), "attention_mask": np.ones((batch, past + 1), np.int64)}
+    fixed = {}
     if "position_ids" in inputs:
         feeds["position_ids"] = np.full((batch, 1), past, np.int64)
     for name, inp in inputs.items():
@@ -217,13 +222,14 @@ def decode_step_ms(session, batch: int, past: int, calls: int, slots: int = 0, o
             heads, size = (inp.shape[1], inp.shape[3]) if isinstance(inp.shape[3], int) else kv_cache_shape(config)
             feeds[name] = rng.standard_normal((batch, heads, past, size)).astype(np.float32)
         elif inp.shape and inp.shape[0] == "slots":
-            feeds[name] = rng.standard_normal((slots, *inp.shape[1:])).astype(np.float32) * 0.02
+            fixed[name] = rng.standard_normal((slots, *inp.shape[1:])).astype(np.float32) * 0.02
     if "adapter_index" in inputs:
         feeds["adapter_index"] = np.arange(batch, dtype=np.int64) % slots
+    graph = BoundGraph(session, fixed)
     times = []
     for _ in range(calls + 1):
         t0 = time.perf_counter()
-        session.run(["logits"], feeds, options)
+        graph.run(feeds, options)["logits"].numpy()
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[1:])
 

@@ -23,9 +23,14 @@ precision loaded at once and interleaved call kind by call kind, the graphs' ord
 each figure is the median over rounds of that round's figure:
 - decode: a plain greedy loop at batch 1 and 16 feeding present → past, starting from a random cache of
   128 tokens; a round's figure is the median ms of its steps (the first step of each round not counted);
-- prefill: one call of 32/128/512 prompt tokens on an empty cache (all outputs fetched, as a loop would).
-Graph inputs as each graph names them: optimum's take ``position_ids``, the builder's do not; the slot graph
-gets one random slot and ``adapter_index`` 0 on every row. ``compact_kernel`` and ``slots`` run the native
+- prefill: one call of 32/128/512 prompt tokens on an empty cache.
+Every graph runs through an IOBinding (:mod:`binding`), as the engine runs its graph: inputs that never change
+(the slot graph's ~840 shard inputs) are bound once as OrtValues; input_ids, attention_mask, the past (the
+previous call's presents, fed back as OrtValues) and adapter_index are bound on each call; a call's time covers
+that binding, the run and the logits brought to numpy. (Fed as numpy to ``session.run``, the slot graph's
+shard inputs would be converted on every call, a cost of Python's feeds, not of the graph.) Graph inputs as
+each graph names them: optimum's take ``position_ids``, the builder's do not; the slot graph gets one random
+slot and ``adapter_index`` 0 on every row. ``compact_kernel`` and ``slots`` run the native
 kernel (:mod:`prolora_export.runtime`, ``kernel="native"``), ``compact_body`` the same file's function body;
 ``compact_unpacked_kernel`` is the compact graph spliced into three Q/K/V MatMuls (``fuse_qkv=false``)
 instead of the builder's packed one (as in the merged graph, and the default), native kernel.
@@ -63,6 +68,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import quiet  # noqa: E402
+from binding import BoundGraph, as_value  # noqa: E402
 from envs import cli_for  # noqa: E402
 
 THREADS = 2
@@ -99,6 +105,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 RSS_POLL_S = 0.05
 TIME = Path("/usr/bin/time")
 RSS_BOUND = 2.5
+#: the page's method text on how the graphs were fed, by the run's ``io_binding`` setting (absent before it)
+FEED_TEXT = {
+    True: "Every graph runs through an IOBinding, as the engine runs it: the slot graph's ~840 shard inputs are "
+          "bound once as OrtValues, input_ids, attention_mask, the past (the last presents) and adapter_index on "
+          "each call; a call's time covers that binding, the run and the logits as numpy. ",
+    False: "Inputs fed as numpy arrays to `session.run` (the slot graph's ~840 shard inputs converted on every "
+           "call, which the slots figures include). "}
 
 
 # ----------------------------------------------------------------------------------------------- exports
@@ -238,52 +251,57 @@ def export_all(work: Path, base: Path, reuse: bool) -> tuple[dict[str, Path], li
 # ----------------------------------------------------------------------------------------------- latency
 
 class Decoder:
-    """One ONNX Runtime session and the inputs its graph names (optimum: position_ids; builder: none;
-    slots: the shard inputs and adapter_index)."""
+    """One ONNX Runtime session run through an IOBinding (:class:`binding.BoundGraph`), as the engine runs it:
+    the fixed inputs (a slot graph's shard inputs) bound once as OrtValues; input_ids, attention_mask, the past
+    (the previous call's presents, OrtValues fed back without a copy), position_ids (optimum's graphs) and
+    adapter_index (the slot graph) bound on each call."""
 
     def __init__(self, folder: Path, kernel: str):
         from prolora_export.runtime import inference_session
 
-        self.session = inference_session(folder, threads=THREADS, kernel=kernel)
-        inputs = {i.name: i for i in self.session.get_inputs()}
+        session = inference_session(folder, threads=THREADS, kernel=kernel)
+        inputs = {i.name: i for i in session.get_inputs()}
         cfg = json.loads((folder / "config.json").read_text())  # the builder names the head size symbolically
         heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         self.kv = {n: (heads, head_dim) for n in inputs if n.startswith("past_key_values.")}
         self.position_ids = "position_ids" in inputs
         rng = np.random.default_rng(1)
-        self.fixed = {n: (rng.standard_normal((1, *i.shape[1:])) * 0.02).astype(np.float32)
-                      for n, i in inputs.items() if i.shape and i.shape[0] == "slots"}
+        fixed = {n: (rng.standard_normal((1, *i.shape[1:])) * 0.02).astype(np.float32)
+                 for n, i in inputs.items() if i.shape and i.shape[0] == "slots"}
+        self.graph = BoundGraph(session, fixed)
         self.adapter_index = "adapter_index" in inputs
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.present = {o: "past_key_values." + o.removeprefix("present.") for o in self.outputs
+        self.present = {o: "past_key_values." + o.removeprefix("present.") for o in self.graph.outputs
                         if o.startswith("present.")}
 
-    def run(self, ids: np.ndarray, past: dict[str, np.ndarray]) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
-        """One call on ``ids`` (batch, new) after ``past``: (seconds, logits, the next past)."""
+    def run(self, ids: np.ndarray, past: dict) -> tuple[float, np.ndarray, dict]:
+        """One call on ``ids`` (batch, new) after ``past`` (OrtValues): (seconds, logits, the next past).
+        Timed: binding the per-call inputs, the run, the logits to numpy (presents stay OrtValues), as in the
+        engine's step."""
         batch, new = ids.shape
-        past_len = next(iter(past.values())).shape[2]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, past_len + new), np.int64), **past,
-                 **self.fixed}
+        past_len = next(iter(past.values())).shape()[2]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, past_len + new), np.int64), **past}
         if self.position_ids:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + new, dtype=np.int64), (batch, new))
         if self.adapter_index:
             feeds["adapter_index"] = np.zeros(batch, np.int64)
         start = time.perf_counter()
-        got = self.session.run(self.outputs, feeds)
+        out = self.graph.run(feeds)
+        logits = out["logits"].numpy()
         seconds = time.perf_counter() - start
-        out = dict(zip(self.outputs, got, strict=True))
-        return seconds, out["logits"], {self.present[o]: v for o, v in out.items() if o in self.present}
+        return seconds, logits, {self.present[o]: v for o, v in out.items() if o in self.present}
 
 
-def random_past(kv: dict[str, tuple[int, int]], batch: int, length: int) -> dict[str, np.ndarray]:
+def random_past(kv: dict[str, tuple[int, int]], batch: int, length: int) -> dict:
+    """A random cache as OrtValues (only read by the graphs: every round starts from it)."""
     rng = np.random.default_rng(0)
-    return {n: rng.standard_normal((batch, heads, length, dim), dtype=np.float32) for n, (heads, dim) in kv.items()}
+    return {n: as_value(rng.standard_normal((batch, heads, length, dim), dtype=np.float32))
+            for n, (heads, dim) in kv.items()}
 
 
-def decode_ms(decoder: Decoder, past: dict[str, np.ndarray], steps: int) -> float:
+def decode_ms(decoder: Decoder, past: dict, steps: int) -> float:
     """Median ms per step of a greedy loop of ``steps`` + 1 calls from ``past`` (the first call not counted)."""
-    ids = np.random.default_rng(2).integers(0, 1000, (next(iter(past.values())).shape[0], 1))
+    ids = np.random.default_rng(2).integers(0, 1000, (next(iter(past.values())).shape()[0], 1))
     times = []
     for _ in range(steps + 1):
         seconds, logits, past = decoder.run(ids, past)
@@ -292,7 +310,7 @@ def decode_ms(decoder: Decoder, past: dict[str, np.ndarray], steps: int) -> floa
     return 1e3 * statistics.median(times[1:])
 
 
-def prefill_ms(decoder: Decoder, empty: dict[str, np.ndarray], tokens: int) -> float:
+def prefill_ms(decoder: Decoder, empty: dict, tokens: int) -> float:
     ids = np.random.default_rng(3).integers(0, 1000, (1, tokens))
     return 1e3 * decoder.run(ids, empty)[0]
 
@@ -463,7 +481,7 @@ def run(work: Path, quick: bool, full: bool, reuse: bool) -> dict:
     results["goals"] = goals(results["models"])
     results["settings"] = {
         "quick": quick, "full": full, "threads": THREADS, "past": PAST, "batches": list(BATCHES),
-        "prompts": list(PROMPTS), "rounds": ROUNDS[quick], "decode_steps": STEPS[quick],
+        "prompts": list(PROMPTS), "io_binding": True, "rounds": ROUNDS[quick], "decode_steps": STEPS[quick],
         "llama_bench_repeats": BENCH_REPEATS[quick], "onnxruntime": onnxruntime.__version__,
         "builder_env": installed_versions(str(CLI["builder"].parent / "python")),
         "export_s": sum(e["seconds"] for m in results["models"].values() for e in m["exports"] if not e["reused"]),
@@ -527,7 +545,8 @@ def markdown(r: dict) -> str:
         f"threads, wall clock; builder from onnxruntime-genai {env.get('onnxruntime-genai')} under transformers "
         f"{env.get('transformers')}. Decode: a greedy loop feeding present → past from a random cache of "
         f"{s['past']} tokens, {s['decode_steps']} steps per round (median); prefill: one call on an empty cache. "
-        f"Graphs interleaved in one process, order rotated each round, median of {s['rounds']} rounds. One random "
+        f"{FEED_TEXT[bool(s.get('io_binding'))]}Graphs interleaved in one process, order rotated each round, "
+        f"median of {s['rounds']} rounds. One random "
         "PRoLoRA adapter (r=8, u=1, m=n=2, seven projections). int4: the builder's `--quantize int4`; the optimum "
         "graph through `prolora-export quantize --bits 4`. llama.cpp: `llama-bench -t 2` on the base weights as "
         f"GGUF (decode = generation at depth {s['past']}, prefill = prompt processing), "
