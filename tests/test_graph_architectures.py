@@ -3,7 +3,7 @@ with one MatMul per Hugging Face projection module, and the compact, slot and me
 PyTorch with a PRoLoRA adapter. Llama, Mistral and Qwen2 are checked in depth in tests/test_graph_builder.py;
 here, what differs between architectures: their modules (Phi-3 packs Q/K/V and gate/up itself) and what the
 builder does around the projections (Gemma's scaled embedding and 1 + w norms, Gemma-2's soft-capping and
-sliding window, Granite's multipliers, Qwen-3's Q/K norms).
+sliding window, Granite's multipliers, Qwen-3's Q/K norms, OLMo's weightless LayerNorms).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from test_data import tiny_tokenizer
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
 from prolora_export.onnx import op
-from prolora_export.onnx.graph import builder
+from prolora_export.onnx.graph import builder, builder_entry
 from prolora_export.onnx.graph.builder import (
     ARCHITECTURES,
     build_base_graph,
@@ -54,6 +54,7 @@ CONFIGS = {
                           "attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.5},
     "GraniteForCausalLM": {"embedding_multiplier": 3.0, "attention_multiplier": 0.1, "residual_multiplier": 0.5,
                            "logits_scaling": 2.0},
+    "OlmoForCausalLM": {},  # its norms subtract the mean at any size
 }
 #: checked in tests/test_graph_builder.py
 TESTED_THERE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
@@ -151,6 +152,25 @@ def test_merged_graph_matches_pytorch(built):
     assert_close(decode_logits(inference_session(out.folder), IDS, head_size=HEAD), torch_logits(built["a0_model"]))
 
 
+def norm_ops(model_path: Path) -> set[tuple[str, float]]:
+    """(op type, epsilon) of every norm node in a graph."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    return {(n.op_type, round(onnx.helper.get_node_attr_value(n, "epsilon"), 9))
+            for n in model.graph.node if n.op_type.endswith("LayerNormalization")}
+
+
+@needs_builder
+def test_olmos_norms_are_layer_norms_at_every_precision(built):
+    """OLMo's weightless norms subtract the mean: LayerNormalization and SkipLayerNormalization with
+    transformers' epsilon, no RMSNorm (``…SimplifiedLayerNormalization``, the builder's own choice for them),
+    in the float graph and in the int4 one, whose norms the quantizer leaves as the builder wrote them."""
+    if built["architecture"] != "OlmoForCausalLM":
+        pytest.skip("only OLMo's norms are LayerNorms")
+    want = {(op, builder_entry.OLMO_NORM_EPS) for op in ("LayerNormalization", "SkipLayerNormalization")}
+    assert norm_ops(built["base"].model) == want
+    assert norm_ops(build_base_graph(built["hf"], built["root"] / "int4", "int4").model) == want
+
+
 # ---------------------------------------------------------------------- what the route refuses, and where auto goes
 
 
@@ -162,7 +182,7 @@ def config_folder(path: Path, **config) -> Path:
     return path
 
 
-@pytest.mark.parametrize("architecture", ["OlmoForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM", "BertModel"])
+@pytest.mark.parametrize("architecture", ["Olmo2ForCausalLM", "SmolLM3ForCausalLM", "BertModel"])
 def test_architectures_without_an_exact_builder_graph_are_refused_in_one_line(tmp_path, architecture):
     folder = config_folder(tmp_path / "m", architectures=[architecture], hidden_size=64, num_attention_heads=4)
     supported = ", ".join(ARCHITECTURES)
@@ -170,6 +190,18 @@ def test_architectures_without_an_exact_builder_graph_are_refused_in_one_line(tm
                                            f"\\(supported: {supported}\\)") as err:
         build_base_graph(folder, tmp_path / "out")
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_an_olmo_that_clips_q_k_and_v_is_refused_in_one_line(tmp_path):
+    """The builder ignores ``clip_qkv``: its graph of such a model would not be the model."""
+    folder = config_folder(tmp_path / "m", architectures=["OlmoForCausalLM"], hidden_size=64, num_attention_heads=4,
+                           clip_qkv=8.0)
+    with pytest.raises(PRoLoRAError, match=r"clip_qkv 8\.0: the model builder does not clip Q, K and V, so its graph "
+                                           r"would not be the model") as err:
+        build_base_graph(folder, tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+    assert check_model(config_folder(tmp_path / "unclipped", architectures=["OlmoForCausalLM"], hidden_size=64,
+                                     num_attention_heads=4, clip_qkv=None)) == "OlmoForCausalLM"
 
 
 def test_head_size_the_cpu_attention_cannot_run_is_refused_before_the_builder_runs(tmp_path):

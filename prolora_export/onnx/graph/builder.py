@@ -90,11 +90,12 @@ class Architecture:
 #: config.json ``architectures[0]`` → what differs in its builder graph. In each, the builder names the
 #: projection of module ``model.layers.N.{self_attn|mlp}.X`` ``/model/layers.N/{attn|mlp}/X/MatMul``
 #: (:func:`projection_node_name`); what else differs between them (Gemma's scaled embedding and 1 + w norms,
-#: Gemma-2's soft-capping and sliding window, Granite's multipliers, Qwen-3's Q/K norms) lies outside the
-#: projections the splice touches. Not here: OLMo-2 (no builder path in 0.18); OLMo: the builder writes its
-#: weightless LayerNorms as RMSNorms (``SimplifiedLayerNormalization``, no mean subtracted), so its graph is
-#: not the model (logits 14 % off on a tiny random OLMo), adapter or not; SmolLM3: the builder fails
-#: (``KeyError: 'position_ids'``) on its layers without RoPE, every 4th in the released models.
+#: Gemma-2's soft-capping and sliding window, Granite's multipliers, Qwen-3's Q/K norms, OLMo's weightless
+#: LayerNorms) lies outside the projections the splice touches. OLMo's norms are LayerNorms only because the
+#: builder runs in builder_entry.py (``patch_olmo_norms``: the builder alone writes RMSNorms, logits 10-20 % off),
+#: and an OLMo that clips Q/K/V is refused (:data:`UNBUILT_CONFIG`). Not here: OLMo-2 (no builder path in 0.18);
+#: SmolLM3: the builder fails (``KeyError: 'position_ids'``) on its layers without RoPE, every 4th in the
+#: released models.
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(),  # SmolLM and SmolLM2 too
     "MistralForCausalLM": Architecture(),
@@ -104,7 +105,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "GemmaForCausalLM": Architecture(),
     "Gemma2ForCausalLM": Architecture(),
     "GraniteForCausalLM": Architecture(),
+    "OlmoForCausalLM": Architecture(),
 }
+#: config.json keys whose non-null value the builder ignores (its graph would not be the model): OLMo's
+#: ``clip_qkv`` (Q, K and V clamped to ±clip_qkv, as in OLMo-7B-0424)
+UNBUILT_CONFIG = {"clip_qkv": "the model builder does not clip Q, K and V"}
 #: every run: a full-length KV cache on every layer. The builder's default gives sliding-window layers
 #: (Gemma-2's) a window-sized ring buffer that only onnxruntime-genai's cache manager feeds; parity's loop
 #: and the engine grow the past by concatenation (an empty past fails: "KV cache capacity (0) must be at
@@ -223,9 +228,10 @@ def check_versions(versions: dict[str, str | None], where: str | None = None) ->
 
 
 def check_model(hf_dir: Path, execution_provider: str = "cpu") -> str:
-    """The folder's ``architectures[0]``, refused unless the splice knows its builder graph, or where
-    the graph would not run: on the CPU, a head size that is not a multiple of :data:`CPU_HEAD_SIZE_MULTIPLE`
-    (``head_dim``, else ``hidden_size / num_attention_heads``, as the builder reads it)."""
+    """The folder's ``architectures[0]``, refused unless the splice knows its builder graph, where the graph
+    would not be the model (:data:`UNBUILT_CONFIG`), or where it would not run: on the CPU, a head size that
+    is not a multiple of :data:`CPU_HEAD_SIZE_MULTIPLE` (``head_dim``, else ``hidden_size / num_attention_heads``,
+    as the builder reads it)."""
     config = hf_dir / "config.json"
     if not config.is_file():
         raise PRoLoRAError("not a Hugging Face model folder (no config.json)", str(hf_dir))
@@ -238,6 +244,9 @@ def check_model(hf_dir: Path, execution_provider: str = "cpu") -> str:
     if names[0] not in ARCHITECTURES:
         raise PRoLoRAError(f"architecture {names[0]} has no model-builder route (supported: "
                            f"{', '.join(ARCHITECTURES)})", str(hf_dir))
+    for key, why in UNBUILT_CONFIG.items():
+        if values.get(key) is not None:
+            raise PRoLoRAError(f"{key} {values[key]}: {why}, so its graph would not be the model", str(hf_dir))
     head = values.get("head_dim") or (values.get("hidden_size") or 0) // (values.get("num_attention_heads") or 1)
     if execution_provider == "cpu" and head % CPU_HEAD_SIZE_MULTIPLE:
         raise PRoLoRAError(f"head size {head}: ONNX Runtime's CPU GroupQueryAttention, which the model builder's "

@@ -1,6 +1,7 @@
 """The model builder's process: ``python builder_entry.py onnxruntime_genai.models.builder BUILDER_ARGS…`` runs
 ``python -m onnxruntime_genai.models.builder BUILDER_ARGS…`` with two changes that cut its peak memory
-and leave the graph it writes as it was (issue 29: export peak RSS ≤ 2.5× the model's fp32 bytes).
+and leave the graph it writes as it was (issue 29: export peak RSS ≤ 2.5× the model's fp32 bytes), and
+one that makes its OLMo graph the model (:func:`patch_olmo_norms`).
 
 Why: on the demo model (538 MB as fp32) the builder peaked at 1.1 GB at fp32 and 1.8 GB at int4, beside
 ~0.42 GB of interpreter, torch, transformers and the builder's imports:
@@ -335,14 +336,39 @@ def patch_quantization(model_class: type) -> None:
     model_class.save_model = save_model
 
 
+# ----------------------------------------------------------------------------------------- OLMo
+
+#: transformers' ``OlmoLayerNorm`` epsilon (fixed in its code: OlmoConfig has no norm epsilon)
+OLMO_NORM_EPS = 1e-5
+
+
+def patch_olmo_norms(model_class: type) -> None:
+    """Make the builder's ``OLMoModel`` write OLMo's norms as what they are: LayerNorms (mean subtracted) with
+    epsilon :data:`OLMO_NORM_EPS`. Its class gives them weight 1 and bias 0 but keeps the base class's
+    RMSNorm ops (``SimplifiedLayerNormalization``, ``SkipSimplifiedLayerNormalization``) and, with no
+    ``rms_norm_eps`` in the config, epsilon 1e-6: logits 10-20 % off on tiny random OLMos. The builder's own
+    non-simple route writes ``LayerNormalization`` and ``com.microsoft::SkipLayerNormalization`` with those
+    weights and biases, before any quantization, so every precision and every graph built on it gets them."""
+    original = model_class.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.layernorm_attrs["simple"] = False
+        self.layernorm_attrs["epsilon"] = OLMO_NORM_EPS
+
+    model_class.__init__ = __init__
+
+
 def main(module: str, argv: list[str]) -> None:
-    """Run the builder's ``module`` as ``python -m module *argv`` would, with the page release and the patch."""
+    """Run the builder's ``module`` as ``python -m module *argv`` would, with the page release and the patches."""
     release = PageRelease()
     release.start()
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's own folder on sys.path)
     from builders.base import Model  # the builder's base class, as its modules import it
+    from builders.olmo import OLMoModel
 
     patch_quantization(Model)
+    patch_olmo_norms(OLMoModel)
     sys.argv = [module, *argv]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
