@@ -8,25 +8,31 @@ llama-bench, llama-quantize) into a cache folder outside git (``--cache``, defau
 ~/.cache/prolora-export/llama.cpp; about 15 minutes on 2 free cores). The demo model (SmolLM2-135M, fp32)
 becomes a GGUF f32 by llama.cpp's ``convert_hf_to_gguf.py`` with the GPT-2 byte-level BPE vocabulary forced
 (it guesses SentencePiece for the demo folder, and every request then fails with ``unordered_map::at``),
-and a Q4_0 copy by ``llama-quantize``. Eight random PRoLoRA adapters (bench_serve's: r=8, u=1, m=n=2, seven
+and a Q4_0 copy by ``llama-quantize``. Sixteen random PRoLoRA adapters (bench_serve's: r=8, u=1, m=n=2, seven
 projections, small random values) are converted to PEFT LoRA (``convert --to peft``, exact) and then by
 ``convert_lora_to_gguf.py --base DEMO --outtype f32``. Ours: ``prolora-export onnx --mode compact --slots``
 of the same adapters, this environment's default route (the model builder's graph where it is installed),
 and for int4 ``--quantize int4``.
 
-Served (2 threads each, both servers alive, loopback only): ``prolora-export serve`` with the eight adapters,
+Served (2 threads each, both servers alive, loopback only): ``prolora-export serve`` with the sixteen adapters,
 and ``llama-server -m base.gguf --lora a0.gguf … --lora-init-without-apply -np 32``; fp32 (our fp32 graph,
 the f32 GGUF) and, without ``--quick``, int4 (our int4 graph, the Q4_0 GGUF; the adapters stay float on
 both sides).
 The load generator (bench_serve's: asyncio + httpx, C closed-loop clients) sends streamed chat completions,
-greedy, ``ignore_eos``, a fixed max_tokens; request i uses adapter i mod 8: ours by name, llama.cpp by
-``"lora": [{"id": k, "scale": 1 if k == i mod 8 else 0} for all k]`` with ``"cache_prompt": false`` (its
-prompt cache is reused across LoRA settings). C = 1, 8, 32; the two servers' runs alternate (ours, theirs,
-ours, theirs, …); tokens/s is the median over the runs, TTFT and ITL percentiles are over every request of
-every run. Single stream: ``llama-bench`` (generation of N tokens from an empty context) of the f32 and Q4_0
-GGUF beside one decode call of our graphs at batch 1 after N/2 cached tokens (the mean past length of
-llama-bench's run): the served slot graphs, and a merged graph of adapter 0 in fp32 and int4 (``onnx --mode
-merged [--quantize int4]``), the same work as llama-bench's base model.
+greedy, ``ignore_eos``, a fixed max_tokens. A workload spreads its requests over A of the loaded adapters:
+request i uses adapter i mod A (A = 8 and 16: mixed; A = 1: every request on adapter 0, the one-adapter
+reference, where llama.cpp may batch every request). Ours names the adapter, llama.cpp gets
+``"lora": [{"id": k, "scale": 1 if k == i mod A else 0} for all 16 k]`` with ``"cache_prompt": false`` (its
+prompt cache is reused across LoRA settings); llama.cpp leaves a LoRA at scale 0 out of its graph, so the
+loaded but unused ones cost it nothing. :data:`WORKLOADS` says which A run at which C (1, 8, 32). Within a
+client count the runs go round robin: for each repeat, each workload, ours then theirs; tokens/s is the
+median over the runs, TTFT and ITL percentiles are over every request of every run.
+
+Single stream: ``llama-bench`` (generation of N tokens from an empty context) of the f32 and Q4_0 GGUF beside
+one decode call of our graphs at batch 1 after N/2 cached tokens (the mean past length of llama-bench's run),
+through an IOBinding with the slot inputs bound once, as the engine runs it (bench/binding.py): the served
+slot graphs, and a merged graph of adapter 0 in fp32 and int4 (``onnx --mode merged [--quantize int4]``), the
+same work as llama-bench's base model.
 """
 
 from __future__ import annotations
@@ -72,8 +78,15 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=
 BUILD_TIMEOUT_S = 3 * 3600
 STEP_TIMEOUT_S = 900  # one conversion, quantization or llama-bench run
 READ_TIMEOUT_S = 300  # a streamed request that sends nothing for this long counts as an error
-ADAPTERS = 8
-CLIENTS = (1, 8, 32)
+#: adapters loaded in both servers; a workload spreads its requests over the first A of them
+LOADED = 16
+#: the issue's mixed workload (its goals are set at 32 clients over 8 adapters)
+MIXED = 8
+#: by --quick: clients -> the workloads' A run at that client count (1: all on adapter 0). One client over 16
+#: adapters is left out: its 8 requests go to adapters 0-7, the very requests of the 8-adapter run.
+WORKLOADS = {False: {1: (8, 1), 8: (8, 16, 1), 32: (8, 16, 1)}, True: {1: (8,), 8: (8,), 32: (8, 16, 1)}}
+#: issue 30's goals for the side by side
+GOAL_TPS_VS_LLAMACPP, GOAL_MIXED_VS_ONE, GOAL_TTFT_S = 6.0, 0.85, 1.0
 PARALLEL = 32  # llama-server slots: one per client at most
 CONTEXT_PER_SLOT = 512
 #: by --quick: tokens per request, requests per client, alternating runs per server, single-stream settings
@@ -200,10 +213,16 @@ def llama_server(cache: Path, ggufs: dict, base: str, log: Path) -> Server:
 
 
 def for_llamacpp(body: dict) -> dict:
-    """The same request for llama-server: the adapter as per-request LoRA scales, no prompt cache."""
+    """The same request for llama-server: the adapter as per-request LoRA scales (every loaded one listed), no
+    prompt cache."""
     chosen = int(body["model"].removeprefix("ad"))
-    return {**body, "lora": [{"id": k, "scale": 1.0 if k == chosen else 0.0} for k in range(ADAPTERS)],
+    return {**body, "lora": [{"id": k, "scale": 1.0 if k == chosen else 0.0} for k in range(LOADED)],
             "cache_prompt": False}
+
+
+def workload(adapters: int) -> str:
+    """What a row's requests were on, as its table says it."""
+    return "all on adapter 0" if adapters == 1 else f"mixed over {adapters}"
 
 
 def pooled(records: list[dict]) -> dict:
@@ -217,26 +236,70 @@ def pooled(records: list[dict]) -> dict:
 
 
 def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
+    """Every workload of :data:`WORKLOADS` on both servers, the runs of one client count round robin (repeat,
+    workload, server); one row per client count and workload."""
     rows = []
     servers = {"ours": (ours.url, lambda b: b), "llamacpp": (theirs.url, for_llamacpp)}
     for url, adapt in servers.values():  # warm-up, untimed
         asyncio.run(load(url, [[adapt(b) for b in mine] for mine in plan(2, 2, 1, 4)], READ_TIMEOUT_S))
-    for clients in CLIENTS:
-        bodies = plan(clients, ADAPTERS, PER_CLIENT[quick][clients], MAX_TOKENS[quick])
-        records: dict[str, list[dict]] = {name: [] for name in servers}
+    for clients, counts in WORKLOADS[quick].items():
+        bodies = {a: plan(clients, a, PER_CLIENT[quick][clients], MAX_TOKENS[quick]) for a in counts}
+        records: dict[tuple[int, str], list[dict]] = {(a, name): [] for a in counts for name in servers}
         for repeat in range(REPEATS[quick]):
-            for name, (url, adapt) in servers.items():
-                with quiet.measure(f"{clients} clients {name} run {repeat + 1}"):
-                    records[name].append(asyncio.run(load(url, [[adapt(b) for b in mine] for mine in bodies],
-                                                          READ_TIMEOUT_S)))
-        row = {"clients": clients, "requests": sum(len(mine) for mine in bodies),
-               **{name: pooled(runs) for name, runs in records.items()}}
-        row["ratio"] = row["ours"]["tokens_per_s"] / row["llamacpp"]["tokens_per_s"]
-        rows.append(row)
-        print(f"{clients:>2} clients: ours {row['ours']['tokens_per_s']:.1f} tok/s, llama.cpp "
-              f"{row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), errors {row['ours']['errors']} / "
-              f"{row['llamacpp']['errors']}", flush=True)
+            for a in counts:
+                for name, (url, adapt) in servers.items():
+                    with quiet.measure(f"{clients} clients {workload(a)} {name} run {repeat + 1}"):
+                        records[a, name].append(asyncio.run(load(url, [[adapt(b) for b in mine] for mine in bodies[a]],
+                                                                 READ_TIMEOUT_S)))
+        for a in counts:
+            row = {"clients": clients, "adapters": a, "workload": workload(a),
+                   "requests": sum(len(mine) for mine in bodies[a]),
+                   **{name: pooled(records[a, name]) for name in servers}}
+            row["ratio"] = row["ours"]["tokens_per_s"] / row["llamacpp"]["tokens_per_s"]
+            rows.append(row)
+            print(f"{clients:>2} clients, {workload(a)}: ours {row['ours']['tokens_per_s']:.1f} tok/s, llama.cpp "
+                  f"{row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), errors {row['ours']['errors']} / "
+                  f"{row['llamacpp']['errors']}", flush=True)
+    return with_one_adapter_ratio(rows)
+
+
+def with_one_adapter_ratio(rows: list[dict]) -> list[dict]:
+    """Each mixed row gets ``ours_vs_one_adapter``: our tokens/s over ours with every request on one adapter, at
+    the same precision and client count (None where that run is missing)."""
+    one = {(r.get("precision"), r["clients"]): r["ours"]["tokens_per_s"] for r in rows if r["adapters"] == 1}
+    for r in rows:
+        if r["adapters"] != 1:
+            ref = one.get((r.get("precision"), r["clients"]))
+            r["ours_vs_one_adapter"] = None if ref is None else r["ours"]["tokens_per_s"] / ref
     return rows
+
+
+def goal(what: str, measured: float | None, bound: float, at_least: bool, unit: str = "×") -> dict:
+    """One goal's row: ``measured`` against ``bound`` (``at_least``: ≥, else ≤); None: not measured."""
+    met = None if measured is None else (measured >= bound if at_least else measured <= bound)
+    limit = f"{'≥' if at_least else '≤'} {bound:g}{unit}"
+    value = "not measured" if measured is None else f"{measured:.2f}{unit}"
+    return {"what": what, "bound": limit, "measured": measured, "met": met, "value": value,
+            "shown": f"{value} ({limit})"}
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """Issue 30's goals of the side by side, per precision (None: not measured in this run)."""
+    out = []
+    by = {(r.get("precision", "fp32"), r["clients"], r.get("adapters", MIXED)): r for r in rows}
+    for precision in dict.fromkeys(key[0] for key in by):
+        one, busy = by.get((precision, 1, MIXED)), by.get((precision, 32, MIXED))
+        itl = None if one is None or None in (one["ours"]["itl_p50_s"], one["llamacpp"]["itl_p50_s"]) else \
+            one["ours"]["itl_p50_s"] / one["llamacpp"]["itl_p50_s"]
+        out += [
+            goal(f"{precision}, 1 client: ITL p50 ours / llama.cpp", itl, 1.0, False),
+            goal(f"{precision}, 32 clients over {MIXED} adapters: tokens/s ours / llama.cpp",
+                 busy and busy["ratio"], GOAL_TPS_VS_LLAMACPP, True),
+            goal(f"{precision}, 32 clients over {MIXED} adapters: tokens/s ours / ours with every request on one "
+                 "adapter", busy and busy.get("ours_vs_one_adapter"), GOAL_MIXED_VS_ONE, True),
+            goal(f"{precision}, 32 clients over {MIXED} adapters: TTFT p50 ours", busy and busy["ours"]["ttft_p50_s"],
+                 GOAL_TTFT_S, False, " s")]
+    return out
 
 
 def llama_bench(cache: Path, ggufs: dict, quick: bool) -> dict:
@@ -257,7 +320,7 @@ def llama_bench(cache: Path, ggufs: dict, quick: bool) -> dict:
 
 
 def our_graphs(demo: Path, slots: dict[str, Path], folder: Path, work: Path, quick: bool, reuse: bool) -> dict:
-    """ms of one decode call at batch 1 of the served slot graphs (8 adapters) and of adapter 0's merged graph
+    """ms of one decode call at batch 1 of the served slot graphs (16 slots) and of adapter 0's merged graph
     in fp32 and int4, interleaved round by round (medians)."""
     merged = {"fp32": work / "merged", "int4": work / "merged-int4"}
     for precision, out in merged.items():
@@ -271,7 +334,7 @@ def our_graphs(demo: Path, slots: dict[str, Path], folder: Path, work: Path, qui
     for round_ in range(DECODE_ROUNDS[quick]):
         for name, session in sessions.items():
             with quiet.measure(f"decode {name} round {round_ + 1}"):
-                times[name].append(decode_step_ms(session, 1, past, calls, ADAPTERS, None, config))
+                times[name].append(decode_step_ms(session, 1, past, calls, LOADED, None, config))
     return {name: {"ms_per_token": statistics.median(t), "tokens_per_s": 1000 / statistics.median(t),
                    "past": past} for name, t in times.items()}
 
@@ -282,7 +345,7 @@ def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
     demo = ensure_demo_model(quiet=True)
     slots, folders = {}, {}
     for precision in PRECISIONS[quick]:
-        slots[precision], folders = build(work, reuse, ADAPTERS, SERVED[precision][0])
+        slots[precision], folders = build(work, reuse, LOADED, SERVED[precision][0])
     ggufs = convert(cache, demo, folders, work, reuse)
     rows = []
     for precision, graph in slots.items():
@@ -291,17 +354,29 @@ def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
             rows += [{"precision": precision, **row} for row in serve_side_by_side(ours, theirs, quick)]
     single = {"llamacpp": llama_bench(cache, ggufs, quick),
               "ours": our_graphs(demo, slots, folders["ad0"], work, quick, reuse)}
-    return {"settings": {"quick": quick, "threads": THREADS, "adapters": ADAPTERS, "max_tokens": MAX_TOKENS[quick],
+    return {"settings": {"quick": quick, "threads": THREADS, "adapters": LOADED, "max_tokens": MAX_TOKENS[quick],
+                         "workloads": WORKLOADS[quick], "io_binding": True,
                          "requests_per_client": PER_CLIENT[quick], "repeats": REPEATS[quick], "parallel": PARALLEL,
                          "context_per_slot": CONTEXT_PER_SLOT, "llama_cpp_python_sdist": VERSION,
                          "llama_cpp": llamacpp_version(cache)},
-            "rows": rows, "single_stream": single, "seconds": time.perf_counter() - started}
+            "rows": rows, "goals": goals(rows), "single_stream": single, "seconds": time.perf_counter() - started}
+
+
+def workloads_text(s: dict) -> str:
+    """Which requests each row's run sent (runs recorded before the workloads spread 8 requests over 8)."""
+    if "workloads" not in s:
+        return f"request i on adapter i mod {s['adapters']}"
+    at = "; ".join(f"{c} client{'s' * (int(c) != 1)}: " + ", ".join(workload(a) for a in counts)
+                   for c, counts in s["workloads"].items())
+    return ("request i on adapter i mod A: mixed over A = 8 or 16 adapters, or all on adapter 0 (A = 1; there "
+            f"llama.cpp may batch every request, since its server batches only requests with equal LoRA lists). Run: "
+            f"{at}")
 
 
 def markdown(r: dict) -> str:
     s = r["settings"]
     flag = " --quick" if s["quick"] else ""
-    per_client = ", ".join(f"{n} with {c} client{'s' * (c != 1)}" for c, n in s["requests_per_client"].items())
+    per_client = ", ".join(f"{n} with {c} client{'s' * (int(c) != 1)}" for c, n in s["requests_per_client"].items())
     lines = [
         "# Beside llama.cpp: `prolora-export serve` and `llama-server` (`bench_llamacpp.py`)",
         "",
@@ -315,29 +390,40 @@ def markdown(r: dict) -> str:
         f"--lora … --lora-init-without-apply -np {s['parallel']} -c {s['parallel'] * s['context_per_slot']}`.",
         "",
         f"Streamed chat completions, greedy, {s['max_tokens']} tokens each (`ignore_eos`), C closed-loop clients, "
-        f"requests per client {per_client}; request i on adapter i mod {s['adapters']} (llama.cpp: per-request "
-        "`lora` scales, `cache_prompt: false`). The servers' runs alternate, "
-        f"{s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL percentiles pool every request.",
+        f"requests per client {per_client}; {workloads_text(s)} (llama.cpp: per-request `lora` scales, every loaded "
+        "LoRA listed, `cache_prompt: false`). The servers' runs alternate (within a client count: each repeat, each "
+        f"workload, ours then llama.cpp), {s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL "
+        "percentiles pool every request. The last ratio: our tokens/s over ours with every request on adapter 0, "
+        "same precision and clients.",
         "",
-        "| precision | clients | requests | ours tokens/s | llama.cpp tokens/s | ours / llama.cpp | TTFT p50 / p90 "
-        "ours (ms) | TTFT p50 / p90 llama.cpp (ms) | ITL p50 / p90 ours (ms) | ITL p50 / p90 llama.cpp (ms) | "
-        "errors ours / llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| precision | clients | requests on | requests | ours tokens/s | llama.cpp tokens/s | ours / llama.cpp | "
+        "ours / ours all on adapter 0 | TTFT p50 / p90 ours (ms) | TTFT p50 / p90 llama.cpp (ms) | "
+        "ITL p50 / p90 ours (ms) | ITL p50 / p90 llama.cpp (ms) | errors ours / llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         o, t = row["ours"], row["llamacpp"]
+        vs_one = row.get("ours_vs_one_adapter")
         lines.append(
-            f"| {row.get('precision', 'fp32')} | {row['clients']} | {row['requests']} | {o['tokens_per_s']:.1f} | "
-            f"{t['tokens_per_s']:.1f} | "
-            f"{row['ratio']:.2f}× | {ms(o['ttft_p50_s'])} / {ms(o['ttft_p90_s'])} | {ms(t['ttft_p50_s'])} / "
-            f"{ms(t['ttft_p90_s'])} | {ms(o['itl_p50_s'])} / {ms(o['itl_p90_s'])} | {ms(t['itl_p50_s'])} / "
-            f"{ms(t['itl_p90_s'])} | {o['errors']} / {t['errors']} |")
+            f"| {row.get('precision', 'fp32')} | {row['clients']} | {row.get('workload', workload(s['adapters']))} | "
+            f"{row['requests']} | {o['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | {row['ratio']:.2f}× | "
+            f"{'—' if vs_one is None else f'{vs_one:.2f}×'} | {ms(o['ttft_p50_s'])} / {ms(o['ttft_p90_s'])} | "
+            f"{ms(t['ttft_p50_s'])} / {ms(t['ttft_p90_s'])} | {ms(o['itl_p50_s'])} / {ms(o['itl_p90_s'])} | "
+            f"{ms(t['itl_p50_s'])} / {ms(t['itl_p90_s'])} | {o['errors']} / {t['errors']} |")
+    lines += ["", "## Goals (issue 30)", "", "| goal | bound | measured | met |", "|---|---|---|---|"]
+    for g in goals(r["rows"]):
+        met = "–" if g["met"] is None else ("yes" if g["met"] else "no")
+        lines.append(f"| {g['what']} | {g['bound']} | {g['value']} | {met} |")
     single = r["single_stream"]
     lines += [
         "",
-        "Single stream, batch 1, no server: `llama-bench` generating "
-        f"{s['max_tokens']} tokens from an empty context, and one decode call of our graphs (ONNX Runtime CPU) "
-        f"after {s['max_tokens'] // 2} cached tokens, the mean past length of that run.",
+        "## Single stream",
+        "",
+        "Batch 1, no server: `llama-bench` generating "
+        f"{s['max_tokens']} tokens from an empty context, and one decode call of our graphs (ONNX Runtime CPU"
+        + (", through an IOBinding with the slot inputs bound once, as the engine runs it" if s.get("io_binding")
+           else ", its inputs fed as numpy arrays to `session.run`, the slot graph's shard inputs converted on every "
+                "call") + f") after {s['max_tokens'] // 2} cached tokens, the mean past length of that run.",
         "",
         "| graph | ms per token | tokens/s |",
         "|---|---|---|",
@@ -346,8 +432,8 @@ def markdown(r: dict) -> str:
               ("llamacpp", "q4_0"): "llama.cpp, base Q4_0 GGUF (llama-bench)",
               ("ours", "merged_fp32"): "ours, merged graph (adapter 0) fp32",
               ("ours", "merged_int4"): "ours, merged graph (adapter 0) int4 (`onnx --quantize int4`)",
-              ("ours", "slots_fp32"): "ours, slot graph fp32 (the served one, 8 adapters)",
-              ("ours", "slots_int4"): "ours, slot graph int4 (the served one, 8 adapters)"}
+              ("ours", "slots_fp32"): f"ours, slot graph fp32 (the served one, {s['adapters']} adapters)",
+              ("ours", "slots_int4"): f"ours, slot graph int4 (the served one, {s['adapters']} adapters)"}
     for (side, key), label in labels.items():
         if key in single[side]:
             g = single[side][key]

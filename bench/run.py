@@ -246,12 +246,12 @@ def _serve_goals(r: dict) -> list[Goal]:
 
 
 def _llamacpp_goals(r: dict) -> list[Goal]:
-    """Issue 28: beside llama.cpp's server on the same weights and adapters (informative, no goal)."""
-    adapters = r["settings"]["adapters"]
-    return [("#28", f"`prolora-export serve` vs `llama-server` tokens/s, {row['clients']} client(s), "
-             f"{adapters} adapters",
-             f"{row['ours']['tokens_per_s']:.1f} vs {row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×)",
-             None) for row in r["rows"]]
+    """Issue 30's goals beside llama.cpp's server (bench_llamacpp's own verdicts), then issue 28's side by side
+    per row (informative, no goal)."""
+    goals = [("#30", g["what"], g["shown"], g["met"]) for g in r.get("goals", [])]
+    return goals + [("#28", f"`prolora-export serve` vs `llama-server` tokens/s, {row['clients']} client(s), "
+                     f"{_requests_on(r, row)}", f"{row['ours']['tokens_per_s']:.1f} vs "
+                     f"{row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×)", None) for row in r["rows"]]
 
 
 GOALS: dict[str, Callable[[dict], list[Goal]]] = {
@@ -385,22 +385,31 @@ def _ratio(ours: float, peer: float) -> str:
     return f"{ours / peer:.2f}×"
 
 
+def _requests_on(r: dict, row: dict) -> str:
+    """What a llamacpp.json row's requests were on (rows recorded before the workloads: over every loaded one)."""
+    return row.get("workload") or f"mixed over {r['settings']['adapters']}"
+
+
 def _serving_table(s: dict[str, Source]) -> Table | None:
     if "llamacpp" not in s:
         return None
     src, r = s["llamacpp"], s["llamacpp"].data
     st = r["settings"]
-    table = Table(f"Serving {st['adapters']} adapters: `prolora-export serve` vs llama.cpp's `llama-server`",
-                  ["weights", "clients", "ours tokens/s", "llama-server tokens/s", "ours / llama.cpp",
-                   "TTFT p50 ours / llama.cpp (ms)", "ITL p50 ours / llama.cpp (ms)", "errors ours / llama.cpp"],
-                  note=f"streamed chat, greedy, {st['max_tokens']} tokens a request, closed-loop clients, the same "
-                       f"weights and adapters (int4: ours `--quantize int4`, llama.cpp Q4_0; adapters float), "
-                       f"{st['threads']} threads each")
+    table = Table(f"Serving many adapters ({st['adapters']} loaded): `prolora-export serve` vs llama.cpp's "
+                  "`llama-server`",
+                  ["weights", "clients", "requests on", "ours tokens/s", "llama-server tokens/s", "ours / llama.cpp",
+                   "ours / ours all on adapter 0", "TTFT p50 ours / llama.cpp (ms)", "ITL p50 ours / llama.cpp (ms)",
+                   "errors ours / llama.cpp"],
+                  note=f"streamed chat, greedy, {st['max_tokens']} tokens a request, closed-loop clients, request i "
+                       "on adapter i mod A (mixed) or every one on adapter 0, the same weights and adapters (int4: "
+                       f"ours `--quantize int4`, llama.cpp Q4_0; adapters float), {st['threads']} threads each")
     for row in r["rows"]:
         o, t = row["ours"], row["llamacpp"]
-        table.rows.append((src, [row.get("precision", "fp32"), str(row["clients"]), f"{o['tokens_per_s']:.1f}",
-                                 f"{t['tokens_per_s']:.1f}",
+        vs_one = row.get("ours_vs_one_adapter")
+        table.rows.append((src, [row.get("precision", "fp32"), str(row["clients"]), _requests_on(r, row),
+                                 f"{o['tokens_per_s']:.1f}", f"{t['tokens_per_s']:.1f}",
                                  _ratio(o["tokens_per_s"], t["tokens_per_s"]),
+                                 "—" if vs_one is None else f"{vs_one:.2f}×",
                                  f"{_ms(o['ttft_p50_s'])} / {_ms(t['ttft_p50_s'])}",
                                  f"{_ms(o['itl_p50_s'])} / {_ms(t['itl_p50_s'])}", f"{o['errors']} / {t['errors']}"]))
     return table

@@ -87,9 +87,10 @@ def test_readme_shows_ours_beside_llamacpp_and_marks_a_loaded_run(monkeypatch: p
     (bench / "merge.json").write_text(json.dumps(merge_run(LOADED)))
     block = render(monkeypatch, bench)
     # ours and llama-server side by side, per client count, with the ratio
-    assert "| weights | clients | ours tokens/s | llama-server tokens/s | ours / llama.cpp |" in block
-    assert table_rows(block, "| weights | clients |")[1].startswith(
-        "| fp32 | 32 | 205.0 | 41.0 | 5.00× | 400 / 2000 | 150 / 700 |")
+    assert ("| weights | clients | requests on | ours tokens/s | llama-server tokens/s | ours / llama.cpp | "
+            "ours / ours all on adapter 0 |") in block
+    assert table_rows(block, "| weights | clients |")[1].startswith(  # a run before the workloads: over all 8
+        "| fp32 | 32 | mixed over 8 | 205.0 | 41.0 | 5.00× | — | 400 / 2000 | 150 / 700 |")
     assert "| 4-bit: our int4 merged graph / base Q4_0 GGUF | 15.0 | 10.0 | 1.50× |" in block
     # a quiet run says so and is not marked; its caption names the command
     assert "From `python bench/bench_llamacpp.py`, date not recorded, quiet machine" in block
@@ -102,6 +103,29 @@ def test_readme_shows_ours_beside_llamacpp_and_marks_a_loaded_run(monkeypatch: p
     assert "| issue | goal |" not in block and "old table" not in block
     assert "| issue | goal | measured | met |" in (bench / "RESULTS.md").read_text()
     assert "## Beside the peers" in (bench / "RESULTS.md").read_text()
+
+
+def test_readme_shows_each_workload_beside_llamacpp_and_ours_mixed_over_all_on_one(
+        monkeypatch: pytest.MonkeyPatch, bench: Path) -> None:
+    rows = [{"clients": 32, "adapters": a, "workload": w, "requests": 64, "ours": side(o, 0.4, 0.15),
+             "llamacpp": side(t, 2.0, 0.7), "ratio": o / t, **extra}
+            for a, w, o, t, extra in ((8, "mixed over 8", 210.0, 30.0, {"ours_vs_one_adapter": 0.875}),
+                                      (16, "mixed over 16", 200.0, 25.0, {"ours_vs_one_adapter": 200 / 240}),
+                                      (1, "all on adapter 0", 240.0, 160.0, {}))]
+    goal = {"what": "fp32, 32 clients over 8 adapters: tokens/s ours / llama.cpp", "shown": "7.00× (≥ 6×)",
+            "met": True}
+    (bench / "llamacpp.json").write_text(json.dumps({**LLAMACPP, "settings": {**LLAMACPP["settings"], "adapters": 16},
+                                                     "rows": rows, "goals": [goal]}))
+    block = render(monkeypatch, bench)
+    assert "**Serving many adapters (16 loaded)" in block
+    assert table_rows(block, "| weights | clients |") == [
+        "| fp32 | 32 | mixed over 8 | 210.0 | 30.0 | 7.00× | 0.88× | 400 / 2000 | 150 / 700 | 0 / 0 |",
+        "| fp32 | 32 | mixed over 16 | 200.0 | 25.0 | 8.00× | 0.83× | 400 / 2000 | 150 / 700 | 0 / 0 |",
+        "| fp32 | 32 | all on adapter 0 | 240.0 | 160.0 | 1.50× | — | 400 / 2000 | 150 / 700 | 0 / 0 |"]
+    # issue 30's verdicts go to RESULTS.md's goals table, not the README
+    assert "| #30 | fp32, 32 clients over 8 adapters: tokens/s ours / llama.cpp | 7.00× (≥ 6×) | ✅ |" in (
+        bench / "RESULTS.md").read_text()
+    assert "#30" not in block
 
 
 def test_without_llamacpp_json_the_page_renders_from_the_others(monkeypatch: pytest.MonkeyPatch,
