@@ -34,6 +34,10 @@ slot and ``adapter_index`` 0 on every row. ``compact_kernel`` and ``slots`` run 
 kernel (:mod:`prolora_export.runtime`, ``kernel="native"``), ``compact_body`` the same file's function body;
 ``compact_unpacked_kernel`` is the compact graph spliced into three Q/K/V MatMuls (``fuse_qkv=false``)
 instead of the builder's packed one (as in the merged graph, and the default), native kernel.
+``compact_null`` and ``compact_touch`` run the compact graph on bench_kernel's measurement builds of the
+library (``PROLORA_NULL_KERNEL``: Y = 0, shards never read; ``PROLORA_TOUCH_KERNEL``: one read per cache line
+of every shard, then Y = 0): merged → null → touch → kernel splits the compact graph's extra decode time into
+ONNX Runtime running the adapter nodes (and their Concat/Add), reading the shards, and the arithmetic.
 
 llama.cpp (only when bench_llamacpp's cached build exists; never built here): the model as GGUF f32
 (bench_llamacpp's conversion, GPT-2 BPE vocabulary forced) and its Q4_0 copy, the base weights (the same
@@ -45,6 +49,7 @@ synthetic one: its vocabulary is smaller than the tokenizer's) is skipped with t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -88,11 +93,16 @@ EXPORTS = tuple((graph, precision) for precision in PRECISIONS
 #: timed graph -> (export it runs, how its adapter op runs: runtime.KERNELS)
 VARIANTS = {"optimum_merged": ("optimum_merged", "function"), "merged": ("merged", "function"),
             "compact_kernel": ("compact", "native"), "compact_body": ("compact", "function"),
-            "compact_unpacked_kernel": ("compact_unpacked", "native"), "slots": ("slots", "native")}
+            "compact_unpacked_kernel": ("compact_unpacked", "native"), "slots": ("slots", "native"),
+            "compact_null": ("compact", "null"), "compact_touch": ("compact", "touch")}
+#: the measurement builds of the native library (bench_kernel's): what the compact graph's extra time is made of
+MEASUREMENT_KERNELS = {"null": "PROLORA_NULL_KERNEL", "touch": "PROLORA_TOUCH_KERNEL"}
 LABELS = {"optimum_merged": "optimum merged (today)", "merged": "builder merged",
           "compact_kernel": "builder compact, native kernel", "compact_body": "builder compact, function body",
           "compact_unpacked_kernel": "builder compact on unpacked Q/K/V, native kernel",
-          "slots": "builder slots (1 slot, index 0), native kernel", "llamacpp": "llama.cpp llama-bench"}
+          "slots": "builder slots (1 slot, index 0), native kernel", "llamacpp": "llama.cpp llama-bench",
+          "compact_null": "builder compact, measurement kernel: Y = 0", "compact_touch":
+          "builder compact, measurement kernel: shards read, Y = 0"}
 METRICS = (*(f"decode_b{b}" for b in BATCHES), *(f"prefill_{n}" for n in PROMPTS))
 EXPORT_LABELS = {"optimum_merged": "optimum merged", "merged": "builder merged", "compact": "builder compact",
                  "compact_unpacked": "builder compact, unpacked Q/K/V", "slots": "builder slots"}
@@ -256,10 +266,14 @@ class Decoder:
     (the previous call's presents, OrtValues fed back without a copy), position_ids (optimum's graphs) and
     adapter_index (the slot graph) bound on each call."""
 
-    def __init__(self, folder: Path, kernel: str):
-        from prolora_export.runtime import inference_session
+    def __init__(self, folder: Path, kernel: str, library: Path | None = None):
+        from prolora_export.runtime import inference_session, session_options
 
-        session = inference_session(folder, threads=THREADS, kernel=kernel)
+        options = None
+        if library is not None:  # a measurement build of the native library instead of the package's
+            options = session_options("cpu", threads=THREADS, kernel="function")
+            options.register_custom_ops_library(str(library))
+        session = inference_session(folder, threads=THREADS, kernel=kernel, options=options)
         inputs = {i.name: i for i in session.get_inputs()}
         cfg = json.loads((folder / "config.json").read_text())  # the builder names the head size symbolically
         heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -401,6 +415,21 @@ def llama_bench(ggufs: dict[str, Path], quick: bool, steps: int) -> dict[str, di
 
 # ----------------------------------------------------------------------------------------------- the run
 
+def measurement_kernels(work: Path) -> dict[str, Path]:
+    """The null and touch builds of the native library (bench_kernel's measurement variants), by kernel name;
+    one that does not build is left out (its row then missing)."""
+    from prolora_export.native.build import build
+
+    built = {}
+    for name, define in MEASUREMENT_KERNELS.items():
+        library, line = build(work / f"kernel-{name}", defines=(define,))
+        if library is None:
+            print(f"  {name} kernel not built: {line}", flush=True)
+        else:
+            built[name] = library
+    return built
+
+
 def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -> dict:
     from prolora_export import native
 
@@ -409,13 +438,15 @@ def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -
     folders, exports = export_all(work / name, base, reuse)
     clock.append(time.perf_counter())
     kernel = native.library_path() is not None
-    variants = {v: pair for v, pair in VARIANTS.items() if kernel or v != "compact_kernel"}
+    libraries = measurement_kernels(work) if kernel else {}
+    variants = {v: pair for v, pair in VARIANTS.items()
+                if pair[1] in ("function", *(("native",) if kernel else ())) or pair[1] in libraries}
     result: dict = {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "fp32_bytes": fp32_bytes(base),
                     "exports": exports, "native_kernel": kernel, "latency": {}}
     for precision in PRECISIONS:
         print(f"  latency {name} {precision} …", flush=True)
-        decoders = {v: Decoder(folders[f"{graph}-{precision}"], k if kernel else "function")
-                    for v, (graph, k) in variants.items()}
+        decoders = {v: Decoder(folders[f"{graph}-{precision}"], "function" if k in libraries else k,
+                               libraries.get(k)) for v, (graph, k) in variants.items()}
         result["latency"][precision] = latency(decoders, ROUNDS[quick], STEPS[quick], f"{name} {precision}")
         del decoders
     clock.append(time.perf_counter())
@@ -523,6 +554,24 @@ def model_table(m: dict) -> list[str]:
     return lines
 
 
+def split_table(m: dict) -> list[str]:
+    """The compact graph's decode time over the merged graph's, in parts: its nodes with Y = 0 (ONNX Runtime
+    running the adapter nodes, their Concat and Add), reading the shards, the kernel's arithmetic."""
+    parts = (("merged", "merged"), ("nodes (Y = 0)", "compact_null"), ("+ shard reads", "compact_touch"),
+             ("+ arithmetic (the kernel)", "compact_kernel"))
+    lines = ["| precision | batch | " + " | ".join(f"{label} ms" for label, _ in parts) + " | nodes | shard reads | "
+             "arithmetic |", "|" + "---|" * (2 + 2 * len(parts) - 1)]
+    for precision, by_graph in m["latency"].items():
+        if not all(graph in by_graph for _, graph in parts):
+            continue
+        for b in BATCHES:
+            ms = [by_graph[graph][f"decode_b{b}"] for _, graph in parts]
+            steps = [cell(100 * (after - before) / ms[0], "+.1f", " %") for before, after in itertools.pairwise(ms)]
+            lines.append(f"| {precision} | {b} | " + " | ".join(cell(v) for v in ms) + " | " + " | ".join(steps)
+                         + " |")
+    return lines if len(lines) > 2 else []
+
+
 def export_table(models: dict) -> list[str]:
     lines = ["| model | graph | precision | command | s | peak RSS, tree (MB) | largest process (MB) | "
              "tree / model fp32 bytes |", "|---|---|---|---|---|---|---|---|"]
@@ -558,6 +607,12 @@ def markdown(r: dict) -> str:
     for name, m in r["models"].items():
         lines += ["", f"## {name} (hidden {m['hidden']}, {m['layers']} blocks, {m['fp32_bytes'] / 1e6:.0f} MB "
                   "as fp32)", "", *model_table(m)]
+        split = split_table(m)
+        if split:
+            lines += ["", "Where the compact graph's extra decode time goes (each step as % of the merged graph's "
+                      "time; noisy: each is the difference of two medians): the adapter nodes with a kernel that "
+                      "writes Y = 0 (ONNX Runtime running them, their Concat and Add), then one that first reads "
+                      "every shard's cache lines, then the real kernel.", "", *split]
         steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["seconds"].items())
         lines += ["", f"Time spent on this model: {steps}."]
         if not m["native_kernel"]:
