@@ -38,6 +38,7 @@ from pathlib import Path
 
 import psutil
 import quiet
+from envs import cli_for
 
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
@@ -64,10 +65,24 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str, str]] = {
     "llamacpp": ("bench_llamacpp.py", ["--quick"], [], "LLAMACPP.md", "llamacpp.json"),
     "graphs": ("bench_graphs.py", ["--quick"], ["--full"], "GRAPHS.md", "graphs.json"),
 }
+#: benchmarks of optimum's graphs that export in their own process: run by the Python of the environment that
+#: has optimum-onnx (transformers < 4.58, bench/envs.py), the main one having moved to transformers 5
+OPTIMUM_ROUTE = {"onnx", "kernel", "quant", "quant-parity"}
 #: benchmarks that count bytes or judge accuracy: no time is measured, so load cannot move their figures
 UNTIMED = {"size", "quant-parity"}
 #: the most threads any benchmark keeps busy (a server's 2 plus its load generator), for the check at the start
 BENCH_THREADS = 3
+
+
+def python_for(name: str) -> str:
+    """The interpreter a benchmark runs in: optimum's environment for :data:`OPTIMUM_ROUTE`, else this one."""
+    if name not in OPTIMUM_ROUTE:
+        return sys.executable
+    cli = cli_for("optimum")
+    if cli is None:
+        sys.exit(f"benchmark {name} exports optimum's graphs: no environment of the project has optimum-onnx "
+                 "(make setup builds .venv-optimum)")
+    return str(cli.parent / "python")
 
 
 def machine() -> dict:
@@ -774,7 +789,7 @@ def main() -> None:
             script, quick, full, _, json_name = BENCHMARKS[name]
             print(f"=== {name}: {script}", flush=True)
             start = time.perf_counter()
-            command = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
+            command = [python_for(name), str(HERE / script), *(quick if args.quick else full)]
             if args.allow_load and name not in UNTIMED:
                 command.append("--allow-load")
             done = subprocess.run(command, cwd=HERE.parent)
