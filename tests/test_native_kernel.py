@@ -219,12 +219,13 @@ def test_thread_counts_give_identical_numbers():
     assert rel_err(outs[0], run(model, x, "function", threads=2).astype(np.float64)) <= 1e-6
 
 
-@pytest.mark.parametrize("fp16", [False, True])
-def test_a_row_alone_equals_that_row_in_a_batch(fp16):
-    """B0 is read in place for a row or two (decode) and transposed once for a batch: the same sums in the same
-    order, so a row's delta is bit for bit the same either way (fp16 shards widened on both routes)."""
+@pytest.mark.parametrize(("fp16", "r"), [(False, 8), (True, 8), (False, 21)])
+def test_a_row_alone_equals_that_row_in_a_batch(fp16, r):
+    """B0 is read in place for a row or two (decode: 8×8 blocks turned in registers, the last outputs gathered)
+    and transposed once for a batch: the same sums in the same order, so a row's delta is bit for bit the same
+    either way (fp16 shards widened on both routes; r = 21: 19 shared ranks, blocks of 8, 8 and 3)."""
     dtype = np.float16 if fp16 else np.float32
-    g = ShardGeometry.build(200, 300, 8, 2, 2, 2, True)  # 300 = 2 chunks of 150: not a multiple of 8
+    g = ShardGeometry.build(200, 300, r, 2, 2, 2, True)  # 300 = 2 chunks of 150: not a multiple of 8
     tensors = random_tensors(g, 7, dtype)
     x = np.random.default_rng(8).standard_normal((12, 200)).astype(dtype)
     model = node_model(g, 1.5, tensors, 2, fp16=fp16)

@@ -181,21 +181,63 @@ inline v8 strided8(const float* p, int64_t stride) {
   return v8{p[0], p[stride], p[2 * stride], p[3 * stride], p[4 * stride], p[5 * stride], p[6 * stride], p[7 * stride]};
 }
 
+// The 8×8 block at p (row i at p + i·ld) as 8 vectors, one per column: 8 row loads and 24 shuffles
+inline void transpose8(const float* p, int64_t ld, v8 (&col)[8]) {
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  v8 row[8], t[8], s[8];
+  for (int i = 0; i < 8; ++i) row[i] = load8(p + i * ld);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(row[i], row[i + 1], i8{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(row[i], row[i + 1], i8{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      s[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], i8{0, 1, 8, 9, 4, 5, 12, 13});
+      s[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], i8{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  for (int j = 0; j < 4; ++j) {
+    col[j] = __builtin_shuffle(s[j], s[j + 4], i8{0, 1, 2, 3, 8, 9, 10, 11});
+    col[j + 4] = __builtin_shuffle(s[j], s[j + 4], i8{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
 // y[r][c] = Σ_q g[r][q]·b[q·ldq + c·ldc] + Σ_v t[r][v]·ut[v·ldu + c] for c < width: the shared ranks of one B
 // chunk and the unshared ranks of the same outputs in one pass, so each output is written once. Contiguous:
-// ldc is 1 (B transposed); else 8 outputs' values are gathered ldc apart. Same sums in the same order either way.
+// ldc is 1 (B transposed); else B0 is read in place (ldq 1): 8 outputs' next 8 ranks come in as one 8×8 block
+// (transpose8), or gathered ldc apart where a block would read past b_end. Each output sums its ranks in
+// order, then its unshared ones, whichever way: the same sums in the same order.
 template <int R, int C, bool Contiguous>
 inline void outputs_block(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks,
-                          const float* const* t, const float* ut, int64_t ldu, int64_t unshared, float* const* y,
-                          int64_t c) {
+                          const float* b_end, const float* const* t, const float* ut, int64_t ldu, int64_t unshared,
+                          float* const* y, int64_t c) {
   v8 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) acc[r][i] = v8{};
-  for (int64_t q = 0; q < ranks; ++q)
+  if constexpr (Contiguous) {
+    for (int64_t q = 0; q < ranks; ++q)
+      for (int i = 0; i < C; ++i) {
+        const v8 bv = load8(b + q * ldq + c + 8 * i);
+        for (int r = 0; r < R; ++r) acc[r][i] += g[r][q] * bv;
+      }
+  } else {
     for (int i = 0; i < C; ++i) {
-      const v8 bv = Contiguous ? load8(b + q * ldq + c + 8 * i) : strided8(b + q * ldq + (c + 8 * i) * ldc, ldc);
-      for (int r = 0; r < R; ++r) acc[r][i] += g[r][q] * bv;
+      const float* rows = b + (c + 8 * i) * ldc;
+      for (int64_t q0 = 0; q0 < ranks; q0 += 8) {
+        const int64_t count = std::min<int64_t>(8, ranks - q0);
+        if (rows + 7 * ldc + q0 + 8 <= b_end) {
+          v8 col[8];
+          transpose8(rows + q0, ldc, col);
+          for (int64_t k = 0; k < count; ++k)
+            for (int r = 0; r < R; ++r) acc[r][i] += g[r][q0 + k] * col[k];
+        } else {
+          for (int64_t k = 0; k < count; ++k) {
+            const v8 bv = strided8(rows + q0 + k, ldc);
+            for (int r = 0; r < R; ++r) acc[r][i] += g[r][q0 + k] * bv;
+          }
+        }
+      }
     }
+  }
   for (int64_t v = 0; v < unshared; ++v)
     for (int i = 0; i < C; ++i) {
       const v8 uv = load8(ut + v * ldu + c + 8 * i);
@@ -208,14 +250,15 @@ inline void outputs_block(const float* const* g, const float* b, int64_t ldq, in
 // y[r][c] = Σ_q g[r][q]·b[q·ldq + c·ldc] + Σ_v t[r][v]·ut[v·ldu + c] for c < width (outputs_block). Several
 // output vectors per step give independent accumulation chains (one row alone would wait on each FMA).
 template <int R, bool Contiguous>
-inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks,
+inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks, const float* b_end,
                     const float* const* t, const float* ut, int64_t ldu, int64_t unshared, float* const* y,
                     int64_t width) {
   constexpr int C = R == 1 ? 4 : 2;
   int64_t c = 0;
   for (; c + 8 * C <= width; c += 8 * C)
-    outputs_block<R, C, Contiguous>(g, b, ldq, ldc, ranks, t, ut, ldu, unshared, y, c);
-  for (; c + 8 <= width; c += 8) outputs_block<R, 1, Contiguous>(g, b, ldq, ldc, ranks, t, ut, ldu, unshared, y, c);
+    outputs_block<R, C, Contiguous>(g, b, ldq, ldc, ranks, b_end, t, ut, ldu, unshared, y, c);
+  for (; c + 8 <= width; c += 8)
+    outputs_block<R, 1, Contiguous>(g, b, ldq, ldc, ranks, b_end, t, ut, ldu, unshared, y, c);
   for (; c < width; ++c)
     for (int r = 0; r < R; ++r) {
       float sum = 0.0f;
@@ -283,12 +326,13 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
       float* yk[R];
       for (int r = 0; r < R; ++r) gk[r] = g[r] + k * rs, yk[r] = y[r] + start;
       if (p.b0_ldc == 1)  // every chunk k reads the same B0 (its rotation is in g)
-        outputs<R, true>(gk, p.b0, p.b0_ldq, 1, rs, t, p.but + start, p.d_out, u, yk, width);
+        outputs<R, true>(gk, p.b0, p.b0_ldq, 1, rs, nullptr, t, p.but + start, p.d_out, u, yk, width);
       else
-        outputs<R, false>(gk, p.b0, p.b0_ldq, p.b0_ldc, rs, t, p.but + start, p.d_out, u, yk, width);
+        outputs<R, false>(gk, p.b0, p.b0_ldq, p.b0_ldc, rs, p.b0 + p.c_b * rs, t, p.but + start, p.d_out, u, yk,
+                           width);
     }
   } else {
-    outputs<R, true>(g, nullptr, 0, 1, 0, t, p.but, p.d_out, u, y, p.d_out);
+    outputs<R, true>(g, nullptr, 0, 1, 0, nullptr, t, p.but, p.d_out, u, y, p.d_out);
   }
   if (p.y16)
     for (int r = 0; r < R; ++r) {
