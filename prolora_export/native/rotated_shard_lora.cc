@@ -9,9 +9,10 @@
 //   h[i]    = Σ_j z[j, (i + j·s_A) mod r_s]
 //   g[k, q] = γ · h[(q − k·s_B) mod r_s]            (k < n)
 //   y[k·c_B + c] = Σ_q g[k, q] · B0[c, q]  (+ Σ_v γ·(x · A_u[v]) · B_u[o, v])
-// B0 and B_u are transposed once per call into scratch so that the output loops run over contiguous
-// memory (the shards are graph inputs that ONNX Runtime adapters may switch on every Run, so nothing
-// derived from them may be cached across calls). fp16 inputs are computed in fp32 and rounded once,
+// B_u, and B0 where an adapter has a row block or more in the call, are transposed once per call into
+// scratch so that the output loops run over contiguous memory; a decoded row or two reads B0 in place,
+// 8×8 blocks turned in registers (the shards are graph inputs that ONNX Runtime adapters may switch on
+// every Run, so nothing derived from them may be cached across calls). fp16 inputs are computed in fp32 and rounded once,
 // as the function body's Cast/CastLike do.
 //
 // Written against OrtCustomOp (the C++ CustomOpBase of onnxruntime_cxx_api.h) rather than the lite
@@ -74,7 +75,7 @@ struct Problem {
   float scaling = 1.0f;
   const float* a0 = nullptr;   // (r_s, c_A)
   // B0's element (c, q) at b0[q·b0_ldq + c·b0_ldc]: transposed (r_s, c_B), ldc 1, where enough rows share it
-  // to repay the transposition; else read in place (c_B, r_s), ldq 1 (see prepare_b0)
+  // to repay the transposition; else read in place (c_B, r_s), ldq 1 (Kernel::Compute's transpose_b0)
   const float* b0 = nullptr;
   int64_t b0_ldq = 0, b0_ldc = 1;
   const float* au = nullptr;   // (u, d_in)
