@@ -188,3 +188,26 @@ def test_symmetric_rtn_roundtrip_is_onnx_runtime_s_quantizer():
         want = dequantized.reshape(24, -1)[:, :200].T
         np.testing.assert_array_equal(rtn_roundtrip(weight.double(), bits, 32, symmetric=True).numpy(), want)
         assert scales[5, 0] < 0 < scales[4, 0]
+
+
+@needs_builder
+def test_int4_olmo_compact_graph_passes_the_gate_and_a_halved_adapter_fails(tmp_path):
+    """OLMo's int4 graph, whose norms are LayerNorms only through builder_entry's patch, against parity's
+    reference: PyTorch's OLMo (mean-subtracting norms) on the graph's RTN weights. int4 alone moves the tiny
+    model's logits about as much as RMSNorms in place of its norms did, so only this reference tells them apart."""
+    from test_graph_architectures import tiny_model
+
+    olmo = {"root": tmp_path, "hf": tmp_path / "hf", "adapter": tmp_path / "adapter",
+            "prompts.jsonl": tmp_path / "prompts.jsonl"}
+    tiny_model("OlmoForCausalLM").save_pretrained(olmo["hf"])
+    tiny_tokenizer().save_pretrained(olmo["hf"])
+    save_adapter(olmo["adapter"], make_adapter(tiny_model("OlmoForCausalLM"), seed=1, **HYPER))
+    olmo["prompts.jsonl"].write_text("".join(json.dumps({"input_ids": p}) + "\n" for p in PROMPTS))
+    folder = export(olmo, "compact", 4)
+    code, output, data = run(olmo, folder)
+    assert code == 0 and "ONNX parity: PASS" in output, output
+    # measured 5.4e-3: the tiny Llama's int4 graph is within 3e-7 of this reference; OLMo's gap is not explained yet
+    assert data["preset"] == "int4-cpu" and data["metrics"]["rel"] < 2e-2
+    code, output, bad = run(olmo, edited_copy(olmo, "compact-int4-B0.5", scale_b(0.5), folder), "--kernel", "function")
+    assert code == 1 and "ONNX parity: FAIL" in output, output
+    assert bad["metrics"]["rel"] > 10 * data["metrics"]["rel"]
