@@ -90,13 +90,12 @@ CLI = {route: cli_for(route) or Path(f"no-{route}-environment") for route in ("o
 #: exported folders, in export order (the optimum int4 folder is quantized from the fp32 one)
 EXPORTS = tuple((graph, precision) for precision in PRECISIONS
                 for graph in ("optimum_merged", "merged", "compact", "compact_unpacked", "slots"))
-#: timed graph -> (export it runs, how its adapter op runs: runtime.KERNELS)
+#: timed graph -> (export it runs, how its adapter op runs: runtime.KERNELS, or a measurement build of the
+#: native library: bench_kernel.VARIANTS)
 VARIANTS = {"optimum_merged": ("optimum_merged", "function"), "merged": ("merged", "function"),
             "compact_kernel": ("compact", "native"), "compact_body": ("compact", "function"),
             "compact_unpacked_kernel": ("compact_unpacked", "native"), "slots": ("slots", "native"),
             "compact_null": ("compact", "null"), "compact_touch": ("compact", "touch")}
-#: the measurement builds of the native library (bench_kernel's): what the compact graph's extra time is made of
-MEASUREMENT_KERNELS = {"null": "PROLORA_NULL_KERNEL", "touch": "PROLORA_TOUCH_KERNEL"}
 LABELS = {"optimum_merged": "optimum merged (today)", "merged": "builder merged",
           "compact_kernel": "builder compact, native kernel", "compact_body": "builder compact, function body",
           "compact_unpacked_kernel": "builder compact on unpacked Q/K/V, native kernel",
@@ -267,10 +266,12 @@ class Decoder:
     adapter_index (the slot graph) bound on each call."""
 
     def __init__(self, folder: Path, kernel: str, library: Path | None = None):
+        """``kernel``: runtime.KERNELS' choice, unless ``library`` (a measurement build of the native library)
+        is registered instead of the package's."""
         from prolora_export.runtime import inference_session, session_options
 
         options = None
-        if library is not None:  # a measurement build of the native library instead of the package's
+        if library is not None:
             options = session_options("cpu", threads=THREADS, kernel="function")
             options.register_custom_ops_library(str(library))
         session = inference_session(folder, threads=THREADS, kernel=kernel, options=options)
@@ -418,6 +419,8 @@ def llama_bench(ggufs: dict[str, Path], quick: bool, steps: int) -> dict[str, di
 def measurement_kernels(work: Path) -> dict[str, Path]:
     """The null and touch builds of the native library (bench_kernel's measurement variants), by kernel name;
     one that does not build is left out (its row then missing)."""
+    from bench_kernel import VARIANTS as MEASUREMENT_KERNELS
+
     from prolora_export.native.build import build
 
     built = {}
@@ -439,14 +442,14 @@ def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -
     clock.append(time.perf_counter())
     kernel = native.library_path() is not None
     libraries = measurement_kernels(work) if kernel else {}
-    variants = {v: pair for v, pair in VARIANTS.items()
-                if pair[1] in ("function", *(("native",) if kernel else ())) or pair[1] in libraries}
+    runnable = {"function", *(("native",) if kernel else ()), *libraries}
+    variants = {v: pair for v, pair in VARIANTS.items() if pair[1] in runnable}
     result: dict = {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "fp32_bytes": fp32_bytes(base),
                     "exports": exports, "native_kernel": kernel, "latency": {}}
     for precision in PRECISIONS:
         print(f"  latency {name} {precision} …", flush=True)
-        decoders = {v: Decoder(folders[f"{graph}-{precision}"], "function" if k in libraries else k,
-                               libraries.get(k)) for v, (graph, k) in variants.items()}
+        decoders = {v: Decoder(folders[f"{graph}-{precision}"], k, libraries.get(k))
+                    for v, (graph, k) in variants.items()}
         result["latency"][precision] = latency(decoders, ROUNDS[quick], STEPS[quick], f"{name} {precision}")
         del decoders
     clock.append(time.perf_counter())

@@ -12,8 +12,8 @@
 // B_u, and B0 where an adapter has a row block or more in the call, are transposed once per call into
 // scratch so that the output loops run over contiguous memory; a decoded row or two reads B0 in place,
 // 8×8 blocks turned in registers (the shards are graph inputs that ONNX Runtime adapters may switch on
-// every Run, so nothing derived from them may be cached across calls). fp16 inputs are computed in fp32 and rounded once,
-// as the function body's Cast/CastLike do.
+// every Run, so nothing derived from them may be cached across calls). fp16 inputs are computed in fp32
+// and rounded once, as the function body's Cast/CastLike do.
 //
 // Written against OrtCustomOp (the C++ CustomOpBase of onnxruntime_cxx_api.h) rather than the lite
 // API's typed arguments: a u = r node has EMPTY shard inputs in the middle ("X", "", "", A_u, B_u),
@@ -619,8 +619,8 @@ struct Kernel {
                au_16 = p.u > 0 && half(au_dims), bu_16 = p.u > 0 && half(bu_dims);
     float* a0_dst = scratch(a0_buf, static_cast<size_t>(a0_16 ? used * a0_size : 0));
     // B0 transposed once pays where a slot has a row block or more (prefill, a batch on one adapter); for a
-    // decoded row or two it is read in place, 8 outputs gathered at a time (the transposition and its
-    // scratch writes cost more than the products then: demo decode, measured)
+    // decoded row or two it is read in place, 8×8 blocks turned in registers (outputs_block: the
+    // transposition and its scratch writes cost more than the products then; demo decode, measured)
     const bool transpose_b0 = rows >= kRowBlock * used;
     float* b0_dst = scratch(b0_buf, static_cast<size_t>(transpose_b0 || b0_16 ? used * b0_size : 0));
     float* au_dst = scratch(au_buf, static_cast<size_t>(au_16 ? used * au_size : 0));
