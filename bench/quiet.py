@@ -1,19 +1,22 @@
-"""Benchmark honesty: the load average around every measurement, and no results page from a busy machine.
+"""Benchmark honesty: what other processes used during every measurement, and no results page from a busy machine.
 
 Pages measured with about nine jobs on two cores once reported a twentieth of the true throughput. Every
 timed benchmark therefore runs under one :class:`LoadGuard`:
 
 - at the start it waits (bounded) until the 1-minute load average leaves the cores the benchmark uses
   free: ``load ≤ cores − threads + MARGIN``; nothing of ours runs yet, so all that load is someone else's;
-- each measurement is wrapped in :func:`measure`, which records the load average before and after it; while
-  the benchmark runs its own ``threads`` count in the load too, so a reading is quiet when
-  ``load ≤ (cores − threads + MARGIN) + threads``: nobody else took more than the cores it left free;
+- each measurement is wrapped in :func:`measure`, which records the load average before and after it and
+  the CPU that *other* processes used meanwhile: the machine's busy time (``/proc/stat``, steal included)
+  less this process's and its descendants' (servers, clients, llama.cpp), in cores. A measurement is quiet
+  when others used ≤ ``MARGIN`` cores. The load average cannot judge that: a benchmark's own threads beyond
+  ``threads`` (a server's event loop, 32 client connections) raise it too, and it lags a minute. Where
+  ``/proc/stat`` is missing the load average judges (``load ≤ cores − threads + MARGIN + threads``);
 - :meth:`LoadGuard.save` puts all readings in the results JSON and refuses to write the JSON (and so the
   page) of a run with a reading over its limit; the refused results go to a temporary file. With
   ``--allow-load`` it writes them, and :func:`write_page` stamps the page "taken under load".
 
-The 1-minute load average lags by about a minute: it catches the sustained load that falsified earlier
-pages, not a burst of a few seconds. Benchmarks that count bytes or judge accuracy (bench_size,
+The start check's 1-minute load average lags by about a minute: it catches the sustained load that falsified
+earlier pages, not a burst of a few seconds; the CPU accounting during a measurement catches both. Benchmarks that count bytes or judge accuracy (bench_size,
 quant_parity, quant_sensitivity) measure no time and run without a guard.
 """
 
@@ -26,7 +29,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 #: load above the cores a benchmark leaves free that still counts as quiet (shell prompts, cron, the monitor)
 MARGIN = 0.5
@@ -35,6 +41,8 @@ WAIT_S = 300.0
 POLL_S = 10.0
 
 Load = tuple[float, float, float]
+#: the busy fields of /proc/stat's "cpu" line: user nice system (idle iowait) irq softirq steal
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
 
 #: the guard of the running benchmark; :func:`measure` records into it (a no-op without one)
 _active: LoadGuard | None = None
@@ -64,14 +72,55 @@ def wait_quiet(limit: float, timeout: float = WAIT_S, read: Callable[[], Load] |
     return load
 
 
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds at one moment: the whole machine's busy time and our process tree's."""
+
+    wall: float
+    busy: float
+    own: float
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and every descendant: the live ones, and the reaped ones as their parents'
+    children times (a process that ran and was waited for between two samples is counted at the second)."""
+    total = 0.0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # it exited between the listing and the reading: its parent counts it once reaped
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def cpu_sample(stat: Path = Path("/proc/stat")) -> CpuSample | None:
+    """The machine's busy CPU seconds and ours now; None where ``/proc/stat`` cannot be read (not Linux)."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()[1:]
+        busy = sum(int(fields[i]) for i in BUSY_FIELDS) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return CpuSample(time.monotonic(), busy, own_cpu_seconds())
+
+
+def others_cores(before: CpuSample | None, after: CpuSample | None) -> float | None:
+    """The cores other processes kept busy on average between two samples (None: not measurable)."""
+    if before is None or after is None or after.wall <= before.wall:
+        return None
+    others = (after.busy - before.busy) - (after.own - before.own)
+    return max(others, 0.0) / (after.wall - before.wall)
+
+
 class LoadGuard:
     """The load readings of one benchmark run and the verdict on them (see the module docstring)."""
 
     def __init__(self, name: str, threads: int, *, allow_load: bool = False, cores: int | None = None,
-                 margin: float = MARGIN, read: Callable[[], Load] | None = None):
+                 margin: float = MARGIN, read: Callable[[], Load] | None = None,
+                 cpu: Callable[[], CpuSample | None] = cpu_sample):
         self.name, self.threads, self.allow_load, self.margin = name, threads, allow_load, margin
         self.cores = cores or os.cpu_count() or 1
-        self.read = read or os.getloadavg
+        self.read, self.cpu = read or os.getloadavg, cpu
         self.start_reading: Load | None = None
         self.readings: list[dict] = []
 
@@ -103,20 +152,28 @@ class LoadGuard:
 
     @contextmanager
     def measure(self, label: str) -> Iterator[None]:
-        """Record the load average before and after the measurement inside the ``with``."""
-        before = self.read()
+        """Record the load average before and after the measurement inside the ``with``, and the cores other
+        processes used during it."""
+        before, cpu = self.read(), self.cpu()
         yield
-        self.readings.append({"label": label, "before": _rounded(before), "after": _rounded(self.read())})
+        others = others_cores(cpu, self.cpu())
+        self.readings.append({"label": label, "before": _rounded(before), "after": _rounded(self.read()),
+                              "others": None if others is None else round(others, 2)})
 
     def record(self) -> dict:
         """What the results JSON keeps: every reading, the limits, and whether the run was under load."""
-        loads = [r[k][0] for r in self.readings for k in ("before", "after")]
         start = self.start_reading or self.read()
-        under = start[0] > self.start_limit or any(v > self.limit for v in loads)
+        others = [r.get("others") for r in self.readings]
+        if self.readings and None not in others:  # judged by what others used, not by our own threads' load
+            busy = [r["label"] for r, v in zip(self.readings, others, strict=True) if v > self.margin]
+        else:
+            busy = [r["label"] for r in self.readings if max(r["before"][0], r["after"][0]) > self.limit]
+        loads = [r[k][0] for r in self.readings for k in ("before", "after")]
         return {"cores": self.cores, "threads": self.threads, "margin": self.margin,
                 "start_limit": self.start_limit, "limit": self.limit, "start": _rounded(start),
-                "readings": self.readings, "max_load": round(max([start[0], *loads]), 2), "under_load": under,
-                "allowed": self.allow_load}
+                "readings": self.readings, "max_load": round(max([start[0], *loads]), 2),
+                "max_others": max((v for v in others if v is not None), default=None), "busy": busy,
+                "under_load": start[0] > self.start_limit or bool(busy), "allowed": self.allow_load}
 
     def check(self, results: dict) -> dict:
         """The load record of this run; refuses a run under load (SystemExit, ``results`` kept in a temporary
@@ -125,9 +182,7 @@ class LoadGuard:
         if record["under_load"] and not self.allow_load:
             kept = Path(tempfile.gettempdir()) / f"prolora-bench-{self.name}.under-load.json"
             kept.write_text(json.dumps({**results, "load": record}, indent=2) + "\n")
-            raise SystemExit(f"{self.name}: not writing its results or page: the load average reached "
-                             f"{record['max_load']:.1f} (quiet ≤ {self.limit:.1f} on {self.cores} cores with "
-                             f"{self.threads} threads; ≤ {self.start_limit:.1f} at the start); results kept in "
+            raise SystemExit(f"{self.name}: not writing its results or page: {busy_text(record)}; results kept in "
                              f"{kept}. Rerun on a quiet machine, or pass --allow-load")
         return record
 
@@ -149,6 +204,24 @@ def measure(label: str) -> Iterator[None]:
             yield
 
 
+def busy_text(load: dict) -> str:
+    """Why a run counts as taken under load, in one clause."""
+    start, start_limit = (load.get("start") or [0.0])[0], load.get("start_limit", float("inf"))
+    if start > start_limit:
+        return f"the load average was {start:.1f} at the start (quiet ≤ {start_limit:.1f} on {load['cores']} cores)"
+    if load.get("busy") and load.get("max_others") is not None:
+        return (f"other processes used up to {load['max_others']:.2f} cores during {len(load['busy'])} "
+                f"measurement(s) (quiet ≤ {load.get('margin', MARGIN):.1f})")
+    return f"the load average reached {load['max_load']:.1f} (quiet ≤ {load['limit']:.1f} on {load['cores']} cores)"
+
+
+def quiet_text(load: dict) -> str:
+    """What a quiet run's readings were, in one clause."""
+    others = load.get("max_others")
+    seen = f"other processes used ≤ {others:.2f} cores during every measurement, " if others is not None else ""
+    return f"{seen}1-minute load average ≤ {load['max_load']:.1f} ({load['cores']} cores, ours included)"
+
+
 def worst(records: list[dict | None]) -> dict | None:
     """Of several runs' load records (a page merging runs), the one that judges the page: the most loaded."""
     known = [r for r in records if r]
@@ -161,12 +234,9 @@ def stamp(results: dict) -> str:
     if load is None:
         return ""
     if load["under_load"]:
-        return (f"> **Taken under load** (`--allow-load`): the 1-minute load average reached {load['max_load']:.1f} "
-                f"on {load['cores']} cores (quiet: ≤ {load['limit']:.1f} for {load['threads']} threads). Other jobs "
-                "shared the CPU: every figure on this page is slower and noisier than on a quiet machine; do not "
-                "quote it.\n\n")
-    return (f"> Quiet machine: 1-minute load average ≤ {load['max_load']:.1f} around every measurement "
-            f"({load['cores']} cores, limit {load['limit']:.1f} for {load['threads']} threads).\n\n")
+        return (f"> **Taken under load** (`--allow-load`): {busy_text(load)}. Other jobs shared the CPU: every "
+                "figure on this page is slower and noisier than on a quiet machine; do not quote it.\n\n")
+    return f"> Quiet machine: {quiet_text(load)}.\n\n"
 
 
 def write_page(path: Path, markdown: str, results: dict) -> None:

@@ -342,10 +342,9 @@ class Source:
                         f" at the start, {settings.get('load_average_at_end', float('nan')):.2f} at the end)")
             return "load not recorded"
         if load["under_load"]:
-            return (f"**taken under load**: the 1-min load average reached {load['max_load']:.1f} on {load['cores']} "
-                    f"cores (quiet: ≤ {load['limit']:.1f}); figures marked{UNDER_LOAD} are slower and noisier than "
-                    "on a quiet machine")
-        return f"quiet machine (1-min load average ≤ {load['max_load']:.1f} on {load['cores']} cores)"
+            return (f"**taken under load**: {quiet.busy_text(load)}; figures marked{UNDER_LOAD} are slower and "
+                    "noisier than on a quiet machine")
+        return f"quiet machine ({quiet.quiet_text(load)})"
 
     def caption(self) -> str:
         load = "untimed" if self.name in UNTIMED else self.load_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +28,15 @@ def reader(*values: float):
     return read
 
 
-def guard(*values: float, threads: int = 2, cores: int = 2, allow: bool = False) -> quiet.LoadGuard:
-    return quiet.LoadGuard("demo", threads, cores=cores, allow_load=allow, read=reader(*values))
+def guard(*values: float, threads: int = 2, cores: int = 2, allow: bool = False, cpu=lambda: None) -> quiet.LoadGuard:
+    """A guard on fake load averages; without CPU samples (``cpu``) the load average judges its readings."""
+    return quiet.LoadGuard("demo", threads, cores=cores, allow_load=allow, read=reader(*values), cpu=cpu)
+
+
+def samples(*points: tuple[float, float, float]):
+    """A fake cpu_sample returning these (wall, machine busy, ours) CPU readings in turn."""
+    seq = [quiet.CpuSample(*p) for p in points]
+    return lambda: seq.pop(0)
 
 
 def test_limits_leave_the_benchmarks_cores_free() -> None:
@@ -60,7 +68,7 @@ def test_quiet_run_is_written_with_its_readings(tmp_path: Path) -> None:
     assert stored == results
     load = stored["load"]
     assert not load["under_load"]
-    assert load["readings"] == [{"label": "decode", "before": [1.9] * 3, "after": [2.2] * 3}]
+    assert load["readings"] == [{"label": "decode", "before": [1.9] * 3, "after": [2.2] * 3, "others": None}]
     assert load["max_load"] == pytest.approx(2.2)
     quiet.write_page(tmp_path / "R.md", "# Title\n\nbody\n", stored)
     page = (tmp_path / "R.md").read_text()
@@ -100,6 +108,35 @@ def test_busy_start_refuses_unless_allowed() -> None:
     assert allowed.record()["under_load"]  # a busy start alone marks the run
     # one thread on two cores tolerates one other job at the start
     guard(1.2, threads=1).start(timeout=0)
+
+
+def test_what_others_used_judges_a_run_not_our_own_threads_load(tmp_path: Path) -> None:
+    # a server, its event loop and 32 clients: load average 3.1, but others used 0.3 of a core in 10 s
+    ours = guard(0.1, 3.1, cpu=samples((0, 100, 50), (10, 123, 70)))
+    ours.start(timeout=0)
+    with ours.measure("32 clients"):
+        pass
+    load = ours.save({}, tmp_path / "r.json")["load"]
+    assert not load["under_load"] and load["max_others"] == pytest.approx(0.3)
+    assert "other processes used ≤ 0.30 cores" in quiet.stamp({"load": load})
+    # a quiet load average, but another job took a core and a half meanwhile
+    theirs = guard(0.1, 1.0, cpu=samples((0, 100, 50), (10, 135, 70)))
+    theirs.start(timeout=0)
+    with theirs.measure("decode"):
+        pass
+    with pytest.raises(SystemExit, match=r"other processes used up to 1\.50 cores during 1 measurement"):
+        theirs.check({})
+
+
+def test_our_cpu_counts_reaped_children() -> None:
+    before = quiet.cpu_sample()
+    assert before is not None  # Linux: /proc/stat is there
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    after = quiet.cpu_sample()
+    assert after.own - before.own >= 0.25
+    assert after.busy - before.busy >= 0.25
+    assert quiet.cpu_sample(Path("/nonexistent/stat")) is None
 
 
 def test_measure_without_a_guard_does_nothing() -> None:
