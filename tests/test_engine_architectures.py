@@ -92,6 +92,7 @@ def test_a_mixed_batch_on_the_pool_is_exact_per_row(built):
         eng.submit(request)
     assert not [e for e in eng.step() if e.finished]
     assert eng.stats.prefill_runs == 1 and pool.occupied == 3 and len(eng._running) == 3
+    assert eng.stats.logit_positions == 3 * 2, "columns 8, 9, 9 read: the LM head ran on columns 8 and 9"
     results, widest = run_all(eng, requests[3:], submit_every_step=True)
     assert widest == 4 and eng.stats.prefills == 5, "rows joined a running batch one by one"
     assert eng.stats.cache_moved == 0 and pool.occupied == 0
@@ -121,6 +122,16 @@ def test_chunked_prefill_holds_no_running_row_longer_than_a_chunk(built, monkeyp
     assert eng.stats.prefill_runs == 1 + 6 and eng.pool.occupied == 0
     assert max(rows * width for rows, width in runs) <= 4
     assert_rows_exact(built, [running, long], results)
+
+
+def test_a_prefill_runs_the_lm_head_on_the_positions_it_reads_only(built):
+    """A 22-token prompt in chunks of 4: the LM head runs on one position per chunk (6) and one per decoded
+    token (2), not on the 22 prompt positions; the logits are PyTorch's."""
+    eng = engine(built, max_batch=1, max_prefill_tokens=4)
+    long = Request(prompt_ids=prompt(22, 2), adapter="a2", max_new_tokens=3, ignore_eos=True, return_logits=True)
+    results, _ = run_all(eng, [long])
+    assert eng.stats.prefill_runs == 6 and eng.stats.logit_positions == 6 + 2
+    assert_rows_exact(built, [long], results)
 
 
 def test_a_prefix_cache_hit_equals_a_cold_run(built):

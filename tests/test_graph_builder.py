@@ -42,6 +42,7 @@ from prolora_export.onnx.graph.builder import (
     run_builder,
 )
 from prolora_export.onnx.graph.check import check_spliced
+from prolora_export.onnx.graph.logits import LOGITS_START
 from prolora_export.onnx.graph.splice import build_compact, splice_folder
 from prolora_export.onnx.slots import SLOT_DIM
 from prolora_export.runtime import inference_session
@@ -117,11 +118,29 @@ def test_builder_graph_has_the_names_and_inputs_the_splice_relies_on(built):
         built["family"] == "qwen2"  # Qwen2's Q/K/V have biases: an Add between MatMul and attention
     inputs = [i.name for i in graph.input]
     kv = [f"past_key_values.{n}.{kind}" for n in range(layers) for kind in ("key", "value")]
-    assert inputs[:2] == ["input_ids", "attention_mask"] and sorted(inputs[2:]) == sorted(kv)  # no position_ids
+    assert inputs[:2] == ["input_ids", "attention_mask"] and sorted(inputs[2:]) == sorted([*kv, LOGITS_START])
     outputs = [o.name for o in graph.output]
     assert outputs[0] == "logits" and sorted(outputs[1:]) == sorted(k.replace("past_key_values", "present") for k in kv)
     assert built["base"].builder_version.startswith("0.18")
     assert (built["base"].folder / "genai_config.json").is_file()
+
+
+@needs_builder
+def test_logits_start_computes_the_logits_of_the_positions_from_it_on(built):
+    """Fed k, the LM head runs on positions k… of the run only, with the same values there; not fed (genai,
+    parity), every position's, as the builder wrote it."""
+    session = inference_session(built["base"].folder)
+    layers, heads = SIZES["num_hidden_layers"], SIZES["num_key_value_heads"]
+    head_size = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+    feeds = {"input_ids": IDS, "attention_mask": np.ones_like(IDS),
+             **{f"past_key_values.{n}.{kind}": np.zeros((IDS.shape[0], heads, 0, head_size), np.float32)
+                for n in range(layers) for kind in ("key", "value")}}
+    every = session.run(["logits"], feeds)[0]
+    assert every.shape[1] == IDS.shape[1]
+    for start in (1, IDS.shape[1] - 1):
+        some = session.run(["logits"], {**feeds, LOGITS_START: np.array([start], np.int64)})[0]
+        assert some.shape[1] == IDS.shape[1] - start
+        np.testing.assert_allclose(some, every[:, start:], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- compact graphs

@@ -32,6 +32,7 @@ class CopyStats:
     graph_to_host: int = 0  # logits read back (0 on the CPU: a view of the output)
     cache_moved: int = 0  # KV bytes copied to merge joining rows or drop finished ones
     graph_kv_written: int = 0  # present tensors the graph writes (past + new token, inside the run)
+    logit_positions: int = 0  # positions the LM head ran on (a graph with logits_start: those read, else all)
     per_step: list[int] = field(default_factory=list)  # bytes copied by the engine in each decode step
 
     def as_dict(self) -> dict:

@@ -57,6 +57,7 @@ import numpy as np
 
 from ..errors import PRoLoRAError
 from ..models import kv_cache_shape
+from ..onnx.graph.logits import LOGITS_START
 from ..onnx.op import ADAPTER_INDEX
 from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
@@ -234,6 +235,7 @@ class Engine:
         past = inputs[self.past_names[0]]
         self.kv_dtype = np.float16 if "float16" in past.type else np.float32
         self.has_positions = "position_ids" in inputs
+        self.has_logits_start = any(i.name == LOGITS_START for i in self.session.get_overridable_initializers())
         config = _model_config(self.folder)
         text = config.get_text_config()
         dims = (past.shape[1], past.shape[3])  # heads, head_dim: the builder leaves them symbolic
@@ -559,6 +561,8 @@ class Engine:
             self._binding = (self.slots.version, binding)
         binding = self._binding[1]
         binding.clear_binding_outputs()
+        if self.has_logits_start:  # bound every run: a binding keeps its inputs, a prefill's start included
+            feeds = {LOGITS_START: np.zeros(1, np.int64), **feeds}
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, to_value(array, self.device))
             self.stats.host_to_graph += array.nbytes
@@ -573,6 +577,7 @@ class Engine:
         self.session.run_with_iobinding(binding, options)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
+        self.stats.logit_positions += logits.shape[0] * logits.shape[1]
         logits = logits[:, -1] if columns is None else logits[np.arange(len(columns)), columns]
         if self.device != "cpu":
             self.stats.graph_to_host += logits.nbytes
@@ -683,9 +688,14 @@ class Engine:
             empty = np.zeros((rows, heads, 0, head_dim), self.kv_dtype)
             group.past = {name: to_value(empty, self.device) for name in self.past_names}
         last = stop == group.width
+        columns = group.last_columns(start) if last else None
+        if self.has_logits_start:  # the LM head runs on the columns read (the chunk's last one before the last chunk)
+            first = stop - start - 1 if columns is None else int(columns.min())
+            feeds[LOGITS_START] = np.array([first], np.int64)
+            columns = None if columns is None else columns - first
         try:
-            logits, group.past = self._run(feeds, group.past, self._shrink if last else None,
-                                           group.last_columns(start) if last else None, in_place=self.pool is not None)
+            logits, group.past = self._run(feeds, group.past, self._shrink if last else None, columns,
+                                           in_place=self.pool is not None)
         except Exception as err:  # any failure of the run fails its rows, and only them
             self._prefills.popleft()
             self._fail([s for s in group.seqs if not s.finished], err, events)
@@ -828,6 +838,8 @@ class Engine:
             None if seq.first_token is None else seq.first_token - seq.submitted, now - seq.submitted,
             np.stack(seq.logits) if seq.logits else None,
         )
+        if not any(seq in group.seqs for group in self._prefills):  # a prefilling group's rows go when it ends
+            self._free_rows([seq])  # before anyone hears it finished: its row is free by then
         self._event(seq, Event(seq.request.request_id, text, token, reason, error, result), events)
 
     @staticmethod

@@ -21,7 +21,8 @@ Options passed to the builder (``--extra_options``): a full-length KV cache on e
 projection module (:data:`ARCHITECTURES`); for ``-p int4``/``-p int8`` ``block_size`` and
 ``accuracy_level`` (:func:`quantization_options`). Everything else is the builder's default:
 symmetric weight-only MatMulNBits (``algo_config=default``) of every MatMul, the embedding and
-norms float.
+norms float. After the builder, the LM head reads its input from a ``logits_start`` position on
+(:mod:`.logits`: a prefill computes only the logits it needs; by default every position's, as the builder's).
 
 Merged mode (:func:`build_merged`) is the builder on our streaming merge's output, and
 :func:`choose_graph` is ``onnx --graph``: which decoders take this route, which stay with optimum.
@@ -380,6 +381,13 @@ def run_builder(
     if not (out / "model.onnx").is_file():
         raise PRoLoRAError("the model builder wrote no model.onnx", str(out))
     copy_model_side_files(hf_dir, out, overwrite=False)  # the builder's tokenizer and genai_config stay
+    import onnx
+
+    from .logits import add_logits_start
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)  # the weights stay in model.onnx.data
+    if add_logits_start(model):
+        onnx.save(model, str(out / "model.onnx"))
     return BaseGraph(out, architecture, version, precision, execution_provider, time.perf_counter() - start)
 
 
