@@ -194,7 +194,8 @@ def test_symmetric_rtn_roundtrip_is_onnx_runtime_s_quantizer():
 def test_int4_olmo_compact_graph_passes_the_gate_and_a_halved_adapter_fails(tmp_path):
     """OLMo's int4 graph, whose norms are LayerNorms only through builder_entry's patch, against parity's
     reference: PyTorch's OLMo (mean-subtracting norms) on the graph's RTN weights. int4 alone moves the tiny
-    model's logits about as much as RMSNorms in place of its norms did, so only this reference tells them apart."""
+    model's logits about as much as RMSNorms in place of its norms did, so only this reference tells them apart;
+    what is left of the gap is the int8 activation blocks (gone at accuracy level 0)."""
     from test_graph_architectures import tiny_model
 
     olmo = {"root": tmp_path, "hf": tmp_path / "hf", "adapter": tmp_path / "adapter",
@@ -206,8 +207,12 @@ def test_int4_olmo_compact_graph_passes_the_gate_and_a_halved_adapter_fails(tmp_
     folder = export(olmo, "compact", 4)
     code, output, data = run(olmo, folder)
     assert code == 0 and "ONNX parity: PASS" in output, output
-    # measured 5.4e-3: the tiny Llama's int4 graph is within 3e-7 of this reference; OLMo's gap is not explained yet
+    # measured 5.4e-3 (the tiny Llama's int4 graph: 3e-7). The gap is the int8 activation blocks of accuracy level
+    # 4 after a LayerNorm: ORT's and torch's normalized values differ in the last bits, and a few int8 codes flip.
+    # Without them (accuracy level 0) the same graph is within 3.2e-7 of its reference, as Llama's is.
     assert data["preset"] == "int4-cpu" and data["metrics"]["rel"] < 2e-2
+    code, output, exact = run(olmo, export(olmo, "compact", 4, tag="-acc0", accuracy_level=0))
+    assert code == 0 and exact["metrics"]["rel"] < 1e-5, output
     code, output, bad = run(olmo, edited_copy(olmo, "compact-int4-B0.5", scale_b(0.5), folder), "--kernel", "function")
     assert code == 1 and "ONNX parity: FAIL" in output, output
     assert bad["metrics"]["rel"] > 10 * data["metrics"]["rel"]
