@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -141,6 +142,26 @@ def test_rows_join_and_leave_mid_generation(built, chunk, kv_pool):
     if chunk < 17:
         assert eng.stats.prefill_runs > eng.stats.prefills
     assert_rows_exact(built, requests, results)
+
+
+def test_serve_options_size_the_prefill_chunks_and_the_prefix_cache(built):
+    """`serve --max-prefill-tokens 2 --prefix-cache-tokens 0`: a prompt of several tokens is prefilled two
+    tokens per step, and there is no prefix cache (no metrics of one)."""
+    import urllib.request
+
+    from test_serve import BASE, ServerProcess
+
+    server = ServerProcess(built, "--max-prefill-tokens", "2", "--prefix-cache-tokens", "0", adapters=()).ready()
+    try:
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"model": BASE, "prompt": "a q1 b q2 c q3", "max_tokens": 2, "temperature": 0})
+        metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
+    finally:
+        server.stop()
+    assert reply.status_code == 200, reply.text
+    chunks = next(float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("prolora_prefill_chunks_total"))
+    assert chunks >= 3 and "prolora_prefix_cache" not in metrics
 
 
 def test_right_padding_is_chosen_from_the_graph_s_attention(built):

@@ -40,6 +40,14 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-cached-tokens", default=32768, show_default=True, type=click.IntRange(1),
               help="Bound on rows × (prompt + max_tokens) in the KV cache. On a model builder graph the KV "
                    "pool, allocated at start: --max-batch rows of max-cached-tokens / max-batch tokens each.")
+@click.option("--max-prefill-tokens", default=2048, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens prefilled per engine step: a long prompt is prefilled in chunks of this many, "
+                   "between the running streams' tokens (no stream waits longer than one chunk).")
+@click.option("--prefix-cache-tokens", default=4096, show_default=True, type=click.IntRange(0),
+              help="Positions of prompt prefixes kept per adapter (model builder graphs): a repeated system "
+                   "prompt or few-shot prefix is prefilled once per adapter. 0: no prefix cache.")
+@click.option("--prefix-block", default=32, show_default=True, type=click.IntRange(1),
+              help="Prefix-cache granularity: prompts are cached and matched in blocks of this many tokens.")
 @click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(1),
               help="max_tokens of a chat request that gives none (completions: 16, as OpenAI).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime intra-op threads.")

@@ -125,7 +125,8 @@ def uvicorn_server(app, *, shutdown_timeout: float, host: str = "127.0.0.1", por
 
 def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, base_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
-          max_queue: int = 64, max_cached_tokens: int = 32768, default_max_tokens: int = 256,
+          max_queue: int = 64, max_cached_tokens: int = 32768, max_prefill_tokens: int = 2048,
+          prefix_cache_tokens: int = 4096, prefix_block: int = 32, default_max_tokens: int = 256,
           threads: int | None = None, provider: str = "cpu", shutdown_timeout: float = 10.0,
           log_level: str = "info", max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
           timeout_keep_alive: float = 5.0, max_connections: int | None = None) -> None:
@@ -149,7 +150,8 @@ def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = N
     sock = bind(host, port)  # before the model loads: a port in use fails at once
     try:
         engine = Engine(onnx_dir, adapters, max_batch=max_batch, max_cached_tokens=max_cached_tokens,
-                        provider=provider, threads=threads)
+                        max_prefill_tokens=max_prefill_tokens, prefix_cache_tokens=prefix_cache_tokens,
+                        prefix_block=prefix_block, provider=provider, threads=threads)
         if not is_loopback(host) and api_key is None:
             log.warning("serving on %s without --api-key: anyone who can reach the port can use it", host)
         with EngineRunner(engine) as runner:
