@@ -16,8 +16,9 @@ timed benchmark therefore runs under one :class:`LoadGuard`:
   ``--allow-load`` it writes them, and :func:`write_page` stamps the page "taken under load".
 
 The start check's 1-minute load average lags by about a minute: it catches the sustained load that falsified
-earlier pages, not a burst of a few seconds; the CPU accounting during a measurement catches both. Benchmarks that count bytes or judge accuracy (bench_size,
-quant_parity, quant_sensitivity) measure no time and run without a guard.
+earlier pages, not a burst of a few seconds; the CPU accounting during a measurement catches both.
+Benchmarks that count bytes or judge accuracy (bench_size, quant_parity, quant_sensitivity) measure no time
+and run without a guard.
 """
 
 from __future__ import annotations
