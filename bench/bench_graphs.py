@@ -23,7 +23,9 @@ precision loaded at once and interleaved call kind by call kind, the graphs' ord
 each figure is the median over rounds of that round's figure:
 - decode: a plain greedy loop at batch 1 and 16 feeding present → past, starting from a random cache of
   128 tokens; a round's figure is the median ms of its steps (the first step of each round not counted);
-- prefill: one call of 32/128/512 prompt tokens on an empty cache.
+- prefill: one call of 32/128/512 prompt tokens on an empty cache. The builder's graphs compute the last
+  position's logits only (their ``logits_start`` input fed, as the engine runs a prefill, and as llama.cpp's
+  prompt processing outputs the last token's); optimum's graphs have no such input and compute every position's.
 Every graph runs through an IOBinding (:mod:`binding`), as the engine runs its graph: inputs that never change
 (the slot graph's ~840 shard inputs) are bound once as OrtValues; input_ids, attention_mask, the past (the
 previous call's presents, fed back as OrtValues) and adapter_index are bound on each call; a call's time covers
@@ -268,6 +270,7 @@ class Decoder:
     def __init__(self, folder: Path, kernel: str, library: Path | None = None):
         """``kernel``: runtime.KERNELS' choice, unless ``library`` (a measurement build of the native library)
         is registered instead of the package's."""
+        from prolora_export.onnx.graph.logits import LOGITS_START
         from prolora_export.runtime import inference_session, session_options
 
         options = None
@@ -286,6 +289,8 @@ class Decoder:
                  for n, i in inputs.items() if i.shape and i.shape[0] == "slots"}
         self.graph = BoundGraph(session, fixed)
         self.adapter_index = "adapter_index" in inputs
+        overridable = {i.name for i in session.get_overridable_initializers()}
+        self.logits_start = LOGITS_START if LOGITS_START in overridable else None  # builder graphs
         self.present = {o: "past_key_values." + o.removeprefix("present.") for o in self.graph.outputs
                         if o.startswith("present.")}
 
@@ -300,6 +305,8 @@ class Decoder:
             feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + new, dtype=np.int64), (batch, new))
         if self.adapter_index:
             feeds["adapter_index"] = np.zeros(batch, np.int64)
+        if self.logits_start:  # the last position's logits, all that a prefill or a decode step reads
+            feeds[self.logits_start] = np.array([new - 1], np.int64)
         start = time.perf_counter()
         out = self.graph.run(feeds)
         logits = out["logits"].numpy()
@@ -596,7 +603,9 @@ def markdown(r: dict) -> str:
         f"`python bench/bench_graphs.py{flags}`: ONNX Runtime {s['onnxruntime']} CPU, {s['threads']} intra-op "
         f"threads, wall clock; builder from onnxruntime-genai {env.get('onnxruntime-genai')} under transformers "
         f"{env.get('transformers')}. Decode: a greedy loop feeding present → past from a random cache of "
-        f"{s['past']} tokens, {s['decode_steps']} steps per round (median); prefill: one call on an empty cache. "
+        f"{s['past']} tokens, {s['decode_steps']} steps per round (median); prefill: one call on an empty cache, "
+        "the builder graphs computing the last position's logits only (`logits_start`, as the engine does; optimum's "
+        "graphs compute every position's). "
         f"{FEED_TEXT[bool(s.get('io_binding'))]}Graphs interleaved in one process, order rotated each round, "
         f"median of {s['rounds']} rounds. One random "
         "PRoLoRA adapter (r=8, u=1, m=n=2, seven projections). int4: the builder's `--quantize int4`; the optimum "
