@@ -147,15 +147,13 @@ def test_rows_join_and_leave_mid_generation(built, chunk, kv_pool):
 def test_serve_options_size_the_prefill_chunks_and_the_prefix_cache(built):
     """`serve --max-prefill-tokens 2 --prefix-cache-tokens 0`: a prompt of several tokens is prefilled two
     tokens per step, and there is no prefix cache (no metrics of one)."""
-    import urllib.request
-
     from test_serve import BASE, ServerProcess
 
     server = ServerProcess(built, "--max-prefill-tokens", "2", "--prefix-cache-tokens", "0", adapters=()).ready()
     try:
         reply = httpx.post(f"{server.url}/v1/completions", timeout=60,
                            json={"model": BASE, "prompt": "a q1 b q2 c q3", "max_tokens": 2, "temperature": 0})
-        metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=30).read().decode()
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
     finally:
         server.stop()
     assert reply.status_code == 200, reply.text
