@@ -270,7 +270,7 @@ class Decoder:
     def __init__(self, folder: Path, kernel: str, library: Path | None = None):
         """``kernel``: runtime.KERNELS' choice, unless ``library`` (a measurement build of the native library)
         is registered instead of the package's."""
-        from prolora_export.onnx.graph.logits import LOGITS_START
+        from prolora_export.onnx.graph.logits import LOGITS_START, takes_logits_start
         from prolora_export.runtime import inference_session, session_options
 
         options = None
@@ -289,8 +289,7 @@ class Decoder:
                  for n, i in inputs.items() if i.shape and i.shape[0] == "slots"}
         self.graph = BoundGraph(session, fixed)
         self.adapter_index = "adapter_index" in inputs
-        overridable = {i.name for i in session.get_overridable_initializers()}
-        self.logits_start = LOGITS_START if LOGITS_START in overridable else None  # builder graphs
+        self.logits_start = LOGITS_START if takes_logits_start(session) else None  # builder graphs
         self.present = {o: "past_key_values." + o.removeprefix("present.") for o in self.graph.outputs
                         if o.startswith("present.")}
 

@@ -57,7 +57,7 @@ import numpy as np
 
 from ..errors import PRoLoRAError
 from ..models import kv_cache_shape
-from ..onnx.graph.logits import LOGITS_START
+from ..onnx.graph.logits import LOGITS_START, takes_logits_start
 from ..onnx.op import ADAPTER_INDEX
 from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
@@ -235,7 +235,7 @@ class Engine:
         past = inputs[self.past_names[0]]
         self.kv_dtype = np.float16 if "float16" in past.type else np.float32
         self.has_positions = "position_ids" in inputs
-        self.has_logits_start = any(i.name == LOGITS_START for i in self.session.get_overridable_initializers())
+        self.has_logits_start = takes_logits_start(self.session)
         config = _model_config(self.folder)
         text = config.get_text_config()
         dims = (past.shape[1], past.shape[3])  # heads, head_dim: the builder leaves them symbolic

@@ -25,6 +25,12 @@ SLICE = "/lm_head/logits_start/Slice"
 LOGITS_LENGTH = "logits_length"
 
 
+def takes_logits_start(session) -> bool:
+    """Whether an ONNX Runtime session's graph has the input (an overridable initializer, so not among
+    ``get_inputs()``)."""
+    return any(i.name == LOGITS_START for i in session.get_overridable_initializers())
+
+
 def add_logits_start(model: onnx.ModelProto) -> bool:
     """Slice the LM head's input from ``logits_start`` on (in place); False when the graph has no builder LM
     head (or has the input already)."""
