@@ -10,9 +10,10 @@
 //   g[k, q] = γ · h[(q − k·s_B) mod r_s]            (k < n)
 //   y[k·c_B + c] = Σ_q g[k, q] · B0[c, q]  (+ Σ_v γ·(x · A_u[v]) · B_u[o, v])
 // B_u, and B0 where an adapter has a row block or more in the call, are transposed once per call into
-// scratch so that the output loops run over contiguous memory; a decoded row or two reads B0 in place,
-// 8×8 blocks turned in registers (the shards are graph inputs that ONNX Runtime adapters may switch on
-// every Run, so nothing derived from them may be cached across calls). fp16 inputs are computed in fp32
+// scratch so that the output loops run over contiguous memory; for a decoded row or two B0 is turned 64 rows
+// at a time into an L1 tile that serves every chunk k (the shards are graph inputs that ONNX Runtime adapters
+// may switch on every Run, so nothing derived from them may be cached across calls), and the shards are
+// prefetched whole, being cold. fp16 inputs are computed in fp32
 // and rounded once, as the function body's Cast/CastLike do.
 //
 // Written against OrtCustomOp (the C++ CustomOpBase of onnxruntime_cxx_api.h) rather than the lite
@@ -74,10 +75,10 @@ struct Problem {
   int64_t off_a_step = 0, off_b_step = 0;  // s_A mod r_s, s_B mod r_s (non-negative)
   float scaling = 1.0f;
   const float* a0 = nullptr;   // (r_s, c_A)
-  // B0's element (c, q) at b0[q·b0_ldq + c·b0_ldc]: transposed (r_s, c_B), ldc 1, where enough rows share it
-  // to repay the transposition; else read in place (c_B, r_s), ldq 1 (Kernel::Compute's transpose_b0)
+  // B0 transposed (r_s, c_B) where enough rows share it to repay the transposition; else as stored (c_B, r_s),
+  // turned a tile at a time (Kernel::Compute's transpose_b0)
   const float* b0 = nullptr;
-  int64_t b0_ldq = 0, b0_ldc = 1;
+  bool b0_stored = false;
   const float* au = nullptr;   // (u, d_in)
   const float* but = nullptr;  // (u, d_out): B_u transposed
   // exactly one of the two input/output pairs is set
@@ -202,43 +203,20 @@ inline void transpose8(const float* p, int64_t ld, v8 (&col)[8]) {
   }
 }
 
-// y[r][c] = Σ_q g[r][q]·b[q·ldq + c·ldc] + Σ_v t[r][v]·ut[v·ldu + c] for c < width: the shared ranks of one B
-// chunk and the unshared ranks of the same outputs in one pass, so each output is written once. Contiguous:
-// ldc is 1 (B transposed); else B0 is read in place (ldq 1): 8 outputs' next 8 ranks come in as one 8×8 block
-// (transpose8), or gathered ldc apart where a block would read past b_end. Each output sums its ranks in
-// order, then its unshared ones, whichever way: the same sums in the same order.
-template <int R, int C, bool Contiguous>
-inline void outputs_block(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks,
-                          const float* b_end, const float* const* t, const float* ut, int64_t ldu, int64_t unshared,
-                          float* const* y, int64_t c) {
+// y[r][c] = Σ_q g[r][q]·b[q·ldq + c] + Σ_v t[r][v]·ut[v·ldu + c] for c < width, B as (ranks, outputs): the
+// shared ranks of one B chunk and the unshared ranks of the same outputs in one pass, so each output is
+// written once. Each output sums its ranks in order, then its unshared ones, whatever R and C are.
+template <int R, int C>
+inline void outputs_block(const float* const* g, const float* b, int64_t ldq, int64_t ranks, const float* const* t,
+                          const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t c) {
   v8 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) acc[r][i] = v8{};
-  if constexpr (Contiguous) {
-    for (int64_t q = 0; q < ranks; ++q)
-      for (int i = 0; i < C; ++i) {
-        const v8 bv = load8(b + q * ldq + c + 8 * i);
-        for (int r = 0; r < R; ++r) acc[r][i] += g[r][q] * bv;
-      }
-  } else {
+  for (int64_t q = 0; q < ranks; ++q)
     for (int i = 0; i < C; ++i) {
-      const float* rows = b + (c + 8 * i) * ldc;
-      for (int64_t q0 = 0; q0 < ranks; q0 += 8) {
-        const int64_t count = std::min<int64_t>(8, ranks - q0);
-        if (rows + 7 * ldc + q0 + 8 <= b_end) {
-          v8 col[8];
-          transpose8(rows + q0, ldc, col);
-          for (int64_t k = 0; k < count; ++k)
-            for (int r = 0; r < R; ++r) acc[r][i] += g[r][q0 + k] * col[k];
-        } else {
-          for (int64_t k = 0; k < count; ++k) {
-            const v8 bv = strided8(rows + q0 + k, ldc);
-            for (int r = 0; r < R; ++r) acc[r][i] += g[r][q0 + k] * bv;
-          }
-        }
-      }
+      const v8 bv = load8(b + q * ldq + c + 8 * i);
+      for (int r = 0; r < R; ++r) acc[r][i] += g[r][q] * bv;
     }
-  }
   for (int64_t v = 0; v < unshared; ++v)
     for (int i = 0; i < C; ++i) {
       const v8 uv = load8(ut + v * ldu + c + 8 * i);
@@ -248,30 +226,50 @@ inline void outputs_block(const float* const* g, const float* b, int64_t ldq, in
     for (int i = 0; i < C; ++i) store8(y[r] + c + 8 * i, acc[r][i]);
 }
 
-// y[r][c] = Σ_q g[r][q]·b[q·ldq + c·ldc] + Σ_v t[r][v]·ut[v·ldu + c] for c < width (outputs_block). Several
+// y[r][c] = Σ_q g[r][q]·b[q·ldq + c] + Σ_v t[r][v]·ut[v·ldu + c] for c < width (outputs_block). Several
 // output vectors per step give independent accumulation chains (one row alone would wait on each FMA).
-template <int R, bool Contiguous>
-inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t ldc, int64_t ranks, const float* b_end,
-                    const float* const* t, const float* ut, int64_t ldu, int64_t unshared, float* const* y,
-                    int64_t width) {
+template <int R>
+inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t ranks, const float* const* t,
+                    const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t width) {
   constexpr int C = R == 1 ? 4 : 2;
   int64_t c = 0;
-  for (; c + 8 * C <= width; c += 8 * C)
-    outputs_block<R, C, Contiguous>(g, b, ldq, ldc, ranks, b_end, t, ut, ldu, unshared, y, c);
-  for (; c + 8 <= width; c += 8)
-    outputs_block<R, 1, Contiguous>(g, b, ldq, ldc, ranks, b_end, t, ut, ldu, unshared, y, c);
+  for (; c + 8 * C <= width; c += 8 * C) outputs_block<R, C>(g, b, ldq, ranks, t, ut, ldu, unshared, y, c);
+  for (; c + 8 <= width; c += 8) outputs_block<R, 1>(g, b, ldq, ranks, t, ut, ldu, unshared, y, c);
   for (; c < width; ++c)
     for (int r = 0; r < R; ++r) {
       float sum = 0.0f;
-      for (int64_t q = 0; q < ranks; ++q) sum += g[r][q] * b[q * ldq + c * ldc];
+      for (int64_t q = 0; q < ranks; ++q) sum += g[r][q] * b[q * ldq + c];
       for (int64_t v = 0; v < unshared; ++v) sum += t[r][v] * ut[v * ldu + c];
       y[r][c] = sum;
     }
 }
 
-// R consecutive rows starting at `row`; work holds (m·r_s + r_s + n·r_s + u) floats per row
+constexpr int64_t kTile = 64;  // B0 rows turned per tile: r_s·64 floats stay in L1 for every chunk k
+
+// B0's rows [c, c + w) as stored (element (c, q) at b[c·r_s + q]) into tile as (r_s, w): 8 rows at a time
+// through registers (transpose8), gathered where a block would read past b_end
+inline void tile_b0(const float* b, int64_t ranks, const float* b_end, int64_t w, float* tile) {
+  int64_t c = 0;
+  for (; c + 8 <= w; c += 8) {
+    const float* rows = b + c * ranks;
+    for (int64_t q0 = 0; q0 < ranks; q0 += 8) {
+      const int64_t count = std::min<int64_t>(8, ranks - q0);
+      if (rows + 7 * ranks + q0 + 8 <= b_end) {
+        v8 col[8];
+        transpose8(rows + q0, ranks, col);
+        for (int64_t k = 0; k < count; ++k) store8(tile + (q0 + k) * w + c, col[k]);
+      } else {
+        for (int64_t k = 0; k < count; ++k) store8(tile + (q0 + k) * w + c, strided8(rows + q0 + k, ranks));
+      }
+    }
+  }
+  for (; c < w; ++c)
+    for (int64_t q = 0; q < ranks; ++q) tile[q * w + c] = b[c * ranks + q];
+}
+
+// R consecutive rows starting at `row`; work holds (m·r_s + r_s + n·r_s + u) floats per row, tile r_s·kTile
 template <int R>
-inline void compute_block(const Problem& p, int64_t row, float* work, float* xf, float* yf) {
+inline void compute_block(const Problem& p, int64_t row, float* work, float* xf, float* yf, float* tile) {
   const int64_t rs = p.rs, u = p.u, per_row = p.m * rs + rs + p.n * rs + u;
   const float* x[R];
   float* y[R];
@@ -319,21 +317,25 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
     for (int r = 0; r < R; ++r)
       for (int64_t v = 0; v < u; ++v) t[r][v] *= p.scaling;
   }
-  if (rs > 0) {
-    for (int64_t k = 0; k < p.n; ++k) {
-      const int64_t start = k * p.c_b, width = std::max<int64_t>(0, std::min(p.c_b, p.d_out - start));
-      if (width == 0) continue;
+  // every chunk k reads the same B0 (its rotation is in g): columns [c0, c0 + w) of B0ᵀ serve outputs
+  // k·c_B + c0 … of every chunk, the last chunk cut at d_out
+  const int64_t c_b = rs > 0 ? p.c_b : p.d_out, step = p.b0_stored ? kTile : c_b;
+  for (int64_t c0 = 0; c0 < c_b; c0 += step) {
+    const int64_t w = std::min(step, c_b - c0);
+    const float* b = p.b0 + c0;  // transposed: (r_s, c_B), rows c_B apart
+    int64_t ldq = p.c_b;
+    if (p.b0_stored) {
+      tile_b0(p.b0 + c0 * rs, rs, p.b0 + p.c_b * rs, w, tile);
+      b = tile, ldq = w;
+    }
+    for (int64_t k = 0; k < (rs > 0 ? p.n : 1); ++k) {
+      const int64_t start = k * c_b + c0, width = std::min(w, p.d_out - start);
+      if (width <= 0) break;
       const float* gk[R];
       float* yk[R];
       for (int r = 0; r < R; ++r) gk[r] = g[r] + k * rs, yk[r] = y[r] + start;
-      if (p.b0_ldc == 1)  // every chunk k reads the same B0 (its rotation is in g)
-        outputs<R, true>(gk, p.b0, p.b0_ldq, 1, rs, nullptr, t, p.but + start, p.d_out, u, yk, width);
-      else
-        outputs<R, false>(gk, p.b0, p.b0_ldq, p.b0_ldc, rs, p.b0 + p.c_b * rs, t, p.but + start, p.d_out, u, yk,
-                           width);
+      outputs<R>(gk, b, ldq, rs, t, p.but + start, p.d_out, u, yk, width);
     }
-  } else {
-    outputs<R, true>(g, nullptr, 0, 1, 0, nullptr, t, p.but, p.d_out, u, y, p.d_out);
   }
   if (p.y16)
     for (int r = 0; r < R; ++r) {
@@ -344,16 +346,29 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
 
 constexpr int kRowBlock = 4;
 
+// Asks for every cache line of `bytes` at `data` (into L2) before the loops read it. A decoded token's shards
+// are cold (the base weights streamed through the caches since the last call), and the loops' short
+// streams alone keep too few misses in flight: 13 % less kernel time on demo int4 decode (measured).
+inline void prefetch(const void* data, int64_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 2);
+}
+
 // rows [begin, end) of Y, kRowBlock at a time
 PROLORA_HOT void compute_rows(const Problem& p, int64_t begin, int64_t end) {
-  thread_local std::vector<float> work_buf, x_buf, y_buf;
+  thread_local std::vector<float> work_buf, x_buf, y_buf, tile_buf;
   const int64_t per_row = p.m * p.rs + p.rs + p.n * p.rs + p.u;
   float* work = scratch(work_buf, static_cast<size_t>(kRowBlock * per_row));
   float* xf = p.x16 ? scratch(x_buf, static_cast<size_t>(kRowBlock * p.d_in)) : nullptr;
   float* yf = p.y16 ? scratch(y_buf, static_cast<size_t>(kRowBlock * p.d_out)) : nullptr;
+  float* tile = scratch(tile_buf, static_cast<size_t>(p.rs * kTile));
+  if (p.rows < kRowBlock) {  // each shard is read once: ask for all of it now
+    prefetch(p.a0, p.rs * p.c_a * 4), prefetch(p.au, p.u * p.d_in * 4);
+    prefetch(p.b0, p.rs * p.c_b * 4), prefetch(p.but, p.u * p.d_out * 4);
+  }
   int64_t row = begin;
-  for (; row + kRowBlock <= end; row += kRowBlock) compute_block<kRowBlock>(p, row, work, xf, yf);
-  for (; row < end; ++row) compute_block<1>(p, row, work, xf, yf);
+  for (; row + kRowBlock <= end; row += kRowBlock) compute_block<kRowBlock>(p, row, work, xf, yf, tile);
+  for (; row < end; ++row) compute_block<1>(p, row, work, xf, yf, tile);
 }
 
 struct Task {
@@ -374,10 +389,8 @@ inline const float* widened(const Ort::Float16_t* src, int64_t count, float* dst
   return dst;
 }
 
-// (rows, cols) → (cols, rows) in fp32, into dst: B0 and B_u for the output loops, which then run over
-// contiguous memory. On one decoded token it costs about as much as the products, and still beats reading
-// B0 in place (r_s-long dot products per output): 2.1 µs against 0.9 µs for both at 576 → 576, r = 8
-// (thread CPU time).
+// (rows, cols) → (cols, rows) in fp32, into dst: B0 (for a row block or more) and B_u for the output loops,
+// which then run over contiguous memory.
 PROLORA_HOT const float* transposed(const float* src, int64_t rows, int64_t cols, float* dst) {
   if (rows == 1 || cols == 1) return src;  // same layout either way
   int64_t r = 0;
@@ -454,7 +467,7 @@ inline bool half(const Dims& dims) {
 // one slot's shards, ready for compute_rows (fp32; B_u transposed, B0 as Problem::b0 says)
 struct Prepared {
   const float *a0 = nullptr, *b0 = nullptr, *au = nullptr, *but = nullptr;
-  int64_t b0_ldq = 0, b0_ldc = 1;
+  bool b0_stored = false;
 };
 
 // Kernel of RotatedShardLoRA (Slots = false: X, A_shard, B_shard, A_unshared, B_unshared) and of
@@ -619,8 +632,8 @@ struct Kernel {
                au_16 = p.u > 0 && half(au_dims), bu_16 = p.u > 0 && half(bu_dims);
     float* a0_dst = scratch(a0_buf, static_cast<size_t>(a0_16 ? used * a0_size : 0));
     // B0 transposed once pays where a slot has a row block or more (prefill, a batch on one adapter); for a
-    // decoded row or two it is read in place, 8×8 blocks turned in registers (outputs_block: the
-    // transposition and its scratch writes cost more than the products then; demo decode, measured)
+    // decoded row or two it is turned a tile at a time in L1 (tile_b0: the whole transposition's scratch
+    // writes cost more than the products then; demo decode, measured)
     const bool transpose_b0 = rows >= kRowBlock * used;
     float* b0_dst = scratch(b0_buf, static_cast<size_t>(transpose_b0 || b0_16 ? used * b0_size : 0));
     float* au_dst = scratch(au_buf, static_cast<size_t>(au_16 ? used * au_size : 0));
@@ -637,11 +650,11 @@ struct Kernel {
         if (transpose_b0) {
           ready.b0 = b0_16 ? transposed(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, p.c_b, p.rs, dst, wide)
                            : transposed(b0.GetTensorData<float>() + s * b0_size, p.c_b, p.rs, dst);
-          ready.b0_ldq = p.c_b, ready.b0_ldc = 1;
+          ready.b0_stored = false;
         } else {
           ready.b0 = b0_16 ? widened(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, b0_size, dst)
                            : b0.GetTensorData<float>() + s * b0_size;
-          ready.b0_ldq = 1, ready.b0_ldc = p.rs;
+          ready.b0_stored = true;
         }
       }
       if (p.u > 0) {
@@ -672,7 +685,7 @@ struct Kernel {
         if (prepared_at(b) == at) first = first < 0 ? b : first, last = b, ++count;
       const Prepared& ready = prepared_buf[static_cast<size_t>(at)];
       Problem q = p;
-      q.a0 = ready.a0, q.b0 = ready.b0, q.b0_ldq = ready.b0_ldq, q.b0_ldc = ready.b0_ldc;
+      q.a0 = ready.a0, q.b0 = ready.b0, q.b0_stored = ready.b0_stored;
       q.au = ready.au, q.but = ready.but;
       q.rows = count * per_batch;
       if (last - first + 1 > count) {
