@@ -312,23 +312,37 @@ def test_slot_kernel_serves_each_row_its_adapter(geom, fp16, batch, tmp_path):
         assert rel_err(got[row], body_out[row]) <= (1e-3 if fp16 else 1e-6)
 
 
-def test_slot_rows_equal_the_single_adapter_kernel_on_any_thread_count():
-    """Enough interleaved rows per slot for the pool split through the row map: each row is bit for bit what
-    the single-adapter op gives it with its slot's shards, on 1, 2 or 4 threads."""
-    g = ShardGeometry.build(256, 320, 8, 2, 2, 4, True)
+#: slot batches large enough for the kernel to use the pool: (geometry, adapter_index, tokens per row)
+POOL_BATCHES = {
+    # a prefill: each slot's rows split over the pool through the row map, B0 transposed
+    "prefill-rows-split": ((256, 320, 8, 2, 2, 4, True), [0, 1, -1, 0, 1, 0], 97),
+    # a mixed decode step: one task per slot, each turning its B0 a tile at a time
+    "decode-task-per-slot": ((512, 700, 8, 1, 2, 3, True), [i % 9 - 1 for i in range(30)], 1),  # 30 rows < 4 per slot: tiles
+}
+
+
+@pytest.mark.parametrize("case", list(POOL_BATCHES))
+def test_slot_rows_equal_the_single_adapter_kernel_on_any_thread_count(case):
+    """Each row is bit for bit what the single-adapter op gives it with its slot's shards, on 1, 2 or 4
+    threads, when the call is split over the pool (by rows of one slot, or by slot)."""
+    geom, index, tokens = POOL_BATCHES[case]
+    g = ShardGeometry.build(*geom)
     rng = np.random.default_rng(12)
-    slots = {k: rng.standard_normal((2, *s)).astype(np.float32) for k, s in g.tensor_shapes().items()}
-    index = np.array([0, 1, -1, 0, 1, 0], dtype=np.int64)
-    x = rng.standard_normal((len(index), 97, 256)).astype(np.float32)
+    index = np.array(index, dtype=np.int64)
+    slots = {k: rng.standard_normal((index.max() + 1, *s)).astype(np.float32) for k, s in g.tensor_shapes().items()}
+    x = rng.standard_normal((len(index), tokens, g.in_features)).astype(np.float32)
     feeds = {"X": x, ADAPTER_INDEX: index, **{f"layer.{k}": v for k, v in slots.items()}}
     model = slot_model(g, 2.0)
     outs = [inference_session(model, kernel="native", threads=t).run(["Y"], feeds)[0] for t in (1, 2, 4)]
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
-    for slot in (0, 1):
+    for slot in range(index.max() + 1):
         rows = index == slot
         single = node_model(g, 2.0, {k: v[slot] for k, v in slots.items()}, 3)
         np.testing.assert_array_equal(outs[0][rows], run(single, x[rows], "native"))
+        want = reference_delta(x[rows], {k: v[slot] for k, v in slots.items()}, *geom[:2], g.sharing_rate_a,
+                               g.sharing_rate_b, g.stride_a, g.stride_b, 2.0)
+        assert rel_err(outs[0][rows], want) <= 1e-5
     assert not outs[0][index < 0].any()
 
 

@@ -464,11 +464,17 @@ inline bool half(const Dims& dims) {
   return dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
-// one slot's shards, ready for compute_rows (fp32; B_u transposed, B0 as Problem::b0 says)
-struct Prepared {
-  const float *a0 = nullptr, *b0 = nullptr, *au = nullptr, *but = nullptr;
-  bool b0_stored = false;
+// one used slot of a call: which slot, and its Problem (its rows; its shards once prepared)
+struct Job {
+  int64_t slot = 0;
+  Problem problem;
 };
+
+// task(i) for i < count over ONNX Runtime's intra-op pool (on the calling thread where it has none)
+template <typename F>
+void for_each_task(const Ort::KernelContext& ctx, size_t count, F& task) {
+  ctx.ParallelFor([](void* data, size_t i) { (*static_cast<F*>(data))(i); }, count, 0, &task);
+}
 
 // Kernel of RotatedShardLoRA (Slots = false: X, A_shard, B_shard, A_unshared, B_unshared) and of
 // RotatedShardLoRASlots (SPEC §5; Slots = true: X (batch, …, d_in), adapter_index (batch,), then the
@@ -547,7 +553,7 @@ struct Kernel {
   void Compute(OrtKernelContext* context) {
     thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf, wide_buf;
     thread_local std::vector<int64_t> position_buf, row_map_buf;
-    thread_local std::vector<Prepared> prepared_buf;
+    thread_local std::vector<Job> jobs_buf;
     Ort::KernelContext ctx(context);
 #ifdef PROLORA_NULL_KERNEL
     // a measurement variant (bench/bench_kernel.py): Y = 0 without reading the shards, so that the node's own
@@ -626,44 +632,23 @@ struct Kernel {
       position[0] = used++;
     }
     const int64_t a0_size = p.rs * p.c_a, b0_size = p.c_b * p.rs, au_size = p.u * p.d_in, bu_size = p.d_out * p.u;
-    if (used > static_cast<int64_t>(prepared_buf.size())) prepared_buf.resize(static_cast<size_t>(used));
+    if (used > static_cast<int64_t>(jobs_buf.size())) jobs_buf.resize(static_cast<size_t>(used));
     // each shard in its own type (fp32 or fp16; an fp16 graph may feed fp32 X or shards to some node)
     const bool a0_16 = p.rs > 0 && half(a0_dims), b0_16 = p.rs > 0 && half(b0_dims),
                au_16 = p.u > 0 && half(au_dims), bu_16 = p.u > 0 && half(bu_dims);
-    float* a0_dst = scratch(a0_buf, static_cast<size_t>(a0_16 ? used * a0_size : 0));
     // B0 transposed once pays where a slot has a row block or more (prefill, a batch on one adapter); for a
     // decoded row or two it is turned a tile at a time in L1 (tile_b0: the whole transposition's scratch
     // writes cost more than the products then; demo decode, measured)
     const bool transpose_b0 = rows >= kRowBlock * used;
+    // scratch for every used slot apart, so that slots can be prepared on different threads
+    const int64_t wide_size = b0_16 || bu_16 ? std::max(b0_size, bu_size) : 0;
+    float* a0_dst = scratch(a0_buf, static_cast<size_t>(a0_16 ? used * a0_size : 0));
     float* b0_dst = scratch(b0_buf, static_cast<size_t>(transpose_b0 || b0_16 ? used * b0_size : 0));
     float* au_dst = scratch(au_buf, static_cast<size_t>(au_16 ? used * au_size : 0));
     float* bu_dst = scratch(bu_buf, static_cast<size_t>(used * bu_size));
-    float* wide = scratch(wide_buf, static_cast<size_t>(b0_16 || bu_16 ? std::max(b0_size, bu_size) : 0));
-    for (int64_t s = 0; s < slots; ++s) {
-      const int64_t at = position[s];
-      if (at < 0) continue;
-      Prepared& ready = prepared_buf[static_cast<size_t>(at)];
-      if (p.rs > 0) {
-        ready.a0 = a0_16 ? widened(a0.GetTensorData<Ort::Float16_t>() + s * a0_size, a0_size, a0_dst + at * a0_size)
-                         : a0.GetTensorData<float>() + s * a0_size;
-        float* dst = b0_dst + at * b0_size;
-        if (transpose_b0) {
-          ready.b0 = b0_16 ? transposed(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, p.c_b, p.rs, dst, wide)
-                           : transposed(b0.GetTensorData<float>() + s * b0_size, p.c_b, p.rs, dst);
-          ready.b0_stored = false;
-        } else {
-          ready.b0 = b0_16 ? widened(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, b0_size, dst)
-                           : b0.GetTensorData<float>() + s * b0_size;
-          ready.b0_stored = true;
-        }
-      }
-      if (p.u > 0) {
-        ready.au = au_16 ? widened(au.GetTensorData<Ort::Float16_t>() + s * au_size, au_size, au_dst + at * au_size)
-                         : au.GetTensorData<float>() + s * au_size;
-        ready.but = bu_16 ? transposed(bu.GetTensorData<Ort::Float16_t>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size, wide)
-                          : transposed(bu.GetTensorData<float>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size);
-      }
-    }
+    float* wide = scratch(wide_buf, static_cast<size_t>(used * wide_size));
+    int64_t* maps = scratch(row_map_buf, static_cast<size_t>(rows));
+    Job* jobs = jobs_buf.data();  // the tasks below may run on other threads, which have thread_locals of their own
 
     Dims y_dims = x_dims;
     y_dims.d[y_dims.rank - 1] = p.d_out;
@@ -679,17 +664,20 @@ struct Kernel {
     // one Problem per used slot over all of its rows, so that they go through the row-blocked loops and the
     // pool split together as the single-adapter op's do (not one small Problem per batch row): read in place
     // where the slot's batch rows are consecutive (one slot for the whole batch), else through a row map
-    for (int64_t at = 0; at < used; ++at) {
+    for (int64_t s = 0; s < slots; ++s) {
+      const int64_t at = position[s];
+      if (at < 0) continue;
+      Job& job = jobs[at];
+      job.slot = s;
       int64_t first = -1, last = -1, count = 0;
       for (int64_t b = 0; b < batch; ++b)
         if (prepared_at(b) == at) first = first < 0 ? b : first, last = b, ++count;
-      const Prepared& ready = prepared_buf[static_cast<size_t>(at)];
-      Problem q = p;
-      q.a0 = ready.a0, q.b0 = ready.b0, q.b0_stored = ready.b0_stored;
-      q.au = ready.au, q.but = ready.but;
+      Problem& q = job.problem;
+      q = p;
       q.rows = count * per_batch;
       if (last - first + 1 > count) {
-        int64_t* map = scratch(row_map_buf, static_cast<size_t>(q.rows));
+        int64_t* map = maps;
+        maps += q.rows;
         for (int64_t b = first, i = 0; b <= last; ++b)
           if (prepared_at(b) == at)
             for (int64_t t = 0; t < per_batch; ++t) map[i++] = (b - first) * per_batch + t;
@@ -702,7 +690,46 @@ struct Kernel {
       } else {
         q.x16 = xs, q.y16 = ys;
       }
-      run_problem(ctx, q);
+    }
+    // slot `at`'s shards, ready for compute_rows (fp32; B_u transposed, B0 as Problem::b0 says), in its scratch
+    auto prepare = [&](int64_t at) {
+      Problem& q = jobs[at].problem;
+      const int64_t s = jobs[at].slot;
+      float* tmp = wide + at * wide_size;
+      if (p.rs > 0) {
+        q.a0 = a0_16 ? widened(a0.GetTensorData<Ort::Float16_t>() + s * a0_size, a0_size, a0_dst + at * a0_size)
+                     : a0.GetTensorData<float>() + s * a0_size;
+        float* dst = b0_dst + at * b0_size;
+        if (transpose_b0)
+          q.b0 = b0_16 ? transposed(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, p.c_b, p.rs, dst, tmp)
+                       : transposed(b0.GetTensorData<float>() + s * b0_size, p.c_b, p.rs, dst);
+        else
+          q.b0 = b0_16 ? widened(b0.GetTensorData<Ort::Float16_t>() + s * b0_size, b0_size, dst)
+                       : b0.GetTensorData<float>() + s * b0_size;
+        q.b0_stored = !transpose_b0;
+      }
+      if (p.u > 0) {
+        q.au = au_16 ? widened(au.GetTensorData<Ort::Float16_t>() + s * au_size, au_size, au_dst + at * au_size)
+                     : au.GetTensorData<float>() + s * au_size;
+        q.but = bu_16 ? transposed(bu.GetTensorData<Ort::Float16_t>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size, tmp)
+                      : transposed(bu.GetTensorData<float>() + s * bu_size, p.d_out, p.u, bu_dst + at * bu_size);
+      }
+    };
+    // several adapters in the call (a mixed batch): one task per slot, each preparing its shards and
+    // computing its rows, so that both the cold shard reads and the products spread over the pool
+    const int64_t work_per_row = (p.rs + p.u) * (p.d_in + p.d_out);
+    if (used > 1 && (rows + used) * work_per_row >= kParallelMinWork) {
+      auto task = [&](size_t at) {
+        prepare(static_cast<int64_t>(at));
+        const Problem& q = jobs[at].problem;
+        compute_rows(q, 0, q.rows);
+      };
+      for_each_task(ctx, static_cast<size_t>(used), task);
+      return;
+    }
+    for (int64_t at = 0; at < used; ++at) {
+      prepare(at);
+      run_problem(ctx, jobs[at].problem);
     }
   }
 };
