@@ -46,7 +46,7 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--prefix-cache-tokens", default=4096, show_default=True, type=click.IntRange(0),
               help="Positions of prompt prefixes kept per adapter (model builder graphs): a repeated system "
                    "prompt or few-shot prefix is prefilled once per adapter. 0: no prefix cache.")
-@click.option("--prefix-block", default=32, show_default=True, type=click.IntRange(1),
+@click.option("--prefix-block", default=16, show_default=True, type=click.IntRange(1),
               help="Prefix-cache granularity: prompts are cached and matched in blocks of this many tokens.")
 @click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(1),
               help="max_tokens of a chat request that gives none (completions: 16, as OpenAI).")

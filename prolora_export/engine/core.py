@@ -63,7 +63,7 @@ from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
 from .cache import CopyStats, KVBatch, to_value
 from .pool import KVPool
-from .prefix import Block, PrefixCache
+from .prefix import DEFAULT_BLOCK, Block, PrefixCache
 from .requests import Event, Request, Result
 from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
@@ -214,7 +214,7 @@ class Engine:
         tokenizer="auto",
         kv_pool: bool = True,
         prefix_cache_tokens: int = 4096,
-        prefix_block: int = 32,
+        prefix_block: int = DEFAULT_BLOCK,
     ):
         if max_batch < 1 or max_cached_tokens < 1 or max_prefill_tokens < 1:
             raise PRoLoRAError("max_batch, max_cached_tokens and max_prefill_tokens must be ≥ 1")

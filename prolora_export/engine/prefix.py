@@ -23,6 +23,10 @@ import numpy as np
 
 from .pool import KVPool
 
+#: tokens per cached block by default (vLLM's block size): small enough that a chat template's shared head
+#: is reused (29 tokens of system prompt and instruction on the demo model: 16 reused, none at 32)
+DEFAULT_BLOCK = 16
+
 #: a node's key: (owner, parent node number, its block's tokens); parent 0 is the root
 Key = tuple[int, int, tuple[int, ...]]
 

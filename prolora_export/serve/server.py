@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..engine import Engine, EngineRunner
+from ..engine.prefix import DEFAULT_BLOCK
 from ..engine.slots import AdapterSource
 from ..errors import PRoLoRAError
 from .app import check_api_key, create_app
@@ -126,7 +127,7 @@ def uvicorn_server(app, *, shutdown_timeout: float, host: str = "127.0.0.1", por
 def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, base_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
           max_queue: int = 64, max_cached_tokens: int = 32768, max_prefill_tokens: int = 2048,
-          prefix_cache_tokens: int = 4096, prefix_block: int = 32, default_max_tokens: int = 256,
+          prefix_cache_tokens: int = 4096, prefix_block: int = DEFAULT_BLOCK, default_max_tokens: int = 256,
           threads: int | None = None, provider: str = "cpu", shutdown_timeout: float = 10.0,
           log_level: str = "info", max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
           timeout_keep_alive: float = 5.0, max_connections: int | None = None) -> None:
