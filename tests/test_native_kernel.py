@@ -316,7 +316,7 @@ def test_slot_kernel_serves_each_row_its_adapter(geom, fp16, batch, tmp_path):
 POOL_BATCHES = {
     # a prefill: each slot's rows split over the pool through the row map, B0 transposed
     "prefill-rows-split": ((256, 320, 8, 2, 2, 4, True), [0, 1, -1, 0, 1, 0], 97),
-    # a mixed decode step: one task per slot, each turning its B0 a tile at a time (30 rows < 4 per slot)
+    # a mixed decode step: one task per slot, each turning its B0 a tile at a time (30 rows < 4 × 8 slots)
     "decode-task-per-slot": ((512, 700, 8, 1, 2, 3, True), [i % 9 - 1 for i in range(30)], 1),
 }
 
