@@ -371,16 +371,14 @@ PROLORA_HOT void compute_rows(const Problem& p, int64_t begin, int64_t end) {
   for (; row < end; ++row) compute_block<1>(p, row, work, xf, yf, tile);
 }
 
-struct Task {
-  const Problem* problem;
-  int64_t rows_per_task;
-};
-
-void run_task(void* data, size_t index) {
-  const Task& task = *static_cast<const Task*>(data);
-  const int64_t begin = static_cast<int64_t>(index) * task.rows_per_task;
-  compute_rows(*task.problem, begin, std::min(task.problem->rows, begin + task.rows_per_task));
+// task(i) for i < count over ONNX Runtime's intra-op pool (on the calling thread where it has none)
+template <typename F>
+void for_each_task(const Ort::KernelContext& ctx, size_t count, F& task) {
+  ctx.ParallelFor([](void* data, size_t i) { (*static_cast<F*>(data))(i); }, count, 0, &task);
 }
+
+// multiply-adds per row of X (the parallel policy's measure of work)
+inline int64_t row_work(const Problem& p) { return (p.rs + p.u) * (p.d_in + p.d_out); }
 
 // count values in fp32: the source itself for fp32, else widened into dst
 inline const float* widened(const float* src, int64_t, float*) { return src; }
@@ -445,16 +443,19 @@ struct Dims {
 // enough work, inline otherwise (one decoded token never touches the pool).
 void run_problem(const Ort::KernelContext& ctx, const Problem& p) {
   if (p.rows == 0) return;
-  const int64_t work_per_row = (p.rs + p.u) * (p.d_in + p.d_out);
+  const int64_t work_per_row = row_work(p);
   if (p.rows < 2 * kMinRowsPerTask || p.rows * work_per_row < kParallelMinWork) {
     compute_rows(p, 0, p.rows);
     return;
   }
   // enough tasks for the pool to balance, each at least kParallelMinWork / 4 multiply-adds
   const int64_t by_work = std::max<int64_t>(kMinRowsPerTask, (kParallelMinWork / 4) / std::max<int64_t>(work_per_row, 1));
-  Task task{&p, std::min(by_work, p.rows)};
-  const size_t tasks = static_cast<size_t>((p.rows + task.rows_per_task - 1) / task.rows_per_task);
-  ctx.ParallelFor(run_task, tasks, 0, &task);
+  const int64_t rows_per_task = std::min(by_work, p.rows);
+  auto task = [&](size_t index) {
+    const int64_t begin = static_cast<int64_t>(index) * rows_per_task;
+    compute_rows(p, begin, std::min(p.rows, begin + rows_per_task));
+  };
+  for_each_task(ctx, static_cast<size_t>((p.rows + rows_per_task - 1) / rows_per_task), task);
 }
 
 // true for an fp16 tensor, false for fp32; any other type is refused
@@ -469,12 +470,6 @@ struct Job {
   int64_t slot = 0;
   Problem problem;
 };
-
-// task(i) for i < count over ONNX Runtime's intra-op pool (on the calling thread where it has none)
-template <typename F>
-void for_each_task(const Ort::KernelContext& ctx, size_t count, F& task) {
-  ctx.ParallelFor([](void* data, size_t i) { (*static_cast<F*>(data))(i); }, count, 0, &task);
-}
 
 // Kernel of RotatedShardLoRA (Slots = false: X, A_shard, B_shard, A_unshared, B_unshared) and of
 // RotatedShardLoRASlots (SPEC §5; Slots = true: X (batch, …, d_in), adapter_index (batch,), then the
@@ -717,8 +712,7 @@ struct Kernel {
     };
     // several adapters in the call (a mixed batch): one task per slot, each preparing its shards and
     // computing its rows, so that both the cold shard reads and the products spread over the pool
-    const int64_t work_per_row = (p.rs + p.u) * (p.d_in + p.d_out);
-    if (used > 1 && (rows + used) * work_per_row >= kParallelMinWork) {
+    if (used > 1 && (rows + used) * row_work(p) >= kParallelMinWork) {
       auto task = [&](size_t at) {
         prepare(static_cast<int64_t>(at));
         const Problem& q = jobs[at].problem;
