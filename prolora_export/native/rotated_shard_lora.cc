@@ -76,7 +76,7 @@ struct Problem {
   float scaling = 1.0f;
   const float* a0 = nullptr;   // (r_s, c_A)
   // B0 transposed (r_s, c_B) where enough rows share it to repay the transposition; else as stored (c_B, r_s),
-  // turned a tile at a time (Kernel::Compute's transpose_b0)
+  // turned a tile at a time (transpose_rows; Kernel::Compute's transpose_b0)
   const float* b0 = nullptr;
   bool b0_stored = false;
   const float* au = nullptr;   // (u, d_in)
@@ -246,25 +246,25 @@ inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t 
 
 constexpr int64_t kTile = 64;  // B0 rows turned per tile: r_s·64 floats stay in L1 for every chunk k
 
-// B0's rows [c, c + w) as stored (element (c, q) at b[c·r_s + q]) into tile as (r_s, w): 8 rows at a time
-// through registers (transpose8), gathered where a block would read past b_end
-inline void tile_b0(const float* b, int64_t ranks, const float* b_end, int64_t w, float* tile) {
+// Rows [0, rows) of a row-major matrix with `cols` columns (data up to src_end) into dst as (cols, rows): 8 rows
+// at a time through registers (transpose8), gathered where a block would read past src_end
+inline void transpose_rows(const float* src, int64_t cols, const float* src_end, int64_t rows, float* dst) {
   int64_t c = 0;
-  for (; c + 8 <= w; c += 8) {
-    const float* rows = b + c * ranks;
-    for (int64_t q0 = 0; q0 < ranks; q0 += 8) {
-      const int64_t count = std::min<int64_t>(8, ranks - q0);
-      if (rows + 7 * ranks + q0 + 8 <= b_end) {
+  for (; c + 8 <= rows; c += 8) {
+    const float* block = src + c * cols;
+    for (int64_t q0 = 0; q0 < cols; q0 += 8) {
+      const int64_t count = std::min<int64_t>(8, cols - q0);
+      if (block + 7 * cols + q0 + 8 <= src_end) {
         v8 col[8];
-        transpose8(rows + q0, ranks, col);
-        for (int64_t k = 0; k < count; ++k) store8(tile + (q0 + k) * w + c, col[k]);
+        transpose8(block + q0, cols, col);
+        for (int64_t k = 0; k < count; ++k) store8(dst + (q0 + k) * rows + c, col[k]);
       } else {
-        for (int64_t k = 0; k < count; ++k) store8(tile + (q0 + k) * w + c, strided8(rows + q0 + k, ranks));
+        for (int64_t k = 0; k < count; ++k) store8(dst + (q0 + k) * rows + c, strided8(block + q0 + k, cols));
       }
     }
   }
-  for (; c < w; ++c)
-    for (int64_t q = 0; q < ranks; ++q) tile[q * w + c] = b[c * ranks + q];
+  for (; c < rows; ++c)
+    for (int64_t q = 0; q < cols; ++q) dst[q * rows + c] = src[c * cols + q];
 }
 
 // R consecutive rows starting at `row`; work holds (m·r_s + r_s + n·r_s + u) floats per row, tile r_s·kTile
@@ -307,9 +307,12 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
         for (int64_t i = 0; i < rs - off; ++i) h[r][i] += zj[i + off];
         for (int64_t i = rs - off; i < rs; ++i) h[r][i] += zj[i + off - rs];
       }
-      // g[k, q] = γ·h[(q − k·s_B) mod r_s]
-      for (int64_t k = 0, off = 0; k < p.n; ++k, off = (off + p.off_b_step) % rs)
-        for (int64_t q = 0; q < rs; ++q) g[r][k * rs + q] = p.scaling * h[r][positive_mod(q - off, rs)];
+      // g[k, q] = γ·h[(q − k·s_B) mod r_s]: h rotated right by off = k·s_B mod r_s (two runs, no division)
+      for (int64_t k = 0, off = 0; k < p.n; ++k, off = (off + p.off_b_step) % rs) {
+        float* gk = g[r] + k * rs;
+        for (int64_t q = 0; q < off; ++q) gk[q] = p.scaling * h[r][q + rs - off];
+        for (int64_t q = off; q < rs; ++q) gk[q] = p.scaling * h[r][q - off];
+      }
     }
   }
   if (u > 0) {
@@ -324,8 +327,8 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
     const int64_t w = std::min(step, c_b - c0);
     const float* b = p.b0 + c0;  // transposed: (r_s, c_B), rows c_B apart
     int64_t ldq = p.c_b;
-    if (p.b0_stored) {
-      tile_b0(p.b0 + c0 * rs, rs, p.b0 + p.c_b * rs, w, tile);
+    if (p.b0_stored) {  // B0's rows [c0, c0 + w) as (r_s, w)
+      transpose_rows(p.b0 + c0 * rs, rs, p.b0 + p.c_b * rs, w, tile);
       b = tile, ldq = w;
     }
     for (int64_t k = 0; k < (rs > 0 ? p.n : 1); ++k) {
@@ -391,17 +394,7 @@ inline const float* widened(const Ort::Float16_t* src, int64_t count, float* dst
 // which then run over contiguous memory.
 PROLORA_HOT const float* transposed(const float* src, int64_t rows, int64_t cols, float* dst) {
   if (rows == 1 || cols == 1) return src;  // same layout either way
-  int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) {  // 8 source rows → one 8-wide store per column (twice as fast as scalar)
-    const float* s = src + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const v8 v = {s[c], s[cols + c], s[2 * cols + c], s[3 * cols + c],
-                    s[4 * cols + c], s[5 * cols + c], s[6 * cols + c], s[7 * cols + c]};
-      store8(dst + c * rows + r, v);
-    }
-  }
-  for (; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  transpose_rows(src, cols, src + rows * cols, rows, dst);
   return dst;
 }
 
@@ -632,7 +625,7 @@ struct Kernel {
     const bool a0_16 = p.rs > 0 && half(a0_dims), b0_16 = p.rs > 0 && half(b0_dims),
                au_16 = p.u > 0 && half(au_dims), bu_16 = p.u > 0 && half(bu_dims);
     // B0 transposed once pays where a slot has a row block or more (prefill, a batch on one adapter); for a
-    // decoded row or two it is turned a tile at a time in L1 (tile_b0: the whole transposition's scratch
+    // decoded row or two it is turned a tile at a time in L1 (transpose_rows: the whole transposition's scratch
     // writes cost more than the products then; demo decode, measured)
     const bool transpose_b0 = rows >= kRowBlock * used;
     // scratch for every used slot apart, so that slots can be prepared on different threads
