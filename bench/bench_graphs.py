@@ -7,7 +7,9 @@ fp32 and int4, and llama.cpp's llama-bench on the same model. Writes bench/GRAPH
 Models: the demo model (SmolLM2-135M); with ``--full`` also bench_kernel's random Llama of hidden 2048
 (``tools/make_synthetic_checkpoint.py``: 2 blocks, MLP 5632, 16 heads / 4 KV heads, vocab 4096; the demo's
 tokenizer files copied in, as the builder wants them). One random PRoLoRA adapter per model (bench_kernel's:
-r=8, u=1, m=n=2, seven projections).
+r=8, u=1, m=n=2, seven projections). Scale, with ``--full``: a random Llama of TinyLlama-1.1B's shape (hidden
+2048, 22 blocks, MLP 5632, 32 heads / 4 KV heads, vocab 32000; 4.4 GB as fp32) exported compact and merged at
+int4 (time, peak RSS), and their decode at batch 1 and 16 and a 128-token prefill, timed as below.
 
 Exports, each a subprocess of the environment that has its route, timed (wall) with its peak RSS (the sum
 over the process tree, polled every 50 ms, and the largest single process's from ``/usr/bin/time``):
@@ -107,6 +109,14 @@ LABELS = {"optimum_merged": "optimum merged (today)", "merged": "builder merged"
 METRICS = (*(f"decode_b{b}" for b in BATCHES), *(f"prefill_{n}" for n in PROMPTS))
 EXPORT_LABELS = {"optimum_merged": "optimum merged", "merged": "builder merged", "compact": "builder compact",
                  "compact_unpacked": "builder compact, unpacked Q/K/V", "slots": "builder slots"}
+#: issue 29's scale check (``--full``): a random Llama of TinyLlama-1.1B's shape (make_synthetic_checkpoint.py),
+#: its int4 exports as shipped (compact, and merged for the ratio), their decode and a 128-token prefill
+SCALE_NAME = "tinyllama-1.1b"
+SCALE_SHAPE = ("--hidden", "2048", "--intermediate", "5632", "--heads", "32", "--kv-heads", "4", "--layers", "22",
+               "--vocab", "32000")
+SCALE_EXPORTS = (("compact", "int4"), ("merged", "int4"))
+SCALE_GRAPHS = {"merged": ("merged", "function"), "compact_kernel": ("compact", "native")}
+SCALE_METRICS = ("decode_b1", "decode_b16", "prefill_128")
 #: the unpacked compact export: the Python API in the builder's environment (argv: base, adapter, out, precision)
 UNPACKED_EXPORT = ("import sys; from prolora_export.onnx.graph.splice import build_compact; "
                    "print(build_compact(*sys.argv[1:5], packed=False, force=True).summary())")
@@ -215,24 +225,27 @@ def run_measured(command: list[str], log: Path) -> dict:
     return {"seconds": seconds, "peak_rss": max(peak, largest), "largest_process_rss": largest}
 
 
-def synthetic_model(work: Path, demo: Path, reuse: bool) -> Path:
-    """bench_kernel's hidden-2048 random Llama, with the demo's tokenizer files (the builder requires some)."""
+def synthetic_model(work: Path, demo: Path, reuse: bool, name: str = "synthetic-2048-model",
+                    shape: tuple[str, ...] | None = None) -> Path:
+    """A random Llama (bench_kernel's hidden-2048 one unless ``shape`` gives make_synthetic_checkpoint's options),
+    with the demo's tokenizer files (the builder requires some)."""
     from bench_kernel import SYNTHETIC
 
-    out = work / "synthetic-2048-model"
+    out = work / name
     if not (reuse and (out / "config.json").is_file()):
-        print("synthetic checkpoint …", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_checkpoint.py"), *SYNTHETIC,
+        print(f"{name} checkpoint …", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_checkpoint.py"), *(shape or SYNTHETIC),
                         "--out", str(out), "--force"], check=True, capture_output=True)
-        for name in TOKENIZER_FILES:
-            if (demo / name).is_file():
-                shutil.copy2(demo / name, out / name)
+        for file in TOKENIZER_FILES:
+            if (demo / file).is_file():
+                shutil.copy2(demo / file, out / file)
     return out
 
 
-def export_all(work: Path, base: Path, reuse: bool) -> tuple[dict[str, Path], list[dict]]:
-    """The adapter and every export of one model in ``work``: ({"graph-precision": folder}, export records).
-    ``reuse``: folders already there are kept with the records of the run that made them."""
+def export_all(work: Path, base: Path, reuse: bool,
+               exports: tuple[tuple[str, str], ...] = EXPORTS) -> tuple[dict[str, Path], list[dict]]:
+    """The adapter and each of ``exports`` (graph, precision) of one model in ``work``: ({"graph-precision": folder},
+    export records). ``reuse``: folders already there are kept with the records of the run that made them."""
     from bench_kernel import HYPER
     from bench_onnx import random_adapter
 
@@ -243,7 +256,7 @@ def export_all(work: Path, base: Path, reuse: bool) -> tuple[dict[str, Path], li
     saved = work / "exports.json"
     done = {(r["graph"], r["precision"]): r for r in json.loads(saved.read_text())} if reuse and saved.is_file() else {}
     folders, records = {}, []
-    for graph, precision in EXPORTS:
+    for graph, precision in exports:
         out = folders[f"{graph}-{precision}"] = work / f"{graph}-{precision}"
         command = export_command(graph, precision, base, adapter, out, work / "optimum_merged-fp32")
         if reuse and (graph, precision) in done and (out / "model.onnx").is_file():
@@ -336,15 +349,17 @@ def prefill_ms(decoder: Decoder, empty: dict, tokens: int) -> float:
     return 1e3 * decoder.run(ids, empty)[0]
 
 
-def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str) -> dict[str, dict[str, float]]:
-    """ms per graph and metric: every call kind interleaved across the graphs, their order rotated each round;
-    the median over rounds."""
+def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
+            metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
+    """ms per graph and metric (of ``metrics``): every call kind interleaved across the graphs, their order
+    rotated each round; the median over rounds."""
     kv = next(iter(decoders.values())).kv
     pasts = {b: random_past(kv, b, PAST) for b in BATCHES}
     empty = random_past(kv, 1, 0)
     calls: dict[str, Callable[[Decoder], float]] = {
         **{f"decode_b{b}": (lambda d, b=b: decode_ms(d, pasts[b], steps)) for b in BATCHES},
         **{f"prefill_{n}": (lambda d, n=n: prefill_ms(d, empty, n)) for n in PROMPTS}}
+    calls = {metric: call for metric, call in calls.items() if metric in metrics}
     for decoder in decoders.values():  # warm-up: every shape once
         for call in calls.values():
             call(decoder)
@@ -471,6 +486,21 @@ def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -
     return result
 
 
+def measure_scale(base: Path, work: Path, quick: bool, reuse: bool) -> dict:
+    """The 1.1B model: its int4 exports (time, peak RSS) and their latency, compact (native kernel) beside merged."""
+    from prolora_export import native
+
+    cfg = json.loads((base / "config.json").read_text())
+    folders, exports = export_all(work / SCALE_NAME, base, reuse, SCALE_EXPORTS)
+    kernel = "native" if native.library_path() is not None else "function"
+    print(f"  latency {SCALE_NAME} int4 …", flush=True)
+    decoders = {graph: Decoder(folders[f"{export}-int4"], kernel if how == "native" else how)
+                for graph, (export, how) in SCALE_GRAPHS.items()}
+    measured = latency(decoders, ROUNDS[quick], STEPS[quick], f"{SCALE_NAME} int4", SCALE_METRICS)
+    return {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "fp32_bytes": fp32_bytes(base),
+            "native_kernel": kernel == "native", "exports": exports, "latency": {"int4": measured}}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
@@ -518,13 +548,18 @@ def run(work: Path, quick: bool, full: bool, reuse: bool) -> dict:
     for name, base in models.items():
         print(f"{name} …", flush=True)
         results["models"][name] = measure_model(name, base, work, quick, reuse)
+    if full:
+        print(f"{SCALE_NAME} …", flush=True)
+        scale = synthetic_model(work, demo, reuse, f"{SCALE_NAME}-model", SCALE_SHAPE)
+        results["scale"] = measure_scale(scale, work, quick, reuse)
     results["goals"] = goals(results["models"])
     results["settings"] = {
         "quick": quick, "full": full, "threads": THREADS, "past": PAST, "batches": list(BATCHES),
         "prompts": list(PROMPTS), "io_binding": True, "rounds": ROUNDS[quick], "decode_steps": STEPS[quick],
         "llama_bench_repeats": BENCH_REPEATS[quick], "onnxruntime": onnxruntime.__version__,
         "builder_env": installed_versions(str(CLI["builder"].parent / "python")),
-        "export_s": sum(e["seconds"] for m in results["models"].values() for e in m["exports"] if not e["reused"]),
+        "export_s": sum(e["seconds"] for m in [*results["models"].values(), *([results["scale"]] if full else [])]
+                        for e in m["exports"] if not e["reused"]),
         "wall_s": time.perf_counter() - started}
     return results
 
@@ -593,6 +628,25 @@ def export_table(models: dict) -> list[str]:
     return lines
 
 
+def scale_lines(m: dict) -> list[str]:
+    """The 1.1B model's section: int4 compact beside int4 merged, and the compact export's peak RSS."""
+    lat = m["latency"]["int4"]
+    compact = next(e for e in m["exports"] if e["graph"] == "compact")
+    lines = [f"## {SCALE_NAME} (TinyLlama-1.1B's shape: hidden {m['hidden']}, {m['layers']} blocks, "
+             f"{m['fp32_bytes'] / 1e9:.2f} GB as fp32; random weights)", "",
+             "int4 exports as shipped (`--quantize int4`), compact with the native kernel"
+             + ("" if m["native_kernel"] else " (not built here: its function body)") + ".", "",
+             "| graph | " + " | ".join(f"{k.replace('_b', ' b').replace('_', ' ')} ms" for k in SCALE_METRICS)
+             + " | decode b1 / merged | decode b16 / merged |", "|" + "---|" * (len(SCALE_METRICS) + 3)]
+    for graph, row in lat.items():
+        lines.append(f"| {LABELS[graph]} | " + " | ".join(cell(row[k]) for k in SCALE_METRICS) + " | "
+                     + " | ".join(cell(ratio(row[f"decode_b{b}"], lat["merged"][f"decode_b{b}"]), ".2f", "×")
+                                  for b in BATCHES) + " |")
+    lines += ["", f"Compact int4 export: {compact['seconds']:.0f} s, peak RSS {compact['peak_rss'] / 1e9:.2f} GB "
+              f"({compact['peak_rss'] / m['fp32_bytes']:.2f}× the fp32 bytes)."]
+    return lines
+
+
 def markdown(r: dict) -> str:
     s = r["settings"]
     flags = " --quick" * s["quick"] + " --full" * s["full"]
@@ -628,10 +682,13 @@ def markdown(r: dict) -> str:
         lines += ["", f"Time spent on this model: {steps}."]
         if not m["native_kernel"]:
             lines += ["", "The native kernel was not built: every adapter op ran its function body."]
+    if "scale" in r:
+        lines += ["", *scale_lines(r["scale"])]
     lines += ["", "## Exports", "",
               "Wall time and peak RSS of each export command (RSS summed over its process tree, polled every "
               f"{RSS_POLL_S * 1000:.0f} ms; the largest single process from `/usr/bin/time`). Goal: the tree's peak ≤ "
-              f"{RSS_BOUND}× the model's fp32 bytes.", "", *export_table(r["models"]),
+              f"{RSS_BOUND}× the model's fp32 bytes.", "",
+              *export_table({**r["models"], **({SCALE_NAME: r["scale"]} if "scale" in r else {})}),
               "", f"Run took {s['wall_s'] / 60:.1f} min, of which exports {s['export_s'] / 60:.1f} min "
               "(reused exports count 0).", ""]
     return "\n".join(lines)
@@ -640,7 +697,8 @@ def markdown(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
-    parser.add_argument("--full", action="store_true", help="also the hidden-2048 synthetic Llama (default: demo only)")
+    parser.add_argument("--full", action="store_true",
+                        help="also the hidden-2048 synthetic Llama and the 1.1B one (default: demo only)")
     parser.add_argument("--work", type=Path, default=None, help="keep the adapters, exports and GGUF files here")
     parser.add_argument("--reuse", action="store_true", help="with --work: reuse what is there")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite GRAPHS.md from graphs.json")

@@ -113,3 +113,23 @@ def test_page_shows_every_graph_llamacpp_and_the_exports() -> None:
     assert "int4 decode batch 1: compact_kernel / llama.cpp Q4_0 | ≤ 1.50× | 1.030× | yes |" in page
     assert "exports 1.0 min, latency 2.0 min, llamacpp 0.5 min" in page
     assert "| demo | builder slots | int4 | `onnx …` | 10.0 | 1350 | 1350 | 1.35× |" in page
+
+
+def test_page_shows_the_scale_model_compact_beside_merged_and_its_export() -> None:
+    """--full's 1.1B model: its int4 compact graph against merged (decode ratios), and the export's peak RSS."""
+    model = fake_model({"skipped": "not built"})
+    scale = {"hidden": 2048, "layers": 22, "fp32_bytes": 4.4e9, "native_kernel": True,
+             "exports": [{"graph": g, "precision": p, "command": "onnx …", "seconds": 130.0, "peak_rss": rss,
+                          "largest_process_rss": rss, "reused": False}
+                         for (g, p), rss in zip(bg.SCALE_EXPORTS, (2.2e9, 2.6e9), strict=True)],
+             "latency": {"int4": {"merged": dict.fromkeys(bg.SCALE_METRICS, 40.0),
+                                  "compact_kernel": dict.fromkeys(bg.SCALE_METRICS, 42.0)}}}
+    results = {"models": {"demo": model}, "scale": scale, "goals": bg.goals({"demo": model}),
+               "settings": {"quick": False, "full": True, "threads": 2, "past": 128, "rounds": 7, "decode_steps": 12,
+                            "llama_bench_repeats": 5, "onnxruntime": "1.32.0", "export_s": 80.0, "wall_s": 300.0,
+                            "builder_env": {"onnxruntime-genai": "0.18.0", "transformers": "5.25.0"}}}
+    page = bg.markdown(results)
+    assert "## tinyllama-1.1b (TinyLlama-1.1B's shape: hidden 2048, 22 blocks, 4.40 GB as fp32" in page
+    assert "| builder compact, native kernel | 42.0 | 42.0 | 42.0 | 1.05× | 1.05× |" in page
+    assert "Compact int4 export: 130 s, peak RSS 2.20 GB (0.50× the fp32 bytes)." in page
+    assert "| tinyllama-1.1b | builder merged | int4 | `onnx …` | 130.0 | 2600 | 2600 | 0.59× |" in page

@@ -63,6 +63,10 @@ constexpr uint32_t kMinApiVersion = 17;
 // below this many multiply-adds a call stays on the calling thread (a pool dispatch costs a few µs)
 constexpr int64_t kParallelMinWork = 1 << 18;
 constexpr int64_t kMinRowsPerTask = 4;
+// the OrtApi version that reads a tensor's shape in place (GetTensorElementTypeAndShapeDataReference: ORT 1.24)
+constexpr uint32_t kShapeReferenceApiVersion = 24;
+// the OrtApi version this library runs with (RegisterCustomOps)
+uint32_t api_version = 0;
 
 struct Attributes {
   int64_t d_in = 0, d_out = 0, m = 1, n = 1, s_a = 0, s_b = 0;
@@ -413,6 +417,13 @@ struct Dims {
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   Dims() = default;
   explicit Dims(const Ort::ConstValue& value) {
+    if (api_version >= kShapeReferenceApiVersion) {  // the value's own shape: no info object allocated and freed
+      const int64_t* shape = nullptr;
+      Ort::ThrowOnError(Ort::GetApi().GetTensorElementTypeAndShapeDataReference(value, &type, &shape, &rank));
+      if (rank > 8) throw Ort::Exception("RotatedShardLoRA: inputs of rank > 8 are not supported", ORT_INVALID_ARGUMENT);
+      std::copy(shape, shape + rank, d);
+      return;
+    }
     Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
     type = info.GetElementType();
     rank = info.GetDimensionsCount();
@@ -800,7 +811,8 @@ extern "C" {
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                   const OrtApiBase* api_base) {
   const OrtApi* api = nullptr;
-  for (uint32_t v = ORT_API_VERSION; v >= kMinApiVersion && api == nullptr; --v) api = api_base->GetApi(v);
+  for (uint32_t version = ORT_API_VERSION; version >= kMinApiVersion && api == nullptr; --version)
+    if ((api = api_base->GetApi(version)) != nullptr) api_version = version;
   if (api == nullptr) return nullptr;  // cannot even report: an ONNX Runtime older than 1.17
   Ort::InitApi(api);
   static Op<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, false> fp32_op;
