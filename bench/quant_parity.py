@@ -49,7 +49,8 @@ from prolora_export.data import read_jsonl  # noqa: E402
 from prolora_export.formats.prolora import load_adapter, save_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.onnx.quantize import SENSITIVE_MODULES, quantize_onnx  # noqa: E402
+from prolora_export.onnx.quant_settings import SENSITIVE_MODULES  # noqa: E402
+from prolora_export.onnx.quantize import quantize_onnx  # noqa: E402
 from prolora_export.parity import B_TENSORS, DEFAULT_PROMPTS, GATES, PRESETS, check_parity  # noqa: E402
 
 EVAL = ROOT / "examples" / "data" / "eval.jsonl"

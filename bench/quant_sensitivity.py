@@ -39,7 +39,8 @@ import onnx  # noqa: E402
 
 from prolora_export.models import copy_model_side_files, ensure_demo_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.onnx.quantize import SENSITIVE_MODULES, block_quantize, quantize_onnx  # noqa: E402
+from prolora_export.onnx.quant_settings import SENSITIVE_MODULES  # noqa: E402
+from prolora_export.onnx.quantize import block_quantize, quantize_onnx  # noqa: E402
 from prolora_export.parity import heldout_loss  # noqa: E402
 
 DATA = ROOT / "examples" / "data" / "eval.jsonl"

@@ -6,7 +6,7 @@ import click
 from ..onnx.export import DEFAULT_ADAPTERS, DTYPES, MODES
 from ..onnx.graph.builder import ARCHITECTURES, GRAPHS
 from ..onnx.op import BODIES
-from ..onnx.quantize import QUANTIZE
+from ..onnx.quant_settings import QUANTIZE
 from ..onnx.route import export_graph
 from . import trust_remote_code_option
 from .options import adapter_read_options, quantization_options

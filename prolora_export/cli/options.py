@@ -92,7 +92,7 @@ def adapter_read_options(command: Callable) -> Callable:
 def quantization_options(command: Callable) -> Callable:
     """``--block-size --accuracy-level --int8-modules`` of ``quantize`` and ``onnx --quantize``, the module
     list handed to the command as a tuple (``int8_modules``)."""
-    from ..onnx.quantize import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, SENSITIVE_MODULES
+    from ..onnx.quant_settings import ACCURACY_LEVELS, DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, SENSITIVE_MODULES
 
     @functools.wraps(command)
     def run(*args, int8_modules: str | None, **kwargs):

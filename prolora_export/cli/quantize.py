@@ -2,7 +2,8 @@
 
 import click
 
-from ..onnx.quantize import BITS, quantize_onnx
+from ..onnx.quant_settings import BITS
+from ..onnx.quantize import quantize_onnx
 from .options import quantization_options
 from .types import refuse_inapplicable
 

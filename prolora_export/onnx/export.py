@@ -11,8 +11,8 @@ many adapters (ONNX Runtime ``LoraAdapter`` files replace the shards by name).
 
 How the compact graph is made, and why this route: optimum's exporter (TorchScript
 ``torch.onnx.export``) is reused unchanged. During the export, each ``PRoLoRALinear``'s
-``adapter_output`` is swapped for a ``torch.autograd.Function`` whose ``symbolic`` emits the
-custom node, so the node and its SPEC-named parameter initializers come straight out of
+``adapter_output`` is swapped for a ``torch.autograd.Function`` (:mod:`.trace`) whose
+``symbolic`` emits the custom node, so the node and its SPEC-named parameter initializers come straight out of
 the tracer (no graph surgery to find the adapter's subgraph afterwards). optimum opens the
 fresh file in an InferenceSession inside ``OnnxConfig.fix_dynamic_axes`` before any
 post-processing, so the export config is a subclass (optimum's ``custom_onnx_configs``
@@ -59,13 +59,13 @@ from ..formats.detect import read_adapter
 from ..formats.prolora import Adapter
 from ..formats.reference import ReadOptions
 from ..inject import inject_adapter, load_adapter_weights, prolora_layers, remove_adapter
-from ..layer import PRoLoRALinear
 from ..models import copy_model_side_files, load_base_model, load_config, model_class_for, resolve_model
 from ..outputs import atomic_output_dir, check_destination, check_free_space
-from ..shards import TENSOR_NAMES, compact_forward
 from . import op
+from . import slots as slot_export
 from .adapters import geometry_record, record_geometry
 from .genai import write_genai_files
+from .trace import compact_spec, export_as_custom_op
 
 MODES = ("merged", "compact")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -247,72 +247,6 @@ def check_adapter_layers(model: nn.Module, modules: list[str], task: str) -> Non
     )
 
 
-# ---------------------------------------------------------------------- compact op in torch
-
-
-class _RotatedShardLoRAFunction(torch.autograd.Function):
-    """PyTorch side of the custom op: computes with :mod:`shards`, exports as one ONNX node."""
-
-    @staticmethod
-    def forward(ctx, x, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
-        layer = _EXPORTING[layer_id]
-        # the value is computed outside the tracer: only the node emitted by ``symbolic`` belongs
-        # in the graph (and cached constants made inside compact_forward must not be traced)
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            out = compact_forward(
-                layer.geometry,
-                layer.scaling,
-                x.float(),
-                *(None if t is None else t.float() for t in (a_shard, b_shard, a_unshared, b_unshared)),
-            )
-        finally:
-            torch._C._set_tracing_state(state)
-        return out.to(x.dtype)
-
-    @staticmethod
-    def symbolic(g, x, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
-        return emit_op(g, op.OP_TYPE, x, [], (a_shard, b_shard, a_unshared, b_unshared), layer_id)
-
-
-def emit_op(g, op_type: str, x, extra: list, tensors: tuple, layer_id: int):
-    """One ``ai.prolora`` node for the layer being exported (both ops: ``extra`` inputs follow X):
-    absent shard pairs as empty optional inputs, the layer's attributes, X's leading dims kept."""
-    from torch.onnx import symbolic_helper
-
-    a_shard, b_shard, a_unshared, b_unshared = tensors
-    layer = _EXPORTING[layer_id]
-    spec = op.OpSpec.from_geometry(layer.geometry)
-    absent = symbolic_helper._optional_input_placeholder_tensor
-    shards = [a_shard, b_shard] if spec.shared_r else [absent(g), absent(g)]
-    unshared = [a_unshared, b_unshared] if spec.unshared_r else []
-    attrs = {
-        f"{k}_{'f' if isinstance(v, float) else 'i'}": v
-        for k, v in op.node_attributes(layer.geometry, layer.scaling).items()
-    }
-    out = g.op(f"{op.DOMAIN}::{op_type}", x, *extra, *shards, *unshared, **attrs)
-    sizes = symbolic_helper._get_tensor_sizes(x)
-    _INPUT_RANKS.add(len(sizes) if sizes else None)
-    if sizes:  # same leading dims as X, d_out features
-        out.setType(x.type().with_sizes([*sizes[:-1], layer.geometry.out_features]))
-    return out
-
-
-#: layers being exported, by id: an autograd Function takes tensors and plain scalars only
-_EXPORTING: dict[int, PRoLoRALinear] = {}
-#: ranks of X seen by ``symbolic`` in the current export (one rank lets the body skip Shape ops)
-_INPUT_RANKS: set[int | None] = set()
-
-
-def compact_spec(model: nn.Module, upcast: bool, body: str, slots: bool = False) -> op.OpSpec:
-    """The op spec of a model's adapted layers, with X's rank once the tracer has reported it."""
-    ranks = set(_INPUT_RANKS)
-    rank = ranks.pop() if len(ranks) == 1 else None
-    geometries = [layer.geometry for _, layer in prolora_layers(model)]
-    return op.OpSpec.for_layers(geometries, upcast=upcast, rank=rank, body=body, slots=slots)
-
-
 def op_body_for(task: str, requested: str) -> str:
     """The function body an export gets: ``auto`` picks ``route`` when the graph decodes one
     token per call through a KV cache (few tiny nodes win) and ``expand`` when every call sees
@@ -320,28 +254,6 @@ def op_body_for(task: str, requested: str) -> str:
     if requested != "auto":
         return requested
     return "route" if task.endswith("-with-past") else "expand"
-
-
-@contextlib.contextmanager
-def export_as_custom_op(model: nn.Module) -> Iterator[None]:
-    """While active, every PRoLoRALinear computes its adapter output through the exportable op."""
-    layers = [layer for _, layer in prolora_layers(model)]
-    _INPUT_RANKS.clear()
-    for layer in layers:
-        key = id(layer)
-        _EXPORTING[key] = layer
-
-        def adapter_output(x: torch.Tensor, layer: PRoLoRALinear = layer, key: int = key) -> torch.Tensor:
-            t = layer.adapter_tensors()
-            return _RotatedShardLoRAFunction.apply(x, *(t.get(name) for name in TENSOR_NAMES), key)
-
-        layer.adapter_output = adapter_output
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.adapter_output  # the class method is visible again
-            _EXPORTING.pop(id(layer), None)
 
 
 # ---------------------------------------------------------------------- optimum glue
@@ -545,8 +457,6 @@ def export_onnx(
 
     loaded = read(adapters[0])
     if slots:
-        from . import slots as slot_export
-
         slot_export.check_geometry_agrees([loaded, *map(read, adapters[1:])], [str(a) for a in adapters])
     model = load_base_model(source, task=task)
     if slots and not full_task.startswith("text-generation"):

@@ -21,7 +21,7 @@ What is quantized, what stays float:
   embedding ``Gather`` stays fp32 (ORT's block quantizer does Gather in 4 bits only).
 * mixed (``bits=4`` with ``int8_modules``): the projections named there (a path component of the
   MatMul's node name: ``v_proj`` matches ``/model/layers.3/self_attn/v_proj/MatMul``) get 8-bit blocks,
-  the rest 4-bit, as llama.cpp's Q4_K_M keeps some tensors at more bits. :data:`SENSITIVE_MODULES` were
+  the rest 4-bit, as llama.cpp's Q4_K_M keeps some tensors at more bits. :data:`.quant_settings.SENSITIVE_MODULES` were
   picked with a random adapter (v_proj, down_proj, o_proj cost most there); with the trained demo adapter
   the costliest at 4 bits alone are v_proj, down_proj, up_proj, q_proj (bench/QUANT-SENSITIVITY.md).
 * Float, always: norms, rotary tables, attention products, and every tensor of the adapter path.
@@ -58,17 +58,8 @@ from ..outputs import atomic_output_dir, check_destination, check_free_space
 from ..shards import TENSOR_NAMES
 from . import op
 from .graph.packing import PACKS
+from .quant_settings import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, QUANTIZE, check_settings
 
-#: CLI spelling -> bits (None: no quantization)
-QUANTIZE = {"none": None, "int8": 8, "int4": 4}
-BITS = (4, 8)
-#: projections an int4 graph keeps at int8 with --int8-modules (module doc): on the demo model 0.245x the fp32
-#: folder instead of 0.207x, held-out loss 1.76x fp32 instead of 2.27x (bench/QUANT.md)
-SENSITIVE_MODULES = ("v_proj", "o_proj", "down_proj")
-DEFAULT_BLOCK_SIZE = 32
-#: MatMulNBits ``accuracy_level``: 0 unset (= fp32), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-DEFAULT_ACCURACY_LEVEL = 4
 #: ops a quantized graph holds (MatMulInteger: int8 graphs of earlier versions, quantize_dynamic)
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger")
 DATA_FILE = "model.onnx_data"
@@ -378,23 +369,6 @@ def write_quantized(src: Path, dst: Path, bits: int, block_size: int, accuracy_l
     )
 
 
-def check_settings(bits: int, block_size: int, accuracy_level: int, int8_modules: tuple[str, ...] = ()) -> None:
-    """One clear line for settings ONNX Runtime would reject (or assert on) later."""
-    if bits not in BITS:
-        raise PRoLoRAError(f"unsupported bits {bits} (expected 4 or 8)", "--bits")
-    if int8_modules and bits != 4:
-        raise PRoLoRAError("only an int4 graph keeps some modules at int8 (every MatMul of an int8 graph is int8)",
-                           "--int8-modules")
-    if any(not m or "/" in m for m in int8_modules):
-        raise PRoLoRAError(f"module names like v_proj,down_proj expected (got {','.join(int8_modules)!r})",
-                           "--int8-modules")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise PRoLoRAError(f"must be a power of two ≥ 16 (got {block_size})", "--block-size")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise PRoLoRAError(f"must be one of {', '.join(map(str, ACCURACY_LEVELS))} (got {accuracy_level})",
-                           "--accuracy-level")
-
-
 def quantize_onnx(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -406,7 +380,7 @@ def quantize_onnx(
 ) -> QuantizeReport:
     """Quantize the base weights of an exported folder (merged or compact) into ``out_dir``, atomically,
     with the folder's side files (config, tokenizer …); the adapter path stays float (module doc).
-    ``int8_modules`` (int4 only): projections kept at 8 bits, e.g. :data:`SENSITIVE_MODULES`."""
+    ``int8_modules`` (int4 only): projections kept at 8 bits, e.g. :data:`.quant_settings.SENSITIVE_MODULES`."""
     int8_modules = tuple(int8_modules)
     check_settings(bits, block_size, accuracy_level, int8_modules)
     src, out = Path(src_dir), Path(out_dir)
@@ -452,8 +426,6 @@ def export_quantized(base: str, adapter: str | Path, out: str | Path, quantize: 
 
 
 __all__ = [
-    "QUANTIZE",
-    "SENSITIVE_MODULES",
     "QuantizeReport",
     "adapter_tensor_names",
     "block_quantize",

@@ -8,7 +8,8 @@ with :func:`.export.export_onnx` and quantizes when asked).
 
 from __future__ import annotations
 
-from .quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, export_quantized
+from .quant_settings import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE
+from .quantize import export_quantized
 
 
 def export_graph(base: str, adapters: list, out: str, *, graph: str = "auto", mode: str = "merged",

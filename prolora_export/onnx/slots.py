@@ -5,7 +5,7 @@ reads ``adapter_index (batch,)`` and shard inputs with a leading, dynamic slot a
 (``P.prolora_A_shard (K, r_s, c_A)`` …), named as in SPEC §2. The shards are plain graph inputs
 (no initializer, no default): whoever runs the graph feeds the slots, K ≥ 1 of them.
 
-How it is traced, on top of the compact export (:mod:`.export`): while exporting, each
+How it is traced, on top of the compact export (:mod:`.trace`): while exporting, each
 ``PRoLoRALinear`` holds a (2, …) stack of its shards under the same parameter names, so the
 tracer names the initializers like the SPEC keys, and computes its adapter output through an
 autograd Function whose ``symbolic`` emits the slot node. ``adapter_index`` reaches every
@@ -40,6 +40,7 @@ from ..layer import PRoLoRALinear
 from ..shards import TENSOR_NAMES, compact_forward
 from . import op
 from .adapters import geometry_record, read_record, record_geometry
+from .trace import EXPORTING, INPUT_RANKS, emit_op
 
 #: the record's ``defaults`` of a slot graph: its shards are inputs without defaults
 SLOT_DEFAULTS = "slots"
@@ -67,11 +68,9 @@ class _SlotFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, index, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
-        from .export import _EXPORTING
-
-        layer = _EXPORTING[layer_id]
+        layer = EXPORTING[layer_id]
         state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)  # the value is computed outside the tracer (see export.py)
+        torch._C._set_tracing_state(None)  # the value is computed outside the tracer (see trace.py)
         try:
             rows = []
             for b in range(x.shape[0]):
@@ -87,23 +86,19 @@ class _SlotFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, index, a_shard, b_shard, a_unshared, b_unshared, layer_id: int):
-        from .export import emit_op
-
         return emit_op(g, op.SLOT_OP_TYPE, x, [index], (a_shard, b_shard, a_unshared, b_unshared), layer_id)
 
 
 @contextlib.contextmanager
 def export_with_slots(model: nn.Module) -> Iterator[None]:
     """While active, every PRoLoRALinear holds slot-stacked shards and computes through the slot op."""
-    from .export import _EXPORTING, _INPUT_RANKS
-
     layers = list(prolora_layers(model))
     saved: list[tuple[PRoLoRALinear, dict[str, nn.Parameter]]] = []
-    _INPUT_RANKS.clear()
+    INPUT_RANKS.clear()
     try:
         for path, layer in layers:
             key = id(layer)
-            _EXPORTING[key] = layer
+            EXPORTING[key] = layer
             own = layer.adapter_tensors()
             saved.append((layer, own))
             for name, tensor in own.items():
@@ -136,7 +131,7 @@ def export_with_slots(model: nn.Module) -> Iterator[None]:
         for layer, own in saved:
             layer._parameters.update(own)
             layer.__dict__.pop("adapter_output", None)
-            _EXPORTING.pop(id(layer), None)
+            EXPORTING.pop(id(layer), None)
 
 
 def config_overrides(model: nn.Module) -> dict:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 from ...errors import PRoLoRAError
 from ...models import copy_model_side_files
 from ...outputs import atomic_output_dir, check_destination
+from ..quant_settings import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_settings
 
 if TYPE_CHECKING:  # onnx is imported where graphs are read, not for the CLI's route choice
     import onnx
@@ -319,8 +320,6 @@ def quantization_options(precision: str, block_size: int | None, accuracy_level:
         if given:
             raise PRoLoRAError(f"{' and '.join(given)} apply to the int4 and int8 precisions only (not {precision})")
         return {}
-    from ..quantize import DEFAULT_ACCURACY_LEVEL, DEFAULT_BLOCK_SIZE, check_settings
-
     check_settings(QUANTIZED_PRECISIONS[precision], block_size or DEFAULT_BLOCK_SIZE,
                    DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level)
     return {k: str(v) for k, v in given.items()}
