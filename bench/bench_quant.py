@@ -40,9 +40,10 @@ sys.path.insert(0, str(HERE))
 import quiet  # noqa: E402
 from bench_onnx import call_plan, latency, parity_figures, parity_sample, session  # noqa: E402
 
-from prolora_export.models import ensure_demo_model  # noqa: E402
+from prolora_export.models import DEMO_TOKENIZER_FILES, ensure_demo_model  # noqa: E402
 from prolora_export.onnx.export import export_onnx  # noqa: E402
-from prolora_export.onnx.quantize import SENSITIVE_MODULES, quantize_onnx  # noqa: E402
+from prolora_export.onnx.quant_settings import SENSITIVE_MODULES  # noqa: E402
+from prolora_export.onnx.quantize import quantize_onnx  # noqa: E402
 from prolora_export.parity import check_parity, heldout_loss  # noqa: E402
 
 THREADS = 2
@@ -57,7 +58,6 @@ GRAPHS = [f"{p}_{m}" for p in PRECISIONS for m in MODES]
 TRAIN_STEPS = {False: 20, True: 5}  # by --quick, when no demo adapter is given or made by `make demo`
 SYNTHETIC_LAYERS = {False: 4, True: 2}
 DATA = ROOT / "examples" / "data"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 #: goal key -> (label, bound, "max" when the measured value must be ≤ bound)
 GOALS = {
     "decode_int4_compact_vs_fp32_merged": ("decode, int4 compact / fp32 merged (≥ 2× faster)", 0.5),
@@ -101,8 +101,9 @@ def synthetic(work: Path, quick: bool) -> tuple[Path, Path]:
                     "--vocab", "49152", "--dtype", "fp32", "--force"], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     demo = ensure_demo_model(quiet=True)
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo / name, base / name)
+    for name in DEMO_TOKENIZER_FILES:  # those the cache holds (transformers 5 writes no special_tokens_map.json)
+        if (demo / name).is_file():
+            shutil.copy(demo / name, base / name)
     return base, adapter
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from prolora_export.config import PRoLoRAConfig
 from prolora_export.formats.prolora import Adapter
 from prolora_export.inject import adapter_state_dict, inject_adapter
-from prolora_export.models import demo_model_dir
+from prolora_export.models import DEMO_TOKENIZER_FILES, demo_model_dir
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -76,6 +77,16 @@ def demo_model() -> Path:
     path = demo_model_dir()
     assert (path / "config.json").is_file(), f"demo model missing at {path}: run `prolora-export fetch-demo`"
     return path
+
+
+def copy_demo_tokenizer(demo: Path, folder: Path, chat_template: bool = True) -> list[str]:
+    """The demo model's tokenizer files into ``folder`` (a tiny model saved there then tokenizes as the demo
+    does): those the cache holds, which depend on the transformers that fetched it (5 writes no
+    special_tokens_map.json); ``chat_template=False`` leaves the chat template out (an encoder's folder)."""
+    names = sorted(n for n in DEMO_TOKENIZER_FILES if (demo / n).is_file() and (chat_template or "chat" not in n))
+    for name in names:
+        shutil.copy(demo / name, folder / name)
+    return names
 
 
 # Edits of a saved adapter folder, for tests of bad input: each returns a function of the folder.

@@ -22,7 +22,7 @@ import torch
 from builder_helpers import HYPER as BUILDER_HYPER
 from builder_helpers import builder_usable, needs_builder
 from click.testing import CliRunner
-from conftest import LLAMA_TARGETS, make_adapter
+from conftest import LLAMA_TARGETS, copy_demo_tokenizer, make_adapter
 from onnx import numpy_helper
 from test_graph_builder import SIZES
 
@@ -42,7 +42,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
 HYPER = {**BUILDER_HYPER, "target_modules": LLAMA_TARGETS}
 PROMPT = [[1, 523, 9876, 33, 4021, 7, 198, 42]]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def tied_llama(vocab_size: int, seed: int = 0) -> torch.nn.Module:
@@ -66,8 +65,7 @@ def built(tmp_path_factory, demo_model) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("builder-consumers")
     vocab = len(AutoTokenizer.from_pretrained(demo_model))
     tied_llama(vocab).save_pretrained(root / "hf")
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo_model / name, root / "hf" / name)
+    copy_demo_tokenizer(demo_model, root / "hf")
     for name, seed in (("a0", 1), ("a1", 2)):
         save_adapter(root / name, make_adapter(tied_llama(vocab), seed=seed, **HYPER))
     build_base_graph(root / "hf", root / "base")

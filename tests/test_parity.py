@@ -14,16 +14,16 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_adapter, tiny_llama
+from conftest import copy_demo_tokenizer, make_adapter, tiny_llama
 from onnx import numpy_helper
 
 from prolora_export import native
 from prolora_export.cli import main
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
+from prolora_export.models import DEMO_TOKENIZER_FILES
 from prolora_export.parity import GATES, compare, encode_prompts, parse_tolerance, read_prompts
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 ARGS = ["--max-new-tokens", "4"]
 
 
@@ -41,14 +41,12 @@ def setup(tmp_path_factory, demo_model) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity")
     model = tiny_llama(vocab_size=49152)
     model.save_pretrained(root / "base")
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo_model / name, root / "base" / name)
+    copy_demo_tokenizer(demo_model, root / "base")
     save_adapter(root / "adapter", make_adapter(model, r=8, unshared_r=1, sharing_rate_a=2, sharing_rate_b=2,
                                                 lora_alpha=16))
     remove_adapter(model, merge=True)
     model.save_pretrained(root / "merged-hf")
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo_model / name, root / "merged-hf" / name)
+    copy_demo_tokenizer(demo_model, root / "merged-hf")
     main_export(str(root / "merged-hf"), root / "optimum", task="text-generation-with-past", do_validation=False)
     (root / "prompts.jsonl").write_text('{"prompt": "Hello, who are you?"}\n\nfor i in range(10):\n')
     return {"base": root / "base", "adapter": root / "adapter", "root": root, "optimum": root / "optimum",
@@ -352,7 +350,7 @@ def test_token_id_prompts_need_no_tokenizer(small, tmp_path):
     shutil.copytree(root / "llama", bare_base)
     shutil.copytree(root / "llama-onnx", bare_onnx)
     for folder in (bare_base, bare_onnx):
-        for name in TOKENIZER_FILES:
+        for name in DEMO_TOKENIZER_FILES:
             (folder / name).unlink(missing_ok=True)
     prompts = tmp_path / "ids.jsonl"
     prompts.write_text('{"input_ids": [8, 9, 10, 11]}\n{"input_ids": [2, 30, 31]}\n')
@@ -409,8 +407,7 @@ def _tiny_bert(cls_name: str, root: Path, demo_model: Path) -> tuple[Path, Path]
                                      vocab_size=49152, num_labels=3)
     model = getattr(transformers, cls_name)(config).eval()
     model.save_pretrained(root / "base")
-    for name in TOKENIZER_FILES[:3]:
-        shutil.copy(demo_model / name, root / "base" / name)
+    copy_demo_tokenizer(demo_model, root / "base", chat_template=False)
     save_adapter(root / "adapter", make_adapter(model, target_modules=["query", "value"], r=4, unshared_r=1))
     return root / "base", root / "adapter"
 

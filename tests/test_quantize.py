@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_adapter, tiny_llama
+from conftest import copy_demo_tokenizer, make_adapter, tiny_llama
 from onnx import helper, numpy_helper
 
 from prolora_export.cli import main as cli
@@ -35,7 +35,6 @@ from prolora_export.parity import B_TENSORS, heldout_loss
 from prolora_export.runtime import inference_session
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 IDS = np.array([[1, 42, 7, 99, 3, 15, 8, 64, 5, 11, 300, 4000]], dtype=np.int64)
 HYPER = {"r": 8, "unshared_r": 1, "sharing_rate_a": 2, "sharing_rate_b": 2, "lora_alpha": 16}
 #: tiny random model: flat logits make top-k and greedy agreement meaningless under int4 noise
@@ -51,8 +50,7 @@ def tiny(tmp_path_factory, demo_model) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quantize")
     model = tiny_llama(vocab_size=49152)
     model.save_pretrained(root / "base")
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo_model / name, root / "base" / name)
+    copy_demo_tokenizer(demo_model, root / "base")
     for i, seed in enumerate((1, 2)):
         save_adapter(root / f"a{i}", make_adapter(tiny_llama(vocab_size=49152), seed=seed, **HYPER))
     paths = {"root": root, "base": root / "base", "a0": root / "a0", "a1": root / "a1"}
