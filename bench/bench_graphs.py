@@ -46,8 +46,9 @@ ONNX Runtime running the adapter nodes (and their Concat/Add), reading the shard
 llama.cpp (only when bench_llamacpp's cached build exists; never built here): the model as GGUF f32
 (bench_llamacpp's conversion, GPT-2 BPE vocabulary forced) and its Q4_0 copy, the base weights (the same
 shapes and work as the merged graphs); ``llama-bench -t 2``: generation at depth 128 (``-d 128``) beside our
-batch-1 decode, prompt processing of 32/128/512 tokens beside our prefill. A model it cannot convert (the
-synthetic one: its vocabulary is smaller than the tokenizer's) is skipped with the reason.
+batch-1 decode, prompt processing of 32/128/512 tokens beside our prefill. A synthetic model gets the demo's
+tokenizer cut to its smaller vocabulary, which the converter needs; a model it still cannot convert is skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ UNPACKED_EXPORT = ("import sys; from prolora_export.onnx.graph.splice import bui
 #: export options whose value is a path (left out of the command shown)
 PATH_OPTIONS = ("--base", "--adapter", "--out")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: llama.cpp's name for the demo tokenizer's pre-tokenizer, given to its converter: the demo's cut to a synthetic
+#: model's vocabulary (:func:`fitted_tokenizer`) no longer has the hash it recognizes
+PRE_TOKENIZER = "smollm"
 RSS_POLL_S = 0.05
 TIME = Path("/usr/bin/time")
 RSS_BOUND = 2.5
@@ -228,7 +232,7 @@ def run_measured(command: list[str], log: Path) -> dict:
 def synthetic_model(work: Path, demo: Path, reuse: bool, name: str = "synthetic-2048-model",
                     shape: tuple[str, ...] | None = None) -> Path:
     """A random Llama (bench_kernel's hidden-2048 one unless ``shape`` gives make_synthetic_checkpoint's options),
-    with the demo's tokenizer files (the builder requires some)."""
+    with the demo's tokenizer cut to its vocabulary (the builder requires one; :func:`fitted_tokenizer`)."""
     from bench_kernel import SYNTHETIC
 
     out = work / name
@@ -236,10 +240,26 @@ def synthetic_model(work: Path, demo: Path, reuse: bool, name: str = "synthetic-
         print(f"{name} checkpoint …", flush=True)
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_checkpoint.py"), *(shape or SYNTHETIC),
                         "--out", str(out), "--force"], check=True, capture_output=True)
-        for file in TOKENIZER_FILES:
-            if (demo / file).is_file():
-                shutil.copy2(demo / file, out / file)
+    fitted_tokenizer(demo, out, json.loads((out / "config.json").read_text())["vocab_size"])
     return out
+
+
+def fitted_tokenizer(demo: Path, out: Path, vocab: int) -> None:
+    """The demo's tokenizer files in ``out``, its BPE vocabulary cut to the model's first ``vocab`` ids (the
+    special tokens, the bytes, the earliest merges): llama.cpp's GGUF converter refuses a tokenizer with ids
+    beyond the embedding, so a synthetic model of a smaller vocabulary had no llama-bench figures."""
+    for file in TOKENIZER_FILES:
+        if (demo / file).is_file():
+            shutil.copy2(demo / file, out / file)
+    data = json.loads((demo / "tokenizer.json").read_text())
+    bpe = data["model"]
+    if len(bpe["vocab"]) <= vocab:
+        return
+    kept = {token: i for token, i in bpe["vocab"].items() if i < vocab}
+    pairs = [m.split(" ", 1) if isinstance(m, str) else m for m in bpe["merges"]]
+    bpe["vocab"], bpe["merges"] = kept, [[a, b] for a, b in pairs if a in kept and b in kept and a + b in kept]
+    data["added_tokens"] = [token for token in data["added_tokens"] if token["id"] < vocab]
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
 
 
 def export_all(work: Path, base: Path, reuse: bool,
@@ -389,7 +409,8 @@ def llamacpp_ggufs(work: Path, base: Path, reuse: bool) -> dict[str, Path] | str
     try:
         if not (reuse and out["f32"].is_file()):
             print(f"  GGUF {work.name} …", flush=True)
-            run_logged([sys.executable, "-c", CONVERT_BASE, source_dir(CACHE), base, out["f32"]], log, 900)
+            run_logged([sys.executable, "-c", CONVERT_BASE, source_dir(CACHE), base, out["f32"], PRE_TOKENIZER], log,
+                       900)
         if not (reuse and out["q4_0"].is_file()):
             run_logged([tool(CACHE, "llama-quantize"), out["f32"], out["q4_0"], "Q4_0", str(THREADS)], log, 900)
     except SystemExit:

@@ -100,18 +100,22 @@ SERVED = {"fp32": (None, "f32"), "int4": ("int4", "q4_0")}
 PRECISIONS = {False: ("fp32", "int4"), True: ("fp32",)}
 
 #: convert_hf_to_gguf.py with the GPT-2 byte-level BPE vocabulary forced on the model's class (argv: llama.cpp
-#: folder, model folder, output file); llama.cpp's own files stay untouched
+#: folder, model folder, output file, and optionally the pre-tokenizer's name for a tokenizer llama.cpp cannot
+#: recognize by its hash, such as the demo's cut to a synthetic model's vocabulary); llama.cpp's own files stay
+#: untouched
 CONVERT_BASE = """
 import sys
 from pathlib import Path
 
-src, model, out = sys.argv[1:4]
+src, model, out, *pre = sys.argv[1:]
 sys.path[:0] = [src, src + "/gguf-py"]
 import convert_hf_to_gguf as convert
 
 hparams = convert.ModelBase.load_hparams(Path(model), False)
 model_class = convert.get_model_class(convert.get_model_architecture(hparams, convert.ModelType.TEXT))
 model_class.set_vocab = model_class._set_vocab_gpt2
+if pre:
+    model_class.get_vocab_base_pre = lambda self, tokenizer: pre[0]
 sys.argv = ["convert_hf_to_gguf.py", model, "--outtype", "f32", "--outfile", out]
 convert.main()
 """

@@ -700,6 +700,10 @@ def results_page(results: dict, sources: dict[str, Source], peers: str) -> str:
             heading = f"## {name} (`{script}`, its latest run was not by run.py)"
         else:
             status = "" if entry["exit_code"] == 0 else f" — FAILED with exit code {entry['exit_code']}"
+            if "failed_attempt" in entry:
+                failure = entry["failed_attempt"]
+                status += (f" — a later run ({failure['date']}) FAILED with exit code {failure['exit_code']} and "
+                           "wrote nothing: these are the figures of the run before")
             mode = "quick" if entry["quick"] else "full"
             heading = f"## {name} (`{script}`, {mode} run of {entry['date']}, {entry['seconds']:.0f} s){status}"
         nested = re.sub(r"^(#+) ", r"##\1 ", md_file.read_text().strip(), flags=re.M)  # nest its headings
@@ -778,6 +782,7 @@ def main() -> None:
     saved = HERE / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     results.setdefault("benchmarks", {})
+    failed: list[str] = []
     if not args.render_only:
         preflight(args.allow_load)
         results["machine"] = machine()
@@ -792,21 +797,32 @@ def main() -> None:
             if args.allow_load and name not in UNTIMED:
                 command.append("--allow-load")
             done = subprocess.run(command, cwd=HERE.parent)
-            results["benchmarks"][name] = {
+            results["benchmarks"][name] = recorded_run(results["benchmarks"].get(name), {
                 "script": script,
                 "exit_code": done.returncode,
                 "seconds": round(time.perf_counter() - start, 1),
                 "quick": args.quick,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "results": json.loads((HERE / json_name).read_text()) if (HERE / json_name).is_file() else None,
-            }
+            })
+            if done.returncode:
+                failed.append(name)
     if "machine" not in results:
         sys.exit("nothing to render: run the benchmarks first")
     write_pages(results)
     print(f"wrote {HERE / 'RESULTS.md'}, {saved} and the README's results block")
-    failed = [n for n in names if results["benchmarks"].get(n, {}).get("exit_code") not in (0, None)]
-    if failed and not args.render_only:
+    if failed:
         sys.exit(f"benchmarks failed: {failed}")
+
+
+def recorded_run(previous: dict | None, attempt: dict) -> dict:
+    """A benchmark's entry after ``attempt``. A failed run that left the JSON as an earlier run wrote it (a run
+    refused under load writes nothing) keeps that run's entry, date included, and notes the failure beside it:
+    the captions must not date old figures by the failed run."""
+    if attempt["exit_code"] == 0 or previous is None or previous.get("results") != attempt["results"]:
+        return attempt
+    failure = {key: attempt[key] for key in ("date", "exit_code", "seconds")}
+    return {**previous, "failed_attempt": failure}
 
 
 if __name__ == "__main__":

@@ -133,3 +133,19 @@ def test_page_shows_the_scale_model_compact_beside_merged_and_its_export() -> No
     assert "| builder compact, native kernel | 42.0 | 42.0 | 42.0 | 1.05× | 1.05× |" in page
     assert "Compact int4 export: 130 s, peak RSS 2.20 GB (0.50× the fp32 bytes)." in page
     assert "| tinyllama-1.1b | builder merged | int4 | `onnx …` | 130.0 | 2600 | 2600 | 0.59× |" in page
+
+
+def test_a_synthetic_models_tokenizer_is_cut_to_its_vocabulary(tmp_path: Path, demo_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    bg.fitted_tokenizer(demo_model, tmp_path, 4096)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert max(tokenizer.get_vocab().values()) == 4095  # what llama.cpp's converter asserts: every id < vocab
+    text = "Hello, who are you? def fibonacci(n):"
+    ids = tokenizer(text).input_ids
+    assert max(ids) < 4096 and tokenizer.decode(ids) == text
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 2  # the special tokens keep their ids
+    full = tmp_path / "full"
+    full.mkdir()
+    bg.fitted_tokenizer(demo_model, full, 49152)  # a vocabulary as large as the demo's: the files as they are
+    assert (full / "tokenizer.json").read_bytes() == (demo_model / "tokenizer.json").read_bytes()

@@ -169,3 +169,41 @@ def test_quantized_verdicts_from_other_presets_are_flagged():
                for name in ("int8-cpu", "int4-cpu")}
     assert not run._presets_changed(current)
     assert run._presets_changed({"int4-cpu": {**current["int4-cpu"], "rel": 0.78}})
+
+
+def test_a_failed_run_keeps_the_dates_of_the_figures_it_did_not_replace(monkeypatch: pytest.MonkeyPatch,
+                                                                       bench: Path) -> None:
+    (bench / "merge.json").write_text(json.dumps(merge_run(QUIET)))
+    (bench / "RESULTS.md").write_text("")
+    (bench / "MERGE.md").write_text("# Merge\n")
+    results = json.loads((bench / "results.json").read_text())
+    results["benchmarks"]["merge"] = {"script": "bench_merge.py", "exit_code": 0, "seconds": 60.0, "quick": False,
+                                      "date": "2026-11-24 17:30 UTC", "results": merge_run(QUIET)}
+    (bench / "results.json").write_text(json.dumps(results))
+
+    class Refused:  # a run refused under load: exit 1, merge.json as it was
+        returncode = 1
+
+    monkeypatch.setattr(run.subprocess, "run", lambda *args, **kwargs: Refused())
+    monkeypatch.setattr(run, "preflight", lambda allow_load: None)
+    monkeypatch.setattr(run, "machine", lambda: MACHINE)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--only", "merge"])
+    with pytest.raises(SystemExit, match=r"benchmarks failed: \['merge'\]"):
+        run.main()
+    entry = json.loads((bench / "results.json").read_text())["benchmarks"]["merge"]
+    assert entry["date"] == "2026-11-24 17:30 UTC" and entry["exit_code"] == 0
+    assert entry["failed_attempt"]["exit_code"] == 1
+    readme = (bench / "README.md").read_text()
+    assert "From `python bench/bench_merge.py`, 2026-11-24 17:30 UTC, quiet machine" in readme
+    heading = next(line for line in (bench / "RESULTS.md").read_text().splitlines() if line.startswith("## merge"))
+    assert "run of 2026-11-24 17:30 UTC" in heading and "a later run" in heading
+    assert "FAILED with exit code 1" in heading
+
+    class Done:  # the next run succeeds and writes new figures: the failure note goes
+        returncode = 0
+
+    (bench / "merge.json").write_text(json.dumps({**merge_run(QUIET), "runs": 5}))
+    monkeypatch.setattr(run.subprocess, "run", lambda *args, **kwargs: Done())
+    run.main()
+    entry = json.loads((bench / "results.json").read_text())["benchmarks"]["merge"]
+    assert "failed_attempt" not in entry and entry["results"]["runs"] == 5 and entry["date"] != "2026-11-24 17:30 UTC"
