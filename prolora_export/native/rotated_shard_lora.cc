@@ -37,6 +37,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -420,15 +421,19 @@ struct Dims {
     if (api_version >= kShapeReferenceApiVersion) {  // the value's own shape: no info object allocated and freed
       const int64_t* shape = nullptr;
       Ort::ThrowOnError(Ort::GetApi().GetTensorElementTypeAndShapeDataReference(value, &type, &shape, &rank));
-      if (rank > 8) throw Ort::Exception("RotatedShardLoRA: inputs of rank > 8 are not supported", ORT_INVALID_ARGUMENT);
+      check_rank();
       std::copy(shape, shape + rank, d);
       return;
     }
     Ort::TensorTypeAndShapeInfo info = value.GetTensorTypeAndShapeInfo();
     type = info.GetElementType();
     rank = info.GetDimensionsCount();
-    if (rank > 8) throw Ort::Exception("RotatedShardLoRA: inputs of rank > 8 are not supported", ORT_INVALID_ARGUMENT);
+    check_rank();
     Ort::ThrowOnError(Ort::GetApi().GetDimensions(info, d, rank));
+  }
+  void check_rank() const {
+    if (rank > std::size(d))
+      throw Ort::Exception("RotatedShardLoRA: inputs of rank > 8 are not supported", ORT_INVALID_ARGUMENT);
   }
   std::string str() const {
     std::string s = "(";
