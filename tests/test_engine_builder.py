@@ -219,7 +219,8 @@ def test_pool_is_sized_up_front_and_bounds_each_request(built):
 
 def test_a_group_without_contiguous_free_rows_is_split(built):
     """Rows 0–2 taken, row 1 freed by a short request: two prompts of one length arriving together (one
-    prefill group) find rows 1 and 3 free, not side by side, so they are prefilled apart; all exact."""
+    prefill group) find rows 1 and 3 free, not side by side, so they are prefilled apart, in two runs of
+    one step (both fit its prefill budget); all exact."""
     eng = engine(built, max_batch=4)
     first = [Request(prompt_ids=prompt(6 + i, i), adapter=a, max_new_tokens=m, ignore_eos=True, return_logits=True)
              for i, (a, m) in enumerate([("a1", 12), (None, 4), ("a2", 12)])]
@@ -236,7 +237,7 @@ def test_a_group_without_contiguous_free_rows_is_split(built):
     for request in pair:
         eng.submit(request)
     results.update({e.request_id: e.result for e in eng.step() if e.finished})
-    assert eng.stats.prefill_runs == runs + 1 and eng.pool.occupied == 3, "one of the pair prefilled per step"
+    assert eng.stats.prefill_runs == runs + 2 and eng.pool.occupied == 4, "the pair prefilled apart, in one step"
     while eng.pending:
         results.update({e.request_id: e.result for e in eng.step() if e.finished})
     assert eng.pool.occupied == 0
@@ -281,6 +282,29 @@ def test_a_cached_prefix_is_reused_for_its_adapter_only_and_exactly(built, chunk
     eng.load_adapter("a1", built["root"] / "a1")
     run_all(eng, [ask("a1", [30, 31])])
     assert eng.prefix.hits == 1
+
+
+@pytest.mark.parametrize("budget", [2048, 4], ids=["all-fit", "one-fits"])
+def test_prefix_hits_join_in_one_step_within_its_prefill_budget(built, budget):
+    """Four prompts that hit a cached prefix, arriving together, are each prefilled alone (ONNX Runtime's
+    CPU attention takes no batched prefill over a past). They all join in one step when their tails fit
+    the step's ``max_prefill_tokens`` (and then decode as one batch), and one per step when the budget
+    holds one tail; exact either way."""
+    eng = engine(built, max_batch=6, prefix_block=8, max_prefill_tokens=budget)
+    results, _ = run_all(eng, [ask("a1", [10, 11, 12])])  # caches the 40-token prefix for a1
+    hits = [ask("a1", [20 + i, 30 + i, 40 + i]) for i in range(4)]  # 43 tokens each, 40 of them cached
+    runs, seen, firsts = eng.stats.prefill_runs, set(), []
+    for request in hits:
+        eng.submit(request)
+    while eng.pending:
+        events = eng.step()
+        new = {e.request_id for e in events if e.token_id is not None} - seen
+        firsts.append(len(new))
+        seen |= new
+        results.update({e.request_id: e.result for e in events if e.finished})
+    assert eng.prefix.hits == 4 and eng.stats.prefill_runs == runs + 4, "each hit prefilled alone"
+    assert firsts[:4] == ([4, 0, 0, 0] if budget == 2048 else [1, 1, 1, 1]), "first tokens per step"
+    assert_rows_exact(built, [*hits], results)
 
 
 def test_the_prefix_cache_is_bounded(built):

@@ -4,11 +4,12 @@ Step-driven: :meth:`Engine.step` does one scheduling step and returns its events
 (1) submitted requests are checked (a bad one finishes at once with an error event, nothing else is
 touched), (2) every running row decodes one token, and rows that finish leave the batch, (3) when no
 prefill is under way, queued requests are taken while the batch size and the cached-token bound
-allow, and grouped by similar prompt length (padded, each row with its own adapter), (4) one
-prefill chunk runs: at most ``max_prefill_tokens`` tokens of the first group, the previous chunks'
-presents fed as its past. A group whose prompts are done samples its first tokens and its cache
-joins the running rows' in one rebuild. Rows never wait for each other to finish, and a running
-row waits at most one chunk for its next token, however long a prompt being prefilled.
+allow, and grouped by similar prompt length (padded, each row with its own adapter), (4) prefill
+runs take at most ``max_prefill_tokens`` new tokens in all: a chunk of the first group, the previous
+chunks' presents fed as its past, then (on a KV pool) further groups whose whole prompts fit what is
+left. A group whose prompts are done samples its first tokens and its cache joins the running rows'
+(a batch cache: in one rebuild). Rows never wait for each other to finish, and a running row waits
+at most one chunk's tokens for its next token, however long a prompt being prefilled.
 
 Padding and positions (:mod:`.cache`): on optimum's traced graphs rows are left-padded and a row's
 positions count its real tokens, fed as ``position_ids``. Such a graph without that input is served
@@ -142,6 +143,11 @@ class _Prefill:
     @property
     def width(self) -> int:
         return self.ids.shape[1]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens (padding included) its runs have still to feed."""
+        return len(self.seqs) * (self.width - self.done)
 
 
 def model_context(config) -> int:
@@ -431,11 +437,7 @@ class Engine:
             before = self._moved()
             decoded = bool(self._running)
             keep = self._decode(events) if decoded else []  # cache rows still running after this token
-            if not self._prefills:
-                self._pick_joiners(events)
-                self._prefills.extend(self._groups(self._joining))
-                self._joining = []
-            joined = self._prefill_chunk(events) if self._prefills else None
+            joined = self._prefill(events)
             self._rebuild(keep, joined)
             if decoded:
                 self.stats.per_step.append(self._moved() - before)
@@ -670,15 +672,41 @@ class Engine:
                 groups.append([seq])
         return hits + [_Prefill.of(group, self.right_padded) for group in groups]
 
-    def _prefill_chunk(self, events: list[Event]) -> tuple[KVBatch, list[int]] | None:
-        """One run of the first prefill group: its next columns, at most ``max_prefill_tokens`` tokens
-        in all, the columns done fed as past. When the prompts are done, each row samples its first
-        token and the group's cache with the rows that go on running is returned. A failed run
-        finishes the group's rows with its error."""
+    def _queue_prefills(self, events: list[Event]) -> None:
+        """When no prefill is under way, the queued requests that fit now become prefill groups."""
+        if not self._prefills:
+            self._pick_joiners(events)
+            self._prefills.extend(self._groups(self._joining))
+            self._joining = []
+
+    def _prefill(self, events: list[Event]) -> tuple[KVBatch, list[int]] | None:
+        """A step's prefill: at most ``max_prefill_tokens`` new tokens, so that no running row waits
+        longer than one chunk. A batch cache takes one run (its joiners are rebuilt into it once per
+        step). On a pool, whole prompts that fit what is left of the budget follow in further runs:
+        prompts prefilled alone (prefix-cache hits, rows apart) would otherwise join one per step, and
+        the running rows would decode that many steps at a fraction of the batch."""
+        self._queue_prefills(events)
+        if not self._prefills:
+            return None
+        joined, budget = self._prefill_chunk(events, self.max_prefill_tokens)
+        while self.pool is not None:
+            self._queue_prefills(events)
+            if not self._prefills or self._prefills[0].remaining > budget:
+                break
+            budget = self._prefill_chunk(events, budget)[1]
+        return joined
+
+    def _prefill_chunk(self, events: list[Event], budget: int) -> tuple[tuple[KVBatch, list[int]] | None, int]:
+        """One run of the first prefill group: its next columns, at most ``budget`` tokens in all, the
+        columns done fed as past; returns what joins the batch cache and the budget left. When the
+        prompts are done, each row samples its first token and the group's cache with the rows that go
+        on running joins (a pool's rows are in place: nothing). A failed run finishes the group's rows
+        with its error."""
         group = self._take_rows() if self.pool is not None else self._prefills[0]
         rows = len(group.seqs)
         start = group.done
-        stop = min(group.width, start + max(1, self.max_prefill_tokens // rows))
+        stop = min(group.width, start + max(1, budget // rows))
+        left = budget - rows * (stop - start)
         feeds = {"input_ids": group.ids[:, start:stop], "attention_mask": group.mask[:, :stop],
                  ADAPTER_INDEX: np.array([s.slot for s in group.seqs], np.int64)}
         if self.has_positions:
@@ -700,13 +728,13 @@ class Engine:
             self._prefills.popleft()
             self._fail([s for s in group.seqs if not s.finished], err, events)
             self._free_rows(group.seqs)
-            return None
+            return None, left
         group.done = stop
         if self.pool is not None:
             self.pool.lengths[group.row:group.row + rows] = group.mask[:, :stop].sum(axis=1)
         self.stats.prefill_runs += 1
         if stop < group.width:
-            return None
+            return None, left
         if self.prefix is not None:
             for offset, seq in enumerate(group.seqs):
                 self.prefix.insert(seq.owner, seq.prompt_ids, self.pool, group.row + offset)
@@ -717,9 +745,9 @@ class Engine:
         self._free_rows([seq for seq in group.seqs if seq.finished])
         self._running.extend(group.seqs[row] for row in alive)
         if self.pool is not None or not alive:
-            return None
-        return KVBatch(self.past_names, group.past, group.mask, self.stats, self.device,
-                       right_padded=self.right_padded), alive
+            return None, left
+        return (KVBatch(self.past_names, group.past, group.mask, self.stats, self.device,
+                        right_padded=self.right_padded), alive), left
 
     def _take_rows(self) -> _Prefill:
         """The first prefill group, with its pool rows: on its first chunk it takes contiguous rows (one
