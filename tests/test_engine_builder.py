@@ -20,7 +20,7 @@ from conftest import make_adapter
 from test_data import tiny_tokenizer
 from test_graph_builder import HYPER, tiny_decoder
 
-from prolora_export.engine import Engine, Request
+from prolora_export.engine import Engine, Request, core
 from prolora_export.formats.prolora import save_adapter
 
 pytestmark = [needs_builder, pytest.mark.usefixtures("one_torch_thread")]
@@ -305,6 +305,38 @@ def test_prefix_hits_join_in_one_step_within_its_prefill_budget(built, budget):
     assert eng.prefix.hits == 4 and eng.stats.prefill_runs == runs + 4, "each hit prefilled alone"
     assert firsts[:4] == ([4, 0, 0, 0] if budget == 2048 else [1, 1, 1, 1]), "first tokens per step"
     assert_rows_exact(built, [*hits], results)
+
+
+def test_short_hit_tails_ride_the_decode_batch_when_it_is_busy(built, monkeypatch):
+    """With enough rows decoding together (FEED_MIN_ROWS, lowered here to 4), prompts that hit a cached
+    prefix with a tail shorter than a block take no prefill run: their blocks are restored into a pool
+    row and the decode steps feed the tail a token per step beside a running row, the first token coming
+    from the step that fed the last prompt token; every row is exact, and a burst below the threshold
+    still gets its own runs."""
+    monkeypatch.setattr(core, "FEED_MIN_ROWS", 4)
+    eng = engine(built, max_batch=6, prefix_block=8)
+    results, _ = run_all(eng, [ask("a1", [10, 11, 12])])  # caches the 40-token prefix for a1
+    running = Request(prompt_ids=prompt(5, 9), adapter="a2", max_new_tokens=8, ignore_eos=True, return_logits=True)
+    eng.submit(running)
+    eng.step()
+    hits = [ask("a1", [20 + i, 30 + i, 40 + i]) for i in range(3)]  # 43 tokens each: a 3-token tail
+    runs, seen, firsts = eng.stats.prefill_runs, set(), []
+    for request in hits:
+        eng.submit(request)
+    while eng.pending:
+        events = eng.step()
+        new = {e.request_id for e in events if e.token_id is not None} - seen
+        firsts.append(len(new & {r.request_id for r in hits}))
+        seen |= new
+        results.update({e.request_id: e.result for e in events if e.finished})
+    assert eng.stats.prefill_runs == runs and eng.prefix.hits == 3, "the tails took no prefill run"
+    assert firsts[:4] == [0, 0, 0, 3], "fed in the next three steps, first tokens from the third"
+    assert eng.pool.occupied == 0
+    assert_rows_exact(built, [running, *hits], results)
+    alone = [ask("a1", [50 + i, 60 + i, 70 + i]) for i in range(3)]  # 3 rows < 4: a run each
+    results.update(run_all(eng, alone)[0])
+    assert eng.stats.prefill_runs == runs + 3
+    assert_rows_exact(built, alone, results)
 
 
 def test_the_prefix_cache_is_bounded(built):
