@@ -708,21 +708,21 @@ class Engine:
         a run each, every one streaming all the weights for a few tokens). Returns the other joiners."""
         if self.prefix is None:
             return joiners
-        hits = {}
+        hits: dict[_Sequence, list[Block]] = {}
         for seq in joiners:
             blocks = self.prefix.match(seq.owner, seq.prompt_ids)
             if blocks and len(seq.prompt_ids) - len(blocks) * self.prefix.block < self.prefix.block:
-                hits[id(seq)] = blocks
+                hits[seq] = blocks
         if len(self._running) + len(hits) < FEED_MIN_ROWS:
             return joiners
         rest = []
         for seq in joiners:
-            row = self.pool.allocate(1) if id(seq) in hits else None
+            row = self.pool.allocate(1) if seq in hits else None
             if row is None:
                 rest.append(seq)
                 continue
             seq.row = row
-            self.pool.lengths[row] = self.prefix.restore(hits[id(seq)], self.pool, row)
+            self.pool.lengths[row] = self.prefix.restore(hits[seq], self.pool, row)
             self._running.append(seq)
         return rest
 
