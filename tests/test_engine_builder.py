@@ -284,6 +284,21 @@ def test_a_cached_prefix_is_reused_for_its_adapter_only_and_exactly(built, chunk
     assert eng.prefix.hits == 1
 
 
+def first_tokens_per_step(eng: Engine, requests: list[Request], results: dict) -> list[int]:
+    """Submit ``requests`` together and step until nothing is pending (results into ``results``); how many
+    of them got their first token in each step."""
+    wanted, seen, firsts = {r.request_id for r in requests}, set(), []
+    for request in requests:
+        eng.submit(request)
+    while eng.pending:
+        events = eng.step()
+        new = {e.request_id for e in events if e.token_id is not None} & wanted - seen
+        firsts.append(len(new))
+        seen |= new
+        results.update({e.request_id: e.result for e in events if e.finished})
+    return firsts
+
+
 @pytest.mark.parametrize("budget", [2048, 4], ids=["all-fit", "one-fits"])
 def test_prefix_hits_join_in_one_step_within_its_prefill_budget(built, budget):
     """Four prompts that hit a cached prefix, arriving together, are each prefilled alone (ONNX Runtime's
@@ -293,15 +308,8 @@ def test_prefix_hits_join_in_one_step_within_its_prefill_budget(built, budget):
     eng = engine(built, max_batch=6, prefix_block=8, max_prefill_tokens=budget)
     results, _ = run_all(eng, [ask("a1", [10, 11, 12])])  # caches the 40-token prefix for a1
     hits = [ask("a1", [20 + i, 30 + i, 40 + i]) for i in range(4)]  # 43 tokens each, 40 of them cached
-    runs, seen, firsts = eng.stats.prefill_runs, set(), []
-    for request in hits:
-        eng.submit(request)
-    while eng.pending:
-        events = eng.step()
-        new = {e.request_id for e in events if e.token_id is not None} - seen
-        firsts.append(len(new))
-        seen |= new
-        results.update({e.request_id: e.result for e in events if e.finished})
+    runs = eng.stats.prefill_runs
+    firsts = first_tokens_per_step(eng, hits, results)
     assert eng.prefix.hits == 4 and eng.stats.prefill_runs == runs + 4, "each hit prefilled alone"
     assert firsts[:4] == ([4, 0, 0, 0] if budget == 2048 else [1, 1, 1, 1]), "first tokens per step"
     assert_rows_exact(built, [*hits], results)
@@ -320,15 +328,8 @@ def test_short_hit_tails_ride_the_decode_batch_when_it_is_busy(built, monkeypatc
     eng.submit(running)
     eng.step()
     hits = [ask("a1", [20 + i, 30 + i, 40 + i]) for i in range(3)]  # 43 tokens each: a 3-token tail
-    runs, seen, firsts = eng.stats.prefill_runs, set(), []
-    for request in hits:
-        eng.submit(request)
-    while eng.pending:
-        events = eng.step()
-        new = {e.request_id for e in events if e.token_id is not None} - seen
-        firsts.append(len(new & {r.request_id for r in hits}))
-        seen |= new
-        results.update({e.request_id: e.result for e in events if e.finished})
+    runs = eng.stats.prefill_runs
+    firsts = first_tokens_per_step(eng, hits, results)
     assert eng.stats.prefill_runs == runs and eng.prefix.hits == 3, "the tails took no prefill run"
     assert firsts[:4] == [0, 0, 0, 3], "fed in the next three steps, first tokens from the third"
     assert eng.pool.occupied == 0
