@@ -667,15 +667,16 @@ class Engine:
                 self.pool.free(seq.row)
                 seq.row = -1
 
-    def _groups(self, joiners: list[_Sequence]) -> list[_Prefill]:
+    def _groups(self, joiners: list[_Sequence], cached: dict[_Sequence, list[Block]]) -> list[_Prefill]:
         """The joiners in prefill groups of similar prompt length (padding wastes compute), shortest
         first (their first tokens come soonest); a group of several rows fits one run, and a group of
-        one may take several chunks. A prompt with a cached prefix goes first, alone, from its end."""
+        one may take several chunks. A prompt with a cached prefix (``cached``: its blocks) goes first,
+        alone, from its end."""
         groups: list[list[_Sequence]] = []
         hits: list[_Prefill] = []
         cold: list[_Sequence] = []
         for seq in joiners:
-            blocks = self.prefix.match(seq.owner, seq.prompt_ids) if self.prefix is not None else []
+            blocks = cached.get(seq)
             if not blocks:
                 cold.append(seq)
                 continue
@@ -697,22 +698,22 @@ class Engine:
         short tails of cached prefixes in a busy batch, rows fed through the decode steps)."""
         if not self._prefills:
             self._pick_joiners(events)
-            self._prefills.extend(self._groups(self._feed_hits(self._joining)))
+            cached = ({seq: self.prefix.match(seq.owner, seq.prompt_ids) for seq in self._joining}
+                      if self.prefix is not None else {})
+            self._prefills.extend(self._groups(self._feed_hits(self._joining, cached), cached))
             self._joining = []
 
-    def _feed_hits(self, joiners: list[_Sequence]) -> list[_Sequence]:
+    def _feed_hits(self, joiners: list[_Sequence], cached: dict[_Sequence, list[Block]]) -> list[_Sequence]:
         """Joiners whose prompts hit the prefix cache with a tail shorter than a block join the running
         rows at once when at least :data:`FEED_MIN_ROWS` rows will decode together: their cached blocks
         are restored into a pool row and the decode steps feed the tail a token per step (ONNX Runtime's
         CPU attention prefills a tail over a past one row per run, so a burst of such prompts would cost
-        a run each, every one streaming all the weights for a few tokens). Returns the other joiners."""
+        a run each, every one streaming all the weights for a few tokens). ``cached``: each joiner's cached
+        blocks. Returns the other joiners."""
         if self.prefix is None:
             return joiners
-        hits: dict[_Sequence, list[Block]] = {}
-        for seq in joiners:
-            blocks = self.prefix.match(seq.owner, seq.prompt_ids)
-            if blocks and len(seq.prompt_ids) - len(blocks) * self.prefix.block < self.prefix.block:
-                hits[seq] = blocks
+        hits = {seq: blocks for seq, blocks in cached.items()
+                if blocks and len(seq.prompt_ids) - len(blocks) * self.prefix.block < self.prefix.block}
         if len(self._running) + len(hits) < FEED_MIN_ROWS:
             return joiners
         rest = []
