@@ -14,11 +14,14 @@ Parity, the benchmarks, the examples, the engine and the tests all get their
   only: a CPU kernel registered in a CUDA session would claim every adapter node and pull it onto the
   CPU with copies around it. ``kernel="auto"`` registers it when it was built, ``"native"`` requires it,
   ``"function"`` never registers it (the graph's function body then runs). Registering it adds nothing
-  to ONNX Runtime's load-time output.
+  to ONNX Runtime's load-time output;
+* with that kernel, each adapted projection's adapter nodes fused into one native node at load
+  (:mod:`prolora_export.native.fuse`: same numbers, fewer nodes; the file is not changed).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import PRoLoRAError
@@ -33,6 +36,11 @@ ERRORS_ONLY = 3
 KERNELS = ("auto", "native", "function")
 #: the ``ai.prolora`` op types the native library implements (others keep their function body)
 NATIVE_OPS = ("RotatedShardLoRA", "RotatedShardLoRASlots")
+#: graphs larger than this (weights inside the file: optimum's) are loaded as they are, never fused: parsing
+#: and re-serializing them would hold the weights twice
+FUSE_MAX_BYTES = 64 << 20
+#: ONNX Runtime's key for where a graph loaded from bytes finds its external data
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 def require_provider(provider: str) -> str:
@@ -101,12 +109,20 @@ def register_kernel(options, provider: str = "cpu", kernel: str = "auto") -> boo
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         if kernel == "native":
             raise PRoLoRAError(f"ONNX Runtime cannot load the native kernel ({first})", str(library)) from None
+        _UNLOADABLE.add(str(library))
         _warn_once(f"native RotatedShardLoRA kernel not loaded, using the function body: {first}")
         return False
     return True
 
 
 _WARNED: set[str] = set()
+_UNLOADABLE: set[str] = set()  # native libraries ONNX Runtime refused here
+
+
+def native_registered(provider: str = "cpu", kernel: str = "auto") -> bool:
+    """Whether sessions built by :func:`session_options` (``provider``, ``kernel``) run the native kernel."""
+    library = kernel_library(provider, kernel)
+    return library is not None and str(library) not in _UNLOADABLE
 
 
 def _warn_once(message: str) -> None:
@@ -126,11 +142,31 @@ def check_providers(used: list[str], provider: str) -> None:
                            "onnxruntime-gpu needs", f"--provider {provider}")
 
 
+def fused_model(model: str | bytes, options) -> str | bytes:
+    """``model`` (a file or serialized bytes) with each adapted projection's adapter nodes as one native node
+    (:func:`.native.fuse.fuse_adapter_nodes`), as bytes; a file's external data is then found through
+    ``options``. As it was when nothing fuses or it is over :data:`FUSE_MAX_BYTES`."""
+    import onnx
+
+    from .native.fuse import fuse_adapter_nodes
+
+    size = len(model) if isinstance(model, bytes) else os.path.getsize(model)
+    if size > FUSE_MAX_BYTES:
+        return model
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    if not fuse_adapter_nodes(proto):
+        return model
+    if not isinstance(model, bytes):
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(Path(model).resolve().parent))
+    return proto.SerializeToString()
+
+
 def inference_session(model: str | Path | bytes, provider: str = "cpu", *, threads: int | None = None,
-                      options=None, kernel: str = "auto"):
+                      options=None, kernel: str = "auto", fuse: bool | None = None):
     """An InferenceSession on ``provider`` for a model path (a folder means its ``model.onnx``) or
     serialized bytes, with :func:`session_options` (``threads``, ``kernel``) unless ``options`` are given;
-    checked for fallback."""
+    checked for fallback. ``fuse``: load the graph through :func:`fused_model` (``options`` must then
+    register a native library); default: when the session runs the package's native kernel."""
     import onnxruntime as ort
 
     wanted = require_provider(provider)
@@ -139,7 +175,12 @@ def inference_session(model: str | Path | bytes, provider: str = "cpu", *, threa
         if model.is_dir():
             model = model / "model.onnx"
         model = str(model)
+    if fuse is None and options is None:
+        options = session_options(provider, threads=threads, kernel=kernel)
+        fuse = native_registered(provider, kernel)  # after session_options: it records a library ONNX Runtime refused
     options = options if options is not None else session_options(provider, threads=threads, kernel=kernel)
+    if fuse:
+        model = fused_model(model, options)
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
     session = ort.InferenceSession(model, options, providers=providers)
     check_providers(session.get_providers(), provider)

@@ -28,6 +28,7 @@ from test_graph_builder import (
     tiny_decoder,
     torch_logits,
 )
+from test_native_kernel import require_library
 
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
@@ -37,7 +38,7 @@ from prolora_export.onnx.graph.builder import build_base_graph
 from prolora_export.onnx.graph.check import check_spliced
 from prolora_export.onnx.graph.packing import locate
 from prolora_export.onnx.graph.splice import build_compact, splice_folder
-from prolora_export.runtime import inference_session
+from prolora_export.runtime import fused_model, inference_session, session_options
 
 pytestmark = [needs_builder, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -145,6 +146,31 @@ def test_packed_slot_graph_serves_a_different_adapter_on_every_row(built):
     got = decode_logits(session, ids, extra={op.ADAPTER_INDEX: np.array([1, -1, 0], np.int64), **slots})
     for row, name in enumerate(["all2_model", "base_model", "all_model"]):
         assert_close(got[row : row + 1], torch_logits(built[name], ids[row : row + 1]))
+
+
+@pytest.mark.parametrize("adapter", ["all", "qv", "k", "mlp", "slots"])
+def test_native_sessions_run_each_projection_as_one_fused_node(built, adapter):
+    """With the native kernel a session fuses each adapted projection's nodes (native/fuse.py): one node per
+    projection (packed Q/K/V counting once), the logits bit for bit those of the unfused nodes."""
+    require_library()
+    slots = adapter == "slots"
+    folder = spliced(built, "packed", "all" if slots else adapter, slots=slots)
+    fused_graph = onnx.load_from_string(fused_model(str(folder / "model.onnx"), session_options()))
+    ops = [n.op_type for n in fused_graph.graph.node]
+    targets = TARGETS["all" if slots else adapter]
+    per_layer = len([t for t in targets if t[0] not in "qkv"]) + any(t[0] in "qkv" for t in targets)
+    fused_op = "RotatedShardLoRASlotsAdd" if slots else "RotatedShardLoRAAdd"
+    assert ops.count(fused_op) == LAYERS * per_layer and not {"RotatedShardLoRA", "RotatedShardLoRASlots", "Pad",
+                                                              "Concat"} & set(ops)
+    ids, extra = IDS, None
+    if slots:
+        ids = np.concatenate([IDS, IDS[:, ::-1], (IDS + 3) % SIZES["vocab_size"]])
+        extra = {op.ADAPTER_INDEX: np.array([1, -1, 0], np.int64),
+                 **{k: np.stack([built[a].tensors[k].numpy() for a in ("all", "all2")]) for k in built["all"].tensors}}
+    fused = decode_logits(inference_session(folder, kernel="native"), ids, extra=extra)
+    np.testing.assert_array_equal(fused, decode_logits(inference_session(folder, kernel="native", fuse=False), ids,
+                                                       extra=extra))
+    assert_close(fused[-1:], torch_logits(built["all_model" if slots else f"{adapter}_model"], ids[-1:]))
 
 
 def test_genai_runs_the_packed_compact_graph_with_og_adapters(built):

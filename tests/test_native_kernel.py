@@ -25,6 +25,7 @@ from onnx import TensorProto, helper
 from prolora_export import native
 from prolora_export.errors import PRoLoRAError
 from prolora_export.formats.prolora import save_adapter
+from prolora_export.native.fuse import fuse_adapter_nodes
 from prolora_export.onnx.adapters import decoder_feeds, export_onnx_adapter, load_onnx_adapter, run_options
 from prolora_export.onnx.export import export_onnx
 from prolora_export.onnx.op import ADAPTER_INDEX, BODIES, OP_TYPE, SLOT_OP_TYPE, OpSpec, add_function, make_node
@@ -407,6 +408,8 @@ def test_adapters_switch_shards_with_the_kernel(compact, tmp_path):
     counts = ops_run(model, decoder_feeds(inference_session(model, kernel="function"), ids), "native", tmp_path,
                      ["logits"])
     assert counts.get(OP_TYPE, 0) >= 14  # every adapted layer of the tiny Llama on the kernel
+    # native sessions run each projection's node and Add as one fused node (native/fuse.py): all of them here
+    assert fuse_adapter_nodes(onnx.load(model, load_external_data=False)) == counts[OP_TYPE]
     results = {}
     for kernel in ("native", "function"):
         session = inference_session(model, kernel=kernel)

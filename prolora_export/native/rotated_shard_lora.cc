@@ -34,6 +34,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -59,6 +60,10 @@ namespace {
 constexpr const char* kDomain = "ai.prolora";
 constexpr const char* kOpType = "RotatedShardLoRA";
 constexpr const char* kSlotOpType = "RotatedShardLoRASlots";  // SPEC §5: a different adapter per batch row
+// an adapted projection's nodes fused at session load (prolora_export/native/fuse.py), never written to a file
+constexpr const char* kFusedOpType = "RotatedShardLoRAAdd";
+constexpr const char* kFusedSlotOpType = "RotatedShardLoRASlotsAdd";
+constexpr size_t kMaxParts = 4;  // modules one fused node adds (Q/K/V packed: 3)
 // oldest OrtApi this library can work with (KernelContext_ParallelFor, shape inference: ORT 1.17)
 constexpr uint32_t kMinApiVersion = 17;
 // below this many multiply-adds a call stays on the calling thread (a pool dispatch costs a few µs)
@@ -94,6 +99,8 @@ struct Problem {
   // row i of this problem is row row_map[i] of X and Y (one slot's rows, interleaved with other slots'
   // in the batch); null: row i is row i
   const int64_t* row_map = nullptr;
+  int64_t ldy = 0;   // Y's row stride: d_out, or a packed projection's width (the fused op)
+  bool add = false;  // Y already holds the base projection's output: the delta is added to it (fp32 only)
 };
 
 inline int64_t positive_mod(int64_t a, int64_t b) { return ((a % b) + b) % b; }
@@ -213,7 +220,7 @@ inline void transpose8(const float* p, int64_t ld, v8 (&col)[8]) {
 // written once. Each output sums its ranks in order, then its unshared ones, whatever R and C are.
 template <int R, int C>
 inline void outputs_block(const float* const* g, const float* b, int64_t ldq, int64_t ranks, const float* const* t,
-                          const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t c) {
+                          const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t c, bool add) {
   v8 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < C; ++i) acc[r][i] = v8{};
@@ -228,24 +235,25 @@ inline void outputs_block(const float* const* g, const float* b, int64_t ldq, in
       for (int r = 0; r < R; ++r) acc[r][i] += t[r][v] * uv;
     }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < C; ++i) store8(y[r] + c + 8 * i, acc[r][i]);
+    for (int i = 0; i < C; ++i) store8(y[r] + c + 8 * i, add ? load8(y[r] + c + 8 * i) + acc[r][i] : acc[r][i]);
 }
 
-// y[r][c] = Σ_q g[r][q]·b[q·ldq + c] + Σ_v t[r][v]·ut[v·ldu + c] for c < width (outputs_block). Several
-// output vectors per step give independent accumulation chains (one row alone would wait on each FMA).
+// y[r][c] = Σ_q g[r][q]·b[q·ldq + c] + Σ_v t[r][v]·ut[v·ldu + c] for c < width (outputs_block); with `add`,
+// that sum is added to y[r][c] (one rounding, as an Add node after the op). Several output vectors per step
+// give independent accumulation chains (one row alone would wait on each FMA).
 template <int R>
 inline void outputs(const float* const* g, const float* b, int64_t ldq, int64_t ranks, const float* const* t,
-                    const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t width) {
+                    const float* ut, int64_t ldu, int64_t unshared, float* const* y, int64_t width, bool add) {
   constexpr int C = R == 1 ? 4 : 2;
   int64_t c = 0;
-  for (; c + 8 * C <= width; c += 8 * C) outputs_block<R, C>(g, b, ldq, ranks, t, ut, ldu, unshared, y, c);
-  for (; c + 8 <= width; c += 8) outputs_block<R, 1>(g, b, ldq, ranks, t, ut, ldu, unshared, y, c);
+  for (; c + 8 * C <= width; c += 8 * C) outputs_block<R, C>(g, b, ldq, ranks, t, ut, ldu, unshared, y, c, add);
+  for (; c + 8 <= width; c += 8) outputs_block<R, 1>(g, b, ldq, ranks, t, ut, ldu, unshared, y, c, add);
   for (; c < width; ++c)
     for (int r = 0; r < R; ++r) {
       float sum = 0.0f;
       for (int64_t q = 0; q < ranks; ++q) sum += g[r][q] * b[q * ldq + c];
       for (int64_t v = 0; v < unshared; ++v) sum += t[r][v] * ut[v * ldu + c];
-      y[r][c] = sum;
+      y[r][c] = add ? y[r][c] + sum : sum;
     }
 }
 
@@ -290,7 +298,7 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
     } else {
       x[r] = p.x32 + at[r] * p.d_in;
     }
-    y[r] = p.y16 ? yf + r * p.d_out : p.y32 + at[r] * p.d_out;
+    y[r] = p.y16 ? yf + r * p.d_out : p.y32 + at[r] * p.ldy;
     z[r] = work + r * per_row;  // (m, r_s)
     h[r] = z[r] + p.m * rs;     // (r_s)
     g[r] = h[r] + rs;           // (n, r_s), γ included
@@ -342,7 +350,7 @@ inline void compute_block(const Problem& p, int64_t row, float* work, float* xf,
       const float* gk[R];
       float* yk[R];
       for (int r = 0; r < R; ++r) gk[r] = g[r] + k * rs, yk[r] = y[r] + start;
-      outputs<R>(gk, b, ldq, rs, t, p.but + start, p.d_out, u, yk, width);
+      outputs<R>(gk, b, ldq, rs, t, p.but + start, p.d_out, u, yk, width, p.add);
     }
   }
   if (p.y16)
@@ -474,6 +482,18 @@ inline bool half(const Dims& dims) {
   return dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
+// one module's shard inputs: A_shard, B_shard, A_unshared, B_unshared (null where a name is empty or absent)
+using Shards = std::array<Ort::ConstValue, 4>;
+
+inline Shards shard_inputs(const Ort::KernelContext& ctx, size_t first) {
+  const size_t count = ctx.GetInputCount();
+  Shards shards;
+  for (size_t i = 0; i < shards.size(); ++i) shards[i] = first + i < count ? ctx.GetInput(first + i) : Ort::ConstValue{nullptr};
+  if ((shards[0] == nullptr) != (shards[1] == nullptr) || (shards[2] == nullptr) != (shards[3] == nullptr))
+    throw Ort::Exception("RotatedShardLoRA: A_shard/B_shard and A_unshared/B_unshared come in pairs", ORT_INVALID_ARGUMENT);
+  return shards;
+}
+
 // one used slot of a call: which slot, and its Problem (its rows; its shards once prepared)
 struct Job {
   int64_t slot = 0;
@@ -540,7 +560,7 @@ struct Kernel {
     slots = Slots ? dims.d[0] : 1;
   }
 
-  static void touch(std::initializer_list<Ort::ConstValue> values) {
+  static void touch(const Shards& values) {
     unsigned sum = 0;
     for (const Ort::ConstValue& value : values) {
       if (value == nullptr) continue;
@@ -555,28 +575,43 @@ struct Kernel {
   static int64_t leading(const Dims& dims) { return dims.rank == kShardRank ? dims.d[kShardRank - 2] : -1; }
 
   void Compute(OrtKernelContext* context) {
-    thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf, wide_buf;
-    thread_local std::vector<int64_t> position_buf, row_map_buf;
-    thread_local std::vector<Job> jobs_buf;
     Ort::KernelContext ctx(context);
 #ifdef PROLORA_NULL_KERNEL
     // a measurement variant (bench/bench_kernel.py): Y = 0 without reading the shards, so that the node's own
     // cost (ONNX Runtime's dispatch of one more node, Y's allocation) can be told from the kernel's work
     return write_zeros(ctx);
 #endif
-    const size_t count = ctx.GetInputCount();
-    auto input = [&](size_t i) { return i < count ? ctx.GetInput(i) : Ort::ConstValue{nullptr}; };
-    Ort::ConstValue x = input(0), a0 = input(kFirstShard), b0 = input(kFirstShard + 1),
-                    au = input(kFirstShard + 2), bu = input(kFirstShard + 3);
-    if ((a0 == nullptr) != (b0 == nullptr) || (au == nullptr) != (bu == nullptr))
-      fail("A_shard/B_shard and A_unshared/B_unshared come in pairs");
+    const Shards shards = shard_inputs(ctx, kFirstShard);
 #ifdef PROLORA_TOUCH_KERNEL
     // a measurement variant (bench/bench_kernel.py): reads one value per cache line of every shard, then Y = 0
     // as the null kernel, so that bringing the shards into cache is priced apart from the arithmetic
-    touch({a0, b0, au, bu});
+    touch(shards);
     return write_zeros(ctx);
 #endif
+    Ort::ConstValue x = ctx.GetInput(0);
+    const Dims x_dims(x);
+    Dims y_dims = x_dims;
+    if (y_dims.rank > 0) y_dims.d[y_dims.rank - 1] = attrs.d_out;
+    check_x(attrs, x_dims);
+    T* y = ctx.GetOutput(0, y_dims.d, y_dims.rank).template GetTensorMutableData<T>();
+    apply(ctx, attrs, x, x_dims, Slots ? ctx.GetInput(1) : Ort::ConstValue{nullptr}, shards, y, attrs.d_out, false);
+  }
 
+  static void check_x(const Attributes& attrs, const Dims& x_dims) {
+    if (x_dims.rank < (Slots ? 2u : 1u) || x_dims.d[x_dims.rank - 1] != attrs.d_in)
+      fail("X has shape " + x_dims.str() + ", expected (" + (Slots ? "batch, …, " : "…, ") +
+           std::to_string(attrs.d_in) + ")");
+  }
+
+  // One module's delta for X into Y (y_data: its first column; rows ldy apart): written, or with `add` added
+  // to what Y holds (the fused op's base output; fp32 only). index_value: adapter_index (slot op only).
+  static void apply(const Ort::KernelContext& ctx, const Attributes& attrs, const Ort::ConstValue& x,
+                    const Dims& x_dims, const Ort::ConstValue& index_value, const Shards& shards, T* y_data,
+                    int64_t ldy, bool add) {
+    thread_local std::vector<float> a0_buf, b0_buf, au_buf, bu_buf, wide_buf;
+    thread_local std::vector<int64_t> position_buf, row_map_buf;
+    thread_local std::vector<Job> jobs_buf;
+    const Ort::ConstValue &a0 = shards[0], &b0 = shards[1], &au = shards[2], &bu = shards[3];
     Problem p;
     p.d_in = attrs.d_in;
     p.d_out = attrs.d_out;
@@ -585,11 +620,8 @@ struct Kernel {
     p.c_a = (p.d_in + p.m - 1) / p.m;
     p.c_b = (p.d_out + p.n - 1) / p.n;
     p.scaling = attrs.scaling;
-
-    const Dims x_dims(x);
-    if (x_dims.rank < (Slots ? 2u : 1u) || x_dims.d[x_dims.rank - 1] != p.d_in)
-      fail("X has shape " + x_dims.str() + ", expected (" + (Slots ? "batch, …, " : "…, ") +
-           std::to_string(p.d_in) + ")");
+    p.ldy = ldy;
+    p.add = add;
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < x_dims.rank; ++i) rows *= x_dims.d[i];
     const int64_t batch = Slots ? x_dims.d[0] : 1;
@@ -621,7 +653,6 @@ struct Kernel {
     std::fill(position, position + slots, -1);
     int64_t used = 0;
     if constexpr (Slots) {
-      Ort::ConstValue index_value = ctx.GetInput(1);
       const Dims index_dims(index_value);
       if (index_dims.rank != 1 || index_dims.d[0] != batch)
         fail("adapter_index has shape " + index_dims.str() + ", expected (" + std::to_string(batch) + ",)");
@@ -654,17 +685,15 @@ struct Kernel {
     int64_t* maps = scratch(row_map_buf, static_cast<size_t>(rows));
     Job* jobs = jobs_buf.data();  // the tasks below may run on other threads, which have thread_locals of their own
 
-    Dims y_dims = x_dims;
-    y_dims.d[y_dims.rank - 1] = p.d_out;
-    Ort::UnownedValue y = ctx.GetOutput(0, y_dims.d, y_dims.rank);
     const T* x_data = x.GetTensorData<T>();
-    T* y_data = y.GetTensorMutableData<T>();
     if (rows == 0) return;
     const int64_t per_batch = rows / batch;
     // where batch row b's slot was prepared; −1: the base model, an exact zero delta
     auto prepared_at = [&](int64_t b) { return Slots && index[b] < 0 ? -1 : position[Slots ? index[b] : 0]; };
-    for (int64_t b = 0; b < batch; ++b)
-      if (prepared_at(b) < 0) std::fill(y_data + b * per_batch * p.d_out, y_data + (b + 1) * per_batch * p.d_out, T(0.0f));
+    for (int64_t b = 0; b < batch && !add; ++b)
+      if (prepared_at(b) < 0)
+        for (int64_t row = b * per_batch; row < (b + 1) * per_batch; ++row)
+          std::fill(y_data + row * ldy, y_data + row * ldy + p.d_out, T(0.0f));
     // one Problem per used slot over all of its rows, so that they go through the row-blocked loops and the
     // pool split together as the single-adapter op's do (not one small Problem per batch row): read in place
     // where the slot's batch rows are consecutive (one slot for the whole batch), else through a row map
@@ -688,7 +717,7 @@ struct Kernel {
         q.row_map = map;
       }
       const T* xs = x_data + first * per_batch * p.d_in;
-      T* ys = y_data + first * per_batch * p.d_out;
+      T* ys = y_data + first * per_batch * ldy;
       if constexpr (std::is_same<T, float>::value) {
         q.x32 = xs, q.y32 = ys;
       } else {
@@ -737,11 +766,91 @@ struct Kernel {
   }
 };
 
+// Kernel of RotatedShardLoRAAdd (Base, X, then each module's A_shard, B_shard, A_unshared, B_unshared) and
+// RotatedShardLoRASlotsAdd (Base, X, adapter_index, the same), fp32: Y = Base with module i's delta added at
+// columns [column_offsets[i], + out_features[i]). It stands for one adapted projection's SPEC §4/§5 nodes and
+// the Pad/Concat/Add after them (prolora_export/native/fuse.py builds it when it loads a graph; files keep
+// the standard op), and computes what they did bit for bit: each delta as the op's kernel sums it, added
+// to the base once, as the Add did. One node instead of up to six: at a decoded token ONNX Runtime's dispatch
+// of those small nodes cost more than their arithmetic (demo int4 decode, measured).
+template <bool Slots>
+struct FusedKernel {
+  static constexpr size_t kFirstShard = Slots ? 3 : 2;
+  std::vector<Attributes> parts;
+  std::vector<int64_t> offsets;
+  int64_t width = 0;
+
+  explicit FusedKernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    const int64_t d_in = ki.GetAttribute<int64_t>("in_features");
+    width = ki.GetAttribute<int64_t>("width");
+    offsets = ki.GetAttributes<int64_t>("column_offsets");
+    const auto d_out = ki.GetAttributes<int64_t>("out_features"), m = ki.GetAttributes<int64_t>("sharing_rate_a"),
+               n = ki.GetAttributes<int64_t>("sharing_rate_b"), s_a = ki.GetAttributes<int64_t>("stride_a"),
+               s_b = ki.GetAttributes<int64_t>("stride_b");
+    const auto scaling = ki.GetAttributes<float>("scaling");
+    const size_t count = offsets.size();
+    if (count == 0 || count > kMaxParts || d_out.size() != count || m.size() != count || n.size() != count ||
+        s_a.size() != count || s_b.size() != count || scaling.size() != count)
+      fail("needs 1 to " + std::to_string(kMaxParts) + " modules, every list attribute one value per module");
+    for (size_t i = 0; i < count; ++i) {
+      parts.push_back(Attributes{d_in, d_out[i], m[i], n[i], s_a[i], s_b[i], scaling[i]});
+      if (d_in < 1 || d_out[i] < 1 || m[i] < 1 || n[i] < 1 || offsets[i] < 0 || offsets[i] + d_out[i] > width)
+        fail("module " + std::to_string(i) + " has sizes or columns outside the projection's " + std::to_string(width));
+    }
+  }
+
+  [[noreturn]] static void fail(const std::string& what) {
+    throw Ort::Exception(std::string(Slots ? kFusedSlotOpType : kFusedOpType) + ": " + what, ORT_INVALID_ARGUMENT);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const Ort::Exception& err) {
+      return Ort::Status(err).release();
+    } catch (const std::exception& err) {
+      return Ort::Status(err).release();
+    }
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue base = ctx.GetInput(0), x = ctx.GetInput(1);
+    const Dims base_dims(base), x_dims(x);
+    bool leading_match = base_dims.rank == x_dims.rank && base_dims.rank > 0;
+    for (size_t i = 0; leading_match && i + 1 < x_dims.rank; ++i) leading_match = base_dims.d[i] == x_dims.d[i];
+    if (!leading_match || base_dims.d[base_dims.rank - 1] != width)
+      fail("Base has shape " + base_dims.str() + ", expected X's " + x_dims.str() + " with " + std::to_string(width) +
+           " features");
+    int64_t size = 1;
+    for (size_t i = 0; i < base_dims.rank; ++i) size *= base_dims.d[i];
+    float* y = ctx.GetOutput(0, base_dims.d, base_dims.rank).GetTensorMutableData<float>();
+    const float* from = base.GetTensorData<float>();
+    if (y != from) std::copy(from, from + size, y);
+    const Ort::ConstValue index = Slots ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+    for (size_t i = 0; i < parts.size(); ++i) {
+      const Shards shards = shard_inputs(ctx, kFirstShard + 4 * i);
+#ifdef PROLORA_TOUCH_KERNEL
+      Kernel<float, Slots>::touch(shards);
+      continue;
+#endif
+#ifdef PROLORA_NULL_KERNEL
+      continue;
+#endif
+      Kernel<float, Slots>::check_x(parts[i], x_dims);
+      Kernel<float, Slots>::apply(ctx, parts[i], x, x_dims, index, shards, y + offsets[i], width, true);
+    }
+  }
+};
+
 std::atomic<uint64_t> unknown_dims{0};
 
-// Y's type is X's and its shape X's with the last dimension out_features. Input 0 only: the others may be
-// empty names, which the C++ ShapeInferContext wrapper would try to read.
-OrtStatusPtr infer_output(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+// Y's type is input 0's (X, or the fused op's Base), its shape input 0's with the last dimension out_features
+// (the fused op: kept). Input 0 only: the others may be empty names, which the C++ ShapeInferContext wrapper
+// would try to read.
+OrtStatusPtr infer_shape(OrtShapeInferContext* ctx, bool out_features_last) {
   const OrtApi& api = Ort::GetApi();
   OrtTensorTypeAndShapeInfo* in_info = nullptr;
   if (OrtStatusPtr status = api.ShapeInferContext_GetInputTypeShape(ctx, 0, &in_info)) return status;
@@ -750,25 +859,23 @@ OrtStatusPtr infer_output(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if (dims.empty()) return nullptr;  // rank unknown: nothing to say
   std::vector<const char*> symbols(dims.size(), nullptr);
   info.GetSymbolicDimensions(symbols.data(), symbols.size());
-  int64_t out_features = 0;
   OrtStatusPtr status = nullptr;
-  {
+  if (out_features_last) {
     const OrtOpAttr* attr = nullptr;
     if ((status = api.ShapeInferContext_GetAttribute(ctx, "out_features", &attr))) return status;
     size_t size = 0;
-    if ((status = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &out_features, sizeof(out_features), &size))) return status;
+    if ((status = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &dims.back(), sizeof(int64_t), &size))) return status;
+    symbols.back() = "";
   }
   // a dimension of unknown size goes out as a fresh symbol: ORT would write -1 as a known size of -1
   std::vector<std::string> fresh(dims.size());
-  for (size_t i = 0; i + 1 < dims.size(); ++i) {
+  for (size_t i = 0; i < dims.size(); ++i) {
     if (symbols[i] == nullptr) symbols[i] = "";
     if (dims[i] < 0 && symbols[i][0] == '\0') {
       fresh[i] = "rotated_shard_lora_dim_" + std::to_string(unknown_dims.fetch_add(1));
       symbols[i] = fresh[i].c_str();
     }
   }
-  dims.back() = out_features;
-  symbols.back() = "";
   OrtTensorTypeAndShapeInfo* out_info = nullptr;
   if ((status = api.CreateTensorTypeAndShapeInfo(&out_info))) return status;
   Ort::TensorTypeAndShapeInfo out(out_info);
@@ -777,6 +884,37 @@ OrtStatusPtr infer_output(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   if ((status = api.SetSymbolicDimensions(out_info, symbols.data(), symbols.size()))) return status;
   return api.ShapeInferContext_SetOutputTypeShape(ctx, 0, out_info);
 }
+
+OrtStatusPtr infer_output(const OrtCustomOp*, OrtShapeInferContext* ctx) { return infer_shape(ctx, true); }
+OrtStatusPtr infer_like_base(const OrtCustomOp*, OrtShapeInferContext* ctx) { return infer_shape(ctx, false); }
+
+template <bool Slots>
+struct FusedOp : Ort::CustomOpBase<FusedOp<Slots>, FusedKernel<Slots>, true> {
+  FusedOp() { this->InferOutputShapeFn = infer_like_base; }
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new FusedKernel<Slots>(info);
+      return nullptr;
+    } catch (const Ort::Exception& err) {
+      return Ort::Status(err).release();
+    } catch (const std::exception& err) {
+      return Ort::Status(err).release();
+    }
+  }
+  const char* GetName() const { return Slots ? kFusedSlotOpType : kFusedOpType; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return FusedKernel<Slots>::kFirstShard + 4 * kMaxParts; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    if (index < 2) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (Slots && index == 2) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // shards: fp32 or fp16, checked by the kernel
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index < FusedKernel<Slots>::kFirstShard ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
 
 template <typename T, ONNXTensorElementDataType Elem, bool Slots>
 struct Op : Ort::CustomOpBase<Op<T, Elem, Slots>, Kernel<T, Slots>, true> {
@@ -824,12 +962,15 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   static Op<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, false> fp16_op;
   static Op<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, true> fp32_slot_op;
   static Op<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, true> fp16_slot_op;
+  static FusedOp<false> fused_op;
+  static FusedOp<true> fused_slot_op;
   static std::mutex mutex;
   static std::vector<std::unique_ptr<Ort::CustomOpDomain>> domains;  // alive as long as the process
   try {
     std::lock_guard<std::mutex> lock(mutex);
     auto domain = std::make_unique<Ort::CustomOpDomain>(kDomain);
-    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&fp32_op, &fp16_op, &fp32_slot_op, &fp16_slot_op})
+    for (OrtCustomOp* op : std::initializer_list<OrtCustomOp*>{&fp32_op, &fp16_op, &fp32_slot_op, &fp16_slot_op, &fused_op,
+                                                             &fused_slot_op})
       domain->Add(op);
     Ort::UnownedSessionOptions(options).Add(*domain);
     domains.push_back(std::move(domain));
