@@ -38,10 +38,13 @@ slot and ``adapter_index`` 0 on every row. ``compact_kernel`` and ``slots`` run 
 kernel (:mod:`prolora_export.runtime`, ``kernel="native"``), ``compact_body`` the same file's function body;
 ``compact_unpacked_kernel`` is the compact graph spliced into three Q/K/V MatMuls (``fuse_qkv=false``)
 instead of the builder's packed one (as in the merged graph, and the default), native kernel.
-``compact_null`` and ``compact_touch`` run the compact graph on bench_kernel's measurement builds of the
-library (``PROLORA_NULL_KERNEL``: Y = 0, shards never read; ``PROLORA_TOUCH_KERNEL``: one read per cache line
-of every shard, then Y = 0): merged → null → touch → kernel splits the compact graph's extra decode time into
-ONNX Runtime running the adapter nodes (and their Concat/Add), reading the shards, and the arithmetic.
+Sessions with the native kernel load each adapted projection's nodes fused into one
+(:mod:`prolora_export.native.fuse`), as the engine's do; ``compact_unfused`` runs the same file with its nodes
+as written (the op per module, Pad/Concat/Add), as onnxruntime-genai runs it.
+``compact_null`` and ``compact_touch`` run the compact graph, fused, on bench_kernel's measurement builds of the
+library (``PROLORA_NULL_KERNEL``: Y = Base, shards never read; ``PROLORA_TOUCH_KERNEL``: one read per cache
+line of every shard, then Y = Base): merged → null → touch → kernel splits the compact graph's extra decode
+time into ONNX Runtime running the fused adapter nodes, reading the shards, and the arithmetic.
 
 llama.cpp (only when bench_llamacpp's cached build exists; never built here): the model as GGUF f32
 (bench_llamacpp's conversion, GPT-2 BPE vocabulary forced) and its Q4_0 copy, the base weights (the same
@@ -100,13 +103,15 @@ EXPORTS = tuple((graph, precision) for precision in PRECISIONS
 VARIANTS = {"optimum_merged": ("optimum_merged", "function"), "merged": ("merged", "function"),
             "compact_kernel": ("compact", "native"), "compact_body": ("compact", "function"),
             "compact_unpacked_kernel": ("compact_unpacked", "native"), "slots": ("slots", "native"),
-            "compact_null": ("compact", "null"), "compact_touch": ("compact", "touch")}
+            "compact_unfused": ("compact", "unfused"), "compact_null": ("compact", "null"),
+            "compact_touch": ("compact", "touch")}
 LABELS = {"optimum_merged": "optimum merged (today)", "merged": "builder merged",
           "compact_kernel": "builder compact, native kernel", "compact_body": "builder compact, function body",
           "compact_unpacked_kernel": "builder compact on unpacked Q/K/V, native kernel",
           "slots": "builder slots (1 slot, index 0), native kernel", "llamacpp": "llama.cpp llama-bench",
-          "compact_null": "builder compact, measurement kernel: Y = 0", "compact_touch":
-          "builder compact, measurement kernel: shards read, Y = 0"}
+          "compact_unfused": "builder compact, native kernel, nodes as in the file (genai)",
+          "compact_null": "builder compact, measurement kernel: Y = Base", "compact_touch":
+          "builder compact, measurement kernel: shards read, Y = Base"}
 METRICS = (*(f"decode_b{b}" for b in BATCHES), *(f"prefill_{n}" for n in PROMPTS))
 EXPORT_LABELS = {"optimum_merged": "optimum merged", "merged": "builder merged", "compact": "builder compact",
                  "compact_unpacked": "builder compact, unpacked Q/K/V", "slots": "builder slots"}
@@ -301,16 +306,19 @@ class Decoder:
     adapter_index (the slot graph) bound on each call."""
 
     def __init__(self, folder: Path, kernel: str, library: Path | None = None):
-        """``kernel``: runtime.KERNELS' choice, unless ``library`` (a measurement build of the native library)
-        is registered instead of the package's."""
+        """``kernel``: runtime.KERNELS' choice, or ``unfused`` (the native kernel on the graph's nodes as
+        written), unless ``library`` (a measurement build of the native library) is registered instead of the
+        package's (the graph then fused, as the package's kernel runs it)."""
         from prolora_export.onnx.graph.logits import LOGITS_START, takes_logits_start
         from prolora_export.runtime import inference_session, session_options
 
-        options = None
+        options, fuse = None, None
+        if kernel == "unfused":
+            kernel, fuse = "native", False
         if library is not None:
-            options = session_options("cpu", threads=THREADS, kernel="function")
+            options, fuse = session_options("cpu", threads=THREADS, kernel="function"), True
             options.register_custom_ops_library(str(library))
-        session = inference_session(folder, threads=THREADS, kernel=kernel, options=options)
+        session = inference_session(folder, threads=THREADS, kernel=kernel, options=options, fuse=fuse)
         inputs = {i.name: i for i in session.get_inputs()}
         cfg = json.loads((folder / "config.json").read_text())  # the builder names the head size symbolically
         heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -484,7 +492,7 @@ def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -
     clock.append(time.perf_counter())
     kernel = native.library_path() is not None
     libraries = measurement_kernels(work) if kernel else {}
-    runnable = {"function", *(("native",) if kernel else ()), *libraries}
+    runnable = {"function", *(("native", "unfused") if kernel else ()), *libraries}
     variants = {v: pair for v, pair in VARIANTS.items() if pair[1] in runnable}
     result: dict = {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "fp32_bytes": fp32_bytes(base),
                     "exports": exports, "native_kernel": kernel, "latency": {}}
@@ -620,9 +628,9 @@ def model_table(m: dict) -> list[str]:
 
 
 def split_table(m: dict) -> list[str]:
-    """The compact graph's decode time over the merged graph's, in parts: its nodes with Y = 0 (ONNX Runtime
-    running the adapter nodes, their Concat and Add), reading the shards, the kernel's arithmetic."""
-    parts = (("merged", "merged"), ("nodes (Y = 0)", "compact_null"), ("+ shard reads", "compact_touch"),
+    """The compact graph's decode time over the merged graph's, in parts: its fused nodes with Y = Base (ONNX
+    Runtime running them), reading the shards, the kernel's arithmetic."""
+    parts = (("merged", "merged"), ("nodes (Y = Base)", "compact_null"), ("+ shard reads", "compact_touch"),
              ("+ arithmetic (the kernel)", "compact_kernel"))
     lines = ["| precision | batch | " + " | ".join(f"{label} ms" for label, _ in parts) + " | nodes | shard reads | "
              "arithmetic |", "|" + "---|" * (2 + 2 * len(parts) - 1)]
@@ -696,8 +704,8 @@ def markdown(r: dict) -> str:
         split = split_table(m)
         if split:
             lines += ["", "Where the compact graph's extra decode time goes (each step as % of the merged graph's "
-                      "time; noisy: each is the difference of two medians): the adapter nodes with a kernel that "
-                      "writes Y = 0 (ONNX Runtime running them, their Concat and Add), then one that first reads "
+                      "time; noisy: each is the difference of two medians): the fused adapter nodes with a kernel "
+                      "that writes Y = Base (ONNX Runtime running them), then one that first reads "
                       "every shard's cache lines, then the real kernel.", "", *split]
         steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["seconds"].items())
         lines += ["", f"Time spent on this model: {steps}."]

@@ -456,6 +456,7 @@ def _single_stream_table(s: dict[str, Source]) -> Table | None:
 GRAPH_ROWS = (("optimum_merged", "optimum's traced graph, merged (what we shipped before)"),
               ("merged", "ours: model builder graph, merged"),
               ("compact_kernel", "ours: model builder graph + our op (compact), native kernel"),
+              ("compact_unfused", "ours: the same, its adapter nodes as written (as onnxruntime-genai runs them)"),
               ("compact_unpacked_kernel", "ours: the same with Q/K/V unpacked (three MatMuls), native kernel"),
               ("compact_body", "ours: model builder graph + our op (compact), function body"),
               ("slots", "ours: model builder graph + slot op (one slot, every row on it)"))
