@@ -147,13 +147,16 @@ def fused_model(model: str | bytes, options) -> str | bytes:
     (:func:`.native.fuse.fuse_adapter_nodes`), as bytes; a file's external data is then found through
     ``options``. As it was when nothing fuses or it is over :data:`FUSE_MAX_BYTES`."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     from .native.fuse import fuse_adapter_nodes
 
-    size = len(model) if isinstance(model, bytes) else os.path.getsize(model)
-    if size > FUSE_MAX_BYTES:
+    try:
+        if (len(model) if isinstance(model, bytes) else os.path.getsize(model)) > FUSE_MAX_BYTES:
+            return model
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
+    except (OSError, DecodeError):  # no file, or not a model: ONNX Runtime says so in its own words, as unfused
         return model
-    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model, load_external_data=False)
     if not fuse_adapter_nodes(proto):
         return model
     if not isinstance(model, bytes):

@@ -162,3 +162,13 @@ def test_a_fused_node_refuses_a_base_of_another_width():
     session = inference_session(proto.SerializeToString(), kernel="native", fuse=False)
     with pytest.raises(Exception, match=r"RotatedShardLoRAAdd: Base has shape .*56.*expected X's .* with 60 features"):
         session.run(["Y"], feeds_for("whole", False, 1, 2))
+
+
+def test_a_file_that_is_no_model_fails_as_onnx_runtime_says(tmp_path):
+    """The fusion parses the graph first: an unreadable file still gets ONNX Runtime's own error."""
+    (tmp_path / "model.onnx").write_bytes(projection_model("qkv")[:200])
+    assert fused_model(str(tmp_path / "model.onnx"), session_options()) == str(tmp_path / "model.onnx")
+    with pytest.raises(Exception, match="INVALID_PROTOBUF"):
+        inference_session(tmp_path, kernel="native")
+    with pytest.raises(Exception, match="NO_SUCHFILE"):
+        inference_session(tmp_path / "missing.onnx", kernel="native")
