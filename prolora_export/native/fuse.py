@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper, numpy_helper
 
+# SPEC §4/§5's names (onnx/op.py has them too), restated so that loading a session never imports torch
 DOMAIN = "ai.prolora"
 #: the op a module's delta comes from → the fused op that replaces its projection's nodes
 FUSED_OPS = {"RotatedShardLoRA": "RotatedShardLoRAAdd", "RotatedShardLoRASlots": "RotatedShardLoRASlotsAdd"}

@@ -482,6 +482,19 @@ inline bool half(const Dims& dims) {
   return dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
 }
 
+// ONNX Runtime's C API takes errors as OrtStatus, never as exceptions: run `body`, turning what it throws into one
+template <typename F>
+OrtStatusPtr as_status(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& err) {
+    return Ort::Status(err).release();
+  } catch (const std::exception& err) {
+    return Ort::Status(err).release();
+  }
+}
+
 // one module's shard inputs: A_shard, B_shard, A_unshared, B_unshared (null where a name is empty or absent)
 using Shards = std::array<Ort::ConstValue, 4>;
 
@@ -529,14 +542,7 @@ struct Kernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Compute(context);
-      return nullptr;
-    } catch (const Ort::Exception& err) {
-      return Ort::Status(err).release();
-    } catch (const std::exception& err) {
-      return Ort::Status(err).release();
-    }
+    return as_status([&] { Compute(context); });
   }
 
   // Y = 0 in X's shape with the last dimension out_features (the null kernel's output)
@@ -804,14 +810,7 @@ struct FusedKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    try {
-      Compute(context);
-      return nullptr;
-    } catch (const Ort::Exception& err) {
-      return Ort::Status(err).release();
-    } catch (const std::exception& err) {
-      return Ort::Status(err).release();
-    }
+    return as_status([&] { Compute(context); });
   }
 
   void Compute(OrtKernelContext* context) {
@@ -891,14 +890,7 @@ template <bool Slots>
 struct FusedOp : Ort::CustomOpBase<FusedOp<Slots>, FusedKernel<Slots>, true> {
   FusedOp() { this->InferOutputShapeFn = infer_like_base; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new FusedKernel<Slots>(info);
-      return nullptr;
-    } catch (const Ort::Exception& err) {
-      return Ort::Status(err).release();
-    } catch (const std::exception& err) {
-      return Ort::Status(err).release();
-    }
+    return as_status([&] { *kernel = new FusedKernel<Slots>(info); });
   }
   const char* GetName() const { return Slots ? kFusedSlotOpType : kFusedOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
@@ -919,14 +911,7 @@ template <typename T, ONNXTensorElementDataType Elem, bool Slots>
 struct Op : Ort::CustomOpBase<Op<T, Elem, Slots>, Kernel<T, Slots>, true> {
   Op() { this->InferOutputShapeFn = infer_output; }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new Kernel<T, Slots>(info);
-      return nullptr;
-    } catch (const Ort::Exception& err) {
-      return Ort::Status(err).release();
-    } catch (const std::exception& err) {
-      return Ort::Status(err).release();
-    }
+    return as_status([&] { *kernel = new Kernel<T, Slots>(info); });
   }
   const char* GetName() const { return Slots ? kSlotOpType : kOpType; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
