@@ -78,7 +78,7 @@ from prolora_export.engine import Engine, Request  # noqa: E402
 from prolora_export.formats.prolora import Adapter, save_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model, kv_cache_shape  # noqa: E402
 from prolora_export.onnx.adapters import export_onnx_adapter, load_onnx_adapter, run_options  # noqa: E402
-from prolora_export.runtime import inference_session, kernel_library, session_options  # noqa: E402
+from prolora_export.runtime import inference_session, kernel_library, session_options, share_thread_pool  # noqa: E402
 
 THREADS = 2
 #: export name -> (route, CLI flags)
@@ -268,7 +268,7 @@ def long_prompt(folder: Path, adapters: dict, prompt_tokens: int = 8000, chunk: 
     against its own KV bytes, and the streams' longest gap between tokens meanwhile against the step time
     (one decode of the streams plus one prefill chunk)."""
     engine = Engine(folder, adapters, max_batch=4, max_cached_tokens=4 * 8192, max_prefill_tokens=chunk,
-                    threads=THREADS, tokenizer=None)
+                    threads=THREADS, tokenizer=None, huge_pages="wait")
     name = next(iter(adapters))
     streams = [Request(prompt_ids=[1 + k, 2, 3, 4, 5], adapter=name, max_new_tokens=2000, ignore_eos=True)
                for k in range(2)]
@@ -314,7 +314,7 @@ def rss() -> int:
 
 def memory(slots_dir: Path, template: Adapter) -> dict:
     """RSS of an engine with 1, 8 and 64 adapters loaded, and the shards' bytes of one adapter."""
-    engine = Engine(slots_dir, max_batch=4, threads=THREADS)
+    engine = Engine(slots_dir, max_batch=4, threads=THREADS, huge_pages="wait")
     shard_bytes = engine.slots.shard_bytes
     readings = {}
     for count in (1, 8, 64):
@@ -330,6 +330,7 @@ def memory(slots_dir: Path, template: Adapter) -> dict:
 
 
 def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
+    share_thread_pool(THREADS)
     base = ensure_demo_model(quiet=True)
     started = time.perf_counter()
     first = random_adapter(base, work_dir / "adapter0", seed=0, **HYPER)
@@ -357,17 +358,19 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
                         "--out", str(exports[name]), "--force", *flags], check=True, stdout=subprocess.DEVNULL)
         print(f"exported {name} ({cli.parent.parent.name}) in {time.perf_counter() - t0:.0f} s", flush=True)
     names = [f"adapter{k}" for k in range(ADAPTERS)]
-    engine = Engine(exports["slots"], dict(zip(names, folders, strict=True)), max_batch=MAX_BATCH, threads=THREADS)
+    engine = Engine(exports["slots"], dict(zip(names, folders, strict=True)), max_batch=MAX_BATCH, threads=THREADS,
+                    huge_pages="wait")
     builder = batch_cache = None
     if "slots_builder" in exports:  # its folder's tokenizer files may be another transformers' format: prompts are ids
         builder, batch_cache = (Engine(exports["slots_builder"], dict(zip(names, folders, strict=True)),
-                                       max_batch=MAX_BATCH, threads=THREADS, tokenizer=engine.tokenizer, kv_pool=pool)
+                                       max_batch=MAX_BATCH, threads=THREADS, tokenizer=engine.tokenizer, kv_pool=pool,
+                                       huge_pages="wait")
                                 for pool in (True, False))
     work = workload(engine.tokenizer, quick)
     mixed = [names[w["adapter"]] for w in work]
     single = [names[0]] * len(work)
-    compact = StaticBatch(inference_session(exports["compact"], threads=THREADS))
-    merged = StaticBatch(inference_session(exports["merged"], threads=THREADS))
+    compact = StaticBatch(inference_session(exports["compact"], threads=THREADS, huge_pages="wait"))
+    merged = StaticBatch(inference_session(exports["merged"], threads=THREADS, huge_pages="wait"))
     loras = [load_onnx_adapter(work_dir / f"adapter{k}.onnx_adapter") for k in range(ADAPTERS)]
     rounds = 1
     # what batching can buy on this machine: one decode step at 4 rows (a group of (b)) and 16 (a)

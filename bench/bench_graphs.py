@@ -20,9 +20,12 @@ venv that has the route (:mod:`envs`); the compact graph spliced into three unpa
 the Python API in the builder's environment (``build_compact(…, packed=False)``, the route before the packed
 splice became the default).
 
-Latency, in this process with ONNX Runtime (2 intra-op threads, wall clock), all graphs of one model and
-precision loaded at once and interleaved call kind by call kind, the graphs' order rotated every round;
-each figure is the median over rounds of that round's figure:
+Latency, in this process with ONNX Runtime (wall clock), all graphs of one model and precision loaded at once
+and interleaved call kind by call kind, the graphs' order rotated every round; each figure is the median over
+rounds of that round's figure. All sessions run on one shared pool of 2 intra-op threads
+(``runtime.share_thread_pool``: with a pool each, the idle sessions' spinning threads slowed the running one,
+by up to 1.9x), and each session's loaded memory is rebuilt as huge pages (``huge_pages="wait"``, as the
+engine does: in 4 KiB pages, two sessions of the same graph ran up to 8 % apart):
 - decode: a plain greedy loop at batch 1 and 16 feeding present → past, starting from a random cache of
   128 tokens; a round's figure is the median ms of its steps (the first step of each round not counted);
 - prefill: one call of 32/128/512 prompt tokens on an empty cache. The builder's graphs compute the last
@@ -318,7 +321,8 @@ class Decoder:
         if library is not None:
             options, fuse = session_options("cpu", threads=THREADS, kernel="function"), True
             options.register_custom_ops_library(str(library))
-        session = inference_session(folder, threads=THREADS, kernel=kernel, options=options, fuse=fuse)
+        session = inference_session(folder, threads=THREADS, kernel=kernel, options=options, fuse=fuse,
+                                    huge_pages="wait")
         inputs = {i.name: i for i in session.get_inputs()}
         cfg = json.loads((folder / "config.json").read_text())  # the builder names the head size symbolically
         heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -564,7 +568,9 @@ def run(work: Path, quick: bool, full: bool, reuse: bool) -> dict:
 
     from prolora_export.models import ensure_demo_model
     from prolora_export.onnx.graph.builder import installed_versions
+    from prolora_export.runtime import share_thread_pool
 
+    share_thread_pool(THREADS)
     started = time.perf_counter()
     missing = [str(path) for path in CLI.values() if not path.is_file()]
     if missing:

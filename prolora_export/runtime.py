@@ -9,14 +9,19 @@ Parity, the benchmarks, the examples, the engine and the tests all get their
 * log level "errors only": a compact graph's overridable shard initializers make ONNX
   Runtime print one warning each at load (840 for the demo model). Users of plain ONNX
   Runtime silence it the same way: ``SessionOptions.log_severity_level = 3``;
-* thread counts, when a caller (a benchmark) needs them fixed;
+* thread counts, when a caller (a benchmark) needs them fixed, and one intra-op pool shared by every
+  session of the process (:func:`share_thread_pool`) where several sessions take turns: each session's own
+  pool spins its threads after a run, and they took the cores from the next session's run (four sessions
+  of two demo graphs, alternating: 8–15 ms per token against 6.5–8);
 * the native ``RotatedShardLoRA`` kernel (:mod:`prolora_export.native`), registered in CPU sessions
   only: a CPU kernel registered in a CUDA session would claim every adapter node and pull it onto the
   CPU with copies around it. ``kernel="auto"`` registers it when it was built, ``"native"`` requires it,
   ``"function"`` never registers it (the graph's function body then runs). Registering it adds nothing
   to ONNX Runtime's load-time output;
 * with that kernel, each adapted projection's adapter nodes fused into one native node at load
-  (:mod:`prolora_export.native.fuse`: same numbers, fewer nodes; the file is not changed).
+  (:mod:`prolora_export.native.fuse`: same numbers, fewer nodes; the file is not changed);
+* for long-lived sessions (the engine, the benchmarks), the memory the load created rebuilt as huge
+  pages (:mod:`prolora_export.hugepages`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ NATIVE_OPS = ("RotatedShardLoRA", "RotatedShardLoRASlots")
 FUSE_MAX_BYTES = 64 << 20
 #: ONNX Runtime's key for where a graph loaded from bytes finds its external data
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+#: what :func:`inference_session` does with the memory a load created: nothing, huge pages before it
+#: returns, huge pages from a background thread
+HUGE_PAGES = ("off", "wait", "background")
 
 
 def require_provider(provider: str) -> str:
@@ -57,18 +65,39 @@ def require_provider(provider: str) -> str:
     return wanted
 
 
+_shared_pool: list[int] = []  # the threads of the process-wide pool, once share_thread_pool made it
+
+
+def share_thread_pool(threads: int) -> None:
+    """Run every later session of this process on one intra-op pool of ``threads`` threads (and one inter-op
+    thread), for processes that alternate between sessions (benchmarks): separate pools spin their idle
+    threads against each other. Call it before the first session; ``threads`` then binds every session."""
+    import onnxruntime as ort
+
+    if _shared_pool:
+        if _shared_pool[0] != threads:
+            raise PRoLoRAError(f"this process already shares a pool of {_shared_pool[0]} threads, not {threads}")
+        return
+    ort.set_global_thread_pool_sizes(threads, 1)
+    _shared_pool.append(threads)
+
+
 def session_options(provider: str = "cpu", *, threads: int | None = None, log_level: int = ERRORS_ONLY,
                     kernel: str = "auto"):
     """SessionOptions for ``provider``: errors-only logging, the native kernel per ``kernel`` (see
     :func:`register_kernel`) and, when given, ``threads`` intra-op threads (one inter-op thread then, so a
-    benchmark's graphs differ only in the graph)."""
+    benchmark's graphs differ only in the graph); after :func:`share_thread_pool`, the shared pool."""
     import onnxruntime as ort
 
     require_provider(provider)
     options = ort.SessionOptions()
     options.log_severity_level = log_level
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
+    if _shared_pool:
+        if threads is not None and threads != _shared_pool[0]:
+            raise PRoLoRAError(f"{threads} threads asked for, but this process shares a pool of {_shared_pool[0]}")
+        options.use_per_session_threads = False
+    elif threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     register_kernel(options, provider, kernel)
@@ -165,13 +194,19 @@ def fused_model(model: str | bytes, options) -> str | bytes:
 
 
 def inference_session(model: str | Path | bytes, provider: str = "cpu", *, threads: int | None = None,
-                      options=None, kernel: str = "auto", fuse: bool | None = None):
+                      options=None, kernel: str = "auto", fuse: bool | None = None, huge_pages: str = "off"):
     """An InferenceSession on ``provider`` for a model path (a folder means its ``model.onnx``) or
     serialized bytes, with :func:`session_options` (``threads``, ``kernel``) unless ``options`` are given;
     checked for fallback. ``fuse``: load the graph through :func:`fused_model` (``options`` must then
-    register a native library); default: when the session runs the package's native kernel."""
+    register a native library); default: when the session runs the package's native kernel.
+    ``huge_pages`` (:data:`HUGE_PAGES`): rebuild the memory the load created as huge pages
+    (:class:`.hugepages.LoadedMemory`), for sessions that decode many tokens; CPU sessions only."""
     import onnxruntime as ort
 
+    from .hugepages import LoadedMemory
+
+    if huge_pages not in HUGE_PAGES:
+        raise PRoLoRAError(f"huge_pages must be one of {', '.join(HUGE_PAGES)}, not {huge_pages!r}")
     wanted = require_provider(provider)
     if isinstance(model, (str, Path)):
         model = Path(model)
@@ -185,6 +220,7 @@ def inference_session(model: str | Path | bytes, provider: str = "cpu", *, threa
     if fuse:
         model = fused_model(model, options)
     providers = [wanted] if provider == "cpu" else [wanted, PROVIDERS["cpu"]]
-    session = ort.InferenceSession(model, options, providers=providers)
+    with LoadedMemory(background=huge_pages == "background", active=huge_pages != "off" and provider == "cpu"):
+        session = ort.InferenceSession(model, options, providers=providers)
     check_providers(session.get_providers(), provider)
     return session

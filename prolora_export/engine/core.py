@@ -211,7 +211,9 @@ class Engine:
     ``kv_pool``: run on a :class:`~.pool.KVPool` where the graph allows it (the model builder's graphs
     on the CPU); False keeps the batch cache (to compare the two). On a pool, prompts' blocks of
     ``prefix_block`` tokens are kept in a :class:`~.prefix.PrefixCache` of at most
-    ``prefix_cache_tokens`` positions (0: none), per adapter.
+    ``prefix_cache_tokens`` positions (0: none), per adapter. ``huge_pages``: rebuild the loaded weights as
+    huge pages (:mod:`prolora_export.hugepages`: faster decode at small batches), by default in the background
+    (``"wait"``: before the constructor returns; ``"off"``).
     """
 
     def __init__(
@@ -228,6 +230,7 @@ class Engine:
         kv_pool: bool = True,
         prefix_cache_tokens: int = 4096,
         prefix_block: int = DEFAULT_BLOCK,
+        huge_pages: str = "background",
     ):
         if max_batch < 1 or max_cached_tokens < 1 or max_prefill_tokens < 1:
             raise PRoLoRAError("max_batch, max_cached_tokens and max_prefill_tokens must be ≥ 1")
@@ -235,7 +238,8 @@ class Engine:
         if not (self.folder / "model.onnx").is_file():
             raise PRoLoRAError("not an adapter-slot ONNX export (no model.onnx); make one with `prolora-export onnx "
                                "--mode compact --slots`", str(self.folder))
-        self.session = inference_session(self.folder, provider, threads=threads)
+        self.session = inference_session(self.folder, provider, threads=threads,
+                                         huge_pages=huge_pages)
         record = slot_record(self.session)
         self.device = "cpu" if provider == "cpu" else "cuda"
         inputs = {i.name: i for i in self.session.get_inputs()}
