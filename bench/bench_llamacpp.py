@@ -67,7 +67,7 @@ from bench_serve import Server, build, export, load, ms, plan, prolora_server, s
 from prolora_export.formats.peft_lora import save_peft  # noqa: E402
 from prolora_export.formats.prolora import load_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model  # noqa: E402
-from prolora_export.runtime import inference_session  # noqa: E402
+from prolora_export.runtime import inference_session, share_thread_pool  # noqa: E402
 
 #: the llama-cpp-python sdist whose vendor/llama.cpp is built (pinned: the conversion patch below needs it)
 VERSION = "0.3.36"
@@ -325,14 +325,18 @@ def llama_bench(cache: Path, ggufs: dict, quick: bool) -> dict:
 
 def our_graphs(demo: Path, slots: dict[str, Path], folder: Path, work: Path, quick: bool, reuse: bool) -> dict:
     """ms of one decode call at batch 1 of the served slot graphs (16 slots) and of adapter 0's merged graph
-    in fp32 and int4, interleaved round by round (medians)."""
+    in fp32 and int4, interleaved round by round (medians); their memory on huge pages, as the server's engine
+    has it, and one shared intra-op pool."""
     merged = {"fp32": work / "merged", "int4": work / "merged-int4"}
     for precision, out in merged.items():
         if not (reuse and (out / "model.onnx").is_file()):
             export(demo, folder, out, "--mode", "merged", *(("--quantize", "int4") if precision == "int4" else ()))
     config = AutoConfig.from_pretrained(demo)
-    sessions = {**{f"slots_{p}": inference_session(path, threads=THREADS) for p, path in slots.items()},
-                **{f"merged_{p}": inference_session(path, threads=THREADS) for p, path in merged.items()}}
+    share_thread_pool(THREADS)  # the four sessions take turns: one pool, as bench_graphs
+    sessions = {**{f"slots_{p}": inference_session(path, threads=THREADS, huge_pages="wait")
+                   for p, path in slots.items()},
+                **{f"merged_{p}": inference_session(path, threads=THREADS, huge_pages="wait")
+                   for p, path in merged.items()}}
     past, calls = MAX_TOKENS[quick] // 2, 5 if quick else 20
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for round_ in range(DECODE_ROUNDS[quick]):
