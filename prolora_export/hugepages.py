@@ -4,10 +4,12 @@ A decoded token reads every weight once. In 4 KiB pages a 100 MB int4 model is 2
 the TLB holds, so the reads pay page walks, and how many depends on where the pages happened to land: two
 sessions of the same graph in one process ran up to 8 % apart (demo int4, batch 1). Linux's transparent
 huge pages fix both, but only where a program asks (the usual ``madvise`` setting) and ONNX Runtime does not
-ask. So after a session loads, :func:`collapse` asks the kernel to rebuild the anonymous memory that the load
-created (weights, prepacked weights, the arena) as huge pages: ``MADV_COLLAPSE`` (Linux ≥ 6.1), in place,
-contents unchanged, at about 400 MB/s. On an older kernel ``MADV_HUGEPAGE`` alone leaves it to khugepaged;
-where transparent huge pages are off, or not on Linux, nothing happens.
+ask. So after a session loads, :func:`collapse` asks the kernel to rebuild the anonymous mappings that the
+load created or grew (weights, prepacked weights, the arena; the heap whole when it grew) as huge pages:
+``MADV_COLLAPSE`` (Linux ≥ 6.1), in place, contents unchanged, at about 400 MB/s. Those mappings keep asking
+for huge pages as they grow (``MADV_HUGEPAGE``); the engine's KV pool, a shared mapping made after the load,
+is not among them. On an older kernel ``MADV_HUGEPAGE`` alone leaves the rebuilding to khugepaged; where
+transparent huge pages are off, or not on Linux, nothing happens.
 
 Measured (demo model, batch 1, one process, the same session before and after): int4 decode 9–16 % faster,
 and sessions of the same graph level within 1 %; 32 rows at once (compute-bound) unchanged.
