@@ -3,8 +3,9 @@
 A compact graph (SPEC §4, §5) adds an adapted projection's delta in several nodes: the op per module, a
 Pad where a packed projection has columns no module owns, a Concat of a packed projection's deltas, and the
 Add onto the base projection's output: 390 nodes on the demo model, each dispatched by ONNX Runtime and
-each with its own output buffer, where one per projection (150) does the same work. Measured on the demo at
-int4 with three sessions of each: level at one decoded token, 3 % faster at 16 rows.
+each with its own output buffer, where one per projection (150) does the same work. What it buys is small
+(bench/GRAPHS.md, demo, 2026-12-07 15:38): within 3 % of the nodes as written, 2–3 % faster at one decoded
+token, 1 % slower at 16 rows.
 
 The native library also implements ``RotatedShardLoRAAdd`` and ``RotatedShardLoRASlotsAdd``: inputs Base, X
 (, adapter_index), then each module's four shard inputs; Y = Base with each module's delta added at its
