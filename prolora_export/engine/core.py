@@ -65,6 +65,7 @@ from ..onnx.op import ADAPTER_INDEX
 from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
 from .cache import CopyStats, KVBatch, to_value
+from .detokenize import TextDecoder
 from .pool import KVPool
 from .prefix import DEFAULT_BLOCK, Block, PrefixCache
 from .requests import Event, Request, Result
@@ -105,8 +106,9 @@ class _Sequence:
     owner: int = 0  # its adapter as loaded (0: the base), the prefix cache's key
     row: int = -1  # its KV pool row, if the engine has a pool
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
+    decoder: TextDecoder | None = None  # the tokens' text, a few at a time (None without a tokenizer, or once final)
+    text: str = ""  # decoded so far
+    emitted: int = 0  # of which sent
     first_token: float | None = None
     logits: list[np.ndarray] = field(default_factory=list)
     finished: bool = False
@@ -115,6 +117,12 @@ class _Sequence:
     def final_length(self) -> int:
         """The most positions this row can ever cache."""
         return len(self.prompt_ids) + self.max_new
+
+    def close_text(self) -> str:
+        """The text the decoder still holds back (the last, incomplete character); it decodes no more."""
+        rest = self.decoder.rest() if self.decoder is not None else ""
+        self.decoder = None
+        return rest
 
 
 @dataclass(eq=False)
@@ -494,7 +502,10 @@ class Engine:
         stop_ids = frozenset(int(t) for t in request.stop_token_ids) | (frozenset() if request.ignore_eos
                                                                            else self.eos_ids)
         sampler = Sampler.for_request(request, ids, stop_ids)
-        return _Sequence(request, ids, max_new, sampler, stop_ids, listener, submitted)
+        seq = _Sequence(request, ids, max_new, sampler, stop_ids, listener, submitted)
+        if self.tokenizer is not None:
+            seq.decoder = TextDecoder(self.tokenizer, seq.tokens)
+        return seq
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The request's prompt as token ids: ``prompt_ids`` as given, ``prompt`` tokenized, ``messages``
@@ -872,11 +883,14 @@ class Engine:
         seq.tokens.append(token)
         reason = "length" if len(seq.tokens) >= seq.max_new else None
         delta = ""
-        if self.tokenizer is not None:
-            full = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        if seq.decoder is not None:
+            full = seq.text + seq.decoder.update()
+            if reason:
+                full += seq.close_text()
             cut = self._stop_at(seq, full)
             if cut is not None:
                 full, reason = full[:cut], "stop"
+                seq.decoder = None  # what it holds back comes after the stop string
             seq.text = full
             safe = len(full) if reason else self._safe_length(seq, full)
             if safe > seq.emitted:
@@ -902,7 +916,7 @@ class Engine:
         safe = len(text.rstrip("\ufffd"))
         for stop in seq.request.stop:
             for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[:safe].endswith(stop[:k]):
+                if text.endswith(stop[:k], 0, safe):
                     safe -= k
                     break
         return max(safe, seq.emitted)
@@ -910,6 +924,7 @@ class Engine:
     def _finish(self, seq: _Sequence, reason: str, events: list[Event], *, text: str = "", token: int | None = None,
                 error: str | None = None) -> None:
         seq.finished = True
+        seq.text += seq.close_text()
         if not text and seq.emitted < len(seq.text) and reason != "error":
             text = seq.text[seq.emitted:]  # anything held back is final now
         now = time.perf_counter()
