@@ -123,19 +123,19 @@ def percentile(values: list[float], q: float) -> float:
 def run_engine(engine: Engine, work: list[dict], names: list[str | None]) -> dict:
     requests = [Request(prompt_ids=w["ids"], adapter=names[i], max_new_tokens=w["max_new"], ignore_eos=True)
                 for i, w in enumerate(work)]
-    before = dict(engine.stats.as_dict())
-    steps_before = len(engine.stats.per_step)
+    engine.stats.step_copied_max = 0  # this run's
+    before = engine.stats.as_dict()
     start = time.perf_counter()
     results = engine.generate(requests)
     seconds = time.perf_counter() - start
     tokens = sum(len(r.token_ids) for r in results)
     assert tokens == sum(w["max_new"] for w in work), "every request generates its max_new_tokens"
     after = engine.stats.as_dict()
-    per_step = engine.stats.per_step[steps_before:]
     delta = {k: after[k] - before[k] for k in after}
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "ttft": [r.time_to_first_token for r in results], "steps": delta["steps"], "prefills": delta["prefills"],
-            "copied_per_step_mean": float(np.mean(per_step)), "copied_per_step_max": int(max(per_step)),
+            "copied_per_step_mean": delta["step_copied"] / delta["steps"],
+            "copied_per_step_max": after["step_copied_max"],
             "cache_moved": delta["cache_moved"],
             "graph_kv_written_per_step": delta["graph_kv_written"] / delta["steps"],
             "host_to_graph": delta["host_to_graph"]}

@@ -456,6 +456,20 @@ def test_metric_labels_are_escaped():
     assert 'model="x\\"} 1\\nfake_metric{a=\\"b"' in text and 'adapter="a\\\\\\"\\n"' in text
 
 
+def test_the_token_rate_window_stays_bounded_without_scrapes(monkeypatch):
+    """Entries older than the rate window go as tokens arrive, not only when /metrics is read."""
+    import prolora_export.serve.app as app
+
+    now = [1000.0]
+    monkeypatch.setattr(app.time, "monotonic", lambda: now[0])
+    metrics = Metrics()
+    for _ in range(10_000):
+        metrics.tokens(1)
+        now[0] += 0.01
+    assert len(metrics.recent) <= app.RATE_WINDOW / 0.01 + 1 and metrics.generated_tokens == 10_000
+    assert metrics.tokens_per_second() == pytest.approx(100, rel=0.02)
+
+
 def raw_request(port: int, head: bytes, timeout: float = 30.0) -> bytes:
     """Send ``head`` on a new connection and read until the server closes it."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:

@@ -16,7 +16,7 @@ padding in every row cut off. :class:`CopyStats` counts every byte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,10 +33,13 @@ class CopyStats:
     cache_moved: int = 0  # KV bytes copied to merge joining rows or drop finished ones
     graph_kv_written: int = 0  # present tensors the graph writes (past + new token, inside the run)
     logit_positions: int = 0  # positions the LM head ran on (a graph with logits_start: those read, else all)
-    per_step: list[int] = field(default_factory=list)  # bytes copied by the engine in each decode step
+    step_copied: int = 0  # bytes the engine copied in decode steps (their joins and rebuilds included)
+    # the most one decode step copied: counters, not a list per step, so a server running for weeks holds
+    # no more than at its start (a caller may set it to 0 to measure a period)
+    step_copied_max: int = 0
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "per_step"}
+        return dict(self.__dict__)
 
 
 def to_value(array: np.ndarray, device: str):

@@ -459,7 +459,9 @@ class Engine:
             joined = self._prefill(events)
             self._rebuild(keep, joined)
             if decoded:
-                self.stats.per_step.append(self._moved() - before)
+                copied = self._moved() - before
+                self.stats.step_copied += copied
+                self.stats.step_copied_max = max(self.stats.step_copied_max, copied)
             if self._unloading:
                 self._finish_unloads()
             return events

@@ -70,13 +70,18 @@ class Metrics:
 
     def tokens(self, count: int) -> None:
         self.generated_tokens += count
-        self.recent.append((time.monotonic(), count))
+        now = time.monotonic()
+        self.recent.append((now, count))
+        self._forget(now)  # here too: a server nobody scrapes would otherwise keep every token's entry
 
     def tokens_per_second(self) -> float:
-        cutoff = time.monotonic() - RATE_WINDOW
-        while self.recent and self.recent[0][0] < cutoff:
-            self.recent.popleft()
+        self._forget(time.monotonic())
         return sum(n for _, n in self.recent) / RATE_WINDOW
+
+    def _forget(self, now: float) -> None:
+        """Drop the entries older than RATE_WINDOW."""
+        while self.recent and self.recent[0][0] < now - RATE_WINDOW:
+            self.recent.popleft()
 
     def render(self, *, running: int, waiting: int, adapters: list[str], prefill_chunks: int = 0,
                pool: KVPool | None = None, prefix: PrefixCache | None = None) -> str:
