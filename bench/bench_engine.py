@@ -263,6 +263,48 @@ def prefix_ttft(engine: Engine, tokenizer, adapter: str) -> dict:
             "hits": engine.prefix.hits, "tokens_reused": engine.prefix.tokens_reused}
 
 
+class TimedSession:
+    """An engine's session whose graph runs are timed (everything else passes through)."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.session.run_with_iobinding(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def long_streams(engine: Engine, tokenizer, adapter: str, rows: int = 4, tokens: int = 1900, window: int = 256) -> dict:
+    """``rows`` streams generating ``tokens`` tokens of text together: the median step, and the engine's own
+    time per step (the step less its graph run: sampling, text, events), over steps 10 to 10 + ``window`` and
+    over the last ``window`` steps. The engine's own time stays flat when each token's text costs the same
+    however long the stream (a whole-text decode per token grows with the length)."""
+    prompts = [tokenizer(f"Tell a long story about {TOPICS[k]}.").input_ids for k in range(rows)]
+    timed = engine.session = TimedSession(engine.session)
+    try:
+        for ids in prompts:
+            engine.submit(Request(prompt_ids=ids, adapter=adapter, max_new_tokens=tokens, ignore_eos=True))
+        steps, own, finished = [], [], 0
+        while finished < rows:
+            run_before, start = timed.seconds, time.perf_counter()
+            events = engine.step()
+            steps.append(time.perf_counter() - start)
+            own.append(steps[-1] - (timed.seconds - run_before))
+            finished += sum(e.finished for e in events)
+    finally:
+        engine.session = timed.session
+    early, late = slice(10, 10 + window), slice(-window - 1, -1)
+    ms = {f"{name}_ms_{part}": 1000 * statistics.median(values[where])
+          for name, values in (("step", steps), ("own", own)) for part, where in (("early", early), ("late", late))}
+    return {"rows": rows, "tokens": tokens, "window": window, **ms}
+
+
 def long_prompt(folder: Path, adapters: dict, prompt_tokens: int = 8000, chunk: int = 512) -> dict:
     """An 8k-token prompt joining two running streams on the KV pool: peak RSS growth during its prefill
     against its own KV bytes, and the streams' longest gap between tokens meanwhile against the step time
@@ -431,6 +473,8 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
         with quiet.measure("prefix cache"):
             extra["prefix"] = prefix_ttft(builder, engine.tokenizer, names[1])
         if not quick:
+            with quiet.measure("long streams"):
+                extra["long_streams"] = long_streams(builder, engine.tokenizer, names[2])
             with quiet.measure("long prompt"):
                 extra["long_prompt"] = long_prompt(exports["slots_builder"], {names[0]: folders[0]})
     for key in [k for k in ("mixed", "one_adapter", "builder_mixed", "builder_batch_cache") if k in runs]:
@@ -544,6 +588,14 @@ def markdown(r: dict) -> str:
                         f"{lp['kv_bytes'] / 2**20:.0f} MiB; {lp['chunks']} steps of {lp['step_ms_median']:.0f} ms "
                         f"(median; max {lp['step_ms_max']:.0f}), the streams' longest gap between tokens "
                         f"{lp['stream_gap_ms_max']:.0f} ms.\n")
+        if "long_streams" in r:
+            ls = r["long_streams"]
+            builder += (f"\n{ls['rows']} streams of {ls['tokens']} tokens of text together: a step took "
+                        f"{ls['step_ms_early']:.1f} ms near their start and {ls['step_ms_late']:.1f} ms over their "
+                        f"last "
+                        f"{ls['window']} (attention over the longer cache); of that, the engine's own time "
+                        f"(sampling, text, events: the step less its graph run) {ls['own_ms_early']:.2f} ms and "
+                        f"{ls['own_ms_late']:.2f} ms.\n")
     return f"""# Engine: many adapters in one batch (`bench_engine.py`)
 
 `{command}`: {r['settings']['requests']} requests over {r['settings']['adapters']} adapters (r=8, u=1, m=n=2, seven
