@@ -209,6 +209,7 @@ def test_bad_input_fails_only_that_request(tiny):
         "exactly one of": Request(prompt="a", prompt_ids=[3]),
         "token ids must be in": Request(prompt_ids=[3, 999]),
         "max_new_tokens must be": Request(prompt_ids=[3], max_new_tokens=0),
+        "stop must be a list of strings": Request(prompt="a", stop="ab"),
     }
     results = eng.generate([good[0], *bad.values(), good[1]])
     for (message, _), result in zip(bad.items(), results[1:-1], strict=True):

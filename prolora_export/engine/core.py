@@ -71,6 +71,7 @@ from .prefix import DEFAULT_BLOCK, Block, PrefixCache
 from .requests import Event, Request, Result
 from .sampler import Sampler, sampling_problem
 from .slots import AdapterSource, SlotTable
+from .stops import StopStrings
 
 PAST, PRESENT = "past_key_values", "present"
 #: a prefill group's padded tokens stay within this factor of its real ones (else a new group)
@@ -107,6 +108,7 @@ class _Sequence:
     row: int = -1  # its KV pool row, if the engine has a pool
     tokens: list[int] = field(default_factory=list)
     decoder: TextDecoder | None = None  # the tokens' text, a few at a time (None without a tokenizer, or once final)
+    stops: StopStrings | None = None  # the request's stop strings, matched as the text grows
     text: str = ""  # decoded so far
     emitted: int = 0  # of which sent
     first_token: float | None = None
@@ -487,6 +489,8 @@ class Engine:
             raise PRoLoRAError(problem)
         if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
             raise PRoLoRAError(f"max_new_tokens must be an integer ≥ 1, got {request.max_new_tokens!r}")
+        if isinstance(request.stop, str) or not all(isinstance(s, str) for s in request.stop):
+            raise PRoLoRAError("stop must be a list of strings (one stop string: [text])")
         if self.tokenizer is None and (request.prompt is not None or request.messages is not None or request.stop):
             raise PRoLoRAError("this engine has no tokenizer: give prompt_ids, and no stop strings")
         ids = self.prompt_ids(request)
@@ -507,6 +511,7 @@ class Engine:
         seq = _Sequence(request, ids, max_new, sampler, stop_ids, listener, submitted)
         if self.tokenizer is not None:
             seq.decoder = TextDecoder(self.tokenizer, seq.tokens)
+            seq.stops = StopStrings(request.stop)
         return seq
 
     def prompt_ids(self, request: Request) -> list[int]:
@@ -886,15 +891,15 @@ class Engine:
         reason = "length" if len(seq.tokens) >= seq.max_new else None
         delta = ""
         if seq.decoder is not None:
-            full = seq.text + seq.decoder.update()
-            if reason:
-                full += seq.close_text()
-            cut = self._stop_at(seq, full)
+            new = seq.decoder.update() + (seq.close_text() if reason else "")
+            cut = seq.stops.feed(new)
+            full = seq.text + new
             if cut is not None:
                 full, reason = full[:cut], "stop"
                 seq.decoder = None  # what it holds back comes after the stop string
             seq.text = full
-            safe = len(full) if reason else self._safe_length(seq, full)
+            # not what could still begin a stop string (it is sent once more text decides)
+            safe = len(full) if reason else max(len(full) - seq.stops.held(), seq.emitted)
             if safe > seq.emitted:
                 delta, seq.emitted = full[seq.emitted:safe], safe
         if reason:
@@ -902,26 +907,6 @@ class Engine:
             return True
         self._event(seq, Event(seq.request.request_id, delta, token), events)
         return False
-
-    @staticmethod
-    def _stop_at(seq: _Sequence, text: str) -> int | None:
-        """Where the earliest stop string starts in ``text`` (searched from what may still change)."""
-        if not seq.request.stop:
-            return None
-        start = max(0, seq.emitted - max(len(s) for s in seq.request.stop))
-        hits = [i for i in (text.find(s, start) for s in seq.request.stop if s) if i >= 0]
-        return min(hits) if hits else None
-
-    @staticmethod
-    def _safe_length(seq: _Sequence, text: str) -> int:
-        """How much of the text can be sent: not an incomplete character, not a possible stop start."""
-        safe = len(text.rstrip("\ufffd"))
-        for stop in seq.request.stop:
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text.endswith(stop[:k], 0, safe):
-                    safe -= k
-                    break
-        return max(safe, seq.emitted)
 
     def _finish(self, seq: _Sequence, reason: str, events: list[Event], *, text: str = "", token: int | None = None,
                 error: str | None = None) -> None:
