@@ -75,6 +75,8 @@ from binding import BoundGraph  # noqa: E402
 from envs import cli_for  # noqa: E402
 
 from prolora_export.engine import Engine, Request  # noqa: E402
+from prolora_export.engine.detokenize import TextDecoder  # noqa: E402
+from prolora_export.engine.stops import StopStrings  # noqa: E402
 from prolora_export.formats.prolora import Adapter, save_adapter  # noqa: E402
 from prolora_export.models import ensure_demo_model, kv_cache_shape  # noqa: E402
 from prolora_export.onnx.adapters import export_onnx_adapter, load_onnx_adapter, run_options  # noqa: E402
@@ -305,6 +307,26 @@ def long_streams(engine: Engine, tokenizer, adapter: str, rows: int = 4, tokens:
     return {"rows": rows, "tokens": tokens, "window": window, **ms}
 
 
+def text_costs(tokenizer, tokens: int = 4096, stop_chars: int = 100_000) -> dict:
+    """What one row's token costs the engine in text, at the end of a ``tokens``-token generation (the demo
+    tokenizer over this repository's README): its piece of text (:class:`TextDecoder`), and matching four
+    ``stop_chars``-character stop strings (:class:`StopStrings`; the one-time set-up apart); µs, medians of
+    the last 256 tokens."""
+    ids = tokenizer(Path(HERE.parent / "README.md").read_text(), add_special_tokens=False).input_ids[:tokens]
+    started = time.perf_counter()
+    stops = StopStrings(["b" * stop_chars] * 4)
+    setup = time.perf_counter() - started
+    seen: list[int] = []
+    decoder, costs = TextDecoder(tokenizer, seen), []
+    for token in ids:
+        seen.append(token)
+        start = time.perf_counter()
+        stops.feed(decoder.update())
+        costs.append(time.perf_counter() - start)
+    return {"tokens": len(ids), "stop_chars": stop_chars, "us_per_token": 1e6 * statistics.median(costs[-256:]),
+            "stop_setup_ms": 1000 * setup}
+
+
 def long_prompt(folder: Path, adapters: dict, prompt_tokens: int = 8000, chunk: int = 512) -> dict:
     """An 8k-token prompt joining two running streams on the KV pool: peak RSS growth during its prefill
     against its own KV bytes, and the streams' longest gap between tokens meanwhile against the step time
@@ -475,6 +497,7 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
         if not quick:
             with quiet.measure("long streams"):
                 extra["long_streams"] = long_streams(builder, engine.tokenizer, names[2])
+            extra["text_costs"] = text_costs(engine.tokenizer)
             with quiet.measure("long prompt"):
                 extra["long_prompt"] = long_prompt(exports["slots_builder"], {names[0]: folders[0]})
     for key in [k for k in ("mixed", "one_adapter", "builder_mixed", "builder_batch_cache") if k in runs]:
@@ -596,6 +619,11 @@ def markdown(r: dict) -> str:
                         f"{ls['window']} (attention over the longer cache); of that, the engine's own time "
                         f"(sampling, text, events: the step less its graph run) {ls['own_ms_early']:.2f} ms and "
                         f"{ls['own_ms_late']:.2f} ms.\n")
+        if "text_costs" in r:
+            tc = r["text_costs"]
+            builder += (f"\nA row's token at the end of a {tc['tokens']}-token text: its piece of text and four "
+                        f"{tc['stop_chars']:,}-character stop strings matched, {tc['us_per_token']:.1f} µs "
+                        f"(the stop strings' set-up {tc['stop_setup_ms']:.0f} ms once per request).\n")
     return f"""# Engine: many adapters in one batch (`bench_engine.py`)
 
 `{command}`: {r['settings']['requests']} requests over {r['settings']['adapters']} adapters (r=8, u=1, m=n=2, seven
