@@ -93,6 +93,69 @@ def test_same_seed_same_tokens():
     assert draws(Sampler(1.0, seed=9, **options), values, 40) == draws(Sampler(1.0, seed=9, **options), values, 40)
 
 
+def reference(values: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
+              min_p: float = 0.0) -> np.ndarray:
+    """The distribution a draw follows, by the definitions over a stable sort of the whole vocabulary."""
+    probs = np.exp((values.astype(np.float64) - values.max()) / temperature)
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    if 0 < top_k < order.size:
+        order = order[:top_k]
+    if top_p < 1.0:
+        kept = np.cumsum(probs[order])
+        order = order[: int(np.searchsorted(kept / kept[-1], top_p)) + 1]
+    if min_p > 0.0:
+        order = order[probs[order] >= min_p * probs[order[0]]]
+    out = np.zeros_like(probs)
+    out[order] = probs[order] / probs[order].sum()
+    return out
+
+
+class Grid:
+    """A generator whose draws sweep [0, 1) evenly: token frequencies then equal the distribution to 1/n."""
+
+    def __init__(self, n: int):
+        self.n, self.i = n, 0
+
+    def random(self) -> float:
+        self.i += 1
+        return (self.i - 0.5) / self.n
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"top_k": 7}, {"top_p": 0.9}, {"top_p": 0.3, "top_k": 40}, {"min_p": 0.3}, {"top_k": 900, "top_p": 0.97},
+    {"top_p": 0.95, "min_p": 0.3}, {"top_k": 300, "min_p": 0.5},
+])
+@pytest.mark.parametrize("spread", [0.6, 4.0])
+def test_draws_follow_the_truncated_distribution(options, spread):
+    """A vocabulary of 3,000 with many equal logits (ties at a head's edge), flat (top-p's head grows past its
+    first sorts) or spread out (heads found among the likeliest tokens only): every token drawn as often as its
+    probability says, to two draws in 10,000."""
+    rng = np.random.default_rng(7)
+    values = np.round(rng.normal(0, spread, 3000), 1).astype(np.float32)
+    expected = reference(values, 0.9, **options)
+    sampler, n = Sampler(0.9, **options), 10_000
+    sampler.rng = Grid(n)
+    frequency = np.bincount(draws(sampler, values, n), minlength=values.size) / n
+    assert set(np.flatnonzero(frequency)) <= set(np.flatnonzero(expected))
+    assert np.abs(frequency - expected).max() <= 2 / n + 1e-12
+
+
+def test_penalties_over_a_long_history_match_their_definition():
+    """Past the id arrays' first growth: every token of the prompt and the output penalized once."""
+    values = logits(5)
+    prompt = list(range(0, VOCAB, 2))
+    sampler = Sampler(1.0, seed=3, repetition_penalty=1.5, frequency_penalty=0.4, presence_penalty=0.1,
+                      prompt_ids=prompt)
+    out = draws(sampler, values, 40)
+    expected = values.astype(np.float64)
+    for token in set(prompt) | set(out):
+        expected[token] = expected[token] / 1.5 if expected[token] > 0 else expected[token] * 1.5
+    for token in set(out):
+        expected[token] -= 0.4 * out.count(token) + 0.1
+    assert np.allclose(sampler._adjusted(values), expected, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("field, value", [
     ("temperature", float("nan")), ("temperature", -0.1), ("top_p", 0.0), ("top_k", -1), ("top_k", 1.5),
     ("min_p", 1.5), ("repetition_penalty", 0.0), ("frequency_penalty", float("inf")), ("presence_penalty", "x"),

@@ -5,17 +5,25 @@ The order is the usual one (transformers, vLLM): penalties on the raw logits (re
 prompt and the output, frequency and presence over the output), end-of-sequence and stop tokens
 masked until ``min_tokens``, then greedy (temperature 0) or temperature → top-k → top-p → min-p →
 a draw. The sampler keeps the row's history itself: every token it returns is the row's next one.
+
+It runs on the engine's step, which every row waits for, once per row and token, so its cost must not
+grow with the vocabulary's sort or the history: a draw from the whole vocabulary walks it in index
+order, a truncated one sorts only the candidates it keeps (a stable sort of all 49,152 demo
+probabilities took 4.2 ms a token, as long as an int4 decode step), and the penalties keep their
+token ids in arrays that grow by the new ones, not rebuilt from sets.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
 
 from .requests import Request
+
+#: :func:`_head` looks for a head among the tokens at least this fraction as likely as the best first
+HEAD_CUTOFF = 1e-4
 
 
 class Sampler:
@@ -32,8 +40,8 @@ class Sampler:
         self.min_tokens = int(min_tokens)
         self.stop_ids = np.array(sorted(stop_ids), np.int64)
         self.rng = np.random.default_rng(seed)
-        self.seen = set(prompt_ids) if self.repetition != 1.0 else set()  # repetition: prompt and output
-        self.counts: Counter[int] = Counter()  # output tokens (frequency and presence)
+        self.seen = _TokenSet(prompt_ids if self.repetition != 1.0 else ())  # repetition: prompt and output
+        self.counts = _TokenSet()  # output tokens, counted (frequency and presence)
         self.generated = 0
 
     @classmethod
@@ -50,24 +58,22 @@ class Sampler:
         if self.repetition != 1.0:
             self.seen.add(token)
         if self.frequency or self.presence:
-            self.counts[token] += 1
+            self.counts.add(token)
         return token
 
     def _adjusted(self, logits: np.ndarray) -> np.ndarray:
         """The logits after penalties and the ``min_tokens`` mask (the input itself when none applies)."""
         masked = self.generated < self.min_tokens and self.stop_ids.size
-        if self.repetition == 1.0 and not self.counts and not masked:
+        if self.repetition == 1.0 and not len(self.counts) and not masked:
             return logits
         out = logits.astype(np.float64)  # a copy: the caller's logits stay as the graph gave them
-        if self.repetition != 1.0 and self.seen:
-            ids = np.fromiter(self.seen, np.int64, len(self.seen))
+        if self.repetition != 1.0 and len(self.seen):
+            ids = self.seen.ids
             ids = ids[ids < out.size]
             values = out[ids]
             out[ids] = np.where(values > 0, values / self.repetition, values * self.repetition)
-        if self.counts:
-            ids = np.fromiter(self.counts, np.int64, len(self.counts))
-            counts = np.fromiter(self.counts.values(), np.float64, len(self.counts))
-            out[ids] -= self.frequency * counts + self.presence
+        if len(self.counts):
+            out[self.counts.ids] -= self.frequency * self.counts.counts + self.presence
         if masked:
             out[self.stop_ids[self.stop_ids < out.size]] = -np.inf
         return out
@@ -80,19 +86,91 @@ class Sampler:
         shifted = logits.astype(np.float64) - np.max(logits)
         with np.errstate(over="ignore"):  # to -inf: probability 0, as meant
             probs = np.exp(shifted / self.temperature)
-        probs /= probs.sum()
-        order = np.argsort(-probs, kind="stable")
-        if 0 < self.top_k < order.size:
-            order = order[: self.top_k]
-        if self.top_p < 1.0:
+        order = self._candidates(probs)
+        if order is None:  # the whole vocabulary: drawn in index order, nothing sorted
+            return _draw(probs, self.rng.random())
+        return int(order[_draw(probs[order], self.rng.random())])
+
+    def _candidates(self, probs: np.ndarray) -> np.ndarray | None:
+        """The tokens top-k, then top-p (of what top-k left), then min-p keep, most likely first; None when
+        they keep every token. Each keeps a head of the most-likely-first order, so only a head is sorted:
+        top-k's, or without top-k a head that grows until its mass reaches top-p's."""
+        size = probs.size
+        # min-p: the tokens at least min_p times as likely as the best, a head of the order too
+        min_p = int(np.count_nonzero(probs >= self.min_p * probs.max())) if self.min_p > 0.0 else size
+        if 0 < self.top_k < size:
+            order = _head(probs, self.top_k)
+            if self.top_p < 1.0:
+                kept = np.cumsum(probs[order])
+                order = order[: int(np.searchsorted(kept, self.top_p * kept[-1])) + 1]
+            return order[:min_p]
+        if self.top_p >= 1.0:
+            return None if min_p == size else _head(probs, min_p)
+        mass, count = self.top_p * probs.sum(), min(min_p, 64)
+        while True:
+            order = _head(probs, count)
             kept = np.cumsum(probs[order])
-            kept /= kept[-1]  # top-p of what top-k left
-            order = order[: int(np.searchsorted(kept, self.top_p)) + 1]  # smallest set reaching top_p
-        if self.min_p > 0.0:
-            order = order[probs[order] >= self.min_p * probs[order[0]]]
-        chosen = probs[order]
-        cdf = np.cumsum(chosen / chosen.sum())
-        return int(order[min(int(np.searchsorted(cdf, self.rng.random(), side="right")), len(order) - 1)])
+            if kept[-1] >= mass or count == min_p:
+                return order[: int(np.searchsorted(kept, mass)) + 1]  # the smallest head reaching top-p
+            count = min(4 * count, min_p)
+
+
+class _TokenSet:
+    """Token ids in order of first appearance, with how often each came: arrays that grow by the new ids,
+    so that a penalty reads them without rebuilding anything from the whole history."""
+
+    def __init__(self, ids: Iterable[int] = ()):
+        given = np.fromiter(ids, np.int64)
+        unique, first, counts = np.unique(given, return_index=True, return_counts=True)
+        order = np.argsort(first)
+        self._ids = np.zeros(max(16, 2 * unique.size), np.int64)
+        self._counts = np.zeros_like(self._ids, np.float64)
+        self._ids[: unique.size], self._counts[: unique.size] = unique[order], counts[order]
+        self.position: dict[int, int] = {token: at for at, token in enumerate(unique[order].tolist())}
+
+    def add(self, token: int) -> None:
+        at = self.position.get(token)
+        if at is None:
+            at = self.position[token] = len(self.position)
+            if at == self._ids.size:
+                self._ids = np.resize(self._ids, 2 * at)
+                self._counts = np.resize(self._counts, 2 * at)
+            self._ids[at], self._counts[at] = token, 0.0
+        self._counts[at] += 1.0
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids[: len(self.position)]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts[: len(self.position)]
+
+
+def _head(probs: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` most likely tokens, most likely first; equal probabilities by token id, as a stable sort of
+    all of them orders them (so the set does not depend on how the partition breaks ties)."""
+    if count >= probs.size:
+        return np.argsort(-probs, kind="stable")
+    # partitioned among the tokens within a factor HEAD_CUTOFF of the best when there are enough of them (the
+    # head is then among them, ties included): a partition of the whole vocabulary costs 0.7 ms at 49,152
+    pool = np.flatnonzero(probs >= HEAD_CUTOFF * probs.max())
+    if pool.size < count:
+        pool = np.arange(probs.size)
+    values = probs[pool]
+    nth = values[np.argpartition(-values, count - 1)[count - 1]]  # the count-th largest probability
+    above = pool[values > nth]
+    head = np.concatenate([above, pool[values == nth][: count - above.size]])
+    return head[np.lexsort((head, -probs[head]))]
+
+
+def _draw(probs: np.ndarray, u: float) -> int:
+    """Where ``u`` (uniform in [0, 1)) falls in the cumulative distribution of ``probs`` (unnormalized)."""
+    cdf = np.cumsum(probs)
+    return min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), probs.size - 1)
 
 
 def _finite(value) -> bool:
