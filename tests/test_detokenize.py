@@ -10,27 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolora_export.engine.detokenize import INCOMPLETE, TextDecoder
+from prolora_export.engine.detokenize import INCOMPLETE, MAX_PENDING, TextDecoder
 
 # multi-byte characters (split over byte tokens), spaces, punctuation, new lines
 TEXT = "The café served 中文 text 😀 and ümlaut, then € 42 — done.\n  Two spaces; tab\tend. 🇫🇷 flags"
 
 
-def stream(tokenizer, ids: list[int]) -> tuple[list[str], str]:
-    """What a stream of ``ids`` sends: each update's piece, then the rest."""
+def stream(tokenizer, ids: list[int], invalid: bool = False) -> tuple[list[str], str]:
+    """What a stream of ``ids`` sends: each update's piece, then the rest. Only ``invalid`` bytes (more
+    than MAX_PENDING tokens without a whole character) may be sent as U+FFFD."""
     tokens: list[int] = []
     decoder = TextDecoder(tokenizer, tokens)
     pieces = []
     for token in ids:
         tokens.append(token)
         pieces.append(decoder.update())
-        assert not pieces[-1].endswith(INCOMPLETE)
+        assert invalid or not pieces[-1].endswith(INCOMPLETE)
     return pieces, decoder.rest()
 
 
-def check(tokenizer, ids: list[int]) -> None:
+def check(tokenizer, ids: list[int], invalid: bool = False) -> None:
     """The pieces and the rest are the whole decode: no piece sent is ever taken back."""
-    pieces, rest = stream(tokenizer, ids)
+    pieces, rest = stream(tokenizer, ids, invalid)
     assert "".join(pieces) + rest == tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -96,6 +97,30 @@ def test_an_incomplete_character_at_the_end_is_the_rest(demo_tokenizer) -> None:
     ids = demo_tokenizer("ok 😀", add_special_tokens=False).input_ids
     pieces, rest = stream(demo_tokenizer, ids[:-1])  # the emoji's last byte never comes
     assert "".join(pieces) == "ok" and rest == demo_tokenizer.decode(ids[:-1])[2:] and rest.endswith(INCOMPLETE)
+
+
+class Longest:
+    """A tokenizer that records the longest list it was asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.longest = max(self.longest, len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("repeated", ["end of sequence", "invalid byte"])
+def test_tokens_that_add_nothing_keep_the_window_short(demo_tokenizer, repeated) -> None:
+    """A model that keeps generating its end-of-sequence token (skipped from the text; ignore_eos) or bytes
+    that never make a character: the window stays short, and the text is still the whole decode's."""
+    token = demo_tokenizer.eos_token_id if repeated == "end of sequence" else \
+        demo_tokenizer.convert_tokens_to_ids("\u0122")  # a lone continuation byte (0x80..0xBF)
+    ids = demo_tokenizer("Hello there", add_special_tokens=False).input_ids + [token] * 500
+    counting = Longest(demo_tokenizer)
+    pieces, rest = stream(counting, ids, invalid=repeated == "invalid byte")
+    assert counting.longest <= 2 * MAX_PENDING
+    assert "".join(pieces) + rest == demo_tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_each_update_decodes_a_window_not_the_whole_list() -> None:

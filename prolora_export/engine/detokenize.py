@@ -8,6 +8,9 @@ vLLM: it decodes from a few tokens before the last text it released, and release
 tokens add. The window starts at a token that both of its decodes share, so whatever a decoder does
 at the start of a text (a SentencePiece tokenizer drops the first token's space) cancels out; text
 that ends in an incomplete character (U+FFFD from a partial byte sequence) waits for the next token.
+The window stays short whatever the model generates: tokens that add no text (an end-of-sequence
+token generated again and again under ``ignore_eos``, skipped) leave it, and after
+:data:`MAX_PENDING` tokens without a whole character the bytes are invalid and go out as U+FFFD.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from collections.abc import Sequence
 
 #: what a decoder writes for bytes that do not yet make a whole character
 INCOMPLETE = "\ufffd"
+#: tokens an incomplete character may take before the text is released as it is (a UTF-8 character has
+#: at most 4 bytes; more tokens that still end in U+FFFD are invalid bytes, which stay U+FFFD)
+MAX_PENDING = 8
 
 
 class TextDecoder:
@@ -26,24 +32,33 @@ class TextDecoder:
     def __init__(self, tokenizer, tokens: Sequence[int]):
         self.tokenizer = tokenizer
         self.tokens = tokens
-        self.start = 0  # the window: tokens[start:] are decoded together ...
-        self.released = 0  # ... and tokens[start:released] gave `known`, already released
-        self.known = ""
+        self.taken = 0  # tokens of the list seen so far
+        self.context: list[int] = []  # the tokens whose text was released last: the window starts with them
+        self.known = ""  # their text
+        self.pending: list[int] = []  # the tokens after them, whose text is not released yet
 
-    def _decode(self, end: int | None = None) -> str:
-        return self.tokenizer.decode(self.tokens[self.start:end], skip_special_tokens=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def update(self) -> str:
         """The text the tokens appended since the last call add ('' while it ends in an incomplete
-        character)."""
-        text = self._decode()
-        if len(text) <= len(self.known) or text.endswith(INCOMPLETE):
+        character). Tokens that add no text (special tokens, skipped) leave the window, so that it stays a
+        few tokens long whatever the model generates."""
+        self.pending += self.tokens[self.taken:]
+        self.taken = len(self.tokens)
+        text = self._decode(self.context + self.pending)
+        if text.endswith(INCOMPLETE) and len(self.pending) < MAX_PENDING:
+            return ""
+        if len(text) <= len(self.known):
+            self.pending = []
             return ""
         new = text[len(self.known):]
-        self.start, self.released = self.released, len(self.tokens)
-        self.known = self._decode(self.released)
+        self.context, self.pending = self.pending, []
+        self.known = self._decode(self.context)
         return new
 
     def rest(self) -> str:
         """The text held back (an incomplete character at the end), as a decode of the whole list ends."""
-        return self._decode()[len(self.known):]
+        self.pending += self.tokens[self.taken:]
+        self.taken = len(self.tokens)
+        return self._decode(self.context + self.pending)[len(self.known):]
