@@ -260,7 +260,8 @@ def test_error_statuses(server):
         error_of(raw.post("/v1/completions", json=[1, 2]), 400)
         for bad, param in [({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"),
                            ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"),
-                           ({"stop": [""]}, "stop"), ({"prompt": ["a", "b"]}, "prompt"), ({"seed": -3}, "seed"),
+                           ({"stop": [""]}, "stop"), ({"stop": "x" * 4097}, "stop"), ({"prompt": ["a", "b"]}, "prompt"),
+                           ({"seed": -3}, "seed"), ({"seed": 2**64}, "seed"),
                            ({"logprobs": 2}, "logprobs"), ({"stream": "yes"}, "stream")]:
             assert error_of(raw.post("/v1/completions", json={**request, **bad}), 400)["param"] == param, bad
         long = error_of(raw.post("/v1/completions", json={**request, "prompt": "x" * 300}), 400)

@@ -15,6 +15,10 @@ from ..engine import Event, Request, Result
 
 #: OpenAI's limit on stop sequences
 MAX_STOP = 4
+#: the longest stop sequence: the engine prepares each once per request, on the step every row waits for
+MAX_STOP_CHARS = 4096
+#: seeds above this are refused (numpy's generators take any integer, at a cost that grows with its digits)
+MAX_SEED = 2**64 - 1
 #: the most stop_token_ids a request may give
 MAX_STOP_TOKEN_IDS = 64
 #: what a loaded adapter may be called: safe in a URL path, a metric label and a log line
@@ -89,12 +93,13 @@ def _number(body: dict, key: str, default: float, low: float, high: float, *, lo
     return float(value)
 
 
-def _integer(body: dict, key: str, default: int | None, low: int) -> int | None:
+def _integer(body: dict, key: str, default: int | None, low: int, high: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise bad(f"{key} must be an integer ≥ {low}, got {value!r}", key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+        raise bad(f"{key} must be an integer {bounds}, got {value!r}", key)
     return value
 
 
@@ -131,8 +136,10 @@ def _stop(body: dict) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
-        raise bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise bad(f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most {MAX_STOP} of "
+                  "them", "stop")
     return stops
 
 
@@ -213,7 +220,7 @@ def parse_call(body, *, chat: bool, models: list[str], base: str, default_max_to
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        seed=_integer(body, "seed", None, 0),
+        seed=_integer(body, "seed", None, 0, MAX_SEED),
         stop=_stop(body),
         stop_token_ids=_stop_token_ids(body),
         min_tokens=min_tokens,
