@@ -11,12 +11,14 @@ before it and on the adapter, both in its key, so a hit computes what a cold pre
 
 It is never shared across adapters (llama.cpp's server shares its prompt cache across LoRA settings).
 Bound: at most ``max_tokens`` cached positions; the least recently used leaf goes first (a node with
-children is kept: its prefix is theirs).
+children is kept: its prefix is theirs). The leaves wait in a heap by last use, so an eviction costs a
+heap operation, not a walk past every node with children (a long prompt filling a full cache cost the
+square of its blocks).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,16 +42,21 @@ class Block:
     arrays: dict[str, np.ndarray]
     parent: Block | None
     children: int = 0
+    used: int = 0  # when it was last matched or inserted (the cache's clock)
 
 
 class PrefixCache:
-    """The trie of cached blocks, least recently used first."""
+    """The trie of cached blocks, and its leaves by last use."""
 
     def __init__(self, block: int, max_tokens: int):
         if block < 1 or max_tokens < 0:
             raise ValueError("a prefix cache needs block ≥ 1 and max_tokens ≥ 0")
         self.block, self.max_tokens = block, max_tokens
-        self.nodes: OrderedDict[Key, Block] = OrderedDict()
+        self.nodes: dict[Key, Block] = {}
+        # (last use, number, key) of each leaf as it was when pushed; entries a later use, a child or an
+        # eviction made stale are skipped when they come up
+        self._leaves: list[tuple[int, int, Key]] = []
+        self._clock = 0
         self._numbers = 0
         self.hits = 0  # prompts that reused a cached prefix
         self.tokens_reused = 0
@@ -69,7 +76,7 @@ class PrefixCache:
             node = self.nodes.get(key)
             if node is None:
                 break
-            self.nodes.move_to_end(key)
+            self._use(node)
             found.append(node)
             parent = node.number
         return found
@@ -102,7 +109,7 @@ class PrefixCache:
                 self.nodes[key] = node
                 if parent is not None:
                     parent.children += 1
-            self.nodes.move_to_end(key)
+            self._use(node)
             parent = node
 
     def drop(self, owner: int) -> None:
@@ -110,14 +117,45 @@ class PrefixCache:
         for key in [k for k in self.nodes if k[0] == owner]:
             del self.nodes[key]
 
+    def _use(self, node: Block) -> None:
+        self._clock += 1
+        node.used = self._clock
+        if node.children == 0:
+            self._push(node)
+
+    def _push(self, leaf: Block) -> None:
+        heapq.heappush(self._leaves, (leaf.used, leaf.number, leaf.key))
+        if len(self._leaves) > 4 * len(self.nodes) + 64:  # mostly stale: rebuilt from the leaves
+            self._leaves = [(n.used, n.number, n.key) for n in self.nodes.values() if n.children == 0]
+            heapq.heapify(self._leaves)
+
+    def _current(self, entry: tuple[int, int, Key]) -> Block | None:
+        """The leaf a heap entry stands for, if it is still a leaf last used then."""
+        used, number, key = entry
+        node = self.nodes.get(key)
+        ok = node is not None and node.number == number and node.used == used and node.children == 0
+        return node if ok else None
+
     def _make_room(self, keep: Block | None) -> bool:
         """Evict least recently used leaves (not ``keep``, the block about to get a child) until one more
         block fits; False when none can go."""
+        kept = []
         while self.tokens + self.block > self.max_tokens:
-            leaf = next((node for node in self.nodes.values() if node.children == 0 and node is not keep), None)
+            if not self._leaves:
+                break
+            entry = heapq.heappop(self._leaves)
+            leaf = self._current(entry)
             if leaf is None:
-                return False
+                continue
+            if leaf is keep:
+                kept.append(entry)
+                continue
             del self.nodes[leaf.key]
-            if leaf.parent is not None:
-                leaf.parent.children -= 1
-        return True
+            parent = leaf.parent
+            if parent is not None:
+                parent.children -= 1
+                if parent.children == 0 and parent.key in self.nodes:
+                    self._push(parent)
+        for entry in kept:
+            heapq.heappush(self._leaves, entry)
+        return self.tokens + self.block <= self.max_tokens
