@@ -125,7 +125,8 @@ def servers(tiny):
     started = [ServerProcess(tiny, "--api-key", KEY, "--max-batch", "8", "--max-queue", "32",
                              "--max-connections", str(MAX_CONNECTIONS), "--max-body-bytes", str(MAX_BODY)),
                ServerProcess(tiny, "--max-batch", "1", "--max-queue", "0", "--shutdown-timeout", "0",
-                             "--timeout-keep-alive", "1", "--body-timeout", "1", adapters=("a1",))]
+                             "--timeout-keep-alive", "1", "--body-timeout", "1", "--max-adapters", "1",
+                             adapters=("a1",))]
     try:
         yield started
     finally:
@@ -319,7 +320,9 @@ def test_adapters_load_and_unload_while_serving(tiny, server):
         error_of(raw.post("/v1/completions", json={"model": "a1", "prompt": "x"}), 404)
         error_of(raw.delete("/v1/adapters/a1"), 404)
         error_of(raw.delete(f"/v1/adapters/{BASE}"), 404)
+        assert 'model="a5"' in raw.get("/metrics").text
         assert raw.delete("/v1/adapters/a5").status_code == 200
+        assert 'model="a5"' not in raw.get("/metrics").text, "an unloaded name leaves the metrics"
         assert raw.post("/v1/adapters", json={"name": "a1", "path": str(tiny["adapters"]["a1"])}).status_code == 201
         got = raw.post("/v1/completions", json={"model": "a1", "prompt": "back", "max_tokens": 6, "temperature": 0})
         assert got.json()["choices"][0]["text"] == offline(tiny, prompt="back", adapter="a1", max_new_tokens=6).text
@@ -509,6 +512,15 @@ def test_slow_clients_are_cut_off(servers):
     reply = raw_request(proc.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                                    b"\r\nContent-Length: 50\r\n\r\n{\"model\"")
     assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply, reply
+
+
+def test_adapters_beyond_the_bound_are_refused(tiny, servers):
+    """--max-adapters 1 with a1 loaded: loading another is refused (409), naming the bound; a1 still serves."""
+    proc = servers[1].ready()
+    with httpx.Client(base_url=proc.url, timeout=60) as raw:
+        refused = error_of(raw.post("/v1/adapters", json={"name": "a5", "path": str(tiny["adapters"]["a5"])}), 409)
+        assert refused["code"] == "too_many_adapters" and "--max-adapters 1" in refused["message"]
+        assert [m["id"] for m in raw.get("/v1/models").json()["data"]] == [BASE, "a1"]
 
 
 def test_full_queue_then_sigterm_during_a_request(servers):

@@ -37,6 +37,8 @@ def parse_adapters(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1), help="Rows decoded at once.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a row; beyond, 429 with Retry-After.")
+@click.option("--max-adapters", default=256, show_default=True, type=click.IntRange(0),
+              help="Adapters loaded at once (each holds its shards in memory); a load beyond, 409.")
 @click.option("--max-cached-tokens", default=32768, show_default=True, type=click.IntRange(1),
               help="Bound on rows × (prompt + max_tokens) in the KV cache. On a model builder graph the KV "
                    "pool, allocated at start: --max-batch rows of max-cached-tokens / max-batch tokens each.")

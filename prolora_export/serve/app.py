@@ -68,6 +68,11 @@ class Metrics:
         self.generated_tokens = 0
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last RATE_WINDOW seconds
 
+    def forget(self, model: str) -> None:
+        """Drop a model's request counts (its adapter was unloaded)."""
+        for key in [k for k in self.requests if k[0] == model]:
+            del self.requests[key]
+
     def tokens(self, count: int) -> None:
         self.generated_tokens += count
         now = time.monotonic()
@@ -125,11 +130,11 @@ class Server:
     """The app's state: the runner, admission and per-adapter use counts, limits, metrics."""
 
     def __init__(self, runner: EngineRunner, *, base_name: str, api_key: str | None = None, max_queue: int = 64,
-                 default_max_tokens: int = 256, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
-                 adapter_timeout: float = 60.0):
+                 max_adapters: int = 256, default_max_tokens: int = 256, max_body_bytes: int = 1 << 20,
+                 body_timeout: float = 30.0, adapter_timeout: float = 60.0):
         self.runner, self.engine = runner, runner.engine
         self.base_name, self.api_key = base_name, api_key
-        self.max_queue, self.default_max_tokens = max_queue, default_max_tokens
+        self.max_queue, self.max_adapters, self.default_max_tokens = max_queue, max_adapters, default_max_tokens
         self.max_body_bytes, self.body_timeout, self.adapter_timeout = max_body_bytes, body_timeout, adapter_timeout
         self.in_flight = 0
         self.request_ids: set[str] = set()  # in the engine on behalf of a client
@@ -217,6 +222,10 @@ class Server:
         if self.reading is not None and not self.reading.done():
             raise APIError(409, "another adapter is being loaded; retry when it is done", code="load_in_progress",
                            headers={"Retry-After": "1"})
+        loaded = len(self.engine.adapters) + len(self.unloading)
+        if loaded >= self.max_adapters:
+            raise APIError(409, f"{loaded} adapters are loaded, the most this server holds (--max-adapters "
+                                f"{self.max_adapters}); unload one first", code="too_many_adapters")
         # the engine refuses to place an adapter read after the deadline, so a timeout here means
         # nothing was loaded, even if the files arrive later
         deadline = time.monotonic() + self.adapter_timeout
@@ -244,6 +253,7 @@ class Server:
             await run_in_threadpool(self.engine.unload_adapter, name)
         finally:
             self.unloading.discard(name)
+        self.metrics.forget(name)  # so that loading and unloading new names does not grow the metrics
         return JSONResponse({"id": name, "object": "model", "deleted": True})
 
     # ------------------------------------------------------------------ health and metrics
@@ -494,12 +504,12 @@ def check_api_key(api_key: str | None) -> None:
 
 
 def create_app(runner: EngineRunner, *, base_name: str, api_key: str | None = None, max_queue: int = 64,
-               default_max_tokens: int = 256, max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
-               adapter_timeout: float = 60.0) -> Starlette:
+               max_adapters: int = 256, default_max_tokens: int = 256, max_body_bytes: int = 1 << 20,
+               body_timeout: float = 30.0, adapter_timeout: float = 60.0) -> Starlette:
     """The OpenAI-compatible app over a started runner (see the module docstring). ``api_key``: every
     endpoint but ``/health`` wants ``Authorization: Bearer <api_key>``."""
     check_api_key(api_key)
-    server = Server(runner, base_name=base_name, api_key=api_key, max_queue=max_queue,
+    server = Server(runner, base_name=base_name, api_key=api_key, max_queue=max_queue, max_adapters=max_adapters,
                     default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                     adapter_timeout=adapter_timeout)
 

@@ -126,7 +126,7 @@ def uvicorn_server(app, *, shutdown_timeout: float, host: str = "127.0.0.1", por
 
 def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, base_name: str | None = None, api_key: str | None = None, max_batch: int = 16,
-          max_queue: int = 64, max_cached_tokens: int = 32768, max_prefill_tokens: int = 2048,
+          max_queue: int = 64, max_adapters: int = 256, max_cached_tokens: int = 32768, max_prefill_tokens: int = 2048,
           prefix_cache_tokens: int = 4096, prefix_block: int = DEFAULT_BLOCK, default_max_tokens: int = 256,
           threads: int | None = None, provider: str = "cpu", shutdown_timeout: float = 10.0,
           log_level: str = "info", max_body_bytes: int = 1 << 20, body_timeout: float = 30.0,
@@ -138,6 +138,8 @@ def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = N
 
     if max_queue < 0 or shutdown_timeout < 0:
         raise PRoLoRAError(f"--max-queue and --shutdown-timeout must be ≥ 0, got {max_queue}, {shutdown_timeout}")
+    if len(adapters or {}) > max_adapters:
+        raise PRoLoRAError(f"{len(adapters)} adapters given, more than --max-adapters {max_adapters}")
     if max_body_bytes < 1 or body_timeout <= 0 or timeout_keep_alive <= 0 or (max_connections or 1) < 1:
         raise PRoLoRAError("--max-body-bytes, --body-timeout, --timeout-keep-alive and --max-connections must be > 0")
     check_api_key(api_key)
@@ -157,8 +159,8 @@ def serve(onnx_dir: str | Path, adapters: Mapping[str, AdapterSource] | None = N
             log.warning("serving on %s without --api-key: anyone who can reach the port can use it", host)
         with EngineRunner(engine) as runner:
             app = create_app(runner, base_name=base_name, api_key=api_key, max_queue=max_queue,
-                             default_max_tokens=default_max_tokens, max_body_bytes=max_body_bytes,
-                             body_timeout=body_timeout)
+                             max_adapters=max_adapters, default_max_tokens=default_max_tokens,
+                             max_body_bytes=max_body_bytes, body_timeout=body_timeout)
             server = uvicorn_server(app, shutdown_timeout=shutdown_timeout, host=host,
                                     port=sock.getsockname()[1], log_level=log_level,
                                     timeout_keep_alive=timeout_keep_alive,
