@@ -122,8 +122,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def run_engine(engine: Engine, work: list[dict], names: list[str | None]) -> dict:
-    requests = [Request(prompt_ids=w["ids"], adapter=names[i], max_new_tokens=w["max_new"], ignore_eos=True)
+def run_engine(engine: Engine, work: list[dict], names: list[str | None], temperature: float = 0.0) -> dict:
+    """The workload on the engine, greedy or sampled at ``temperature`` (request i seeded with i)."""
+    requests = [Request(prompt_ids=w["ids"], adapter=names[i], max_new_tokens=w["max_new"], ignore_eos=True,
+                        temperature=temperature, seed=i)
                 for i, w in enumerate(work)]
     engine.stats.step_copied_max = 0  # this run's
     before = engine.stats.as_dict()
@@ -459,7 +461,7 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
                               if library and op.encode() + b"\0" in library.read_bytes()]}
     runs: dict[str, list[dict]] = {"mixed": [], "one_adapter": [], "per_run": [], "merged": []}
     if builder is not None:
-        runs["builder_mixed"], runs["builder_batch_cache"] = [], []
+        runs["builder_mixed"], runs["builder_sampled"], runs["builder_batch_cache"] = [], [], []
         run_engine(builder, work[:4], mixed[:4])  # warm-up
         run_engine(batch_cache, work[:4], mixed[:4])
     run_engine(engine, work[:4], mixed[:4])  # warm-up
@@ -469,6 +471,8 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
         if builder is not None:
             with quiet.measure(f"round {r + 1} builder_mixed"):
                 runs["builder_mixed"].append(run_engine(builder, work, mixed))
+            with quiet.measure(f"round {r + 1} builder_sampled"):  # OpenAI's default temperature
+                runs["builder_sampled"].append(run_engine(builder, work, mixed, temperature=1.0))
             with quiet.measure(f"round {r + 1} builder_batch_cache"):
                 runs["builder_batch_cache"].append(run_engine(batch_cache, work, mixed))
         with quiet.measure(f"round {r + 1} one_adapter"):
@@ -500,7 +504,8 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
             extra["text_costs"] = text_costs(engine.tokenizer)
             with quiet.measure("long prompt"):
                 extra["long_prompt"] = long_prompt(exports["slots_builder"], {names[0]: folders[0]})
-    for key in [k for k in ("mixed", "one_adapter", "builder_mixed", "builder_batch_cache") if k in runs]:
+    for key in [k for k in ("mixed", "one_adapter", "builder_mixed", "builder_sampled", "builder_batch_cache")
+                if k in runs]:
         for field in ("steps", "prefills", "copied_per_step_mean", "copied_per_step_max", "cache_moved",
                       "graph_kv_written_per_step"):
             summary[key][field] = runs[key][-1][field]
@@ -513,7 +518,9 @@ def run(work_dir: Path, quick: bool, reuse: bool = False) -> dict:
         "mixed_vs_merged": summary["mixed"]["tokens_per_s"] / summary["merged"]["tokens_per_s"],
         **({"builder_mixed_vs_mixed": summary["builder_mixed"]["tokens_per_s"] / summary["mixed"]["tokens_per_s"],
             "pool_vs_batch_cache": (summary["builder_mixed"]["tokens_per_s"]
-                                    / summary["builder_batch_cache"]["tokens_per_s"])}
+                                    / summary["builder_batch_cache"]["tokens_per_s"]),
+            "sampled_vs_greedy": (summary["builder_sampled"]["tokens_per_s"]
+                                  / summary["builder_mixed"]["tokens_per_s"])}
            if "builder_mixed" in summary else {}),
         "memory_per_adapter": mem["ratio"],
     }
@@ -564,6 +571,7 @@ def markdown(r: dict) -> str:
         "per_run": "(b) compact graph, one adapter per run (grouped, ORT adapter switched)",
         "merged": "(c) merged graph per adapter (one merged graph run per group, estimate)",
         "builder_mixed": "(a2) engine, mixed adapters, on the model builder's slot graph and its KV pool",
+        "builder_sampled": "(a2s) as (a2), sampled at temperature 1 (OpenAI's default) instead of greedy",
         "builder_batch_cache": "(a3) as (a2) on the batch cache (kv_pool=False: rows copied on join/leave)",
     }
     rows = "\n".join(
@@ -596,7 +604,9 @@ def markdown(r: dict) -> str:
         builder = (f"| (informative) engine on the builder's slot graph (a2) vs on optimum's (a) | "
                    f"{q['builder_mixed_vs_mixed']:.2f}× | — |\n"
                    f"| (informative) KV pool (a2) vs batch cache (a3), same graph | "
-                   f"{q['pool_vs_batch_cache']:.2f}× | — |\n\n"
+                   f"{q['pool_vs_batch_cache']:.2f}× | — |\n"
+                   + (f"| (informative) sampled at temperature 1 (a2s) vs greedy (a2) | "
+                      f"{q['sampled_vs_greedy']:.2f}× | — |\n" if "sampled_vs_greedy" in q else "") + "\n"
                    f"One decode call of the builder's slot graph after 48 cached tokens: "
                    f"{ms['builder_slots_b4']:.0f} ms at 4 rows, {ms['builder_slots_b16']:.0f} ms at 16 rows. "
                    f"One stream alone on it: {one['itl_ms']:.1f} ms per token against {one['bare_ms']:.1f} ms for "
