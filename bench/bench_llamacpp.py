@@ -26,7 +26,9 @@ reference, where llama.cpp may batch every request). Ours names the adapter, lla
 prompt cache is reused across LoRA settings); llama.cpp leaves a LoRA at scale 0 out of its graph, so the
 loaded but unused ones cost it nothing. :data:`WORKLOADS` says which A run at which C (1, 8, 32). Within a
 client count the runs go round robin: for each repeat, each workload, ours then theirs; tokens/s is the
-median over the runs, TTFT and ITL percentiles are over every request of every run.
+median over the runs, TTFT and ITL percentiles are over every request of every run. Last, the one-client run
+on adapter 0 again with each server's default sampling (no temperature sent, request i seeded with i), what
+a user of an OpenAI client gets without setting one.
 
 Single stream: ``llama-bench`` (generation of N tokens from an empty context) of the f32 and Q4_0 GGUF beside
 one decode call of our graphs at batch 1 after N/2 cached tokens (the mean past length of llama-bench's run),
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -224,9 +227,10 @@ def for_llamacpp(body: dict) -> dict:
             "cache_prompt": False}
 
 
-def workload(adapters: int) -> str:
+def workload(adapters: int, sampling: str | None = None) -> str:
     """What a row's requests were on, as its table says it."""
-    return "all on adapter 0" if adapters == 1 else f"mixed over {adapters}"
+    on = "all on adapter 0" if adapters == 1 else f"mixed over {adapters}"
+    return on if sampling is None else f"{on}, each server's default sampling"
 
 
 def pooled(records: list[dict]) -> dict:
@@ -239,38 +243,51 @@ def pooled(records: list[dict]) -> dict:
     return out
 
 
+def default_sampling(bodies: list[list[dict]]) -> list[list[dict]]:
+    """The same requests with each server's default sampling: no temperature sent (ours: OpenAI's 1.0 over the
+    whole vocabulary; llama-server: its own chain), request i seeded with i."""
+    seeds = itertools.count()
+    return [[{**{k: v for k, v in b.items() if k != "temperature"}, "seed": next(seeds)} for b in mine]
+            for mine in bodies]
+
+
 def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
     """Every workload of :data:`WORKLOADS` on both servers, the runs of one client count round robin (repeat,
-    workload, server); one row per client count and workload."""
+    workload, server); one row per client count and workload. Then the one-client run on adapter 0 again with
+    each server's default sampling (a row marked ``sampling``)."""
     rows = []
     servers = {"ours": (ours.url, lambda b: b), "llamacpp": (theirs.url, for_llamacpp)}
     for url, adapt in servers.values():  # warm-up, untimed
         asyncio.run(load(url, [[adapt(b) for b in mine] for mine in plan(2, 2, 1, 4)], READ_TIMEOUT_S))
-    for clients, counts in WORKLOADS[quick].items():
-        bodies = {a: plan(clients, a, PER_CLIENT[quick][clients], MAX_TOKENS[quick]) for a in counts}
-        records: dict[tuple[int, str], list[dict]] = {(a, name): [] for a in counts for name in servers}
+    runs = [(clients, {a: plan(clients, a, PER_CLIENT[quick][clients], MAX_TOKENS[quick]) for a in counts}, None)
+            for clients, counts in WORKLOADS[quick].items()]
+    runs.append((1, {1: default_sampling(plan(1, 1, PER_CLIENT[quick][1], MAX_TOKENS[quick]))}, "default"))
+    for clients, bodies, sampling in runs:
+        records: dict[tuple[int, str], list[dict]] = {(a, name): [] for a in bodies for name in servers}
         for repeat in range(REPEATS[quick]):
-            for a in counts:
+            for a in bodies:
                 for name, (url, adapt) in servers.items():
-                    with quiet.measure(f"{clients} clients {workload(a)} {name} run {repeat + 1}"):
+                    with quiet.measure(f"{clients} clients {workload(a, sampling)} {name} run {repeat + 1}"):
                         records[a, name].append(asyncio.run(load(url, [[adapt(b) for b in mine] for mine in bodies[a]],
                                                                  READ_TIMEOUT_S)))
-        for a in counts:
-            row = {"clients": clients, "adapters": a, "workload": workload(a),
+        for a in bodies:
+            row = {"clients": clients, "adapters": a, "workload": workload(a, sampling),
+                   **({"sampling": sampling} if sampling else {}),
                    "requests": sum(len(mine) for mine in bodies[a]),
                    **{name: pooled(records[a, name]) for name in servers}}
             row["ratio"] = row["ours"]["tokens_per_s"] / row["llamacpp"]["tokens_per_s"]
             rows.append(row)
-            print(f"{clients:>2} clients, {workload(a)}: ours {row['ours']['tokens_per_s']:.1f} tok/s, llama.cpp "
-                  f"{row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), errors {row['ours']['errors']} / "
-                  f"{row['llamacpp']['errors']}", flush=True)
+            print(f"{clients:>2} clients, {workload(a, sampling)}: ours {row['ours']['tokens_per_s']:.1f} tok/s, "
+                  f"llama.cpp {row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), "
+                  f"errors {row['ours']['errors']} / {row['llamacpp']['errors']}", flush=True)
     return with_one_adapter_ratio(rows)
 
 
 def with_one_adapter_ratio(rows: list[dict]) -> list[dict]:
     """Each mixed row gets ``ours_vs_one_adapter``: our tokens/s over ours with every request on one adapter, at
     the same precision and client count (None where that run is missing)."""
-    one = {(r.get("precision"), r["clients"]): r["ours"]["tokens_per_s"] for r in rows if r["adapters"] == 1}
+    one = {(r.get("precision"), r["clients"]): r["ours"]["tokens_per_s"] for r in rows
+           if r["adapters"] == 1 and "sampling" not in r}
     for r in rows:
         if r["adapters"] != 1:
             ref = one.get((r.get("precision"), r["clients"]))
@@ -290,7 +307,7 @@ def goal(what: str, measured: float | None, bound: float, at_least: bool, unit: 
 def goals(rows: list[dict]) -> list[dict]:
     """Issue 30's goals of the side by side, per precision (None: not measured in this run)."""
     out = []
-    by = {(r.get("precision", "fp32"), r["clients"], r.get("adapters", MIXED)): r for r in rows}
+    by = {(r.get("precision", "fp32"), r["clients"], r.get("adapters", MIXED)): r for r in rows if "sampling" not in r}
     for precision in dict.fromkeys(key[0] for key in by):
         one, busy = by.get((precision, 1, MIXED)), by.get((precision, 32, MIXED))
         itl = None if one is None or None in (one["ours"]["itl_p50_s"], one["llamacpp"]["itl_p50_s"]) else \
@@ -397,7 +414,8 @@ def markdown(r: dict) -> str:
         "forced), the adapters through `convert --to peft` and `convert_lora_to_gguf.py`, `llama-server "
         f"--lora … --lora-init-without-apply -np {s['parallel']} -c {s['parallel'] * s['context_per_slot']}`.",
         "",
-        f"Streamed chat completions, greedy, {s['max_tokens']} tokens each (`ignore_eos`), C closed-loop clients, "
+        f"Streamed chat completions, greedy (rows marked so: each server's default sampling, no temperature sent, "
+        f"request i seeded with i), {s['max_tokens']} tokens each (`ignore_eos`), C closed-loop clients, "
         f"requests per client {per_client}; {workloads_text(s)} (llama.cpp: per-request `lora` scales, every loaded "
         "LoRA listed, `cache_prompt: false`). The servers' runs alternate (within a client count: each repeat, each "
         f"workload, ours then llama.cpp), {s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL "

@@ -414,7 +414,8 @@ def _serving_table(s: dict[str, Source]) -> Table | None:
                   ["weights", "clients", "requests on", "ours tokens/s", "llama-server tokens/s", "ours / llama.cpp",
                    "ours / ours all on adapter 0", "TTFT p50 ours / llama.cpp (ms)", "ITL p50 ours / llama.cpp (ms)",
                    "errors ours / llama.cpp"],
-                  note=f"streamed chat, greedy, {st['max_tokens']} tokens a request, closed-loop clients, request i "
+                  note=f"streamed chat, greedy (rows marked: each server's default sampling), {st['max_tokens']} "
+                       "tokens a request, closed-loop clients, request i "
                        "on adapter i mod A (mixed) or every one on adapter 0, the same weights and adapters (int4: "
                        f"ours `--quantize int4`, llama.cpp Q4_0; adapters float), {st['threads']} threads each")
     for row in r["rows"]:

@@ -103,8 +103,11 @@ def test_side_by_side_runs_every_workload_interleaved_and_rates_mixed_against_on
     assert at32 == [("ours", 8), ("theirs", 8), ("ours", 16), ("theirs", 16), ("ours", 1), ("theirs", 1)] * 2
     assert [(r["clients"], r["workload"]) for r in rows] == [
         (1, "mixed over 8"), (8, "mixed over 8"), (32, "mixed over 8"), (32, "mixed over 16"),
-        (32, "all on adapter 0")]
-    by = {(r["clients"], r["adapters"]): r for r in rows}
+        (32, "all on adapter 0"), (1, "all on adapter 0, each server's default sampling")]
+    sampled = [b for url, clients, adapters in calls for b in [url] if clients == 1][-4:]
+    assert sampled == ["ours", "theirs"] * 2, "the sampled run alternates too"
+    assert rows[-1]["sampling"] == "default" and "ours_vs_one_adapter" not in rows[-1]
+    by = {(r["clients"], r["adapters"]): r for r in rows if "sampling" not in r}
     assert by[32, 8]["ours"]["tokens_per_s"] == pytest.approx(210)
     assert by[32, 8]["ratio"] == pytest.approx(7.0)
     assert by[32, 8]["ours_vs_one_adapter"] == pytest.approx(210 / 240)
@@ -142,3 +145,10 @@ def run_goals(results: dict) -> list:
     import run
 
     return run.GOALS["llamacpp"](results)
+
+
+def test_default_sampling_sends_no_temperature_and_seeds_each_request() -> None:
+    bodies = bench.default_sampling(bench.plan(2, 1, 3, 8))
+    flat = [b for mine in bodies for b in mine]
+    assert all("temperature" not in b for b in flat) and [b["seed"] for b in flat] == list(range(6))
+    assert all(b["model"] == "ad0" and b["stream"] for b in flat)
