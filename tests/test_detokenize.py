@@ -105,9 +105,9 @@ class Longest:
     def __init__(self, tokenizer):
         self.tokenizer, self.longest = tokenizer, 0
 
-    def decode(self, ids, skip_special_tokens=False):
+    def decode(self, ids, **options):
         self.longest = max(self.longest, len(ids))
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, **options)
 
 
 @pytest.mark.parametrize("repeated", ["end of sequence", "invalid byte"])
@@ -129,7 +129,7 @@ def test_each_update_decodes_a_window_not_the_whole_list() -> None:
         def __init__(self):
             self.longest = 0
 
-        def decode(self, ids, skip_special_tokens=False):
+        def decode(self, ids, **options):
             self.longest = max(self.longest, len(ids))
             return "".join(f"w{i} " for i in ids)
 
@@ -140,3 +140,17 @@ def test_each_update_decodes_a_window_not_the_whole_list() -> None:
         tokens.append(token)
         text += decoder.update()
     assert text == "".join(f"w{i} " for i in range(2000)) and tokenizer.longest <= 2
+
+
+def test_spaces_before_punctuation_are_not_cleaned_up() -> None:
+    """A tokenizer that would clean " ." up to "." (transformers 4's GPT-2 setting): the stream keeps the space,
+    so that nothing it sent changes when the punctuation comes."""
+    words = ["Hello", " ", ".", " world", " ?"]
+
+    class CleaningUp:
+        def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=True):
+            text = "".join(words[i] for i in ids)
+            return text.replace(" .", ".").replace(" ?", "?") if clean_up_tokenization_spaces else text
+
+    pieces, rest = stream(CleaningUp(), list(range(len(words))))
+    assert "".join(pieces) + rest == "Hello . world ?"

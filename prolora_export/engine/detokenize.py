@@ -26,8 +26,8 @@ MAX_PENDING = 8
 
 class TextDecoder:
     """The text of ``tokens`` (a list the caller appends to) as ``tokenizer.decode(tokens,
-    skip_special_tokens=True)`` gives it, in pieces: :meth:`update` after each new token, :meth:`rest`
-    at the end."""
+    skip_special_tokens=True, clean_up_tokenization_spaces=False)`` gives it, in pieces: :meth:`update`
+    after each new token, :meth:`rest` at the end."""
 
     def __init__(self, tokenizer, tokens: Sequence[int]):
         self.tokenizer = tokenizer
@@ -38,7 +38,9 @@ class TextDecoder:
         self.pending: list[int] = []  # the tokens after them, whose text is not released yet
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # no clean-up of spaces before punctuation: it would change text already released (" ." sent, then
+        # "." once the next token came); transformers 5 skips it for BPE tokenizers anyway, as vLLM's does
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def update(self) -> str:
         """The text the tokens appended since the last call add ('' while it ends in an incomplete
