@@ -314,7 +314,7 @@ def text_costs(tokenizer, tokens: int = 4096, stop_chars: int = 100_000) -> dict
     tokenizer over this repository's README): its piece of text (:class:`TextDecoder`), and matching four
     ``stop_chars``-character stop strings (:class:`StopStrings`; the one-time set-up apart); µs, medians of
     the last 256 tokens."""
-    ids = tokenizer(Path(HERE.parent / "README.md").read_text(), add_special_tokens=False).input_ids[:tokens]
+    ids = tokenizer((HERE.parent / "README.md").read_text(), add_special_tokens=False).input_ids[:tokens]
     started = time.perf_counter()
     stops = StopStrings(["b" * stop_chars] * 4)
     setup = time.perf_counter() - started
@@ -625,8 +625,7 @@ def markdown(r: dict) -> str:
             ls = r["long_streams"]
             builder += (f"\n{ls['rows']} streams of {ls['tokens']} tokens of text together: a step took "
                         f"{ls['step_ms_early']:.1f} ms near their start and {ls['step_ms_late']:.1f} ms over their "
-                        f"last "
-                        f"{ls['window']} (attention over the longer cache); of that, the engine's own time "
+                        f"last {ls['window']} (attention over the longer cache); of that, the engine's own time "
                         f"(sampling, text, events: the step less its graph run) {ls['own_ms_early']:.2f} ms and "
                         f"{ls['own_ms_late']:.2f} ms.\n")
         if "text_costs" in r:

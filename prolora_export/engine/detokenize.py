@@ -42,13 +42,17 @@ class TextDecoder:
         # "." once the next token came); transformers 5 skips it for BPE tokenizers anyway, as vLLM's does
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def _window(self) -> str:
+        """The text of the window, with the tokens appended since the last call taken into it."""
+        self.pending += self.tokens[self.taken:]
+        self.taken = len(self.tokens)
+        return self._decode(self.context + self.pending)
+
     def update(self) -> str:
         """The text the tokens appended since the last call add ('' while it ends in an incomplete
         character). Tokens that add no text (special tokens, skipped) leave the window, so that it stays a
         few tokens long whatever the model generates."""
-        self.pending += self.tokens[self.taken:]
-        self.taken = len(self.tokens)
-        text = self._decode(self.context + self.pending)
+        text = self._window()
         if text.endswith(INCOMPLETE) and len(self.pending) < MAX_PENDING:
             return ""
         if len(text) <= len(self.known):
@@ -61,6 +65,4 @@ class TextDecoder:
 
     def rest(self) -> str:
         """The text held back (an incomplete character at the end), as a decode of the whole list ends."""
-        self.pending += self.tokens[self.taken:]
-        self.taken = len(self.tokens)
-        return self._decode(self.context + self.pending)[len(self.known):]
+        return self._window()[len(self.known):]

@@ -77,13 +77,13 @@ class Metrics:
         self.generated_tokens += count
         now = time.monotonic()
         self.recent.append((now, count))
-        self._forget(now)  # here too: a server nobody scrapes would otherwise keep every token's entry
+        self._expire(now)  # here too: a server nobody scrapes would otherwise keep every token's entry
 
     def tokens_per_second(self) -> float:
-        self._forget(time.monotonic())
+        self._expire(time.monotonic())
         return sum(n for _, n in self.recent) / RATE_WINDOW
 
-    def _forget(self, now: float) -> None:
+    def _expire(self, now: float) -> None:
         """Drop the entries older than RATE_WINDOW."""
         while self.recent and self.recent[0][0] < now - RATE_WINDOW:
             self.recent.popleft()
