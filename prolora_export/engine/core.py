@@ -64,6 +64,7 @@ from ..onnx.graph.logits import LOGITS_START, takes_logits_start
 from ..onnx.op import ADAPTER_INDEX
 from ..onnx.slots import SLOT_DIM, slot_record
 from ..runtime import inference_session
+from .binding import SessionBinding
 from .cache import CopyStats, KVBatch, to_value
 from .detokenize import TextDecoder
 from .pool import KVPool
@@ -305,7 +306,7 @@ class Engine:
         self._joining: list[_Sequence] = []  # taken from the queue, not yet in a prefill group
         self._prefills: deque[_Prefill] = deque()  # taken from the queue, prefilled a chunk per step
         self._shrink = _shrink_options(self.device)
-        self._binding = None  # (slot table version, IOBinding): see _run
+        self._binding = SessionBinding(self.session, self.slots, self.past_names, self.present_names, self.device)
         self._cache: KVBatch | None = None
         for name, source in (adapters or {}).items():
             self.load_adapter(name, source)
@@ -579,35 +580,16 @@ class Engine:
     # ------------------------------------------------------------------ running the graph
 
     def _run(self, feeds: dict[str, np.ndarray], past: dict, options=None,
-             columns: np.ndarray | None = None, *, in_place: bool = False) -> tuple[np.ndarray, dict]:
-        """One run through IOBinding: small inputs from the host, cache and slots as OrtValues,
-        presents left where the graph wrote them (``in_place``: into the past OrtValues themselves, a
-        pool's rows); returns the logits (host) at each row's column in ``columns`` (default: the last)
-        and the presents. The binding is kept between runs with the slot inputs bound (hundreds of them,
-        rebound only when the slot table grows); the rest is rebound every run."""
-        if self._binding is None or self._binding[0] != self.slots.version:
-            binding = self.session.io_binding()
-            for name, value in self.slots.values.items():
-                binding.bind_ortvalue_input(name, value)
-            self._binding = (self.slots.version, binding)
-        binding = self._binding[1]
-        binding.clear_binding_outputs()
+             columns: np.ndarray | None = None, *, in_place: bool = False,
+             into_buffer: bool = False) -> tuple[np.ndarray, dict]:
+        """One run (:class:`~.binding.SessionBinding`: small inputs from the host, cache and slots as OrtValues,
+        presents left where the graph wrote them; ``in_place``: into the past OrtValues themselves, a pool's
+        rows); returns the logits (host) at each row's column in ``columns`` (default: the last) and the
+        presents. ``into_buffer``: a pool decode's logits, a view valid until the next such run."""
         if self.has_logits_start:  # bound every run: a binding keeps its inputs, a prefill's start included
             feeds = {LOGITS_START: np.zeros(1, np.int64), **feeds}
-        for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, to_value(array, self.device))
-            self.stats.host_to_graph += array.nbytes
-        for name, value in past.items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for past_name, name in zip(self.past_names, self.present_names, strict=True):
-            if in_place:
-                binding.bind_ortvalue_output(name, past[past_name])
-            else:
-                binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding, options)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()
+        self.stats.host_to_graph += sum(array.nbytes for array in feeds.values())
+        logits, presents = self._binding.run(feeds, past, options, in_place=in_place, into_buffer=into_buffer)
         self.stats.logit_positions += logits.shape[0] * logits.shape[1]
         logits = logits[:, -1] if columns is None else logits[np.arange(len(columns)), columns]
         if self.device != "cpu":
@@ -615,9 +597,8 @@ class Engine:
         if in_place:
             self.stats.graph_kv_written += feeds["input_ids"].size * self.pool.token_bytes
             return logits, past
-        presents = dict(zip(self.past_names, outputs[1:], strict=True))
-        self.stats.graph_kv_written += sum(v.tensor_size_in_bytes() for v in outputs[1:])
-        return logits, presents
+        self.stats.graph_kv_written += sum(v.tensor_size_in_bytes() for v in presents)
+        return logits, dict(zip(self.past_names, presents, strict=True))
 
     def _decode(self, events: list[Event]) -> list[int]:
         """One token for every running row; finished rows leave ``_running`` at once and the cache
@@ -626,14 +607,14 @@ class Engine:
         queued ones go on)."""
         rows = self._running
         try:
-            logits = self._decode_pool(rows) if self.pool is not None else self._decode_batch(rows)
+            logits, order = self._decode_pool(rows) if self.pool is not None else self._decode_batch(rows)
         except Exception as err:  # any failure of the run fails its rows, and only them
             self._fail(rows, err, events)
             self._free_rows(rows)
             self._running = []
             return []
         self.stats.steps += 1
-        keep = [i for i, seq in enumerate(rows) if not self._sample(seq, logits[i], events)]
+        keep = [i for i, seq in enumerate(rows) if not self._sample(seq, logits[order[i]], events)]
         self._free_rows([seq for seq in rows if seq.finished])
         self._running = [rows[i] for i in keep]
         return keep
@@ -649,8 +630,9 @@ class Engine:
                 self.prefix.insert(seq.owner, seq.prompt_ids, self.pool, seq.row)
         return self._next(seq, logits, events)
 
-    def _decode_batch(self, rows: list[_Sequence]) -> np.ndarray:
-        """A decode run of the batch cache (its rows in ``_running`` order); the graph's presents become it."""
+    def _decode_batch(self, rows: list[_Sequence]) -> tuple[np.ndarray, range]:
+        """A decode run of the batch cache (its rows in ``_running`` order); the graph's presents become it.
+        Returns the logits and each running row's row of them (as :meth:`_decode_pool`)."""
         cache = self._cache
         feeds = {
             "input_ids": np.array([[s.tokens[-1]] for s in rows], np.int64),
@@ -661,11 +643,13 @@ class Engine:
             feeds["position_ids"] = cache.positions()
         logits, presents = self._run(feeds, cache.values)
         cache.advance(presents)
-        return logits
+        return logits, range(len(rows))
 
-    def _decode_pool(self, rows: list[_Sequence]) -> np.ndarray:
+    def _decode_pool(self, rows: list[_Sequence]) -> tuple[np.ndarray, list[int]]:
         """A decode run of pool rows ``[0, high)`` in place, each at its own length (see :mod:`.pool`:
-        rows not decoding get a junk position nobody reads); the running rows' logits in their order."""
+        rows not decoding get a junk position nobody reads). Returns the logits (a view of the binding's
+        buffer, read before the next decode: no copy, which cost a fresh 6 MB array at 32 rows) and each
+        running row's row of them."""
         pool = self.pool
         high = pool.high
         where = np.array([s.row for s in rows], np.int64)
@@ -676,9 +660,9 @@ class Engine:
         index = np.full(high, -1, np.int64)
         index[where] = [s.slot for s in rows]
         feeds = {"input_ids": ids, "attention_mask": pool.decode_mask(high), ADAPTER_INDEX: index}
-        logits, _ = self._run(feeds, pool.view(0, high), in_place=True)
+        logits, _ = self._run(feeds, pool.view(0, high), in_place=True, into_buffer=True)
         pool.lengths[where] += 1
-        return logits[where]
+        return logits, where.tolist()
 
     def _free_rows(self, seqs: Iterable[_Sequence]) -> None:
         """Give the pool rows of requests that no longer run back (no-op without a pool)."""
