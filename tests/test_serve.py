@@ -727,3 +727,25 @@ def test_shutdown_answers_at_its_bound_whatever_the_engine_does(tiny):
         app.gate.set()
     for stream in (False, True):
         assert error_of(answers[stream], 503)["code"] == "shutting_down"
+
+
+def test_shutdown_ends_a_stream_mid_way_at_its_bound(tiny):
+    """A stream that has tokens and waits on a long step: at the shutdown bound it gets the shutting_down
+    error chunk and [DONE] while the step still runs (its tokens wait on the stream alone, which the bound
+    interrupts; nothing races each token against the shutdown)."""
+    with in_process(tiny) as app:
+        lines: list[str] = []
+        with httpx.Client(timeout=60) as raw, raw.stream(
+                "POST", f"{app.url}/v1/completions",
+                json={"model": "a1", "prompt": "x", "max_tokens": 50, "ignore_eos": True, "stream": True}) as got:
+            for line in filter(None, got.iter_lines()):
+                lines.append(line)
+                if len(lines) == 2:  # a token or two streamed: the next step now blocks
+                    app.gate.clear()
+                    app.loop.call_soon_threadsafe(app.server.close, 0.2)
+        assert not app.gate.is_set(), "answered while the step was still running"
+        app.gate.set()
+    data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert data[-1]["error"]["code"] == "shutting_down"
+    assert lines[-1] == "data: [DONE]"
+    assert 1 <= len(data) - 1 < 50

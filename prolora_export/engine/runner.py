@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from .core import Engine
 from .requests import Event, Request, Result
@@ -100,23 +100,35 @@ class EngineRunner:
             results[event.request_id] = event.result
         return [results[r.request_id] for r in requests]
 
-    async def astream(self, request: Request) -> AsyncIterator[Event]:
-        """The request's events in an asyncio loop (the loop is never blocked by a step)."""
+    async def astream(self, request: Request, interrupts: set[Callable[[], None]] | None = None
+                      ) -> AsyncIterator[Event]:
+        """The request's events in an asyncio loop (the loop is never blocked by a step). ``interrupts``:
+        while the stream runs it holds a function that ends the stream at once (the request is cancelled),
+        for a caller that must stop waiting on the engine without racing every event against a signal."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[Event | None] = asyncio.Queue()
 
         def deliver(event: Event) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is left to read it
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
+        def interrupt() -> None:
+            events.put_nowait(None)
+
         self.submit(request, deliver)
+        if interrupts is not None:
+            interrupts.add(interrupt)
         finished = False
         try:
             while not finished:
                 event = await events.get()
+                if event is None:
+                    return
                 finished = event.finished
                 yield event
         finally:
+            if interrupts is not None:
+                interrupts.discard(interrupt)
             if not finished:
                 self.engine.cancel(request.request_id)
 

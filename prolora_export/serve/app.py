@@ -140,6 +140,7 @@ class Server:
         self.request_ids: set[str] = set()  # in the engine on behalf of a client
         self.closing = False
         self.stopping = asyncio.Event()  # set when the shutdown bound has passed: answer everyone now
+        self.interrupts: set[Callable[[], None]] = set()  # each live event stream's: ends it at that bound
         self.tokenizing = asyncio.Semaphore(TOKENIZER_THREADS)
         self.reading: asyncio.Future | None = None  # the adapter load in progress (one at a time)
         self.started = 0  # in-flight requests that have their first token (they hold a row)
@@ -289,8 +290,8 @@ class Server:
         status, streaming = 499, False
         try:
             call.request = await self._tokenized(call.request)
-            events = self.runner.astream(call.request)
-            first = await self._wait(anext(events), http)
+            events = self.runner.astream(call.request, self.interrupts)
+            first = await self._wait(anext(events, STOPPED), http)
             if first is None:  # the client left while the request waited
                 return Response(status_code=status)
             if first.finish_reason in ("error", "cancelled"):
@@ -328,21 +329,21 @@ class Server:
         return dataclasses.replace(request, prompt=None, messages=None, prompt_ids=ids)
 
     async def _rest(self, events: AsyncIterator[Event]):
-        """The rest of a non-streamed request: its result."""
+        """The rest of a non-streamed request: its result (:data:`STOPPED` when the stream was interrupted)."""
         async for event in events:
             self._on_event(event)
             if event.finished:
                 return event.result
-        return None
+        return STOPPED
 
-    async def _race(self, work: Awaitable, http: HTTPRequest | None):
-        """``work``'s value; or :data:`GONE` when the client disconnects first (``http`` given), or
-        :data:`STOPPED` when the shutdown bound passes first. ``work`` is cancelled then, and has
-        cleaned up when this returns (a stream's engine request is cancelled)."""
+    async def _race(self, work: Awaitable, http: HTTPRequest):
+        """``work``'s value; or :data:`GONE` when the client disconnects first, or :data:`STOPPED` when the
+        shutdown bound passes first. ``work`` is cancelled then, and has cleaned up when this returns (a
+        stream's engine request is cancelled). Per request, not per token: a streamed token only waits on
+        its stream, which the shutdown bound interrupts (:meth:`_cancel_all`)."""
         task = asyncio.ensure_future(work)
-        watchers = {asyncio.ensure_future(self.stopping.wait()): STOPPED}
-        if http is not None:
-            watchers[asyncio.ensure_future(until_disconnect(http))] = GONE
+        watchers = {asyncio.ensure_future(self.stopping.wait()): STOPPED,
+                    asyncio.ensure_future(until_disconnect(http)): GONE}
         try:
             done, _ = await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -393,6 +394,8 @@ class Server:
 
     def _cancel_all(self) -> None:
         self.stopping.set()
+        for interrupt in list(self.interrupts):
+            interrupt()
         for request_id in list(self.request_ids):
             self.engine.cancel(request_id)
 
@@ -428,7 +431,7 @@ class Server:
                 opening = False
                 if event.finished:
                     break
-                event = await self._race(anext(events), None)
+                event = await anext(events, STOPPED)  # the stream ends early when interrupted (_cancel_all)
                 if event is not STOPPED:
                     self._on_event(event)
             yield "data: [DONE]\n\n"
