@@ -267,21 +267,28 @@ def prefix_ttft(engine: Engine, tokenizer, adapter: str) -> dict:
             "hits": engine.prefix.hits, "tokens_reused": engine.prefix.tokens_reused}
 
 
-class TimedSession:
-    """An engine's session whose graph runs are timed (everything else passes through)."""
+class TimedRuns:
+    """Times an engine session's graph runs while in use (its ``run_with_iobinding`` wrapped on the session
+    object itself, so every holder of the session is timed)."""
 
     def __init__(self, session):
         self.session, self.seconds = session, 0.0
 
-    def __getattr__(self, name):
-        return getattr(self.session, name)
+    def __enter__(self) -> TimedRuns:
+        run = self.session.run_with_iobinding
 
-    def run_with_iobinding(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.session.run_with_iobinding(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - start
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        self.session.run_with_iobinding = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.session.run_with_iobinding  # the class's method again
 
 
 def long_streams(engine: Engine, tokenizer, adapter: str, rows: int = 4, tokens: int = 1900, window: int = 256) -> dict:
@@ -290,8 +297,7 @@ def long_streams(engine: Engine, tokenizer, adapter: str, rows: int = 4, tokens:
     over the last ``window`` steps. The engine's own time stays flat when each token's text costs the same
     however long the stream (a whole-text decode per token grows with the length)."""
     prompts = [tokenizer(f"Tell a long story about {TOPICS[k]}.").input_ids for k in range(rows)]
-    timed = engine.session = TimedSession(engine.session)
-    try:
+    with TimedRuns(engine.session) as timed:
         for ids in prompts:
             engine.submit(Request(prompt_ids=ids, adapter=adapter, max_new_tokens=tokens, ignore_eos=True))
         steps, own, finished = [], [], 0
@@ -301,8 +307,6 @@ def long_streams(engine: Engine, tokenizer, adapter: str, rows: int = 4, tokens:
             steps.append(time.perf_counter() - start)
             own.append(steps[-1] - (timed.seconds - run_before))
             finished += sum(e.finished for e in events)
-    finally:
-        engine.session = timed.session
     early, late = slice(10, 10 + window), slice(-window - 1, -1)
     ms = {f"{name}_ms_{part}": 1000 * statistics.median(values[where])
           for name, values in (("step", steps), ("own", own)) for part, where in (("early", early), ("late", late))}
