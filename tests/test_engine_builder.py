@@ -387,3 +387,17 @@ def test_the_prefix_cache_evicts_the_least_recently_used_prefix(built):
         assert eng.prefix.tokens <= 32
     assert hits == [0, 0, 1, 1, 2, 2], "A kept (used last), B evicted (least recently used)"
     assert_rows_exact(built, requests, results)
+
+
+def test_a_graph_without_logits_is_refused_in_one_line():
+    """The engine's binding reads the logits output's shape when it starts: a graph without one is refused
+    with a PRoLoRAError naming it, not a bare StopIteration."""
+    from types import SimpleNamespace
+
+    from prolora_export.engine.binding import SessionBinding
+    from prolora_export.errors import PRoLoRAError
+
+    present = SimpleNamespace(name="present.0.key", shape=[1], type="tensor(float)")
+    session = SimpleNamespace(get_outputs=lambda: [present])
+    with pytest.raises(PRoLoRAError, match="no 'logits' output"):
+        SessionBinding(session, None, [], [], "cpu")

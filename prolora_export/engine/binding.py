@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import PRoLoRAError
 from .cache import to_value
 from .slots import SlotTable
 
@@ -34,7 +35,9 @@ class SessionBinding:
         self._binding = None
         self._version = -1  # the slot table version bound
         self._kv = None  # the past dict bound as past and present (in place), or None
-        logits = next(o for o in session.get_outputs() if o.name == LOGITS)
+        logits = {o.name: o for o in session.get_outputs()}.get(LOGITS)
+        if logits is None:
+            raise PRoLoRAError(f"not a decoder graph: it has no {LOGITS!r} output")
         self._vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
         self._logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self._buffer = np.empty(0, self._logits_dtype)
