@@ -37,7 +37,7 @@ from ..engine import EngineRunner, Event, Request
 from ..engine.pool import KVPool
 from ..engine.prefix import PrefixCache
 from ..errors import PRoLoRAError
-from .protocol import APIError, Call, chunks, completion, error_body, name_problem, parse_call
+from .protocol import APIError, Call, completion, error_body, name_problem, parse_call, stream_events
 
 #: the window over which /metrics reports tokens per second
 RATE_WINDOW = 10.0
@@ -426,8 +426,7 @@ class Server:
                     body = error_body(error or SHUTDOWN, "server_error", code=None if error else "shutting_down")
                     yield f"data: {json.dumps(body)}\n\n"
                     break
-                for part in chunks(call, event, opening):
-                    yield f"data: {json.dumps(part)}\n\n"
+                yield stream_events(call, event, opening)
                 opening = False
                 if event.finished:
                     break

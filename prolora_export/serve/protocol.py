@@ -6,10 +6,11 @@ Pure functions over dicts (no HTTP), so the rules are testable alone and the app
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine import Event, Request, Result
 
@@ -80,6 +81,8 @@ class Call:
     id: str
     created: int
     started: bool = False  # has its first token (holds a row)
+    #: a text chunk's event serialized around its text (see :func:`stream_events`); False: none fits
+    text_event: tuple[str, str] | bool | None = field(default=None, repr=False)
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -279,3 +282,22 @@ def chunks(call: Call, event: Event, first: bool) -> list[dict]:
         if call.include_usage:
             out.append({**chunk(call, None), "choices": [], "usage": usage(event.result)})
     return out
+
+
+#: stands for a text chunk's text while its template is serialized (no served name or id holds a NUL)
+_TEXT_MARK = "\x00text\x00"
+
+
+def stream_events(call: Call, event: Event, first: bool) -> str:
+    """The server-sent events (``data: …`` each) one engine event becomes, as one string (one send). A
+    streamed token's text chunk, all but the first and last events of a stream, is the call's serialized
+    template around the text's JSON: exactly ``json.dumps`` of :func:`chunk`, without serializing the rest
+    of it again for every token."""
+    if event.text and not event.finished and not (first and call.chat):
+        if call.text_event is None:
+            whole, mark = json.dumps(chunk(call, _TEXT_MARK)), json.dumps(_TEXT_MARK)
+            head, _, tail = whole.partition(mark)
+            call.text_event = (f"data: {head}", f"{tail}\n\n") if whole.count(mark) == 1 else False
+        if call.text_event:
+            return call.text_event[0] + json.dumps(event.text) + call.text_event[1]
+    return "".join(f"data: {json.dumps(part)}\n\n" for part in chunks(call, event, first))
