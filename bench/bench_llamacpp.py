@@ -25,8 +25,10 @@ reference, where llama.cpp may batch every request). Ours names the adapter, lla
 ``"lora": [{"id": k, "scale": 1 if k == i mod A else 0} for all 16 k]`` with ``"cache_prompt": false`` (its
 prompt cache is reused across LoRA settings); llama.cpp leaves a LoRA at scale 0 out of its graph, so the
 loaded but unused ones cost it nothing. :data:`WORKLOADS` says which A run at which C (1, 8, 32). Within a
-client count the runs go round robin: for each repeat, each workload, ours then theirs; tokens/s is the
-median over the runs, TTFT and ITL percentiles are over every request of every run. Last, the one-client run
+client count the runs go round robin: each repeat runs one server's workloads back to back, then the other's,
+the servers' order and the workloads' rotating from repeat to repeat; tokens/s is the median over the runs, a
+ratio the median of each repeat's own ratio (:func:`paired_ratio`), TTFT and ITL percentiles are over every
+request of every run. Last, the one-client run
 on adapter 0 again with each server's default sampling (no temperature sent, request i seeded with i), what
 a user of an OpenAI client gets without setting one.
 
@@ -265,8 +267,9 @@ def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
     for clients, bodies, sampling in runs:
         records: dict[tuple[int, str], list[dict]] = {(a, name): [] for a in bodies for name in servers}
         for repeat in range(REPEATS[quick]):
-            for a in bodies:
-                for name, (url, adapt) in servers.items():
+            for name in rotated(list(servers), repeat):
+                url, adapt = servers[name]
+                for a in rotated(list(bodies), repeat):
                     with quiet.measure(f"{clients} clients {workload(a, sampling)} {name} run {repeat + 1}"):
                         records[a, name].append(asyncio.run(load(url, [[adapt(b) for b in mine] for mine in bodies[a]],
                                                                  READ_TIMEOUT_S)))
@@ -275,7 +278,7 @@ def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
                    **({"sampling": sampling} if sampling else {}),
                    "requests": sum(len(mine) for mine in bodies[a]),
                    **{name: pooled(records[a, name]) for name in servers}}
-            row["ratio"] = row["ours"]["tokens_per_s"] / row["llamacpp"]["tokens_per_s"]
+            row["ratio"] = paired_ratio(row["ours"], row["llamacpp"])
             rows.append(row)
             print(f"{clients:>2} clients, {workload(a, sampling)}: ours {row['ours']['tokens_per_s']:.1f} tok/s, "
                   f"llama.cpp {row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), "
@@ -283,15 +286,28 @@ def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
     return with_one_adapter_ratio(rows)
 
 
+def rotated(items: list, by: int) -> list:
+    """``items`` started at ``by`` (mod its length): repeat r of a round robin runs them in this order, so that
+    no server or workload always goes first while the host's speed drifts."""
+    return items[by % len(items):] + items[:by % len(items)]
+
+
+def paired_ratio(ours: dict, peer: dict) -> float:
+    """The median over repeats of ours / peer tokens/s, each repeat's runs paired: the runs of one repeat lie
+    minutes apart at most, while this host's speed drifts by 10-30 % over longer spans (a ratio of medians
+    would pair a run from a fast minute with one from a slow minute)."""
+    return statistics.median(o / p for o, p in zip(ours["runs_tokens_per_s"], peer["runs_tokens_per_s"], strict=True))
+
+
 def with_one_adapter_ratio(rows: list[dict]) -> list[dict]:
     """Each mixed row gets ``ours_vs_one_adapter``: our tokens/s over ours with every request on one adapter, at
-    the same precision and client count (None where that run is missing)."""
-    one = {(r.get("precision"), r["clients"]): r["ours"]["tokens_per_s"] for r in rows
-           if r["adapters"] == 1 and "sampling" not in r}
+    the same precision and client count, paired by repeat (:func:`paired_ratio`; None where that run is
+    missing)."""
+    one = {(r.get("precision"), r["clients"]): r["ours"] for r in rows if r["adapters"] == 1 and "sampling" not in r}
     for r in rows:
         if r["adapters"] != 1:
             ref = one.get((r.get("precision"), r["clients"]))
-            r["ours_vs_one_adapter"] = None if ref is None else r["ours"]["tokens_per_s"] / ref
+            r["ours_vs_one_adapter"] = None if ref is None else paired_ratio(r["ours"], ref)
     return rows
 
 
@@ -417,10 +433,12 @@ def markdown(r: dict) -> str:
         f"Streamed chat completions, greedy (rows marked so: each server's default sampling, no temperature sent, "
         f"request i seeded with i), {s['max_tokens']} tokens each (`ignore_eos`), C closed-loop clients, "
         f"requests per client {per_client}; {workloads_text(s)} (llama.cpp: per-request `lora` scales, every loaded "
-        "LoRA listed, `cache_prompt: false`). The servers' runs alternate (within a client count: each repeat, each "
-        f"workload, ours then llama.cpp), {s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL "
-        "percentiles pool every request. The last ratio: our tokens/s over ours with every request on adapter 0, "
-        "same precision and clients.",
+        "LoRA listed, `cache_prompt: false`). The servers' runs alternate (within a client count, each repeat: one "
+        "server's workloads back to back, then the other's, the servers' order and the workloads' rotating from "
+        f"repeat to repeat), {s['repeats']} each; tokens/s is the median of the runs, TTFT and ITL percentiles "
+        "pool every request. The ratios are medians over repeats of each repeat's own ratio (runs minutes apart at "
+        "most; this host's speed drifts by 10-30 % over longer spans). The last ratio: our tokens/s over ours with "
+        "every request on adapter 0, same precision and clients.",
         "",
         "| precision | clients | requests on | requests | ours tokens/s | llama.cpp tokens/s | ours / llama.cpp | "
         "ours / ours all on adapter 0 | TTFT p50 / p90 ours (ms) | TTFT p50 / p90 llama.cpp (ms) | "

@@ -423,7 +423,7 @@ def _serving_table(s: dict[str, Source]) -> Table | None:
         vs_one = row.get("ours_vs_one_adapter")
         table.rows.append((src, [row.get("precision", "fp32"), str(row["clients"]), _requests_on(r, row),
                                  f"{o['tokens_per_s']:.1f}", f"{t['tokens_per_s']:.1f}",
-                                 _ratio(o["tokens_per_s"], t["tokens_per_s"]),
+                                 f"{row['ratio']:.2f}×",
                                  "—" if vs_one is None else f"{vs_one:.2f}×",
                                  f"{_ms(o['ttft_p50_s'])} / {_ms(t['ttft_p50_s'])}",
                                  f"{_ms(o['itl_p50_s'])} / {_ms(t['itl_p50_s'])}", f"{o['errors']} / {t['errors']}"]))

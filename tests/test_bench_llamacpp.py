@@ -3,6 +3,7 @@ figures, and the cached build (no compiler is run here)."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,8 +61,8 @@ def test_run_py_lists_the_side_by_side_in_its_goals_table() -> None:
 
 
 def side(tokens_per_s: float, ttft: float = 0.5, itl: float = 0.02) -> dict:
-    return {"tokens_per_s": tokens_per_s, "ttft_p50_s": ttft, "ttft_p90_s": ttft, "itl_p50_s": itl,
-            "itl_p90_s": itl, "errors": 0}
+    return {"tokens_per_s": tokens_per_s, "runs_tokens_per_s": [tokens_per_s], "ttft_p50_s": ttft, "ttft_p90_s": ttft,
+            "itl_p50_s": itl, "itl_p90_s": itl, "errors": 0}
 
 
 def fake_rows() -> list[dict]:
@@ -78,8 +79,9 @@ def fake_rows() -> list[dict]:
 
 def test_side_by_side_runs_every_workload_interleaved_and_rates_mixed_against_one_adapter(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Within a client count: each repeat, each workload, ours then llama.cpp; one row per workload, each saying
-    what its requests were on; a mixed row's tokens/s against ours all on adapter 0."""
+    """Within a client count, each repeat: one server's workloads back to back, then the other's, both orders
+    rotating from repeat to repeat; one row per workload, each saying what its requests were on; a mixed row's
+    tokens/s against ours all on adapter 0."""
     calls: list[tuple[str, int, set[str]]] = []
     rate = {("ours", 8): 210, ("ours", 16): 200, ("ours", 1): 240, ("llamacpp", 8): 30, ("llamacpp", 16): 25,
             ("llamacpp", 1): 160}
@@ -100,12 +102,13 @@ def test_side_by_side_runs_every_workload_interleaved_and_rates_mixed_against_on
     servers = (SimpleNamespace(url="ours"), SimpleNamespace(url="theirs"))
     rows = bench.serve_side_by_side(*servers, True)
     at32 = [(url, len(adapters)) for url, clients, adapters in calls if clients == 32]
-    assert at32 == [("ours", 8), ("theirs", 8), ("ours", 16), ("theirs", 16), ("ours", 1), ("theirs", 1)] * 2
+    assert at32 == [("ours", 8), ("ours", 16), ("ours", 1), ("theirs", 8), ("theirs", 16), ("theirs", 1),
+                    ("theirs", 16), ("theirs", 1), ("theirs", 8), ("ours", 16), ("ours", 1), ("ours", 8)]
     assert [(r["clients"], r["workload"]) for r in rows] == [
         (1, "mixed over 8"), (8, "mixed over 8"), (32, "mixed over 8"), (32, "mixed over 16"),
         (32, "all on adapter 0"), (1, "all on adapter 0, each server's default sampling")]
     sampled = [b for url, clients, adapters in calls for b in [url] if clients == 1][-4:]
-    assert sampled == ["ours", "theirs"] * 2, "the sampled run alternates too"
+    assert sampled == ["ours", "theirs", "theirs", "ours"], "the sampled run alternates too"
     assert rows[-1]["sampling"] == "default" and "ours_vs_one_adapter" not in rows[-1]
     by = {(r["clients"], r["adapters"]): r for r in rows if "sampling" not in r}
     assert by[32, 8]["ours"]["tokens_per_s"] == pytest.approx(210)
@@ -114,6 +117,16 @@ def test_side_by_side_runs_every_workload_interleaved_and_rates_mixed_against_on
     assert by[32, 16]["ours_vs_one_adapter"] == pytest.approx(200 / 240)
     assert by[8, 8]["ours_vs_one_adapter"] is None  # no one-adapter run at 8 clients in --quick
     assert "ours_vs_one_adapter" not in by[32, 1]
+
+
+def test_ratios_pair_the_runs_of_each_repeat() -> None:
+    """A repeat's runs share the host's speed of those minutes: the ratio is the median of each repeat's own
+    ratio, not a ratio of medians taken from different minutes."""
+    mixed, one = {"runs_tokens_per_s": [330, 320, 340]}, {"runs_tokens_per_s": [350, 440, 400]}
+    assert bench.paired_ratio(mixed, one) == pytest.approx(340 / 400)  # repeats: 0.94, 0.73, 0.85
+    assert statistics.median([330, 320, 340]) / statistics.median([350, 440, 400]) == pytest.approx(0.825)
+    with pytest.raises(ValueError):  # a missing run pairs nothing silently
+        bench.paired_ratio(mixed, {"runs_tokens_per_s": [350, 440]})
 
 
 def test_goals_of_issue_30_and_the_page_show_every_workload() -> None:
