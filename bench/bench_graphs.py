@@ -22,7 +22,8 @@ splice became the default).
 
 Latency, in this process with ONNX Runtime (wall clock), all graphs of one model and precision loaded at once
 and interleaved call kind by call kind, the graphs' order rotated every round; each figure is the median over
-rounds of that round's figure. All sessions run on one shared pool of 2 intra-op threads
+rounds of that round's figure, and a ratio of two graphs (the goals, the page's ratio columns) the median over
+rounds of that round's ratio (:func:`paired`). All sessions run on one shared pool of 2 intra-op threads
 (``runtime.share_thread_pool``: with a pool each, the idle sessions' spinning threads slowed the running one,
 by up to 1.9x), and each session's loaded memory is rebuilt as huge pages (``huge_pages="wait"``, as the
 engine does: in 4 KiB pages, two sessions of the same graph ran up to 8 % apart):
@@ -384,7 +385,7 @@ def prefill_ms(decoder: Decoder, empty: dict, tokens: int) -> float:
 def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
             metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
     """ms per graph and metric (of ``metrics``): every call kind interleaved across the graphs, their order
-    rotated each round; the median over rounds."""
+    rotated each round; the median over rounds, and under ``rounds`` each round's ms (:func:`paired`)."""
     kv = next(iter(decoders.values())).kv
     pasts = {b: random_past(kv, b, PAST) for b in BATCHES}
     empty = random_past(kv, 1, 0)
@@ -405,7 +406,8 @@ def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
                     got[name][metric].append(call(decoders[name]))
         print(f"    round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(got[n]['decode_b1']):.1f}"
                                                          for n in names) + " ms/token (b1)", flush=True)
-    return {name: {m: statistics.median(v) for m, v in by_metric.items()} for name, by_metric in got.items()}
+    return {name: {**{m: statistics.median(v) for m, v in by_metric.items()}, "rounds": by_metric}
+            for name, by_metric in got.items()}
 
 
 # ----------------------------------------------------------------------------------------------- llama.cpp
@@ -538,6 +540,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+def paired(graphs: dict, graph: str, reference: str, metric: str) -> float | None:
+    """``graph``'s ``metric`` over ``reference``'s: the median over rounds of each round's ratio, the two calls
+    of a round seconds apart (this host's speed drifts by 10-30 % over minutes, which a ratio of medians taken
+    from different rounds would carry); a ratio of medians for results recorded without their rounds."""
+    a, b = graphs.get(graph, {}), graphs.get(reference, {})
+    rounds_a, rounds_b = a.get("rounds", {}).get(metric), b.get("rounds", {}).get(metric)
+    if rounds_a and rounds_b:
+        return statistics.median(x / y for x, y in zip(rounds_a, rounds_b, strict=True))
+    return ratio(a.get(metric), b.get(metric))
+
+
 def goals(models: dict) -> list[dict]:
     """Issue 29's goals on the demo model: measured ratio, bound, verdict (None: not measured)."""
     demo = models["demo"]
@@ -548,10 +561,10 @@ def goals(models: dict) -> list[dict]:
         for graph in (compact, "compact_unpacked_kernel"):
             for b in BATCHES:
                 rows.append((f"{precision} decode batch {b}: {graph} / builder merged", bound,
-                             ratio(lat[precision][graph][f"decode_b{b}"], lat[precision]["merged"][f"decode_b{b}"])))
+                             paired(lat[precision], graph, "merged", f"decode_b{b}")))
     for b in BATCHES:
         rows.append((f"fp32 decode batch {b}: builder merged / optimum merged", 0.75,
-                     ratio(lat["fp32"]["merged"][f"decode_b{b}"], lat["fp32"]["optimum_merged"][f"decode_b{b}"])))
+                     paired(lat["fp32"], "merged", "optimum_merged", f"decode_b{b}")))
     q4 = demo["llamacpp"].get("q4_0", {}).get("decode_b1")
     rows.append((f"int4 decode batch 1: {compact} / llama.cpp Q4_0", 1.5, ratio(lat["int4"][compact]["decode_b1"], q4)))
     for precision in PRECISIONS:
@@ -612,13 +625,13 @@ def model_table(m: dict) -> list[str]:
              "decode b16 / merged | prefill 128 / optimum |", "|" + "---|" * (len(METRICS) + 7)]
     for precision, by_graph in m["latency"].items():
         for graph, row in by_graph.items():
-            opt, merged = by_graph["optimum_merged"], by_graph["merged"]
             lines.append(
                 f"| {precision} | {LABELS[graph]} | " + " | ".join(cell(row[k]) for k in METRICS) + " | "
-                + " | ".join(cell(ratio(row[f"decode_b{b}"], opt[f"decode_b{b}"]), ".2f", "×") for b in BATCHES)
-                + " | " + " | ".join(cell(ratio(row[f"decode_b{b}"], merged[f"decode_b{b}"]), ".2f", "×")
+                + " | ".join(cell(paired(by_graph, graph, "optimum_merged", f"decode_b{b}"), ".2f", "×")
+                             for b in BATCHES)
+                + " | " + " | ".join(cell(paired(by_graph, graph, "merged", f"decode_b{b}"), ".2f", "×")
                                      for b in BATCHES)
-                + f" | {cell(ratio(row['prefill_128'], opt['prefill_128']), '.2f', '×')} |")
+                + f" | {cell(paired(by_graph, graph, 'optimum_merged', 'prefill_128'), '.2f', '×')} |")
         gguf = {"fp32": "f32", "int4": "q4_0"}[precision]
         theirs = m["llamacpp"].get(gguf)
         if theirs:
@@ -675,8 +688,8 @@ def scale_lines(m: dict) -> list[str]:
              + " | decode b1 / merged | decode b16 / merged |", "|" + "---|" * (len(SCALE_METRICS) + 3)]
     for graph, row in lat.items():
         lines.append(f"| {LABELS[graph]} | " + " | ".join(cell(row[k]) for k in SCALE_METRICS) + " | "
-                     + " | ".join(cell(ratio(row[f"decode_b{b}"], lat["merged"][f"decode_b{b}"]), ".2f", "×")
-                                  for b in BATCHES) + " |")
+                     + " | ".join(cell(paired(lat, graph, "merged", f"decode_b{b}"), ".2f", "×") for b in BATCHES)
+                     + " |")
     lines += ["", f"Compact int4 export: {compact['seconds']:.0f} s, peak RSS {compact['peak_rss'] / 1e9:.2f} GB "
               f"({compact['peak_rss'] / m['fp32_bytes']:.2f}× the fp32 bytes)."]
     return lines
@@ -695,7 +708,8 @@ def markdown(r: dict) -> str:
         "the builder graphs computing the last position's logits only (`logits_start`, as the engine does; optimum's "
         "graphs compute every position's). "
         f"{FEED_TEXT[bool(s.get('io_binding'))]}Graphs interleaved in one process, order rotated each round, "
-        f"median of {s['rounds']} rounds. One random "
+        f"median of {s['rounds']} rounds; a ratio of two graphs is the median of each round's own ratio (their calls "
+        "seconds apart). One random "
         "PRoLoRA adapter (r=8, u=1, m=n=2, seven projections). int4: the builder's `--quantize int4`; the optimum "
         "graph through `prolora-export quantize --bits 4`. llama.cpp: `llama-bench -t 2` on the base weights as "
         f"GGUF (decode = generation at depth {s['past']}, prefill = prompt processing), "

@@ -96,6 +96,18 @@ def test_goals_judge_the_demo_model_and_leave_llamacpp_open_when_skipped() -> No
     assert goals["fp32 export peak RSS / model fp32 bytes (worst builder export: compact)"]["measured"] == 1.2
 
 
+def test_ratios_pair_the_graphs_round_by_round() -> None:
+    """A ratio of two graphs is the median of each round's own ratio (their calls seconds apart), not a ratio of
+    medians taken from different rounds; results recorded without rounds keep the ratio of medians."""
+    graphs = {"merged": {"decode_b1": 6.0, "rounds": {"decode_b1": [6.0, 5.0, 7.0]}},
+              "compact_kernel": {"decode_b1": 7.0, "rounds": {"decode_b1": [6.6, 6.0, 7.0]}}}
+    assert bg.paired(graphs, "compact_kernel", "merged", "decode_b1") == pytest.approx(1.1)  # 1.1, 1.2, 1.0
+    assert 7.0 / 6.0 == pytest.approx(1.1667, abs=1e-4)  # what a ratio of the medians would say
+    old = {g: {"decode_b1": v["decode_b1"]} for g, v in graphs.items()}
+    assert bg.paired(old, "compact_kernel", "merged", "decode_b1") == pytest.approx(7.0 / 6.0)
+    assert bg.paired(old, "slots", "merged", "decode_b1") is None
+
+
 def test_page_shows_every_graph_llamacpp_and_the_exports() -> None:
     model = fake_model({"f32": {m: 8.0 for m in bg.METRICS if m != "decode_b16"},
                         "q4_0": {"decode_b1": 5.0, "prefill_32": 30.0}})
