@@ -399,10 +399,9 @@ def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
     names = list(decoders)
     got: dict[str, dict[str, list[float]]] = {name: {m: [] for m in calls} for name in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
         with quiet.measure(f"{label} round {r + 1}"):
             for metric, call in calls.items():
-                for name in order:
+                for name in quiet.rotated(names, r):
                     got[name][metric].append(call(decoders[name]))
         print(f"    round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(got[n]['decode_b1']):.1f}"
                                                          for n in names) + " ms/token (b1)", flush=True)

@@ -194,7 +194,7 @@ def measure(folders: dict[str, Path], suffix: str, quick: bool, variants: dict[s
     names = list(GRAPHS)
     medians: dict[str, dict[str, list[dict[str, float]]]] = {}
     for shift in range(len(names)):
-        order = names[shift:] + names[:shift]
+        order = quiet.rotated(names, shift)
         print(f"    sessions in the order {', '.join(order)} …", flush=True)
         sessions = {name: make_session(folders[GRAPHS[name][0] + suffix], GRAPHS[name][1], variants)
                     for name in order}
@@ -319,7 +319,7 @@ def slot_run(baseline: Path | None, work: Path, rounds: int = 40, per_round: int
     rng = np.random.default_rng(1)
     medians: dict[str, dict[str, list[float]]] = {}
     for shift in range(len(names)):
-        order = names[shift:] + names[:shift]
+        order = quiet.rotated(names, shift)
         sessions = {}
         for graph, tag in order:
             options = session_options("cpu", threads=1, kernel="function")

@@ -267,9 +267,9 @@ def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
     for clients, bodies, sampling in runs:
         records: dict[tuple[int, str], list[dict]] = {(a, name): [] for a in bodies for name in servers}
         for repeat in range(REPEATS[quick]):
-            for name in rotated(list(servers), repeat):
+            for name in quiet.rotated(list(servers), repeat):
                 url, adapt = servers[name]
-                for a in rotated(list(bodies), repeat):
+                for a in quiet.rotated(list(bodies), repeat):
                     with quiet.measure(f"{clients} clients {workload(a, sampling)} {name} run {repeat + 1}"):
                         records[a, name].append(asyncio.run(load(url, [[adapt(b) for b in mine] for mine in bodies[a]],
                                                                  READ_TIMEOUT_S)))
@@ -284,12 +284,6 @@ def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
                   f"llama.cpp {row['llamacpp']['tokens_per_s']:.1f} ({row['ratio']:.2f}×), "
                   f"errors {row['ours']['errors']} / {row['llamacpp']['errors']}", flush=True)
     return with_one_adapter_ratio(rows)
-
-
-def rotated(items: list, by: int) -> list:
-    """``items`` started at ``by`` (mod its length): repeat r of a round robin runs them in this order, so that
-    no server or workload always goes first while the host's speed drifts."""
-    return items[by % len(items):] + items[:by % len(items)]
 
 
 def paired_ratio(ours: dict, peer: dict) -> float:

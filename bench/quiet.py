@@ -205,6 +205,12 @@ def measure(label: str) -> Iterator[None]:
             yield
 
 
+def rotated(items: list, by: int) -> list:
+    """``items`` started at ``by`` (mod its length): round r of an interleaved comparison runs them in this
+    order, so that none always goes first while the host's speed drifts."""
+    return items[by % len(items):] + items[:by % len(items)]
+
+
 def busy_text(load: dict) -> str:
     """Why a run counts as taken under load, in one clause."""
     start, start_limit = (load.get("start") or [0.0])[0], load.get("start_limit", float("inf"))
