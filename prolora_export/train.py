@@ -387,6 +387,16 @@ def train(
         )  # fmt: skip
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant: transformers 5 names it
+    ``activation_checkpointing_enable`` (the old name warns and goes in v6), 4.x ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _train_locked(
     accelerator,
     base: str,
@@ -461,7 +471,7 @@ def _train_locked(
     inject_adapter(model, config)  # config.modules was planned above: exactly those layers
     if gradient_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # a save holds the adapter and AdamW's two moments, in fp32, and the previous save until the rename
     check_free_space(out, 2 * 3 * 4 * sum(p.numel() for p in trainable) + (16 << 20))

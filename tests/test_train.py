@@ -446,6 +446,21 @@ def test_gradient_checkpointing_on_a_model_without_it_is_refused_before_any_work
         train(*base_args(tiny_base), tmp_path / "run", max_steps=1, gradient_checkpointing=True, **FAST)
 
 
+def test_checkpointing_is_on_under_either_transformers_name(tiny_base):
+    """transformers 5 renamed gradient checkpointing to activation checkpointing (the old name warns, and goes in
+    v6); 4.x has only the old one. Either way the model ends up checkpointing, and no deprecation is raised."""
+    import warnings
+
+    from prolora_export.train import enable_checkpointing
+
+    model = load_base_model(str(tiny_base / "model"), task="causal-lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        enable_checkpointing(model)
+        renamed = hasattr(model, "activation_checkpointing_enable")
+        assert model.is_activation_checkpointing if renamed else model.is_gradient_checkpointing
+
+
 def test_gradient_accumulation_is_the_larger_batch(tiny_base, tmp_path):
     """batch 2 and batch 1 × --grad-accum 2 take the same steps (issue 28 item 4): the step's loss is the
     mean over all its target tokens, not the mean of the micro-batches' means (which weighs the tokens of
