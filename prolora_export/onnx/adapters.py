@@ -405,7 +405,8 @@ def fitted_arrays(adapter, record: dict, dtype: np.dtype) -> dict[str, np.ndarra
         value = tensor.detach().double().numpy()
         if "_B_" in key and ratio != 1.0:
             value = value * ratio
-        arrays[key] = np.ascontiguousarray(value.astype(dtype))
+        with np.errstate(over="ignore"):  # an overflow is reported below, in one line, not as a RuntimeWarning
+            arrays[key] = np.ascontiguousarray(value.astype(dtype))
         if not np.isfinite(arrays[key]).all():  # the cast (fp16) or the folded γ overflowed
             folded = f" once γ is folded in (×{ratio:.4g})" if ratio != 1.0 else ""
             problems.append(f"tensor '{key}' has values up to {np.abs(value).max():.4g}, beyond the range of "
