@@ -259,6 +259,27 @@ def test_quantized_gate_fails_a_lost_or_halved_adapter(tiny, mode, bits):
             assert report.checks["effect_rel"]["ok"] is False and report.checks["op_rel"]["ok"] is False
 
 
+def test_an_all_zero_embedding_row_quantizes_without_numpy_warnings():
+    """A padded vocabulary row is all zeros: ONNX Runtime's embedding quantizer divides by its zero scale and
+    keeps its own value for it; the division's warning is not shown to a user (and its code is exact: 0)."""
+    import warnings
+
+    table = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    table[5] = 0
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")], "g",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 64])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        quantized = quantize.block_quantize(model, [], 4, 32, 4, ["embed"])
+    assert [n.op_type for n in quantized.graph.node] == ["GatherBlockQuantized"]
+    got = inference_session(quantized.SerializeToString()).run(None, {"ids": np.array([5, 1])})[0]
+    assert not got[0].any() and np.abs(got[1] - table[1]).max() < 0.5
+
+
 def test_rtn_roundtrip_is_onnx_runtime_s_quantizer():
     """The reference's own RTN gives the very codes ONNX Runtime's quantizers write: MatMul weights (its C++
     kernel) and embeddings (its numpy path), on bf16-grid values, whose rounding ties a float64 or otherwise

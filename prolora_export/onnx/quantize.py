@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..errors import PRoLoRAError
@@ -249,7 +250,10 @@ def block_quantize(model: onnx.ModelProto, exclude: list[str], bits: int, block_
     )
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, nodes_to_include=gathers or None,
                                      algo_config=config)
-    quantizer.process()
+    # an all-zero block (a padded embedding row) has scale 0: the quantizer divides by it, then keeps its own
+    # value for such blocks (np.where); numpy's warning about the discarded quotient says nothing to a user
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quantizer.process()
     return quantizer.model.model
 
 
