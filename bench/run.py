@@ -468,19 +468,22 @@ LLAMACPP_GGUF = {"fp32": ("f32", "llama.cpp `llama-bench`, base f32 GGUF"),
 def _graphs_table(s: dict[str, Source]) -> Table | None:
     if "graphs" not in s:
         return None
+    from bench_graphs import paired
+
     src, model = s["graphs"], s["graphs"].data["models"]["demo"]
     table = Table("Decoder graphs on the demo model: the model builder's graph with our op vs optimum's and llama.cpp",
                   ["precision", "graph", "decode b1 (ms)", "decode b16 (ms)", "prefill 128 (ms)",
                    "decode b1 / optimum's"],
-                  note="ONNX Runtime CPU, 2 threads, a greedy loop from a 128-token cache, interleaved, medians; "
-                       "int4: MatMulNBits (ours) or Q4_0 (llama.cpp)")
+                  note="ONNX Runtime CPU, 2 threads, a greedy loop from a 128-token cache, interleaved, medians "
+                       "(ratios: each round's own, their median); int4: MatMulNBits (ours) or Q4_0 (llama.cpp)")
     for precision, graphs in model["latency"].items():
         base = graphs["optimum_merged"]["decode_b1"]
         for key, label in GRAPH_ROWS:
             if key in graphs:
                 g = graphs[key]
                 table.rows.append((src, [precision, label, f"{g['decode_b1']:.1f}", f"{g['decode_b16']:.1f}",
-                                         f"{g['prefill_128']:.0f}", _ratio(g["decode_b1"], base)]))
+                                         f"{g['prefill_128']:.0f}",
+                                         f"{paired(graphs, key, 'optimum_merged', 'decode_b1'):.2f}×"]))
         gguf, label = LLAMACPP_GGUF[precision]
         if gguf in (model.get("llamacpp") or {}):
             g = model["llamacpp"][gguf]
