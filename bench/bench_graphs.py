@@ -540,13 +540,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def paired(graphs: dict, graph: str, reference: str, metric: str) -> float | None:
-    """``graph``'s ``metric`` over ``reference``'s: the median over rounds of each round's ratio, the two calls
-    of a round seconds apart (this host's speed drifts by 10-30 % over minutes, which a ratio of medians taken
-    from different rounds would carry); a ratio of medians for results recorded without their rounds."""
+    """``graph``'s ``metric`` over ``reference``'s, paired round by round (:func:`quiet.paired_ratio`: the two
+    calls of a round seconds apart); a ratio of medians for results recorded without their rounds."""
     a, b = graphs.get(graph, {}), graphs.get(reference, {})
     rounds_a, rounds_b = a.get("rounds", {}).get(metric), b.get("rounds", {}).get(metric)
     if rounds_a and rounds_b:
-        return statistics.median(x / y for x, y in zip(rounds_a, rounds_b, strict=True))
+        return quiet.paired_ratio(rounds_a, rounds_b)
     return ratio(a.get(metric), b.get(metric))
 
 

@@ -287,10 +287,8 @@ def serve_side_by_side(ours: Server, theirs: Server, quick: bool) -> list[dict]:
 
 
 def paired_ratio(ours: dict, peer: dict) -> float:
-    """The median over repeats of ours / peer tokens/s, each repeat's runs paired: the runs of one repeat lie
-    minutes apart at most, while this host's speed drifts by 10-30 % over longer spans (a ratio of medians
-    would pair a run from a fast minute with one from a slow minute)."""
-    return statistics.median(o / p for o, p in zip(ours["runs_tokens_per_s"], peer["runs_tokens_per_s"], strict=True))
+    """Ours / peer tokens/s, each repeat's runs paired (:func:`quiet.paired_ratio`)."""
+    return quiet.paired_ratio(ours["runs_tokens_per_s"], peer["runs_tokens_per_s"])
 
 
 def with_one_adapter_ratio(rows: list[dict]) -> list[dict]:

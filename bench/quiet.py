@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -209,6 +210,13 @@ def rotated(items: list, by: int) -> list:
     """``items`` started at ``by`` (mod its length): round r of an interleaved comparison runs them in this
     order, so that none always goes first while the host's speed drifts."""
     return items[by % len(items):] + items[:by % len(items)]
+
+
+def paired_ratio(ours: list[float], peer: list[float]) -> float:
+    """The median over rounds of ours / peer, each round's two figures paired (taken minutes apart at most):
+    this host's speed drifts by 10-30 % over longer spans, which a ratio of medians from different rounds
+    would carry. Rounds must match one to one."""
+    return statistics.median(o / p for o, p in zip(ours, peer, strict=True))
 
 
 def busy_text(load: dict) -> str:
