@@ -53,7 +53,10 @@ time into ONNX Runtime running the fused adapter nodes, reading the shards, and 
 llama.cpp (only when bench_llamacpp's cached build exists; never built here): the model as GGUF f32
 (bench_llamacpp's conversion, GPT-2 BPE vocabulary forced) and its Q4_0 copy, the base weights (the same
 shapes and work as the merged graphs); ``llama-bench -t 2``: generation at depth 128 (``-d 128``) beside our
-batch-1 decode, prompt processing of 32/128/512 tokens beside our prefill. A synthetic model gets the demo's
+batch-1 decode, prompt processing of 32/128/512 tokens beside our prefill, one run (``-r 1``) in every round of
+the graphs of its precision (f32 with fp32, Q4_0 with int4), alternately after and before them, so
+that its ratios pair round by round as the graphs' do (run after all rounds, it had paired a minute of
+this host with another). A synthetic model gets the demo's
 tokenizer cut to its smaller vocabulary, which the converter needs; a model it still cannot convert is skipped
 with the reason.
 """
@@ -93,10 +96,11 @@ PAST = 128
 BATCHES = (1, 16)
 PROMPTS = (32, 128, 512)
 PRECISIONS = ("fp32", "int4")
-#: rounds of interleaved calls, decode steps per round, llama-bench repetitions: by --quick
+#: the llama.cpp GGUF timed beside each precision's graphs
+GGUF = {"fp32": "f32", "int4": "q4_0"}
+#: rounds of interleaved calls (llama-bench: one run a round) and decode steps per round: by --quick
 ROUNDS = {True: 3, False: 7}
 STEPS = {True: 6, False: 12}
-BENCH_REPEATS = {True: 2, False: 5}
 #: the command-line tools of the two routes (optimum needs transformers < 4.58, the builder transformers 5)
 CLI = {route: cli_for(route) or Path(f"no-{route}-environment") for route in ("optimum", "builder")}
 #: exported folders, in export order (the optimum int4 folder is quantized from the fp32 one)
@@ -382,10 +386,17 @@ def prefill_ms(decoder: Decoder, empty: dict, tokens: int) -> float:
     return 1e3 * decoder.run(ids, empty)[0]
 
 
+#: another program timed in latency()'s rounds: (metrics wanted, decode steps) -> {metric: ms} it measured
+Peer = Callable[[tuple[str, ...], int], dict[str, float]]
+
+
 def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
-            metrics: tuple[str, ...] = METRICS) -> dict[str, dict[str, float]]:
+            metrics: tuple[str, ...] = METRICS, peers: dict[str, Peer] | None = None) -> dict[str, dict[str, float]]:
     """ms per graph and metric (of ``metrics``): every call kind interleaved across the graphs, their order
-    rotated each round; the median over rounds, and under ``rounds`` each round's ms (:func:`paired`)."""
+    rotated each round; the median over rounds, and under ``rounds`` each round's ms (:func:`paired`).
+    ``peers`` (another program, such as :class:`LlamaBench`) run once a round each, alternately after and
+    before the graphs, and are reported like the graphs for the metrics they measure."""
+    peers = peers or {}
     kv = next(iter(decoders.values())).kv
     pasts = {b: random_past(kv, b, PAST) for b in BATCHES}
     empty = random_past(kv, 1, 0)
@@ -398,13 +409,25 @@ def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
             call(decoder)
     names = list(decoders)
     got: dict[str, dict[str, list[float]]] = {name: {m: [] for m in calls} for name in names}
+    got.update({name: {} for name in peers})
+
+    def run_peers() -> None:
+        for name, peer in peers.items():
+            for metric, ms in peer(metrics, steps).items():
+                got[name].setdefault(metric, []).append(ms)
+
     for r in range(rounds):
         with quiet.measure(f"{label} round {r + 1}"):
+            if r % 2:
+                run_peers()
             for metric, call in calls.items():
                 for name in quiet.rotated(names, r):
                     got[name][metric].append(call(decoders[name]))
+            if not r % 2:
+                run_peers()
         print(f"    round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(got[n]['decode_b1']):.1f}"
-                                                         for n in names) + " ms/token (b1)", flush=True)
+                                                         for n in got if got[n].get("decode_b1"))
+              + " ms/token (b1)", flush=True)
     return {name: {**{m: statistics.median(v) for m, v in by_metric.items()}, "rounds": by_metric}
             for name, by_metric in got.items()}
 
@@ -438,7 +461,7 @@ def last_lines(log: Path, count: int = 2) -> str:
 
 
 def parse_llama_bench(entries: list[dict], files: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """llama-bench's JSON → {"f32"|"q4_0": {metric: ms}}: generation at depth as decode_b1 (ms per token),
+    """llama-bench's JSON → {key of ``files``: {metric: ms}}: generation at depth as decode_b1 (ms per token),
     prompt processing of n tokens as prefill_n (ms for the prompt)."""
     names = {path.name: key for key, path in files.items()}
     out: dict[str, dict[str, float]] = {key: {} for key in files}
@@ -451,22 +474,29 @@ def parse_llama_bench(entries: list[dict], files: dict[str, Path]) -> dict[str, 
     return out
 
 
-def llama_bench(ggufs: dict[str, Path], quick: bool, steps: int) -> dict[str, dict[str, float]]:
-    """Decode (depth PAST) and prefill (32/128/512) of both GGUF files, THREADS threads."""
-    from bench_llamacpp import CACHE, tool
+class LlamaBench:
+    """``llama-bench -t THREADS`` on one GGUF as a :data:`Peer`: per call one run (``-r 1``, after llama-bench's
+    own warm-up) of generation of ``steps`` tokens at depth :data:`PAST` (decode_b1) and of prompt processing
+    of each of :data:`PROMPTS` on an empty context (prefill_n), as our graphs are timed in the same round."""
 
-    models = [arg for path in ggufs.values() for arg in ("-m", str(path))]
-    common = [str(tool(CACHE, "llama-bench")), *models, "-t", str(THREADS), "-r", str(BENCH_REPEATS[quick]),
-              "-o", "json"]
-    entries = []
-    for label, args in (("decode", ["-p", "0", "-n", str(steps), "-d", str(PAST)]),
-                        ("prefill", ["-p", ",".join(map(str, PROMPTS)), "-n", "0"])):
-        with quiet.measure(f"llama-bench {label}"):
-            done = subprocess.run(common + args, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            raise SystemExit(f"llama-bench failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        entries += json.loads(done.stdout)
-    return parse_llama_bench(entries, ggufs)
+    def __init__(self, gguf: Path):
+        self.gguf = gguf
+
+    def __call__(self, metrics: tuple[str, ...], steps: int) -> dict[str, float]:
+        from bench_llamacpp import CACHE, tool
+
+        prompts = [n for n in PROMPTS if f"prefill_{n}" in metrics]
+        runs = ([("decode", ["-p", "0", "-n", str(steps), "-d", str(PAST)])] if "decode_b1" in metrics else []) + \
+               ([("prefill", ["-p", ",".join(map(str, prompts)), "-n", "0"])] if prompts else [])
+        entries = []
+        for label, args in runs:
+            command = [str(tool(CACHE, "llama-bench")), "-m", str(self.gguf), "-t", str(THREADS), "-r", "1",
+                       "-o", "json", *args]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+            if done.returncode != 0:
+                raise SystemExit(f"llama-bench {label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            entries += json.loads(done.stdout)
+        return parse_llama_bench(entries, {"gguf": self.gguf})["gguf"]
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -501,22 +531,24 @@ def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -
     variants = {v: pair for v, pair in VARIANTS.items() if pair[1] in runnable}
     result: dict = {"hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"], "fp32_bytes": fp32_bytes(base),
                     "exports": exports, "native_kernel": kernel, "latency": {}}
+    ggufs = llamacpp_ggufs(work / name, base, reuse)
+    if isinstance(ggufs, str):
+        print(f"  llama.cpp skipped: {ggufs}", flush=True)
+    result["llamacpp"] = {"skipped": ggufs} if isinstance(ggufs, str) else {}
+    clock.append(time.perf_counter())
     for precision in PRECISIONS:
         print(f"  latency {name} {precision} …", flush=True)
         decoders = {v: Decoder(folders[f"{graph}-{precision}"], k, libraries.get(k))
                     for v, (graph, k) in variants.items()}
-        result["latency"][precision] = latency(decoders, ROUNDS[quick], STEPS[quick], f"{name} {precision}")
+        gguf = GGUF[precision]
+        peers = {} if isinstance(ggufs, str) else {"llamacpp": LlamaBench(ggufs[gguf])}
+        measured = latency(decoders, ROUNDS[quick], STEPS[quick], f"{name} {precision}", peers=peers)
+        if peers:
+            result["llamacpp"][gguf] = measured.pop("llamacpp")
+        result["latency"][precision] = measured
         del decoders
     clock.append(time.perf_counter())
-    ggufs = llamacpp_ggufs(work / name, base, reuse)
-    if isinstance(ggufs, str):
-        print(f"  llama.cpp skipped: {ggufs}", flush=True)
-        result["llamacpp"] = {"skipped": ggufs}
-    else:
-        print(f"  llama-bench {name} …", flush=True)
-        result["llamacpp"] = llama_bench(ggufs, quick, STEPS[quick] * ROUNDS[quick])
-    clock.append(time.perf_counter())
-    result["seconds"] = dict(zip(("exports", "latency", "llamacpp"), np.diff(clock).tolist(), strict=True))
+    result["seconds"] = dict(zip(("exports", "builds", "latency"), np.diff(clock).tolist(), strict=True))
     return result
 
 
@@ -563,8 +595,9 @@ def goals(models: dict) -> list[dict]:
     for b in BATCHES:
         rows.append((f"fp32 decode batch {b}: builder merged / optimum merged", 0.75,
                      paired(lat["fp32"], "merged", "optimum_merged", f"decode_b{b}")))
-    q4 = demo["llamacpp"].get("q4_0", {}).get("decode_b1")
-    rows.append((f"int4 decode batch 1: {compact} / llama.cpp Q4_0", 1.5, ratio(lat["int4"][compact]["decode_b1"], q4)))
+    with_q4 = {**lat["int4"], "llamacpp": demo["llamacpp"].get("q4_0", {})}
+    rows.append((f"int4 decode batch 1: {compact} / llama.cpp Q4_0", 1.5, paired(with_q4, compact, "llamacpp",
+                                                                                   "decode_b1")))
     for precision in PRECISIONS:
         builder = [e for e in demo["exports"] if e["graph"] != "optimum_merged" and e["precision"] == precision]
         worst = max(builder, key=lambda e: e["peak_rss"])
@@ -602,7 +635,7 @@ def run(work: Path, quick: bool, full: bool, reuse: bool) -> dict:
     results["settings"] = {
         "quick": quick, "full": full, "threads": THREADS, "past": PAST, "batches": list(BATCHES),
         "prompts": list(PROMPTS), "io_binding": True, "rounds": ROUNDS[quick], "decode_steps": STEPS[quick],
-        "llama_bench_repeats": BENCH_REPEATS[quick], "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": onnxruntime.__version__,
         "builder_env": installed_versions(str(CLI["builder"].parent / "python")),
         "export_s": sum(e["seconds"] for m in [*results["models"].values(), *([results["scale"]] if full else [])]
                         for e in m["exports"] if not e["reused"]),
@@ -630,15 +663,15 @@ def model_table(m: dict) -> list[str]:
                 + " | " + " | ".join(cell(paired(by_graph, graph, "merged", f"decode_b{b}"), ".2f", "×")
                                      for b in BATCHES)
                 + f" | {cell(paired(by_graph, graph, 'optimum_merged', 'prefill_128'), '.2f', '×')} |")
-        gguf = {"fp32": "f32", "int4": "q4_0"}[precision]
+        gguf = GGUF[precision]
         theirs = m["llamacpp"].get(gguf)
         if theirs:
-            opt = by_graph["optimum_merged"]
+            both = {**by_graph, "llamacpp": theirs}
             lines.append(f"| {precision} | {LABELS['llamacpp']} {gguf.upper()} | "
                          + " | ".join(cell(theirs.get(k)) for k in METRICS)
-                         + f" | {cell(ratio(theirs['decode_b1'], opt['decode_b1']), '.2f', '×')} | – | "
-                         f"{cell(ratio(theirs['decode_b1'], by_graph['merged']['decode_b1']), '.2f', '×')} | – | "
-                         f"{cell(ratio(theirs.get('prefill_128'), opt['prefill_128']), '.2f', '×')} |")
+                         + f" | {cell(paired(both, 'llamacpp', 'optimum_merged', 'decode_b1'), '.2f', '×')} | – | "
+                         f"{cell(paired(both, 'llamacpp', 'merged', 'decode_b1'), '.2f', '×')} | – | "
+                         f"{cell(paired(both, 'llamacpp', 'optimum_merged', 'prefill_128'), '.2f', '×')} |")
     if "skipped" in m["llamacpp"]:
         lines += ["", f"llama.cpp: skipped ({m['llamacpp']['skipped']})."]
     return lines
@@ -711,7 +744,9 @@ def markdown(r: dict) -> str:
         "PRoLoRA adapter (r=8, u=1, m=n=2, seven projections). int4: the builder's `--quantize int4`; the optimum "
         "graph through `prolora-export quantize --bits 4`. llama.cpp: `llama-bench -t 2` on the base weights as "
         f"GGUF (decode = generation at depth {s['past']}, prefill = prompt processing), "
-        f"{s['llama_bench_repeats']} repetitions. bench/bench_graphs.py's docstring has the method.", "",
+        + (f"{s['llama_bench_repeats']} repetitions after our rounds" if "llama_bench_repeats" in s else
+           "one run in each round beside our graphs, its ratios paired round by round like theirs")
+        + ". bench/bench_graphs.py's docstring has the method.", "",
         "## Goals (demo model)", "", "| goal | bound | measured | met |", "|---|---|---|---|"]
     for g in r["goals"]:
         met = "–" if g["met"] is None else ("yes" if g["met"] else "no")

@@ -477,7 +477,6 @@ def _graphs_table(s: dict[str, Source]) -> Table | None:
                   note="ONNX Runtime CPU, 2 threads, a greedy loop from a 128-token cache, interleaved, medians "
                        "(ratios: each round's own, their median); int4: MatMulNBits (ours) or Q4_0 (llama.cpp)")
     for precision, graphs in model["latency"].items():
-        base = graphs["optimum_merged"]["decode_b1"]
         for key, label in GRAPH_ROWS:
             if key in graphs:
                 g = graphs[key]
@@ -487,8 +486,9 @@ def _graphs_table(s: dict[str, Source]) -> Table | None:
         gguf, label = LLAMACPP_GGUF[precision]
         if gguf in (model.get("llamacpp") or {}):
             g = model["llamacpp"][gguf]
+            vs_optimum = paired({**graphs, "llamacpp": g}, "llamacpp", "optimum_merged", "decode_b1")
             table.rows.append((src, [precision, label, f"{g['decode_b1']:.1f}", "—", f"{g['prefill_128']:.0f}",
-                                     _ratio(g["decode_b1"], base)]))
+                                     f"{vs_optimum:.2f}×"]))
     return table
 
 

@@ -3,6 +3,7 @@ JSON, the issue-29 goals and the page, from small fakes; no export, session or b
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -106,6 +107,67 @@ def test_ratios_pair_the_graphs_round_by_round() -> None:
     old = {g: {"decode_b1": v["decode_b1"]} for g, v in graphs.items()}
     assert bg.paired(old, "compact_kernel", "merged", "decode_b1") == pytest.approx(7.0 / 6.0)
     assert bg.paired(old, "slots", "merged", "decode_b1") is None
+
+
+class FakeDecoder:
+    """A graph for latency(): each call logs its name and takes ``ms`` from its list, in order."""
+
+    kv = {"past_key_values.0.key": (1, 2)}
+
+    def __init__(self, name: str, log: list[str], ms: list[float]):
+        self.name, self.log, self.ms = name, log, iter(ms)
+
+    def run(self, ids: np.ndarray, past: dict) -> tuple[float, np.ndarray, dict]:
+        self.log.append(self.name)
+        return next(self.ms) / 1e3, np.zeros((ids.shape[0], 1, 4), np.float32), past
+
+
+def test_a_peer_runs_in_every_round_beside_the_graphs_and_pairs_round_by_round() -> None:
+    """llama-bench runs once in each round, alternately after and before the graphs, so that the Q4_0 goal pairs it
+    with the graphs' calls of the same round, not with a minute of the host minutes later."""
+    log: list[str] = []
+    # a warm-up loop, then 3 rounds, each loop 1 + 2 steps (the first not counted): the rounds' figures are 5, 6, 8
+    graph = FakeDecoder("compact", log, [99.0] * 3 + [0.0, 5.0, 5.0] + [0.0, 6.0, 6.0] + [0.0, 8.0, 8.0])
+    peer_ms = iter([5.0, 4.0, 8.0])
+
+    def peer(metrics: tuple[str, ...], steps: int) -> dict[str, float]:
+        assert metrics == ("decode_b1",) and steps == 2
+        log.append("llama-bench")
+        return {"decode_b1": next(peer_ms)}
+
+    got = bg.latency({"compact_kernel": graph}, 3, 2, "test", ("decode_b1",), {"llamacpp": peer})
+    assert log == ["compact"] * 6 + ["llama-bench"] * 2 + ["compact"] * 6 + ["llama-bench"]
+    assert got["llamacpp"] == {"decode_b1": 5.0, "rounds": {"decode_b1": [5.0, 4.0, 8.0]}}
+    assert got["compact_kernel"]["rounds"]["decode_b1"] == [5.0, 6.0, 8.0]
+    # each round's own ratio: 1.0, 1.5, 1.0 -> 1.0 (a ratio of the medians would say 6 / 5 = 1.2)
+    model = fake_model({"q4_0": got["llamacpp"]})
+    model["latency"]["int4"]["compact_kernel"] = got["compact_kernel"]
+    goal = next(g for g in bg.goals({"demo": model}) if g["what"].endswith("/ llama.cpp Q4_0"))
+    assert goal["measured"] == pytest.approx(1.0)
+
+
+def test_llama_bench_times_one_run_per_call_at_the_graphs_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    commands: list[list[str]] = []
+
+    def run(command: list[str], **_) -> object:
+        commands.append(command)
+        if "-d" in command:
+            out = [{"model_filename": "/w/model-q4_0.gguf", "n_prompt": 0, "n_gen": 12, "avg_ts": 200.0}]
+        else:
+            out = [{"model_filename": "/w/model-q4_0.gguf", "n_prompt": n, "n_gen": 0, "avg_ts": 1000.0}
+                   for n in (32, 512)]
+        return type("Done", (), {"returncode": 0, "stdout": json.dumps(out), "stderr": ""})()
+
+    monkeypatch.setattr(bg.subprocess, "run", run)
+    got = bg.LlamaBench(Path("/w/model-q4_0.gguf"))(("decode_b1", "decode_b16", "prefill_32", "prefill_512"), 12)
+    assert got == {"decode_b1": pytest.approx(5.0), "prefill_32": pytest.approx(32.0),
+                   "prefill_512": pytest.approx(512.0)}
+    decode, prefill = commands
+    for command in commands:
+        assert command[command.index("-r") + 1] == "1" and command[command.index("-t") + 1] == str(bg.THREADS)
+        assert command[command.index("-m") + 1] == "/w/model-q4_0.gguf"
+    assert decode[decode.index("-n") + 1] == "12" and decode[decode.index("-d") + 1] == str(bg.PAST)
+    assert prefill[prefill.index("-p") + 1] == "32,512" and "-d" not in prefill  # prompts on an empty context
 
 
 def test_page_shows_every_graph_llamacpp_and_the_exports() -> None:
