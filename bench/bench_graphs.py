@@ -90,6 +90,7 @@ sys.path.insert(0, str(HERE))
 import quiet  # noqa: E402
 from binding import BoundGraph, as_value  # noqa: E402
 from envs import cli_for  # noqa: E402
+from llama_bench import LlamaBench  # noqa: E402
 
 THREADS = 2
 PAST = 128
@@ -386,7 +387,8 @@ def prefill_ms(decoder: Decoder, empty: dict, tokens: int) -> float:
     return 1e3 * decoder.run(ids, empty)[0]
 
 
-#: another program timed in latency()'s rounds: (metrics wanted, decode steps) -> {metric: ms} it measured
+#: another program timed in latency()'s rounds (llama_bench.LlamaBench): (metrics wanted, decode steps) -> {metric:
+#: ms} of those it measures
 Peer = Callable[[tuple[str, ...], int], dict[str, float]]
 
 
@@ -394,7 +396,7 @@ def latency(decoders: dict[str, Decoder], rounds: int, steps: int, label: str,
             metrics: tuple[str, ...] = METRICS, peers: dict[str, Peer] | None = None) -> dict[str, dict[str, float]]:
     """ms per graph and metric (of ``metrics``): every call kind interleaved across the graphs, their order
     rotated each round; the median over rounds, and under ``rounds`` each round's ms (:func:`paired`).
-    ``peers`` (another program, such as :class:`LlamaBench`) run once a round each, alternately after and
+    ``peers`` (another program, such as :class:`llama_bench.LlamaBench`) run once a round each, alternately after and
     before the graphs, and are reported like the graphs for the metrics they measure."""
     peers = peers or {}
     kv = next(iter(decoders.values())).kv
@@ -460,45 +462,6 @@ def last_lines(log: Path, count: int = 2) -> str:
     return " ".join(lines[-count:])
 
 
-def parse_llama_bench(entries: list[dict], files: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """llama-bench's JSON → {key of ``files``: {metric: ms}}: generation at depth as decode_b1 (ms per token),
-    prompt processing of n tokens as prefill_n (ms for the prompt)."""
-    names = {path.name: key for key, path in files.items()}
-    out: dict[str, dict[str, float]] = {key: {} for key in files}
-    for e in entries:
-        row = out[names[Path(e["model_filename"]).name]]
-        if e["n_gen"]:
-            row["decode_b1"] = 1e3 / e["avg_ts"]
-        elif e["n_prompt"]:
-            row[f"prefill_{e['n_prompt']}"] = 1e3 * e["n_prompt"] / e["avg_ts"]
-    return out
-
-
-class LlamaBench:
-    """``llama-bench -t THREADS`` on one GGUF as a :data:`Peer`: per call one run (``-r 1``, after llama-bench's
-    own warm-up) of generation of ``steps`` tokens at depth :data:`PAST` (decode_b1) and of prompt processing
-    of each of :data:`PROMPTS` on an empty context (prefill_n), as our graphs are timed in the same round."""
-
-    def __init__(self, gguf: Path):
-        self.gguf = gguf
-
-    def __call__(self, metrics: tuple[str, ...], steps: int) -> dict[str, float]:
-        from bench_llamacpp import CACHE, tool
-
-        prompts = [n for n in PROMPTS if f"prefill_{n}" in metrics]
-        runs = ([("decode", ["-p", "0", "-n", str(steps), "-d", str(PAST)])] if "decode_b1" in metrics else []) + \
-               ([("prefill", ["-p", ",".join(map(str, prompts)), "-n", "0"])] if prompts else [])
-        entries = []
-        for label, args in runs:
-            command = [str(tool(CACHE, "llama-bench")), "-m", str(self.gguf), "-t", str(THREADS), "-r", "1",
-                       "-o", "json", *args]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-            if done.returncode != 0:
-                raise SystemExit(f"llama-bench {label} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-            entries += json.loads(done.stdout)
-        return parse_llama_bench(entries, {"gguf": self.gguf})["gguf"]
-
-
 # ----------------------------------------------------------------------------------------------- the run
 
 def measurement_kernels(work: Path) -> dict[str, Path]:
@@ -519,6 +482,8 @@ def measurement_kernels(work: Path) -> dict[str, Path]:
 
 
 def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -> dict:
+    from bench_llamacpp import CACHE, tool
+
     from prolora_export import native
 
     cfg = json.loads((base / "config.json").read_text())
@@ -541,7 +506,8 @@ def measure_model(name: str, base: Path, work: Path, quick: bool, reuse: bool) -
         decoders = {v: Decoder(folders[f"{graph}-{precision}"], k, libraries.get(k))
                     for v, (graph, k) in variants.items()}
         gguf = GGUF[precision]
-        peers = {} if isinstance(ggufs, str) else {"llamacpp": LlamaBench(ggufs[gguf])}
+        peers = {} if isinstance(ggufs, str) else {
+            "llamacpp": LlamaBench(tool(CACHE, "llama-bench"), ggufs[gguf], THREADS, depth=PAST)}
         measured = latency(decoders, ROUNDS[quick], STEPS[quick], f"{name} {precision}", peers=peers)
         if peers:
             result["llamacpp"][gguf] = measured.pop("llamacpp")

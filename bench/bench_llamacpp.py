@@ -36,7 +36,8 @@ Single stream: ``llama-bench`` (generation of N tokens from an empty context) of
 one decode call of our graphs at batch 1 after N/2 cached tokens (the mean past length of llama-bench's run),
 through an IOBinding with the slot inputs bound once, as the engine runs it (bench/binding.py): the served
 slot graphs, and a merged graph of adapter 0 in fp32 and int4 (``onnx --mode merged [--quantize int4]``), the
-same work as llama-bench's base model.
+same work as llama-bench's base model. Each round times every one of them once (llama-bench: one run, ``-r 1``)
+in an order rotated from round to round; a ratio is the median of the rounds' own ratios.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ sys.path.insert(0, str(HERE))
 import quiet  # noqa: E402
 from bench_engine import THREADS, decode_step_ms  # noqa: E402
 from bench_serve import Server, build, export, load, ms, plan, prolora_server, summarize  # noqa: E402
+from llama_bench import LlamaBench  # noqa: E402
 
 from prolora_export.formats.peft_lora import save_peft  # noqa: E402
 from prolora_export.formats.prolora import load_adapter  # noqa: E402
@@ -98,7 +100,6 @@ CONTEXT_PER_SLOT = 512
 MAX_TOKENS = {False: 32, True: 8}
 PER_CLIENT = {False: {1: 8, 8: 4, 32: 2}, True: {1: 2, 8: 1, 32: 1}}
 REPEATS = {False: 3, True: 1}
-BENCH_REPEATS = {False: 5, True: 2}
 DECODE_ROUNDS = {False: 5, True: 2}
 #: served precisions: ours (``--quantize``, None: fp32) beside llama.cpp's base GGUF; by --quick
 SERVED = {"fp32": (None, "f32"), "int4": ("int4", "q4_0")}
@@ -331,27 +332,13 @@ def goals(rows: list[dict]) -> list[dict]:
     return out
 
 
-def llama_bench(cache: Path, ggufs: dict, quick: bool) -> dict:
-    """llama-bench's generation rate of the f32 and Q4_0 GGUF (single stream, THREADS threads)."""
-    command = [tool(cache, "llama-bench"), "-m", ggufs["f32"], "-m", ggufs["q4_0"], "-t", str(THREADS),
-               "-p", "0", "-n", str(MAX_TOKENS[quick]), "-r", str(BENCH_REPEATS[quick]), "-o", "json"]
-    with quiet.measure("llama-bench"):
-        done = subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
-    if done.returncode != 0:
-        raise SystemExit(f"llama-bench failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    out = {}
-    for entry in json.loads(done.stdout):
-        if entry["n_gen"]:
-            key = "q4_0" if Path(entry["model_filename"]).name == ggufs["q4_0"].name else "f32"
-            out[key] = {"tokens_per_s": entry["avg_ts"], "ms_per_token": 1000 / entry["avg_ts"],
-                        "stddev_tokens_per_s": entry["stddev_ts"], "n_gen": entry["n_gen"]}
-    return out
-
-
-def our_graphs(demo: Path, slots: dict[str, Path], folder: Path, work: Path, quick: bool, reuse: bool) -> dict:
+def single_stream(cache: Path, ggufs: dict, demo: Path, slots: dict[str, Path], folder: Path, work: Path,
+                  quick: bool, reuse: bool) -> dict:
     """ms of one decode call at batch 1 of the served slot graphs (16 slots) and of adapter 0's merged graph
-    in fp32 and int4, interleaved round by round (medians); their memory on huge pages, as the server's engine
-    has it, and one shared intra-op pool."""
+    in fp32 and int4, and llama-bench's generation rate of the f32 and Q4_0 GGUF (one run of each a round), all
+    interleaved round by round in a rotating order: {"ours" | "llamacpp": {graph: medians, and under
+    ``rounds_ms`` each round's ms}}. Our sessions' memory is on huge pages, as the server's engine has it, and
+    they share one intra-op pool."""
     merged = {"fp32": work / "merged", "int4": work / "merged-int4"}
     for precision, out in merged.items():
         if not (reuse and (out / "model.onnx").is_file()):
@@ -362,14 +349,23 @@ def our_graphs(demo: Path, slots: dict[str, Path], folder: Path, work: Path, qui
                    for p, path in slots.items()},
                 **{f"merged_{p}": inference_session(path, threads=THREADS, huge_pages="wait")
                    for p, path in merged.items()}}
-    past, calls = MAX_TOKENS[quick] // 2, 5 if quick else 20
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+    past, calls, tokens = MAX_TOKENS[quick] // 2, 5 if quick else 20, MAX_TOKENS[quick]
+    timed = {("ours", name): (lambda s=session: decode_step_ms(s, 1, past, calls, LOADED, None, config))
+             for name, session in sessions.items()}
+    for gguf in ("f32", "q4_0"):
+        peer = LlamaBench(tool(cache, "llama-bench"), ggufs[gguf], THREADS)
+        timed["llamacpp", gguf] = lambda peer=peer: peer(("decode_b1",), tokens)["decode_b1"]
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in timed}
     for round_ in range(DECODE_ROUNDS[quick]):
-        for name, session in sessions.items():
-            with quiet.measure(f"decode {name} round {round_ + 1}"):
-                times[name].append(decode_step_ms(session, 1, past, calls, LOADED, None, config))
-    return {name: {"ms_per_token": statistics.median(t), "tokens_per_s": 1000 / statistics.median(t),
-                   "past": past} for name, t in times.items()}
+        for key in quiet.rotated(list(timed), round_):
+            with quiet.measure(f"decode {key[1]} round {round_ + 1}"):
+                times[key].append(timed[key]())
+    out: dict[str, dict] = {"ours": {}, "llamacpp": {}}
+    for (side, name), rounds in times.items():
+        median = statistics.median(rounds)
+        out[side][name] = {"ms_per_token": median, "tokens_per_s": 1000 / median, "rounds_ms": rounds,
+                           **({"past": past} if side == "ours" else {"n_gen": tokens})}
+    return out
 
 
 def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
@@ -385,8 +381,7 @@ def run(work: Path, quick: bool, reuse: bool, cache: Path) -> dict:
         with prolora_server(graph, folders, work / f"ours-{precision}.log") as ours, \
                 llama_server(cache, ggufs, SERVED[precision][1], work / f"llamacpp-{precision}.log") as theirs:
             rows += [{"precision": precision, **row} for row in serve_side_by_side(ours, theirs, quick)]
-    single = {"llamacpp": llama_bench(cache, ggufs, quick),
-              "ours": our_graphs(demo, slots, folders["ad0"], work, quick, reuse)}
+    single = single_stream(cache, ggufs, demo, slots, folders["ad0"], work, quick, reuse)
     return {"settings": {"quick": quick, "threads": THREADS, "adapters": LOADED, "max_tokens": MAX_TOKENS[quick],
                          "workloads": WORKLOADS[quick], "io_binding": True,
                          "requests_per_client": PER_CLIENT[quick], "repeats": REPEATS[quick], "parallel": PARALLEL,
@@ -459,7 +454,9 @@ def markdown(r: dict) -> str:
         f"{s['max_tokens']} tokens from an empty context, and one decode call of our graphs (ONNX Runtime CPU"
         + (", through an IOBinding with the slot inputs bound once, as the engine runs it" if s.get("io_binding")
            else ", its inputs fed as numpy arrays to `session.run`, the slot graph's shard inputs converted on every "
-                "call") + f") after {s['max_tokens'] // 2} cached tokens, the mean past length of that run.",
+                "call") + f") after {s['max_tokens'] // 2} cached tokens, the mean past length of that run"
+        + (". Each round runs every one of them once, in a rotating order; medians over rounds." if
+           "rounds_ms" in next(iter(single["ours"].values()), {}) else "."),
         "",
         "| graph | ms per token | tokens/s |",
         "|---|---|---|",

@@ -444,12 +444,17 @@ def _single_stream_table(s: dict[str, Source]) -> Table | None:
     table = Table("Single-stream decode: our ONNX graphs vs `llama-bench`",
                   ["weights", "ours ms/token", "llama.cpp ms/token", "ours / llama.cpp (time)"],
                   note="batch 1, no server; llama-bench times a whole generation of the base without adapter, "
-                       "ours one ONNX Runtime decode call")
+                       "ours one ONNX Runtime decode call; interleaved, medians (ratios: each round's own, their "
+                       "median, where the run kept its rounds)")
     for ours, theirs, label in SINGLE_STREAM:
         if ours in single["ours"] and theirs in single["llamacpp"]:
-            o, t = single["ours"][ours]["ms_per_token"], single["llamacpp"][theirs]["ms_per_token"]
+            o, t = single["ours"][ours], single["llamacpp"][theirs]
             label = label.format(adapters=s["llamacpp"].data["settings"]["adapters"])
-            table.rows.append((src, [label, f"{o:.1f}", f"{t:.1f}", _ratio(o, t)]))
+            if "rounds_ms" in o and "rounds_ms" in t:  # timed in the same rounds: paired round by round
+                ratio = f"{quiet.paired_ratio(o['rounds_ms'], t['rounds_ms']):.2f}×"
+            else:
+                ratio = _ratio(o["ms_per_token"], t["ms_per_token"])
+            table.rows.append((src, [label, f"{o['ms_per_token']:.1f}", f"{t['ms_per_token']:.1f}", ratio]))
     return table
 
 

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_graphs as bg  # noqa: E402
+import llama_bench  # noqa: E402
 
 BASE, ADAPTER, WORK = Path("/m/base"), Path("/w/adapter"), Path("/w")
 
@@ -62,7 +63,7 @@ def test_llama_bench_json_becomes_decode_ms_per_token_and_prefill_ms() -> None:
         {"model_filename": "/w/model-q4_0.gguf", "n_prompt": 0, "n_gen": 16, "avg_ts": 250.0},
         {"model_filename": "/w/model-f32.gguf", "n_prompt": 128, "n_gen": 0, "avg_ts": 512.0},
     ]
-    got = bg.parse_llama_bench(entries, files)
+    got = llama_bench.parse(entries, files)
     assert got["f32"] == {"decode_b1": pytest.approx(20.0), "prefill_128": pytest.approx(250.0)}
     assert got["q4_0"] == {"decode_b1": pytest.approx(4.0)}
 
@@ -112,10 +113,9 @@ def test_ratios_pair_the_graphs_round_by_round() -> None:
 class FakeDecoder:
     """A graph for latency(): each call logs its name and takes ``ms`` from its list, in order."""
 
-    kv = {"past_key_values.0.key": (1, 2)}
-
     def __init__(self, name: str, log: list[str], ms: list[float]):
         self.name, self.log, self.ms = name, log, iter(ms)
+        self.kv = {"past_key_values.0.key": (1, 2)}
 
     def run(self, ids: np.ndarray, past: dict) -> tuple[float, np.ndarray, dict]:
         self.log.append(self.name)
@@ -158,13 +158,15 @@ def test_llama_bench_times_one_run_per_call_at_the_graphs_depth(monkeypatch: pyt
                    for n in (32, 512)]
         return type("Done", (), {"returncode": 0, "stdout": json.dumps(out), "stderr": ""})()
 
-    monkeypatch.setattr(bg.subprocess, "run", run)
-    got = bg.LlamaBench(Path("/w/model-q4_0.gguf"))(("decode_b1", "decode_b16", "prefill_32", "prefill_512"), 12)
+    monkeypatch.setattr(llama_bench.subprocess, "run", run)
+    peer = llama_bench.LlamaBench(Path("/l/llama-bench"), Path("/w/model-q4_0.gguf"), bg.THREADS, depth=bg.PAST)
+    got = peer(("decode_b1", "decode_b16", "prefill_32", "prefill_512"), 12)
     assert got == {"decode_b1": pytest.approx(5.0), "prefill_32": pytest.approx(32.0),
                    "prefill_512": pytest.approx(512.0)}
     decode, prefill = commands
     for command in commands:
-        assert command[command.index("-r") + 1] == "1" and command[command.index("-t") + 1] == str(bg.THREADS)
+        assert command[0] == "/l/llama-bench" and command[command.index("-r") + 1] == "1"
+        assert command[command.index("-t") + 1] == str(bg.THREADS)
         assert command[command.index("-m") + 1] == "/w/model-q4_0.gguf"
     assert decode[decode.index("-n") + 1] == "12" and decode[decode.index("-d") + 1] == str(bg.PAST)
     assert prefill[prefill.index("-p") + 1] == "32,512" and "-d" not in prefill  # prompts on an empty context

@@ -162,6 +162,26 @@ def test_decoder_graph_table_puts_ours_beside_optimum_and_llamacpp():
     assert "| 0.80× |" in table  # ours merged decode b1 / optimum's
 
 
+def test_single_stream_ratios_pair_the_rounds_where_the_run_kept_them(monkeypatch: pytest.MonkeyPatch,
+                                                                        bench: Path) -> None:
+    """llama-bench timed in our rounds: the README's ratio is the median of each round's own (1.0 here), not a
+    ratio of the medians (1.2)."""
+    single = {"llamacpp": {"q4_0": {"ms_per_token": 5.0, "rounds_ms": [5.0, 4.0, 8.0]}},
+              "ours": {"merged_int4": {"ms_per_token": 6.0, "rounds_ms": [5.0, 6.0, 8.0]}}}
+    (bench / "llamacpp.json").write_text(json.dumps({**LLAMACPP, "single_stream": single}))
+    assert "| 4-bit: our int4 merged graph / base Q4_0 GGUF | 6.0 | 5.0 | 1.00× |" in render(monkeypatch, bench)
+
+
+def test_decoder_graph_table_pairs_llama_bench_round_by_round() -> None:
+    rounds = {"decode_b1": [5.0, 6.0, 8.0]}
+    graphs = {"optimum_merged": {"decode_b1": 6.0, "decode_b16": 40.0, "prefill_128": 200.0, "rounds": rounds}}
+    data = {"models": {"demo": {"latency": {"int4": graphs}, "llamacpp": {"q4_0": {
+        "decode_b1": 5.0, "prefill_128": 150.0, "rounds": {"decode_b1": [5.0, 4.0, 8.0]}}}}}, "load": QUIET}
+    table = run._graphs_table({"graphs": run.Source("graphs", data, "python bench/bench_graphs.py", None)}).render()
+    # llama-bench / optimum's, round by round: 1, 2/3, 1 -> 1.00 (a ratio of the medians: 5 / 6 = 0.83)
+    assert "llama.cpp `llama-bench`, base Q4_0 GGUF | 5.0 | — | 150 | 1.00× |" in table
+
+
 def test_quantized_verdicts_from_other_presets_are_flagged():
     from prolora_export.parity import GATES, PRESETS
 
