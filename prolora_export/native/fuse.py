@@ -9,10 +9,11 @@ token, 1 % slower at 16 rows.
 
 The native library also implements ``RotatedShardLoRAAdd`` and ``RotatedShardLoRASlotsAdd``: inputs Base, X
 (, adapter_index), then each module's four shard inputs; Y = Base with each module's delta added at its
-columns. :func:`fuse_adapter_nodes` rewrites a loaded graph to use them, exactly where the nodes have that
-shape and nothing else reads their intermediate outputs; the numbers are the same bit for bit (each delta
-summed as the op's kernel sums it, added to the base once as the Add did). Files on disk never carry the
-fused op: onnxruntime-genai and users' own sessions run SPEC §4's op, with or without the library.
+columns, in Base's own buffer where ONNX Runtime's planner allows it (the ops declare MayInplace: no output
+buffer, no copy of Base). :func:`fuse_adapter_nodes` rewrites a loaded graph to use them, exactly where the
+nodes have that shape and nothing else reads their intermediate outputs; the numbers are the same bit for bit
+(each delta summed as the op's kernel sums it, added to the base once as the Add did). Files on disk never
+carry the fused op: onnxruntime-genai and users' own sessions run SPEC §4's op, with or without the library.
 """
 
 from __future__ import annotations

@@ -888,7 +888,20 @@ OrtStatusPtr infer_like_base(const OrtCustomOp*, OrtShapeInferContext* ctx) { re
 
 template <bool Slots>
 struct FusedOp : Ort::CustomOpBase<FusedOp<Slots>, FusedKernel<Slots>, true> {
-  FusedOp() { this->InferOutputShapeFn = infer_like_base; }
+  FusedOp() {
+    this->InferOutputShapeFn = infer_like_base;
+    // Y may take Base's buffer (fuse.py fuses only where this node is Base's one reader): ONNX Runtime's planner
+    // then skips allocating Y, and the kernel its copy of Base
+    this->GetMayInplace = [](int** input_index, int** output_index) -> size_t {
+      *input_index = new int[1]{0};
+      *output_index = new int[1]{0};
+      return 1;
+    };
+    this->ReleaseMayInplace = [](int* input_index, int* output_index) {
+      delete[] input_index;
+      delete[] output_index;
+    };
+  }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return as_status([&] { *kernel = new FusedKernel<Slots>(info); });
   }
